@@ -1,0 +1,149 @@
+"""The server's settings: one model, read from CLI flags > environment > a TOML file > defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import SettingsError as SourceError
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "TRICKLE_"
+
+
+class SettingsError(Exception):
+    """A setting that cannot be used; str(err) is one line naming the setting."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        cli_kebab_case=True,
+        cli_prog_name="trickle",
+        cli_implicit_flags=True,
+    )
+
+    config: Path | None = None
+    """A TOML file of settings; flags and environment variables override it."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = Field(default=8080, ge=0, le=65535)
+    """TCP port to listen on (0 picks a free one)."""
+    model: str = "tiiuae/falcon-7b-instruct"
+    """A Hugging Face hub id, a local directory, or `demo` for a tiny built-in model."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weight and activation dtype; auto is bfloat16 on a GPU and float32 on the CPU."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where the model runs; auto picks CUDA when it is available."""
+    quantize: Literal["none", "8bit", "4bit"] = "none"
+    """Load the weights quantized with bitsandbytes (CUDA only)."""
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    """Most requests generating at once (rows in the batch)."""
+    max_seq_len: int = Field(default=2048, ge=8, le=1_048_576)
+    """Most tokens one request may hold in the KV cache: prompt plus generated."""
+    prefill_token_budget: int = Field(default=4096, ge=1)
+    """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams."""
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    """Largest request body accepted, in bytes (larger is 413)."""
+    ping_interval: float = Field(default=15.0, gt=0)
+    """Seconds between `: ping` comments on an idle stream."""
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """API keys that may call the generation routes (comma-separated); none means open."""
+    api_keys_file: Path | None = None
+    """A file of API keys, one a line (blank lines and # comments skipped)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe log level written."""
+    log_format: Literal["auto", "json", "console"] = "auto"
+    """Log rendering; auto is readable on a terminal and JSON otherwise."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_keys_file(self) -> Settings:
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"api_keys_file {str(self.api_keys_file)!r} is not a readable file")
+        return self
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from the setting and from the keys file together."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _toml_path.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+# The TOML path must be known before the sources are built; load_settings sets it.
+_toml_path: dict[str, Path | None] = {"path": None}
+
+
+def _config_path(argv: Sequence[str]) -> Path | None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    known, _ = parser.parse_known_args(list(argv))
+    raw = known.config or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if raw is None:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise SettingsError(f"invalid setting 'config': {raw!r} is not a readable file")
+    return path
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    name = ".".join(str(part) for part in first["loc"]) or "settings"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid setting {name!r}: {message} (got {first.get('input')!r})"
+
+
+def load_settings(argv: Sequence[str] = ()) -> Settings:
+    """Build the settings from CLI arguments, the environment and an optional TOML file.
+
+    Raises SettingsError with one line naming the setting when a value is wrong.
+    """
+    _toml_path["path"] = _config_path(argv)
+    try:
+        cli = CliSettingsSource(Settings, cli_parse_args=list(argv))
+        return Settings(_cli_settings_source=cli(args=list(argv)))
+    except ValidationError as err:
+        raise SettingsError(_one_line(err)) from err
+    except SourceError as err:
+        raise SettingsError(str(err).splitlines()[0]) from err
+    finally:
+        _toml_path["path"] = None

@@ -1,0 +1,194 @@
+"""Engine: the thread that owns the model. Each step: drain the inbox, schedule, run, postprocess."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+from tokenizers import Tokenizer
+
+from generation.detokenizer import IncrementalDetokenizer
+from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
+from generation.runner import ModelRunner
+from generation.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from generation.sequence import Sequence, Status
+
+log = structlog.get_logger("generation.engine")
+
+Message = AddRequest | AbortRequest | None  # None wakes the thread to stop
+Reporter = Callable[[StepReport], None]
+
+
+class Engine:
+    """Continuous batching on one thread.
+
+    `submit` and `stop` may be called from any thread; everything else runs on the engine thread. After
+    every step that changed anything, `report` is called (on the engine thread) with the step's outputs;
+    it must hand them over to their consumers without blocking.
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        config: SchedulerConfig,
+        eos_ids: set[int],
+        report: Reporter,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(config)
+        self.eos_ids = eos_ids
+        self.report = report
+        self.steps = 0
+        self._pending: list[RequestOutput] = []
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="trickle-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, message: AddRequest | AbortRequest) -> None:
+        self._inbox.put(message)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every request with `shutdown` and join the thread."""
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception:
+            log.exception("engine thread failed")
+            self._report(self._pending + self._finish_all(Status.ERROR, "the engine failed"))
+            return
+        self._report(self._pending + self._finish_all(Status.SHUTDOWN))
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            changed = self._drain_inbox(block=not self.scheduler.has_work)
+            outputs = self.step() if self.scheduler.has_work else []
+            if changed or outputs:
+                self._report(self._pending + outputs)
+                self._pending = []
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run, postprocess: the outputs of one step (finished rows leave at the next)."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        tokens = self._run(batch)
+        return self._postprocess(batch, tokens)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        try:
+            message = self._inbox.get(block=block)
+        except queue.Empty:
+            return False
+        while message is not None:
+            self._handle(message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+        return True
+
+    def _handle(self, message: AddRequest | AbortRequest) -> None:
+        if isinstance(message, AbortRequest):
+            seq = self.scheduler.abort(message.request_id)
+            if seq is not None:
+                self._pending.append(self._final_output(seq))
+            return
+        detokenizer = IncrementalDetokenizer(self.tokenizer, message.prompt_ids, message.params.stop)
+        seq = Sequence(
+            message.request_id,
+            message.prompt_ids,
+            message.params,
+            message.seed,
+            detokenizer,
+            arrival_time=message.arrival_time,
+        )
+        self.scheduler.add(seq)
+
+    def _run(self, batch: ScheduledBatch) -> list[int] | None:
+        now = time.monotonic()
+        for seq in batch.prefill:
+            seq.admitted_time = now
+        try:
+            tokens = self.runner.step(batch)
+        except Exception as err:  # a failed step fails its own rows, never the engine
+            log.exception("engine step failed", request_ids=[seq.request_id for seq in batch.rows])
+            for seq in batch.rows:
+                seq.finish(Status.ERROR, error=f"generation failed: {type(err).__name__}")
+            return None
+        self.steps += 1
+        return tokens
+
+    def _postprocess(self, batch: ScheduledBatch, tokens: list[int] | None) -> list[RequestOutput]:
+        if tokens is None:
+            return [self._final_output(seq) for seq in batch.rows]
+        now = time.monotonic()
+        outputs = []
+        for seq, token in zip(batch.rows, tokens, strict=True):
+            text = self._append(seq, token, now)
+            if seq.is_finished:
+                outputs.append(self._final_output(seq, text + self._tail(seq)))
+            elif text:
+                outputs.append(RequestOutput(seq.request_id, text))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, now: float) -> str:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output_ids.append(token)
+        text = seq.detokenizer.step(token)
+        if seq.detokenizer.stopped:
+            seq.finish(Status.FINISHED_STOP)
+        elif token in self.eos_ids:
+            seq.finish(Status.FINISHED_EOS)
+        elif seq.num_completion_tokens >= seq.params.max_new_tokens:
+            seq.finish(Status.FINISHED_LENGTH)
+        return text
+
+    @staticmethod
+    def _tail(seq: Sequence) -> str:
+        return "" if seq.status is Status.FINISHED_STOP else seq.detokenizer.flush()
+
+    def _final_output(self, seq: Sequence, text: str = "") -> RequestOutput:
+        log.info(
+            "request finished",
+            request_id=seq.request_id,
+            finish_reason=seq.finish_reason,
+            completion_tokens=seq.num_completion_tokens,
+        )
+        return RequestOutput(
+            seq.request_id,
+            text,
+            finish_reason=seq.finish_reason,
+            error=seq.error,
+            usage={"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": seq.num_completion_tokens},
+            timings=seq.timings_ms(),
+        )
+
+    def _finish_all(self, status: Status, error: str | None = None) -> list[RequestOutput]:
+        outputs = []
+        for seq in list(self.scheduler):
+            if not seq.is_finished:
+                seq.finish(status, error)
+                outputs.append(self._final_output(seq))
+        return outputs
+
+    def _report(self, outputs: list[RequestOutput]) -> None:
+        self.report(
+            StepReport(self.steps, outputs, len(self.scheduler.running), len(self.scheduler.waiting))
+        )

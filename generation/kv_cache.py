@@ -1,0 +1,74 @@
+"""SlotKVCache: fixed KV storage where each running row owns one slot, so decode shapes stay fixed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotKVCache(Cache):
+    """Per-layer key/value buffers of shape [num_slots, kv_heads, max_len, head_dim].
+
+    Rows join by prefilling into a free slot and leave by having the last row moved into their slot
+    (`move`), so running rows always hold slots 0..n-1 and a decode step reads `buffer[:n]` in place.
+    Every row keeps its own position; the runner passes position ids and a 4D mask that hides each
+    row's unused tail. Buffers are allocated at the first write, when the model's head shape is known.
+
+    Before each forward the runner says where the new keys go: `for_prefill` (one row, positions
+    0..P-1) or `for_decode` (rows 0..B-1, one new position each).
+    """
+
+    def __init__(self, num_slots: int, max_len: int) -> None:
+        super().__init__(layers=[])
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._slot = 0
+        self._rows: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._kv_len = 0
+
+    def for_prefill(self, slot: int) -> None:
+        self._slot, self._rows, self._positions = slot, None, None
+
+    def for_decode(self, positions: torch.Tensor, kv_len: int) -> None:
+        # positions: [B]; row b writes at positions[b] and reads 0..kv_len-1
+        self._rows = torch.arange(positions.shape[0], device=positions.device)
+        self._positions = positions
+        self._kv_len = kv_len
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [B, kv_heads, T, head_dim]
+        if layer_idx == len(self._keys):
+            self._allocate(key_states)
+        keys, values = self._keys[layer_idx], self._values[layer_idx]
+        if self._positions is None:
+            length = key_states.shape[2]
+            keys[self._slot, :, :length] = key_states[0]
+            values[self._slot, :, :length] = value_states[0]
+            return key_states, value_states
+        batch = key_states.shape[0]
+        keys[self._rows, :, self._positions] = key_states[:, :, 0]
+        values[self._rows, :, self._positions] = value_states[:, :, 0]
+        return keys[:batch, :, : self._kv_len], values[:batch, :, : self._kv_len]
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        shape = (self.num_slots, like.shape[1], self.max_len, like.shape[3])
+        self._keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+        self._values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into slot `dst` in every layer (a row changing slots)."""
+        for buffer in (*self._keys, *self._values):
+            buffer[dst].copy_(buffer[src])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    def nbytes(self) -> int:
+        return sum(buffer.numel() * buffer.element_size() for buffer in (*self._keys, *self._values))

@@ -1,0 +1,51 @@
+"""Typed messages that cross the thread boundary between the event loop and the engine thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from generation.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """Event loop -> engine: start generating for a tokenized prompt."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    arrival_time: float
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    """Event loop -> engine: the caller went away; free the row."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """Engine -> event loop: new text for one request, and how it ended once it has."""
+
+    request_id: str
+    text: str
+    finish_reason: str | None = None
+    error: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Engine -> event loop, once per step: the outputs of the step and the engine's load after it."""
+
+    step: int
+    outputs: list[RequestOutput]
+    num_running: int
+    num_waiting: int

@@ -1,0 +1,45 @@
+"""SamplingParams: one request's decoding parameters, validated once and frozen."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_STOP_STRINGS = 16
+MAX_SEED = 2**63 - 1
+
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class SamplingParams(BaseModel):
+    """How one request is decoded. Every field is honoured by the engine; none is advisory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(default=0.8, ge=0.0, le=10.0, description="0 means greedy decoding.")
+    top_p: float = Field(default=0.75, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=40, ge=0, description="Keep the k most likely tokens; 0 disables.")
+    max_new_tokens: int = Field(default=250, ge=1, description="Upper bound on generated tokens.")
+    min_new_tokens: int = Field(default=0, ge=0, description="End-of-sequence is ignored before this many.")
+    stop: list[StopString] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_STRINGS,
+        description="Strings that end generation; they are never emitted.",
+    )
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="1.0 disables.")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="The same seed gives the same text, whatever the batch."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingParams:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
