@@ -1,0 +1,18 @@
+"""Everything that touches the model: loading, the engine thread and its asyncio bridge. No HTTP here."""
+
+from generation.async_engine import AsyncEngine, EngineConfig, EngineUnavailableError, RequestError
+from generation.loader import LoadedModel, ModelLoadError, load_model
+from generation.messages import RequestOutput
+from generation.params import SamplingParams
+
+__all__ = [
+    "AsyncEngine",
+    "EngineConfig",
+    "EngineUnavailableError",
+    "LoadedModel",
+    "ModelLoadError",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
+    "load_model",
+]

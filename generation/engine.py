@@ -190,5 +190,5 @@ class Engine:
 
     def _report(self, outputs: list[RequestOutput]) -> None:
         self.report(
-            StepReport(self.steps, outputs, len(self.scheduler.running), len(self.scheduler.waiting))
+            StepReport(self.steps, outputs, self.scheduler.num_running, len(self.scheduler.waiting))
         )

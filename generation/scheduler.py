@@ -58,6 +58,11 @@ class Scheduler:
         yield from self.waiting
 
     @property
+    def num_running(self) -> int:
+        """Rows generating now; a row that finished this step still holds its slot until the next."""
+        return sum(not seq.is_finished for seq in self.running)
+
+    @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

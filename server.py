@@ -1,0 +1,378 @@
+"""The HTTP side: routes, SSE writing, middlewares, the app factory and main()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp_sse import EventSourceResponse
+from pydantic import Field, ValidationError
+
+from config import Settings, SettingsError, load_settings
+from generation import (
+    AsyncEngine,
+    EngineConfig,
+    EngineUnavailableError,
+    ModelLoadError,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+    load_model,
+)
+
+log = structlog.get_logger("server")
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+ENGINE_KEY = web.AppKey("engine", AsyncEngine)
+API_KEYS_KEY = web.AppKey("api_keys", list)
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+RETRY_AFTER_NOT_READY = "5"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class GenerateRequest(SamplingParams):
+    """The body of POST /stream and POST /predict."""
+
+    prompt: str = Field(min_length=1, description="The text to continue.")
+    cutoff_len: int = Field(default=256, ge=1, description="Keep at most this many prompt tokens (the latest).")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def json_error(
+    status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    error: dict[str, Any] = {"status": status, "message": message}
+    if field is not None:
+        error["field"] = field
+    return web.json_response({"error": error}, status=status, headers=headers)
+
+
+class ClientError(Exception):
+    """A request we refuse before any streaming starts; becomes a JSON error response."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, **headers: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+        self.headers = {name.replace("_", "-"): value for name, value in headers.items()}
+
+    def response(self) -> web.Response:
+        return json_error(self.status, self.message, field=self.field, headers=self.headers)
+
+
+def _validation_error(err: ValidationError) -> ClientError:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    return ClientError(422, f"{field}: {message}" if field else message, field=field)
+
+
+# ---------------------------------------------------------------- middlewares
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+    request["request_id"] = request_id
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        response = await handler(request)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ClientError as err:
+        return err.response()
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        allow = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
+        return json_error(err.status, err.reason, headers=allow)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error")
+        return json_error(500, "internal server error")
+
+
+def _presented_key(request: web.Request) -> str:
+    value = request.headers.get("Authorization", "").strip()
+    scheme, _, rest = value.partition(" ")
+    return rest.strip() if scheme.lower() == "bearer" else value
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    keys: list[bytes] = request.app[API_KEYS_KEY]
+    if keys and request.path not in OPEN_PATHS:
+        presented = _presented_key(request).encode()
+        # Compare with every key so the time taken does not tell which one (or whether any) nearly matched.
+        matched = [hmac.compare_digest(presented, key) for key in keys]
+        if not any(matched):
+            raise ClientError(401, "a valid API key is required (Authorization: Bearer <key>)", WWW_Authenticate="Bearer")
+    return await handler(request)
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+async def parse_generate_request(request: web.Request) -> GenerateRequest:
+    if request.content_type != "application/json":
+        raise ClientError(415, f"Content-Type must be application/json, not {request.content_type!r}")
+    limit = request.app[SETTINGS_KEY].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ClientError(413, f"the body has {request.content_length} bytes; the limit is {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise ClientError(413, f"the body is larger than the limit of {limit} bytes") from err
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ClientError(400, f"the body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise ClientError(422, "the body must be a JSON object")
+    try:
+        return GenerateRequest.model_validate(body)
+    except ValidationError as err:
+        raise _validation_error(err) from err
+
+
+def engine_for(request: web.Request) -> AsyncEngine:
+    engine = request.app.get(ENGINE_KEY)
+    if engine is None or not engine.ready:
+        raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
+    return engine
+
+
+async def open_generation(request: web.Request) -> tuple[AsyncEngine, list[int], GenerateRequest]:
+    """Everything that can refuse a request, done before any byte of the response is sent."""
+    body = await parse_generate_request(request)
+    engine = engine_for(request)
+    try:
+        ids = engine.encode_prompt(body.prompt, body.cutoff_len, body)
+    except RequestError as err:
+        raise ClientError(422, f"{err.field}: {err}", field=err.field) from err
+    return engine, ids, body
+
+
+def sampling_params(body: GenerateRequest) -> SamplingParams:
+    return SamplingParams.model_validate(body.model_dump(exclude={"prompt", "cutoff_len"}))
+
+
+def end_payload(output: RequestOutput) -> dict[str, Any]:
+    return {"finish_reason": output.finish_reason, "usage": output.usage, "timings": output.timings}
+
+
+# ---------------------------------------------------------------- routes
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    engine, ids, body = await open_generation(request)
+    request_id = request["request_id"]
+    settings = request.app[SETTINGS_KEY]
+    response = EventSourceResponse(
+        sep="\n", ping_interval=settings.ping_interval, headers={"X-Request-Id": request_id}
+    )
+    outputs = engine.generate(request_id, ids, sampling_params(body))
+    try:
+        async with contextlib.aclosing(outputs):
+            await response.prepare(request)
+            await _write_events(response, outputs)
+    except (ConnectionResetError, EngineUnavailableError) as err:
+        log.info("stream ended early", reason=type(err).__name__)
+    return response
+
+
+async def _write_events(response: EventSourceResponse, outputs: AsyncIterator[RequestOutput]) -> None:
+    event_id = 0
+    async for output in outputs:
+        if output.text:
+            await response.send(json.dumps({"text": output.text}), id=str(event_id))
+            event_id += 1
+        if output.error is not None:
+            await response.send(json.dumps({"message": output.error}), id=str(event_id), event="error")
+            event_id += 1
+        if output.finished:
+            await response.send(json.dumps(end_payload(output)), id=str(event_id), event="end")
+
+
+async def predict(request: web.Request) -> web.Response:
+    engine, ids, body = await open_generation(request)
+    pieces: list[str] = []
+    final: RequestOutput | None = None
+    async with contextlib.aclosing(engine.generate(request["request_id"], ids, sampling_params(body))) as outputs:
+        async for output in outputs:
+            pieces.append(output.text)
+            final = output
+    if final is None or final.error is not None:
+        message = final.error if final is not None else "the engine stopped"
+        return json_error(500, message)
+    return web.json_response({"text": "".join(pieces), **end_payload(final)})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    engine = request.app.get(ENGINE_KEY)
+    if engine is None or not engine.ready:
+        return json_error(503, "the model is not ready", headers={"Retry-After": RETRY_AFTER_NOT_READY})
+    return web.json_response({"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting})
+
+
+# ---------------------------------------------------------------- app
+
+
+def build_engine(settings: Settings) -> AsyncEngine:
+    """Load the model named by the settings and wrap it in an (unstarted) engine."""
+    loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device, quantize=settings.quantize)
+    config = EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_seq_len=settings.max_seq_len,
+        prefill_token_budget=settings.prefill_token_budget,
+    )
+    return AsyncEngine(loaded.model, loaded.tokenizer, config)
+
+
+def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.Application:
+    """The aiohttp application. Without an engine, one is built from the settings at startup."""
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS_KEY] = settings
+    app[API_KEYS_KEY] = [key.encode() for key in settings.all_api_keys()]
+    app.add_routes(
+        [
+            web.post("/stream", stream),
+            web.post("/predict", predict),
+            web.get("/health", health),
+            web.get("/ready", ready),
+        ]
+    )
+    app.cleanup_ctx.append(_engine_context(engine))
+    return app
+
+
+def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def run_engine(app: web.Application) -> AsyncIterator[None]:
+        running = engine or await asyncio.to_thread(build_engine, app[SETTINGS_KEY])
+        app[ENGINE_KEY] = running
+        await running.start()
+        log.info("engine started", model=app[SETTINGS_KEY].model)
+        yield
+        await running.stop()
+        log.info("engine stopped")
+
+    return run_engine
+
+
+# ---------------------------------------------------------------- logs
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's access log as structured lines carrying the request id."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "http request",
+            extra={
+                "request_id": request.get("request_id"),
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000.0, 3),
+            },
+        )
+
+
+def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
+    """Route structlog and the standard library (aiohttp, transformers) through one renderer."""
+    out = stream or sys.stderr
+    as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    final: list[Any] = [structlog.processors.dict_tracebacks] if as_json else []
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    _route_transformers_logs()
+
+
+def _route_transformers_logs() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse settings, load the model, serve until interrupted. Errors a user can fix are one line."""
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except SettingsError as err:
+        print(f"trickle: {err}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        engine = build_engine(settings)
+    except ModelLoadError as err:
+        print(f"trickle: {err}", file=sys.stderr)
+        return 1
+    web.run_app(
+        create_app(settings, engine),
+        host=settings.host,
+        port=settings.port,
+        handler_cancellation=True,
+        access_log_class=AccessLogger,
+        print=lambda message: log.info("listening", message=message.strip()),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The engine through its asyncio bridge: continuous batching is exact, seeds are batch-independent,
+cancellation frees rows, and a failing step fails only its own requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import torch
+
+from generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
+from tests.conftest import make_engine
+
+PROMPTS = [
+    "The baker",
+    "Every morning the little bakery at the corner",
+    "café",
+    "On the square, the old men sit and talk about the weather and",
+    "a",
+    "Bread and water",
+    "The radio plays while the dough rests and the oven warms up slowly",
+    "日本語",
+]
+
+
+async def collect(engine: AsyncEngine, request_id: str, prompt: str, params: SamplingParams) -> list[RequestOutput]:
+    ids = engine.encode_prompt(prompt, 256, params)
+    return [out async for out in engine.generate(request_id, ids, params)]
+
+
+def reference_tokens(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = loaded.tokenizer.encode(prompt)
+    with torch.no_grad():
+        out = loaded.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+async def test_continuous_batching_matches_generate_token_for_token(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny, max_batch_size=4)
+    await engine.start()
+    lengths = [5 + 7 * i for i in range(len(PROMPTS))]
+    outputs: dict[int, list[RequestOutput]] = {}
+    tasks = []
+    for i, (prompt, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        params = SamplingParams(temperature=0.0, max_new_tokens=length)
+
+        async def run(i: int = i, prompt: str = prompt, params: SamplingParams = params) -> None:
+            outputs[i] = await collect(engine, f"r{i}", prompt, params)
+
+        tasks.append(asyncio.create_task(run()))
+        # Submit the next request only once this one is generating, so rows join a running batch.
+        await engine.wait_until(lambda e, i=i: e.steps > i)
+    await asyncio.gather(*tasks)
+    await engine.stop()
+    for i, (prompt, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        expected = reference_tokens(tiny, prompt, length)
+        text = "".join(out.text for out in outputs[i])
+        assert text == tiny.tokenizer.decode(expected, skip_special_tokens=True), f"request {i}"
+        assert outputs[i][-1].usage["completion_tokens"] == len(expected)
+
+
+async def test_rows_join_while_others_run(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny, max_batch_size=8)
+    await engine.start()
+    long = asyncio.create_task(collect(engine, "long", "The baker", SamplingParams(max_new_tokens=60, min_new_tokens=60)))
+    await engine.wait_until(lambda e: e.num_running == 1 and e.steps >= 3)
+    short = await collect(engine, "short", "café", SamplingParams(max_new_tokens=5, min_new_tokens=5))
+    assert not long.done(), "the short request waited for the long one to finish"
+    assert short[-1].finish_reason == "length"
+    assert (await long)[-1].usage["completion_tokens"] == 60
+    await engine.stop()
+
+
+async def test_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine: AsyncEngine) -> None:
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=0, seed=1234, max_new_tokens=40, min_new_tokens=40)
+    alone = "".join(out.text for out in await collect(engine, "alone", "The baker", params))
+    others = [
+        collect(engine, f"o{i}", PROMPTS[i], SamplingParams(temperature=1.0, seed=i, max_new_tokens=30 + i))
+        for i in range(7)
+    ]
+    results = await asyncio.gather(collect(engine, "together", "The baker", params), *others)
+    together = "".join(out.text for out in results[0])
+    assert together == alone
+    different = "".join(out.text for out in await collect(engine, "other-seed", "The baker", params.model_copy(update={"seed": 99})))
+    assert different != alone
+
+
+async def test_cancelled_request_leaves_the_batch_at_the_next_step(engine: AsyncEngine) -> None:
+    params = SamplingParams(max_new_tokens=400, min_new_tokens=400)
+    survivor = asyncio.create_task(collect(engine, "survivor", "The baker", SamplingParams(max_new_tokens=50, min_new_tokens=50)))
+    ids = engine.encode_prompt("café", 256, params)
+    stream = engine.generate("doomed", ids, params)
+    await anext(stream)
+    await engine.wait_until(lambda e: e.num_running == 2)
+    await stream.aclose()
+    step_at_abort = engine.steps
+    await engine.wait_until(lambda e: e.num_running == 1)
+    # The abort is drained before the next step is scheduled, so the row is gone within one step.
+    assert engine.steps <= step_at_abort + 1
+    assert (await survivor)[-1].usage["completion_tokens"] == 50
+
+
+async def test_failed_step_ends_its_requests_with_error_and_the_engine_goes_on(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = engine.engine.runner
+    real_step = runner.step
+    calls = {"n": 0}
+
+    def failing_step(batch: object) -> list[int]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real_step(batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "step", failing_step)
+    failed = await collect(engine, "victim", "The baker", SamplingParams(max_new_tokens=20, min_new_tokens=20))
+    assert failed[-1].finish_reason == "error"
+    assert failed[-1].error is not None and "RuntimeError" in failed[-1].error
+    after = await collect(engine, "next", "The baker", SamplingParams(max_new_tokens=5, min_new_tokens=5))
+    assert after[-1].finish_reason == "length"
+    assert after[-1].usage["completion_tokens"] == 5
+    assert engine.num_running == 0
+
+
+async def test_min_new_tokens_holds_off_end_of_sequence(tiny: LoadedModel) -> None:
+    eos = tiny.tokenizer.eos_token_id
+    engine = make_engine(tiny)
+    runner = engine.engine.runner
+    real_forward = runner._forward
+
+    def eos_everywhere(*args: torch.Tensor) -> torch.Tensor:
+        logits = real_forward(*args)
+        logits[:, eos] += 1e4
+        return logits
+
+    runner._forward = eos_everywhere  # type: ignore[method-assign]
+    await engine.start()
+    held = await collect(engine, "held", "The baker", SamplingParams(temperature=0.0, max_new_tokens=20, min_new_tokens=7))
+    free = await collect(engine, "free", "The baker", SamplingParams(temperature=0.0, max_new_tokens=20))
+    await engine.stop()
+    assert held[-1].finish_reason == "eos" and held[-1].usage["completion_tokens"] == 8
+    assert free[-1].finish_reason == "eos" and free[-1].usage["completion_tokens"] == 1
+
+
+async def test_stopping_the_engine_ends_live_requests_with_shutdown(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny)
+    await engine.start()
+    params = SamplingParams(max_new_tokens=400, min_new_tokens=400)
+    stream = engine.generate("live", engine.encode_prompt("The baker", 256, params), params)
+    async with contextlib.aclosing(stream):
+        await anext(stream)
+        await engine.stop()
+        rest = [out async for out in stream]
+    assert rest[-1].finish_reason == "shutdown"
+    assert not engine.ready
