@@ -36,6 +36,7 @@ log = structlog.get_logger("server")
 SETTINGS_KEY = web.AppKey("settings", Settings)
 ENGINE_KEY = web.AppKey("engine", AsyncEngine)
 API_KEYS_KEY = web.AppKey("api_keys", list)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -89,7 +90,7 @@ def _validation_error(err: ValidationError) -> ClientError:
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
     request_id = given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID_KEY] = request_id
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         response = await handler(request)
     if not response.prepared:
@@ -189,10 +190,13 @@ def end_payload(output: RequestOutput) -> dict[str, Any]:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     engine, ids, body = await open_generation(request)
-    request_id = request["request_id"]
+    request_id = request[REQUEST_ID_KEY]
     settings = request.app[SETTINGS_KEY]
     response = EventSourceResponse(
-        sep="\n", ping_interval=settings.ping_interval, headers={"X-Request-Id": request_id}
+        sep="\n",
+        ping_interval=settings.ping_interval,
+        headers={"X-Request-Id": request_id},
+        allow_all_methods=True,
     )
     outputs = engine.generate(request_id, ids, sampling_params(body))
     try:
@@ -221,7 +225,7 @@ async def predict(request: web.Request) -> web.Response:
     engine, ids, body = await open_generation(request)
     pieces: list[str] = []
     final: RequestOutput | None = None
-    async with contextlib.aclosing(engine.generate(request["request_id"], ids, sampling_params(body))) as outputs:
+    async with contextlib.aclosing(engine.generate(request[REQUEST_ID_KEY], ids, sampling_params(body))) as outputs:
         async for output in outputs:
             pieces.append(output.text)
             final = output
@@ -299,7 +303,7 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info(
             "http request",
             extra={
-                "request_id": request.get("request_id"),
+                "request_id": request.get(REQUEST_ID_KEY),
                 "method": request.method,
                 "path": request.path,
                 "status": response.status,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,10 +39,9 @@ class ScriptedFalcon(FalconForCausalLM):
     script: list[int] = []
     prompt_len = 0
 
-    def forward(self, *args: object, **kwargs: object) -> object:
-        out = super().forward(*args, **kwargs)
-        positions = kwargs["position_ids"]
-        assert isinstance(positions, torch.Tensor)
+    def forward(self, *, position_ids: torch.Tensor, cache: object = None, **kwargs: Any) -> Any:
+        out = super().forward(position_ids=position_ids, cache=cache, **kwargs)
+        positions = position_ids
         index = (positions[:, -1] + 1 - self.prompt_len).clamp(0, len(self.script) - 1)
         script = torch.tensor(self.script, device=positions.device)
         out.logits[torch.arange(positions.shape[0]), -1, script[index]] += 1e4

@@ -1,0 +1,193 @@
+"""The HTTP contract: SSE bytes and headers, /predict, errors before the stream, auth, health and readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from config import Settings
+from generation import LoadedModel
+from server import ENGINE_KEY, create_app
+from tests.conftest import make_engine
+from tests.sse import parse_events, text_of
+
+ClientFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def client(aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings) -> TestClient:
+    return await aiohttp_client(create_app(settings, make_engine(tiny)))
+
+
+async def stream_events(client: TestClient, body: dict[str, Any], **headers: str) -> tuple[Any, list[Any]]:
+    response = await client.post("/stream", json=body, headers=headers)
+    return response, parse_events(await response.text())
+
+
+async def test_stream_sends_token_events_then_an_end_event(client: TestClient) -> None:
+    response, events = await stream_events(client, {"prompt": "The baker", "max_new_tokens": 6, "min_new_tokens": 6})
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert len(response.headers["X-Request-Id"]) == 32
+    assert [e.event for e in events[:-1]] == ["message"] * (len(events) - 1)
+    assert [e.id for e in events] == [str(i) for i in range(len(events))]
+    end = events[-1]
+    assert end.event == "end"
+    assert end.json()["finish_reason"] == "length"
+    assert end.json()["usage"]["completion_tokens"] == 6
+    assert set(end.json()["timings"]) == {"queue_ms", "ttft_ms", "total_ms"}
+    assert "The baker" not in text_of(events)
+
+
+async def test_stream_wire_format_is_exact(client: TestClient) -> None:
+    response = await client.post(
+        "/stream", json={"prompt": "The baker", "max_new_tokens": 2, "min_new_tokens": 2, "temperature": 0}
+    )
+    raw = await response.text()
+    first, _ = raw.split("\n\n", 1)
+    assert first.startswith("id: 0\ndata: {\"text\": ")
+    assert raw.endswith("}\n\n")
+    assert "\nevent: end\ndata: {\"finish_reason\": \"length\", \"usage\": {\"prompt_tokens\": " in raw
+
+
+async def test_client_request_id_is_echoed(client: TestClient) -> None:
+    response = await client.post("/predict", json={"prompt": "a", "max_new_tokens": 1}, headers={"X-Request-Id": "abc-123"})
+    assert response.headers["X-Request-Id"] == "abc-123"
+
+
+async def test_predict_text_equals_the_concatenated_stream_for_a_seeded_request(client: TestClient) -> None:
+    body = {"prompt": "café", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 7, "max_new_tokens": 48, "min_new_tokens": 48}
+    _, events = await stream_events(client, body)
+    response = await client.post("/predict", json=body)
+    predicted = await response.json()
+    assert response.status == 200
+    assert predicted["text"] == text_of(events)
+    assert predicted["finish_reason"] == "length"
+    assert predicted["usage"] == events[-1].json()["usage"]
+
+
+BAD_INPUTS = [
+    ("not json", {"data": b"{oops", "headers": {"Content-Type": "application/json"}}, 400, None),
+    ("form body", {"data": b"prompt=hi", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415, None),
+    ("json array", {"json": ["prompt"]}, 422, None),
+    ("missing prompt", {"json": {"temperature": 0.5}}, 422, "prompt"),
+    ("wrong type", {"json": {"prompt": "hi", "top_k": "many"}}, 422, "top_k"),
+    ("out of range", {"json": {"prompt": "hi", "temperature": -1}}, 422, "temperature"),
+    ("top_p zero", {"json": {"prompt": "hi", "top_p": 0}}, 422, "top_p"),
+    ("unknown field", {"json": {"prompt": "hi", "beam_width": 4}}, 422, "beam_width"),
+    ("fractional top_k", {"json": {"prompt": "hi", "top_k": 2.5}}, 422, "top_k"),
+    ("empty stop", {"json": {"prompt": "hi", "stop": [""]}}, 422, "stop.0"),
+    ("too long for a slot", {"json": {"prompt": "hi", "max_new_tokens": 100000}}, 422, "max_new_tokens"),
+    ("too large", {"json": {"prompt": "x" * 5000}}, 413, None),
+]
+
+
+@pytest.mark.parametrize(("route"), ["/stream", "/predict"])
+@pytest.mark.parametrize(("name", "request_kwargs", "status", "field"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+async def test_bad_input_gets_a_json_error_and_the_next_request_succeeds(
+    client: TestClient, route: str, name: str, request_kwargs: dict[str, Any], status: int, field: str | None
+) -> None:
+    response = await client.post(route, **request_kwargs)
+    assert response.status == status, await response.text()
+    error = (await response.json())["error"]
+    assert error["status"] == status
+    assert error["message"]
+    if field is not None:
+        assert error["field"] == field
+        assert field.split(".")[0] in error["message"]
+    ok = await client.post("/predict", json={"prompt": "hi", "max_new_tokens": 2})
+    assert ok.status == 200
+
+
+async def test_min_above_max_new_tokens_names_both(client: TestClient) -> None:
+    response = await client.post("/predict", json={"prompt": "hi", "max_new_tokens": 2, "min_new_tokens": 5})
+    assert response.status == 422
+    message = (await response.json())["error"]["message"]
+    assert "min_new_tokens" in message and "max_new_tokens" in message
+
+
+async def test_unknown_route_and_wrong_method_are_json(client: TestClient) -> None:
+    missing = await client.get("/nope")
+    assert missing.status == 404 and (await missing.json())["error"]["status"] == 404
+    wrong = await client.get("/stream")
+    assert wrong.status == 405 and wrong.headers["Allow"] == "POST"
+
+
+async def test_failed_step_sends_error_then_end_and_the_server_goes_on(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine_runner = client.server.app[ENGINE_KEY].engine.runner
+    real_step = engine_runner.step
+    calls = {"n": 0}
+
+    def failing_step(batch: Any) -> list[int]:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected")
+        return real_step(batch)
+
+    monkeypatch.setattr(engine_runner, "step", failing_step)
+    _, events = await stream_events(client, {"prompt": "The baker", "max_new_tokens": 10, "min_new_tokens": 10})
+    assert [e.event for e in events[-2:]] == ["error", "end"]
+    assert "injected" not in events[-2].json()["message"]
+    assert events[-1].json()["finish_reason"] == "error"
+    _, after = await stream_events(client, {"prompt": "The baker", "max_new_tokens": 3, "min_new_tokens": 3})
+    assert after[-1].json()["finish_reason"] == "length"
+
+
+async def test_health_and_ready(client: TestClient) -> None:
+    assert (await client.get("/health")).status == 200
+    ready = await client.get("/ready")
+    assert ready.status == 200 and (await ready.json())["status"] == "ready"
+
+
+async def test_ready_is_503_without_a_running_engine(aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings) -> None:
+    engine = make_engine(tiny)
+    client = await aiohttp_client(create_app(settings, engine))
+    await engine.stop()
+    response = await client.get("/ready")
+    assert response.status == 503 and response.headers["Retry-After"]
+    refused = await client.post("/stream", json={"prompt": "hi"})
+    assert refused.status == 503 and (await refused.json())["error"]["message"]
+
+
+@pytest.fixture
+async def keyed_client(aiohttp_client: ClientFactory, tiny: LoadedModel, tmp_path: Path) -> TestClient:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# team keys\nfile-key\n\n")
+    settings = Settings(model="test", api_keys=["env-key"], api_keys_file=keys_file)
+    return await aiohttp_client(create_app(settings, make_engine(tiny)))
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        (None, 401),
+        ("Bearer wrong", 401),
+        ("Bearer ", 401),
+        ("env-keyX", 401),
+        ("Bearer env-key", 200),
+        ("bearer file-key", 200),
+        ("env-key", 200),
+        ("file-key", 200),
+    ],
+)
+async def test_api_keys_guard_generation_routes(keyed_client: TestClient, authorization: str | None, status: int) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for route in ("/stream", "/predict"):
+        response = await keyed_client.post(route, json={"prompt": "hi", "max_new_tokens": 1}, headers=headers)
+        assert response.status == status
+        if status == 401:
+            assert (await response.json())["error"]["status"] == 401
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_health_and_ready_stay_open_with_keys(keyed_client: TestClient) -> None:
+    assert (await keyed_client.get("/health")).status == 200
+    assert (await keyed_client.get("/ready")).status == 200
