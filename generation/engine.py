@@ -76,11 +76,15 @@ class Engine:
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
-            changed = self._drain_inbox(block=not self.scheduler.has_work)
-            outputs = self.step() if self.scheduler.has_work else []
-            if changed or outputs:
-                self._report(self._pending + outputs)
-                self._pending = []
+            self.run_once(block=not self.scheduler.has_work)
+
+    def run_once(self, block: bool = False) -> None:
+        """One turn of the loop: drain the inbox (waiting for a message if `block`), step, report."""
+        changed = self._drain_inbox(block=block)
+        outputs = self.step() if self.scheduler.has_work else []
+        if changed or outputs:
+            self._report(self._pending + outputs)
+            self._pending = []
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run, postprocess: the outputs of one step (finished rows leave at the next)."""

@@ -306,6 +306,14 @@ def _describe(err: BaseException) -> str:
     causes = _cause_chain(err)
     if any(isinstance(cause, torch.OutOfMemoryError) for cause in causes):
         return "out of GPU memory (try quantize='4bit', a smaller dtype, or a smaller model)"
+    if "backend tokenizer" in str(err):
+        return "no tokenizer.json, and the slow tokenizer could not be converted (install sentencepiece)"
+    if isinstance(err, KeyError):
+        return f"a model file lacks the expected key {err}"
+    return _describe_hub_error(causes) or _first_line(err)
+
+
+def _describe_hub_error(causes: list[BaseException]) -> str | None:
     if any(isinstance(cause, hub_errors.GatedRepoError) for cause in causes):
         return "the model is gated on the Hugging Face Hub (accept its terms there, then run `hf auth login`)"
     if any(isinstance(cause, hub_errors.RepositoryNotFoundError) for cause in causes):
@@ -315,7 +323,7 @@ def _describe(err: BaseException) -> str:
     unreachable = (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)
     if any(isinstance(cause, unreachable) for cause in causes):
         return _hub_unreachable_reason()
-    return _first_line(err)
+    return None
 
 
 def _cause_chain(err: BaseException) -> list[BaseException]:
@@ -327,7 +335,10 @@ def _cause_chain(err: BaseException) -> list[BaseException]:
 
 def _hub_unreachable_reason() -> str:
     if hub_constants.is_offline_mode():
-        return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set (unset it to download)"
+        return (
+            "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+            " (unset it to download, or pass a local directory)"
+        )
     return (
         "not found locally and the Hugging Face Hub cannot be reached"
         " (check the network, or pass a local directory)"

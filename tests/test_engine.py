@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
+from generation.messages import AbortRequest, AddRequest, StepReport
 from tests.conftest import make_engine
 
 PROMPTS = [
@@ -92,18 +93,34 @@ async def test_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine: A
     assert different != alone
 
 
-async def test_cancelled_request_leaves_the_batch_at_the_next_step(engine: AsyncEngine) -> None:
+def test_an_abort_frees_the_row_at_the_next_step(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny).engine  # driven by hand, without its thread
+    reports: list[StepReport] = []
+    engine.report = reports.append
+    params = SamplingParams(max_new_tokens=100, min_new_tokens=100)
+    for name in ("doomed", "survivor"):
+        engine.submit(AddRequest(name, tiny.tokenizer.encode("The baker"), params, 1, 0.0))
+    engine.run_once()
+    engine.run_once()
+    assert [seq.slot for seq in engine.scheduler.running] == [0, 1]
+    engine.submit(AbortRequest("doomed"))
+    engine.run_once()
+    assert [seq.request_id for seq in engine.scheduler.running] == ["survivor"]
+    assert engine.scheduler.running[0].slot == 0
+    last = reports[-1]
+    assert last.num_running == 1
+    assert [(out.request_id, out.finish_reason) for out in last.outputs if out.finished] == [("doomed", "cancelled")]
+    assert engine.scheduler.running[0].num_completion_tokens == 3
+
+
+async def test_closing_the_stream_cancels_the_request(engine: AsyncEngine) -> None:
     params = SamplingParams(max_new_tokens=400, min_new_tokens=400)
     survivor = asyncio.create_task(collect(engine, "survivor", "The baker", SamplingParams(max_new_tokens=50, min_new_tokens=50)))
-    ids = engine.encode_prompt("café", 256, params)
-    stream = engine.generate("doomed", ids, params)
+    stream = engine.generate("doomed", engine.encode_prompt("café", 256, params), params)
     await anext(stream)
     await engine.wait_until(lambda e: e.num_running == 2)
     await stream.aclose()
-    step_at_abort = engine.steps
     await engine.wait_until(lambda e: e.num_running == 1)
-    # The abort is drained before the next step is scheduled, so the row is gone within one step.
-    assert engine.steps <= step_at_abort + 1
     assert (await survivor)[-1].usage["completion_tokens"] == 50
 
 

@@ -1,0 +1,103 @@
+"""The real program: `python server.py` and the `trickle` console script, as a user starts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import urllib.request
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_a_model_that_cannot_load_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    result = run_cli("--model", str(tmp_path / "missing"), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trickle: ") and "missing" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_setting_is_one_line_naming_it_and_exit_2() -> None:
+    result = run_cli("--model", "demo", env={"TRICKLE_MAX_BATCH_SIZE": "0"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "trickle: invalid setting 'max_batch_size': Input should be greater than or equal to 1 (got '0')"
+    ]
+
+
+@pytest.mark.skipif(shutil.which("trickle") is None, reason="the package is not installed")
+def test_console_script_runs_the_same_main() -> None:
+    result = subprocess.run(["trickle", "--port", "70000"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "'port'" in result.stderr
+
+
+@pytest.fixture
+def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "server.py"), "--model", str(model_dir), "--port", str(port), "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TRICKLE_LOG_FORMAT": "auto", "TRICKLE_MAX_SEQ_LEN": "512"},
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # the process says when it is listening; no polling
+        if json.loads(line)["event"] == "listening":
+            break
+    yield f"http://127.0.0.1:{port}", process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_served_process_streams_logs_json_with_request_ids_and_exits_0_on_sigint(
+    server: tuple[str, subprocess.Popen[str]],
+) -> None:
+    url, process = server
+    with urllib.request.urlopen(f"{url}/ready", timeout=10) as ready:
+        assert ready.status == 200
+    body = json.dumps({"prompt": "The baker", "max_new_tokens": 5, "min_new_tokens": 5}).encode()
+    headers = {"X-Request-Id": "proc-1", "Content-Type": "application/json"}
+    request = urllib.request.Request(f"{url}/stream", data=body, headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        raw = response.read().decode()
+        assert response.status == 200 and "event: end" in raw
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0
+    records = json_lines(err)
+    mine = [rec for rec in records if rec.get("request_id") == "proc-1"]
+    assert {rec["logger"] for rec in mine} >= {"generation.engine", "aiohttp.access"}
+    access = next(rec for rec in mine if rec["logger"] == "aiohttp.access")
+    assert access["status"] == 200 and access["path"] == "/stream"
