@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -49,7 +49,9 @@ class GenerateRequest(SamplingParams):
     """The body of POST /stream and POST /predict."""
 
     prompt: str = Field(min_length=1, description="The text to continue.")
-    cutoff_len: int = Field(default=256, ge=1, description="Keep at most this many prompt tokens (the latest).")
+    cutoff_len: int = Field(
+        default=256, ge=1, description="Keep at most this many prompt tokens (the latest)."
+    )
 
 
 # ---------------------------------------------------------------- errors
@@ -130,7 +132,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         # Compare with every key so the time taken does not tell which one (or whether any) nearly matched.
         matched = [hmac.compare_digest(presented, key) for key in keys]
         if not any(matched):
-            raise ClientError(401, "a valid API key is required (Authorization: Bearer <key>)", WWW_Authenticate="Bearer")
+            raise ClientError(
+                401, "a valid API key is required (Authorization: Bearer <key>)", WWW_Authenticate="Bearer"
+            )
     return await handler(request)
 
 
@@ -208,7 +212,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _write_events(response: EventSourceResponse, outputs: AsyncIterator[RequestOutput]) -> None:
+async def _write_events(response: EventSourceResponse, outputs: AsyncGenerator[RequestOutput, None]) -> None:
     event_id = 0
     async for output in outputs:
         if output.text:
@@ -225,13 +229,14 @@ async def predict(request: web.Request) -> web.Response:
     engine, ids, body = await open_generation(request)
     pieces: list[str] = []
     final: RequestOutput | None = None
-    async with contextlib.aclosing(engine.generate(request[REQUEST_ID_KEY], ids, sampling_params(body))) as outputs:
+    async with contextlib.aclosing(
+        engine.generate(request[REQUEST_ID_KEY], ids, sampling_params(body))
+    ) as outputs:
         async for output in outputs:
             pieces.append(output.text)
             final = output
     if final is None or final.error is not None:
-        message = final.error if final is not None else "the engine stopped"
-        return json_error(500, message)
+        return json_error(500, final.error if final is not None and final.error else "the engine stopped")
     return web.json_response({"text": "".join(pieces), **end_payload(final)})
 
 
@@ -243,7 +248,9 @@ async def ready(request: web.Request) -> web.Response:
     engine = request.app.get(ENGINE_KEY)
     if engine is None or not engine.ready:
         return json_error(503, "the model is not ready", headers={"Retry-After": RETRY_AFTER_NOT_READY})
-    return web.json_response({"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting})
+    return web.json_response(
+        {"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting}
+    )
 
 
 # ---------------------------------------------------------------- app
@@ -251,7 +258,9 @@ async def ready(request: web.Request) -> web.Response:
 
 def build_engine(settings: Settings) -> AsyncEngine:
     """Load the model named by the settings and wrap it in an (unstarted) engine."""
-    loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device, quantize=settings.quantize)
+    loaded = load_model(
+        settings.model, dtype=settings.dtype, device=settings.device, quantize=settings.quantize
+    )
     config = EngineConfig(
         max_batch_size=settings.max_batch_size,
         max_seq_len=settings.max_seq_len,
@@ -282,7 +291,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.App
 
 def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def run_engine(app: web.Application) -> AsyncIterator[None]:
-        running = engine or await asyncio.to_thread(build_engine, app[SETTINGS_KEY])
+        running = engine if engine is not None else await asyncio.to_thread(build_engine, app[SETTINGS_KEY])
         app[ENGINE_KEY] = running
         await running.start()
         log.info("engine started", model=app[SETTINGS_KEY].model)

@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import SettingsError as SourceError
 from pydantic_settings import (
     BaseSettings,
-    CliSettingsSource,
+    CliApp,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as SourceError
 
 ENV_PREFIX = "TRICKLE_"
 
@@ -139,8 +139,7 @@ def load_settings(argv: Sequence[str] = ()) -> Settings:
     """
     _toml_path["path"] = _config_path(argv)
     try:
-        cli = CliSettingsSource(Settings, cli_parse_args=list(argv))
-        return Settings(_cli_settings_source=cli(args=list(argv)))
+        return CliApp.run(Settings, cli_args=list(argv))
     except ValidationError as err:
         raise SettingsError(_one_line(err)) from err
     except SourceError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -52,7 +52,9 @@ class AsyncEngine:
     the row leaves the batch at the next step.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
+    ) -> None:
         self.tokenizer = tokenizer
         self.config = config
         eos_ids = _eos_ids(model, tokenizer)
@@ -93,7 +95,7 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's outputs as the engine produces them; the last one has a finish_reason."""
         if not self.ready:
             raise EngineUnavailableError("the engine is not running")

@@ -193,6 +193,4 @@ class Engine:
         return outputs
 
     def _report(self, outputs: list[RequestOutput]) -> None:
-        self.report(
-            StepReport(self.steps, outputs, self.scheduler.num_running, len(self.scheduler.waiting))
-        )
+        self.report(StepReport(self.steps, outputs, self.scheduler.num_running, len(self.scheduler.waiting)))

@@ -35,9 +35,8 @@ class SamplingParams(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> SamplingParams:
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
-            )
+            limit = f"max_new_tokens ({self.max_new_tokens})"
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed {limit}")
         return self
 
     @property

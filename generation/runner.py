@@ -1,4 +1,4 @@
-"""ModelRunner: the forward passes (prefill and batched decode) and sampling; the only code that launches GPU work."""
+"""ModelRunner: prefill, batched decode and sampling; the only code that launches GPU work."""
 
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ class ModelRunner:
         longest = max(seq.num_tokens for seq in rows)
         kv_len = min(-(-longest // KV_LEN_BUCKET) * KV_LEN_BUCKET, self.max_seq_len)
         visible = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, self._min_value)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~visible, self._min_value
+        )
         self.cache.for_decode(positions, kv_len)
         return self._forward(ids[:, None], positions[:, None], mask[:, None, None, :])

@@ -107,7 +107,12 @@ class SamplingTensors:
         ).to(device, non_blocking=True)
         ints = torch.tensor(
             [
-                [r.params.top_k, r.seed, r.num_completion_tokens, r.num_completion_tokens < r.params.min_new_tokens]
+                [
+                    r.params.top_k,
+                    r.seed,
+                    r.num_completion_tokens,
+                    r.num_completion_tokens < r.params.min_new_tokens,
+                ]
                 for r in rows
             ],
             dtype=torch.int64,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ class ScriptedFalcon(FalconForCausalLM):
     it lets a test choose exactly which tokens are generated, split characters included.
     """
 
-    script: list[int] = []
+    script: ClassVar[list[int]] = []
     prompt_len = 0
 
     def forward(self, *, position_ids: torch.Tensor, cache: object = None, **kwargs: Any) -> Any:

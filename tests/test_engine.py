@@ -25,7 +25,9 @@ PROMPTS = [
 ]
 
 
-async def collect(engine: AsyncEngine, request_id: str, prompt: str, params: SamplingParams) -> list[RequestOutput]:
+async def collect(
+    engine: AsyncEngine, request_id: str, prompt: str, params: SamplingParams
+) -> list[RequestOutput]:
     ids = engine.encode_prompt(prompt, 256, params)
     return [out async for out in engine.generate(request_id, ids, params)]
 
@@ -70,7 +72,9 @@ async def test_continuous_batching_matches_generate_token_for_token(tiny: Loaded
 async def test_rows_join_while_others_run(tiny: LoadedModel) -> None:
     engine = make_engine(tiny, max_batch_size=8)
     await engine.start()
-    long = asyncio.create_task(collect(engine, "long", "The baker", SamplingParams(max_new_tokens=60, min_new_tokens=60)))
+    long = asyncio.create_task(
+        collect(engine, "long", "The baker", SamplingParams(max_new_tokens=60, min_new_tokens=60))
+    )
     await engine.wait_until(lambda e: e.num_running == 1 and e.steps >= 3)
     short = await collect(engine, "short", "café", SamplingParams(max_new_tokens=5, min_new_tokens=5))
     assert not long.done(), "the short request waited for the long one to finish"
@@ -80,7 +84,9 @@ async def test_rows_join_while_others_run(tiny: LoadedModel) -> None:
 
 
 async def test_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine: AsyncEngine) -> None:
-    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=0, seed=1234, max_new_tokens=40, min_new_tokens=40)
+    params = SamplingParams(
+        temperature=1.0, top_p=0.95, top_k=0, seed=1234, max_new_tokens=40, min_new_tokens=40
+    )
     alone = "".join(out.text for out in await collect(engine, "alone", "The baker", params))
     others = [
         collect(engine, f"o{i}", PROMPTS[i], SamplingParams(temperature=1.0, seed=i, max_new_tokens=30 + i))
@@ -89,7 +95,10 @@ async def test_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine: A
     results = await asyncio.gather(collect(engine, "together", "The baker", params), *others)
     together = "".join(out.text for out in results[0])
     assert together == alone
-    different = "".join(out.text for out in await collect(engine, "other-seed", "The baker", params.model_copy(update={"seed": 99})))
+    different = "".join(
+        out.text
+        for out in await collect(engine, "other-seed", "The baker", params.model_copy(update={"seed": 99}))
+    )
     assert different != alone
 
 
@@ -109,13 +118,17 @@ def test_an_abort_frees_the_row_at_the_next_step(tiny: LoadedModel) -> None:
     assert engine.scheduler.running[0].slot == 0
     last = reports[-1]
     assert last.num_running == 1
-    assert [(out.request_id, out.finish_reason) for out in last.outputs if out.finished] == [("doomed", "cancelled")]
+    assert [(out.request_id, out.finish_reason) for out in last.outputs if out.finished] == [
+        ("doomed", "cancelled")
+    ]
     assert engine.scheduler.running[0].num_completion_tokens == 3
 
 
 async def test_closing_the_stream_cancels_the_request(engine: AsyncEngine) -> None:
     params = SamplingParams(max_new_tokens=400, min_new_tokens=400)
-    survivor = asyncio.create_task(collect(engine, "survivor", "The baker", SamplingParams(max_new_tokens=50, min_new_tokens=50)))
+    survivor = asyncio.create_task(
+        collect(engine, "survivor", "The baker", SamplingParams(max_new_tokens=50, min_new_tokens=50))
+    )
     stream = engine.generate("doomed", engine.encode_prompt("café", 256, params), params)
     await anext(stream)
     await engine.wait_until(lambda e: e.num_running == 2)
@@ -138,7 +151,9 @@ async def test_failed_step_ends_its_requests_with_error_and_the_engine_goes_on(
         return real_step(batch)  # type: ignore[arg-type]
 
     monkeypatch.setattr(runner, "step", failing_step)
-    failed = await collect(engine, "victim", "The baker", SamplingParams(max_new_tokens=20, min_new_tokens=20))
+    failed = await collect(
+        engine, "victim", "The baker", SamplingParams(max_new_tokens=20, min_new_tokens=20)
+    )
     assert failed[-1].finish_reason == "error"
     assert failed[-1].error is not None and "RuntimeError" in failed[-1].error
     after = await collect(engine, "next", "The baker", SamplingParams(max_new_tokens=5, min_new_tokens=5))
@@ -160,7 +175,9 @@ async def test_min_new_tokens_holds_off_end_of_sequence(tiny: LoadedModel) -> No
 
     runner._forward = eos_everywhere  # type: ignore[method-assign]
     await engine.start()
-    held = await collect(engine, "held", "The baker", SamplingParams(temperature=0.0, max_new_tokens=20, min_new_tokens=7))
+    held = await collect(
+        engine, "held", "The baker", SamplingParams(temperature=0.0, max_new_tokens=20, min_new_tokens=7)
+    )
     free = await collect(engine, "free", "The baker", SamplingParams(temperature=0.0, max_new_tokens=20))
     await engine.stop()
     assert held[-1].finish_reason == "eos" and held[-1].usage["completion_tokens"] == 8

@@ -1,4 +1,4 @@
-"""The HTTP contract: SSE bytes and headers, /predict, errors before the stream, auth, health and readiness."""
+"""The HTTP contract: SSE bytes and headers, /predict, errors, auth, health and readiness."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ async def stream_events(client: TestClient, body: dict[str, Any], **headers: str
 
 
 async def test_stream_sends_token_events_then_an_end_event(client: TestClient) -> None:
-    response, events = await stream_events(client, {"prompt": "The baker", "max_new_tokens": 6, "min_new_tokens": 6})
+    response, events = await stream_events(
+        client, {"prompt": "The baker", "max_new_tokens": 6, "min_new_tokens": 6}
+    )
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-cache"
@@ -51,18 +53,28 @@ async def test_stream_wire_format_is_exact(client: TestClient) -> None:
     )
     raw = await response.text()
     first, _ = raw.split("\n\n", 1)
-    assert first.startswith("id: 0\ndata: {\"text\": ")
+    assert first.startswith('id: 0\ndata: {"text": ')
     assert raw.endswith("}\n\n")
-    assert "\nevent: end\ndata: {\"finish_reason\": \"length\", \"usage\": {\"prompt_tokens\": " in raw
+    assert '\nevent: end\ndata: {"finish_reason": "length", "usage": {"prompt_tokens": ' in raw
 
 
 async def test_client_request_id_is_echoed(client: TestClient) -> None:
-    response = await client.post("/predict", json={"prompt": "a", "max_new_tokens": 1}, headers={"X-Request-Id": "abc-123"})
+    response = await client.post(
+        "/predict", json={"prompt": "a", "max_new_tokens": 1}, headers={"X-Request-Id": "abc-123"}
+    )
     assert response.headers["X-Request-Id"] == "abc-123"
 
 
 async def test_predict_text_equals_the_concatenated_stream_for_a_seeded_request(client: TestClient) -> None:
-    body = {"prompt": "café", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 7, "max_new_tokens": 48, "min_new_tokens": 48}
+    body = {
+        "prompt": "café",
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "seed": 7,
+        "max_new_tokens": 48,
+        "min_new_tokens": 48,
+    }
     _, events = await stream_events(client, body)
     response = await client.post("/predict", json=body)
     predicted = await response.json()
@@ -74,7 +86,12 @@ async def test_predict_text_equals_the_concatenated_stream_for_a_seeded_request(
 
 BAD_INPUTS = [
     ("not json", {"data": b"{oops", "headers": {"Content-Type": "application/json"}}, 400, None),
-    ("form body", {"data": b"prompt=hi", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415, None),
+    (
+        "form body",
+        {"data": b"prompt=hi", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+        415,
+        None,
+    ),
     ("json array", {"json": ["prompt"]}, 422, None),
     ("missing prompt", {"json": {"temperature": 0.5}}, 422, "prompt"),
     ("wrong type", {"json": {"prompt": "hi", "top_k": "many"}}, 422, "top_k"),
@@ -89,7 +106,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("route"), ["/stream", "/predict"])
-@pytest.mark.parametrize(("name", "request_kwargs", "status", "field"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("name", "request_kwargs", "status", "field"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
 async def test_bad_input_gets_a_json_error_and_the_next_request_succeeds(
     client: TestClient, route: str, name: str, request_kwargs: dict[str, Any], status: int, field: str | None
 ) -> None:
@@ -133,7 +152,9 @@ async def test_failed_step_sends_error_then_end_and_the_server_goes_on(
         return real_step(batch)
 
     monkeypatch.setattr(engine_runner, "step", failing_step)
-    _, events = await stream_events(client, {"prompt": "The baker", "max_new_tokens": 10, "min_new_tokens": 10})
+    _, events = await stream_events(
+        client, {"prompt": "The baker", "max_new_tokens": 10, "min_new_tokens": 10}
+    )
     assert [e.event for e in events[-2:]] == ["error", "end"]
     assert "injected" not in events[-2].json()["message"]
     assert events[-1].json()["finish_reason"] == "error"
@@ -147,7 +168,9 @@ async def test_health_and_ready(client: TestClient) -> None:
     assert ready.status == 200 and (await ready.json())["status"] == "ready"
 
 
-async def test_ready_is_503_without_a_running_engine(aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings) -> None:
+async def test_ready_is_503_without_a_running_engine(
+    aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings
+) -> None:
     engine = make_engine(tiny)
     client = await aiohttp_client(create_app(settings, engine))
     await engine.stop()
@@ -178,7 +201,9 @@ async def keyed_client(aiohttp_client: ClientFactory, tiny: LoadedModel, tmp_pat
         ("file-key", 200),
     ],
 )
-async def test_api_keys_guard_generation_routes(keyed_client: TestClient, authorization: str | None, status: int) -> None:
+async def test_api_keys_guard_generation_routes(
+    keyed_client: TestClient, authorization: str | None, status: int
+) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     for route in ("/stream", "/predict"):
         response = await keyed_client.post(route, json={"prompt": "hi", "max_new_tokens": 1}, headers=headers)

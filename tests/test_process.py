@@ -9,11 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import urllib.request
 
 import pytest
 
@@ -62,7 +61,16 @@ def test_console_script_runs_the_same_main() -> None:
 def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "server.py"), "--model", str(model_dir), "--port", str(port), "--device", "cpu"],
+        [
+            sys.executable,
+            str(ROOT / "server.py"),
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "TRICKLE_LOG_FORMAT": "auto", "TRICKLE_MAX_SEQ_LEN": "512"},

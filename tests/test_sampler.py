@@ -24,7 +24,7 @@ def test_noise_depends_only_on_seed_and_step() -> None:
     assert not torch.equal(noise[0], noise[1])
     assert not torch.equal(noise[0], noise[3]), "the high bits of the seed count"
     assert not torch.equal(noise[0], uniform_noise(seeds, steps + 1, 100)[0])
-    assert 0.0 < float(noise.min()) and float(noise.max()) < 1.0
+    assert float(noise.min()) > 0.0 and float(noise.max()) < 1.0
 
 
 def test_noise_is_uniform() -> None:
@@ -48,7 +48,9 @@ def test_a_row_samples_the_same_token_whatever_its_neighbours() -> None:
     seeds, steps = torch.arange(6) * 17, torch.arange(6)
     together = sample(logits, **rows(6, top_k=10, top_p=0.9), seeds=seeds, steps=steps)
     for i in range(6):
-        alone = sample(logits[i : i + 1], **rows(1, top_k=10, top_p=0.9), seeds=seeds[i : i + 1], steps=steps[i : i + 1])
+        alone = sample(
+            logits[i : i + 1], **rows(1, top_k=10, top_p=0.9), seeds=seeds[i : i + 1], steps=steps[i : i + 1]
+        )
         assert alone.item() == together[i].item()
 
 
@@ -63,7 +65,9 @@ def test_zero_temperature_rows_are_greedy_beside_sampled_rows() -> None:
 
 def test_top_k_and_top_p_keep_the_right_tokens() -> None:
     logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(3, 4)
-    probs, order = filtered_probs(logits, torch.ones(3), torch.tensor([2, 0, 1]), torch.tensor([1.0, 0.65, 0.5]))
+    probs, order = filtered_probs(
+        logits, torch.ones(3), torch.tensor([2, 0, 1]), torch.tensor([1.0, 0.65, 0.5])
+    )
     kept = [(probs[i] > 0).sum().item() for i in range(3)]
     assert kept == [2, 2, 1]
     assert order[0, 0] == 0

@@ -20,9 +20,13 @@ from tests.sse import parse_events
 
 
 @pytest.fixture(params=[True, False], ids=["handler_cancellation", "no_handler_cancellation"])
-async def live(request: pytest.FixtureRequest, tiny: LoadedModel, settings: Settings) -> AsyncIterator[tuple[str, AsyncEngine]]:
+async def live(
+    request: pytest.FixtureRequest, tiny: LoadedModel, settings: Settings
+) -> AsyncIterator[tuple[str, AsyncEngine]]:
     engine = make_engine(tiny)
-    runner = web.AppRunner(create_app(settings, engine), handler_cancellation=request.param, access_log_class=AccessLogger)
+    runner = web.AppRunner(
+        create_app(settings, engine), handler_cancellation=request.param, access_log_class=AccessLogger
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -31,7 +35,9 @@ async def live(request: pytest.FixtureRequest, tiny: LoadedModel, settings: Sett
     await runner.cleanup()
 
 
-async def open_stream(address: str, body: dict[str, object]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_stream(
+    address: str, body: dict[str, object]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = address.split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     payload = json.dumps(body).encode()
@@ -56,7 +62,10 @@ async def read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
 async def test_first_event_arrives_long_before_the_end(live: tuple[str, AsyncEngine]) -> None:
     address, engine = live
     body = {"prompt": "The baker", "max_new_tokens": 300, "min_new_tokens": 300}
-    async with aiohttp.ClientSession() as session, session.post(f"http://{address}/stream", json=body) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://{address}/stream", json=body) as response,
+    ):
         start = time.monotonic()
         first_line = await response.content.readline()
         first_at = time.monotonic() - start

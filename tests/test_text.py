@@ -64,7 +64,7 @@ async def scripted_client(
     aiohttp_client: ClientFactory, tiny: LoadedModel, scripted: ScriptedFalcon, settings: Settings
 ) -> Callable[[str], Awaitable[TestClient]]:
     async def start(script_text: str) -> TestClient:
-        scripted.script = tiny.tokenizer.encode(script_text) + [tiny.tokenizer.eos_token_id]
+        scripted.script = [*tiny.tokenizer.encode(script_text), tiny.tokenizer.eos_token_id]
         scripted.prompt_len = len(tiny.tokenizer.encode(PROMPT))
         engine = make_engine(dataclasses.replace(tiny, model=scripted))
         return await aiohttp_client(create_app(settings, engine))
@@ -72,7 +72,9 @@ async def scripted_client(
     return start
 
 
-async def test_multibyte_text_streams_as_valid_text_equal_to_predict(scripted_client: Callable[[str], Awaitable[TestClient]]) -> None:
+async def test_multibyte_text_streams_as_valid_text_equal_to_predict(
+    scripted_client: Callable[[str], Awaitable[TestClient]],
+) -> None:
     client = await scripted_client(MULTIBYTE)
     body = {"prompt": PROMPT, "temperature": 0.7, "seed": 3, "max_new_tokens": 100}
     response = await client.post("/stream", json=body)
@@ -85,7 +87,9 @@ async def test_multibyte_text_streams_as_valid_text_equal_to_predict(scripted_cl
     assert predicted["text"] == text_of(events)
 
 
-async def test_stop_string_spanning_two_tokens_ends_the_stream(scripted_client: Callable[[str], Awaitable[TestClient]]) -> None:
+async def test_stop_string_spanning_two_tokens_ends_the_stream(
+    scripted_client: Callable[[str], Awaitable[TestClient]],
+) -> None:
     client = await scripted_client(PLAIN)
     response = await client.post("/stream", json={"prompt": PROMPT, "stop": ["o wo"], "max_new_tokens": 50})
     events = parse_events(await response.text())
