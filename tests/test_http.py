@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -216,3 +217,20 @@ async def test_api_keys_guard_generation_routes(
 async def test_health_and_ready_stay_open_with_keys(keyed_client: TestClient) -> None:
     assert (await keyed_client.get("/health")).status == 200
     assert (await keyed_client.get("/ready")).status == 200
+
+
+async def test_a_queued_stream_gets_ping_comments_while_it_waits(
+    aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings
+) -> None:
+    pinging = settings.model_copy(update={"ping_interval": 0.02})
+    client = await aiohttp_client(create_app(pinging, make_engine(tiny, max_batch_size=1)))
+    engine = client.server.app[ENGINE_KEY]
+    first = asyncio.create_task(
+        client.post("/predict", json={"prompt": "The baker", "max_new_tokens": 400, "min_new_tokens": 400})
+    )
+    await engine.wait_until(lambda e: e.num_running == 1)
+    response = await client.post("/stream", json={"prompt": "café", "max_new_tokens": 2, "min_new_tokens": 2})
+    raw = await response.text()
+    assert (await first).status == 200
+    assert raw.startswith(": ping\n\n")
+    assert parse_events(raw)[-1].json()["finish_reason"] == "length"
