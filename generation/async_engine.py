@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from generation.engine import Engine
 from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
 from generation.params import MAX_SEED, SamplingParams
-from generation.runner import ModelRunner
+from generation.runner import ModelRunner, RunnerConfig
 from generation.scheduler import SchedulerConfig
 
 
@@ -34,6 +34,8 @@ class EngineConfig:
     max_batch_size: int = 64
     max_seq_len: int = 2048
     prefill_token_budget: int = 4096
+    memory_utilization: float = 0.9
+    cuda_graphs: bool = True
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> set[int]:
@@ -58,8 +60,18 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.config = config
         eos_ids = _eos_ids(model, tokenizer)
-        runner = ModelRunner(model, config.max_batch_size, config.max_seq_len, eos_ids)
-        scheduler_config = SchedulerConfig(config.max_batch_size, config.prefill_token_budget)
+        runner = ModelRunner(
+            model,
+            RunnerConfig(
+                max_batch_size=config.max_batch_size,
+                max_seq_len=config.max_seq_len,
+                prefill_token_budget=config.prefill_token_budget,
+                memory_utilization=config.memory_utilization,
+                cuda_graphs=config.cuda_graphs,
+            ),
+            eos_ids,
+        )
+        scheduler_config = SchedulerConfig(runner.num_slots, config.prefill_token_budget)
         self.engine = Engine(runner, tokenizer.backend_tokenizer, scheduler_config, eos_ids, self._on_report)
         self.num_running = 0
         self.num_waiting = 0
@@ -69,6 +81,8 @@ class AsyncEngine:
         self._reported = asyncio.Event()
 
     async def start(self) -> None:
+        """Capture the decode graphs (on a GPU), then start the engine thread."""
+        await asyncio.to_thread(self.engine.runner.warm_up)
         self._loop = asyncio.get_running_loop()
         self.engine.start()
 

@@ -16,7 +16,7 @@ class SlotKVCache(Cache):
     Every row keeps its own position; the runner passes position ids and a 4D mask that hides each
     row's unused tail. Buffers are allocated at the first write, when the model's head shape is known.
 
-    Before each forward the runner says where the new keys go: `for_prefill` (one row, positions
+    Before each forward the runner says where the new keys go: `for_prefill` (some slots, positions
     0..P-1) or `for_decode` (rows 0..B-1, one new position each).
     """
 
@@ -26,19 +26,17 @@ class SlotKVCache(Cache):
         self.max_len = max_len
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._slot = 0
-        self._rows: torch.Tensor | None = None
+        self._rows = torch.zeros(0, dtype=torch.long)
         self._positions: torch.Tensor | None = None
         self._kv_len = 0
 
-    def for_prefill(self, slot: int) -> None:
-        self._slot, self._rows, self._positions = slot, None, None
+    def for_prefill(self, slots: torch.Tensor) -> None:
+        # slots: [N]; row n of the forward writes positions 0..P-1 of slot slots[n]
+        self._rows, self._positions = slots, None
 
-    def for_decode(self, positions: torch.Tensor, kv_len: int) -> None:
-        # positions: [B]; row b writes at positions[b] and reads 0..kv_len-1
-        self._rows = torch.arange(positions.shape[0], device=positions.device)
-        self._positions = positions
-        self._kv_len = kv_len
+    def for_decode(self, rows: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
+        # rows = 0..B-1, positions: [B]; row b writes at positions[b] and reads 0..kv_len-1
+        self._rows, self._positions, self._kv_len = rows, positions, kv_len
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -49,8 +47,8 @@ class SlotKVCache(Cache):
         keys, values = self._keys[layer_idx], self._values[layer_idx]
         if self._positions is None:
             length = key_states.shape[2]
-            keys[self._slot, :, :length] = key_states[0]
-            values[self._slot, :, :length] = value_states[0]
+            keys[self._rows, :, :length] = key_states
+            values[self._rows, :, :length] = value_states
             return key_states, value_states
         batch = key_states.shape[0]
         keys[self._rows, :, self._positions] = key_states[:, :, 0]
@@ -72,3 +70,22 @@ class SlotKVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(buffer.numel() * buffer.element_size() for buffer in (*self._keys, *self._values))
+
+
+class PassThroughCache(Cache):
+    """A cache that stores nothing: prefill from position 0 needs no past. It measures the model's KV
+    bytes per token, so the slot cache can be sized before it is allocated."""
+
+    def __init__(self) -> None:
+        super().__init__(layers=[])
+        self.bytes_per_token = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for states in (key_states, value_states):
+            self.bytes_per_token += states.shape[1] * states.shape[3] * states.element_size()
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0

@@ -30,6 +30,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from generation.random_models import SHAPES, random_model
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_CHOICES = ("auto", *_DTYPES)
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -40,6 +42,7 @@ _QUANTIZE_CHOICES = ("none", "8bit", "4bit")
 _LOAD_ERRORS = (OSError, ValueError, ImportError, KeyError, RuntimeError, SafetensorError)
 
 _DEMO_SPEC = "demo"
+_RANDOM_PREFIX = "random:"
 _EOS = "<|endoftext|>"
 _DEMO_SEED = 20240601
 _DEMO_VOCAB_SIZE = 1000
@@ -100,17 +103,30 @@ def load_model(
     quantize: str = "none",
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Load `spec` ("demo", a local directory or a Hugging Face hub id) in eval mode on its device."""
+    """Load `spec` ("demo", "random:<shape>", a local directory or a hub id) in eval mode on its device."""
     _check_choice(spec, "quantize", quantize, _QUANTIZE_CHOICES)
     torch_device = _resolve_device(spec, device)
     torch_dtype = _resolve_dtype(spec, dtype, torch_device)
     _check_quantization_possible(spec, quantize, torch_device)
+    if spec.startswith(_RANDOM_PREFIX):
+        return _random_model(spec, torch_dtype, torch_device, quantize)
     source = _resolve_source(spec)
     hf_logging.disable_progress_bar()
     # The tokenizer is small: load it first so a bad one fails before gigabytes of weights are read.
     tokenizer = _load_tokenizer(spec, source, cache_dir)
     model = _load_weights(spec, source, torch_dtype, torch_device, quantize, cache_dir)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, device=torch_device, dtype=torch_dtype)
+
+
+def _random_model(spec: str, dtype: torch.dtype, device: torch.device, quantize: str) -> LoadedModel:
+    shape = spec.removeprefix(_RANDOM_PREFIX)
+    if shape not in SHAPES:
+        raise _fail(spec, f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
+    if quantize != "none":
+        raise _fail(spec, "random-weight models cannot be quantized; save one and load the directory")
+    with _translate_errors(spec):
+        model, tokenizer = random_model(shape, dtype, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, device=device, dtype=dtype)
 
 
 def demo_model_dir() -> Path:

@@ -1,44 +1,133 @@
-"""ModelRunner: prefill, batched decode and sampling; the only code that launches GPU work."""
+"""ModelRunner: prefill, batched decode (CUDA graphs on a GPU) and sampling; the only code that launches GPU work."""
 
 from __future__ import annotations
 
+import bisect
 import inspect
+import types
+from dataclasses import dataclass
 
+import structlog
 import torch
 from transformers import PreTrainedModel
+from transformers.models.falcon.modeling_falcon import FalconAttention
 
-from generation.kv_cache import SlotKVCache
+from generation.kv_cache import PassThroughCache, SlotKVCache
 from generation.sampler import SamplingTensors, sample_rows
 from generation.scheduler import ScheduledBatch
 from generation.sequence import Sequence
 
-# Attention reads the cache up to a multiple of this, so the decode step's shapes change rarely.
-KV_LEN_BUCKET = 64
+log = structlog.get_logger("generation.runner")
+
+# Attention reads the cache up to one of these lengths (capped at max_seq_len), so the decode step
+# has few distinct shapes: one CUDA graph per (batch bucket, length bucket).
+KV_LEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
-def _cache_argument(model: PreTrainedModel) -> str:
+@dataclass(frozen=True)
+class RunnerConfig:
+    max_batch_size: int
+    max_seq_len: int
+    prefill_token_budget: int = 4096
+    memory_utilization: float = 0.9
+    """Share of the GPU's memory (or of the process's cap) that weights, activations and KV may fill."""
+    cuda_graphs: bool = True
+
+
+def _cache_argument(module: torch.nn.Module) -> str:
     # transformers renamed `past_key_values` to `cache` in 5.x; pass whichever this version takes.
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _split_heads_by_slicing(self: FalconAttention, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # Falcon picks the shared key and value heads with `[..., [-2], :]`: a list index becomes a host
+    # tensor copied to the GPU on every call, which a CUDA graph cannot capture. Slices pick the same.
+    batch, seq_len, _ = fused_qkv.shape
+    if self.new_decoder_architecture:
+        qkv = fused_qkv.view(batch, seq_len, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+        query, key, value = qkv[:, :, :, :-2], qkv[:, :, :, -2:-1], qkv[:, :, :, -1:]
+        key, value = torch.broadcast_to(key, query.shape), torch.broadcast_to(value, query.shape)
+        return tuple(x.flatten(2, 3) for x in (query, key, value))
+    fused_qkv = fused_qkv.view(batch, seq_len, self.num_heads + 2, self.head_dim)
+    return fused_qkv[..., :-2, :], fused_qkv[..., -2:-1, :], fused_qkv[..., -1:, :]
+
+
+def make_capturable(model: PreTrainedModel) -> None:
+    """Replace the known host-to-device copies inside the forward pass of supported models."""
+    for module in model.modules():
+        if isinstance(module, FalconAttention) and (module.multi_query or module.new_decoder_architecture):
+            module._split_heads = types.MethodType(_split_heads_by_slicing, module)  # type: ignore[method-assign]
+
+
+def _bucket(value: int, buckets: tuple[int, ...], cap: int) -> int:
+    index = bisect.bisect_left(buckets, value)
+    return min(buckets[index] if index < len(buckets) else cap, cap)
 
 
 class ModelRunner:
-    """Runs one engine step on the model: moves slots, prefills newcomers, decodes the running rows,
-    and samples every row, returning the new tokens with one device-to-host copy."""
+    """Runs one engine step: moves slots, decodes the running rows, prefills newcomers, samples every row,
+    and returns the new tokens with one device-to-host copy."""
 
-    def __init__(self, model: PreTrainedModel, max_batch_size: int, max_seq_len: int, eos_ids: set[int]):
+    def __init__(self, model: PreTrainedModel, config: RunnerConfig, eos_ids: set[int]) -> None:
         self.model = model
+        self.config = config
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.max_seq_len = max_seq_len
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.cache = SlotKVCache(max_batch_size, max_seq_len)
-        self._cache_arg = _cache_argument(model)
+        self.dtype = model.dtype
+        self.base = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.vocab_size = self.lm_head.weight.shape[0]
+        self._cache_arg = _cache_argument(self.base)
+        self._min_value = torch.finfo(self.dtype).min
+        self.num_slots = self._plan_slots()
+        self.cache = SlotKVCache(self.num_slots, config.max_seq_len)
+        self._static = _StaticInputs(self.num_slots, config.max_seq_len, self.device)
         # seen[slot, token]: the token is in the row's prompt or output (for the repetition penalty)
-        self.seen = torch.zeros(max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.seen = torch.zeros(self.num_slots, self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
-        self._min_value = torch.finfo(self.dtype).min
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        if self.use_graphs:
+            make_capturable(model)
+
+    # ------------------------------------------------------------ planning
+
+    def _plan_slots(self) -> int:
+        """Rows the KV cache can hold: max_batch_size, or fewer where GPU memory is short."""
+        if self.device.type != "cuda":
+            return self.config.max_batch_size
+        per_token, activations = self._profile()
+        per_slot = per_token * self.config.max_seq_len
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        allowed = total * self.config.memory_utilization * _memory_cap(self.device)
+        free = allowed - torch.cuda.memory_allocated(self.device) - activations
+        slots = min(self.config.max_batch_size, int(free // per_slot))
+        if slots < 1:
+            raise MemoryError(
+                f"no room for one {self.config.max_seq_len}-token KV slot ({per_slot / 2**30:.2f} GiB) "
+                f"after weights and activations; lower max_seq_len or raise memory_utilization"
+            )
+        log.info("kv cache planned", slots=slots, gib=round(slots * per_slot / 2**30, 2), requested=self.config.max_batch_size)
+        return slots
+
+    @torch.inference_mode()
+    def _profile(self) -> tuple[int, int]:
+        """KV bytes per token, and the peak activation memory of the largest prefill a step may run."""
+        tokens = min(self.config.prefill_token_budget, self.config.max_seq_len)
+        cache = PassThroughCache()
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(1, tokens, dtype=torch.long, device=self.device)
+        self._forward(ids, torch.arange(tokens, device=self.device)[None], self._causal_mask(torch.tensor([tokens]), tokens), cache)
+        activations = torch.cuda.max_memory_allocated(self.device) - before
+        # Sampling sorts the whole vocabulary in float32 for every row; leave room for that too.
+        activations += 6 * 4 * self.config.max_batch_size * self.vocab_size
+        return cache.bytes_per_token, activations
+
+    # ------------------------------------------------------------ the step
 
     @torch.inference_mode()
     def step(self, batch: ScheduledBatch) -> list[int]:
@@ -47,43 +136,133 @@ class ModelRunner:
             self.cache.move(src, dst)
             self.seen[dst] = self.seen[src]
         logits = [self._decode(batch.decode)] if batch.decode else []
-        logits += [self._prefill(seq) for seq in batch.prefill]
+        if batch.prefill:
+            logits.append(self._prefill(batch.prefill))
         rows = batch.rows
         params = SamplingTensors.from_rows(rows, self.device)
         tokens = sample_rows(torch.cat(logits), params, self.seen[: len(rows)], self.eos_mask)
-        self.seen[torch.arange(len(rows), device=self.device), tokens] = True
-        return tokens.tolist()
+        self.seen[self._static.rows[: len(rows)], tokens] = True
+        return self._to_host(tokens)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            attention_mask=mask,
-            use_cache=True,
-            **{self._cache_arg: self.cache},
-        )
-        return out.logits[:, -1, :]
+    def _to_host(self, tokens: torch.Tensor) -> list[int]:
+        if self.device.type != "cuda":
+            return tokens.tolist()
+        host = self._static.host_tokens[: tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()  # waits with the GIL released, so the event loop keeps serving meanwhile
+        return host.tolist()
 
-    def _prefill(self, seq: Sequence) -> torch.Tensor:
-        # One row at a time: each prompt fills its own slot from position 0.
-        length = seq.num_prompt_tokens
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(length, device=self.device)[None, :]
-        mask = torch.full((length, length), self._min_value, dtype=self.dtype, device=self.device).triu(1)
-        self.seen[seq.slot] = False
-        self.seen[seq.slot, ids[0]] = True
-        self.cache.for_prefill(seq.slot)
-        return self._forward(ids, positions, mask[None, None])
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: object) -> torch.Tensor:
+        out = self.base(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self._cache_arg: cache})
+        return out.last_hidden_state
+
+    def _causal_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        # [n, 1, width, width]: causal, and keys past each row's length hidden
+        lengths = lengths.to(self.device)
+        keys = torch.arange(width, device=self.device)
+        visible = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
+        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, self._min_value)[:, None]
+
+    def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
+        # All newcomers in one forward, right-padded; each row writes its own slot from position 0. The
+        # padding repeats the row's first token, so it adds nothing to the tokens the row has seen; the
+        # keys it writes past the prompt are overwritten by decode before they are ever read.
+        width = max(seq.num_prompt_tokens for seq in rows)
+        ids = torch.tensor([seq.prompt_ids + seq.prompt_ids[:1] * (width - seq.num_prompt_tokens) for seq in rows])
+        lengths = torch.tensor([seq.num_prompt_tokens for seq in rows])
+        ids = ids.to(self.device, non_blocking=True)
+        slots = torch.tensor([seq.slot for seq in rows]).to(self.device, non_blocking=True)
+        self.seen[slots] = False
+        self.seen[slots[:, None], ids] = True
+        self.cache.for_prefill(slots)
+        positions = torch.arange(width, device=self.device)[None].expand(len(rows), -1)
+        hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
+        last = hidden[torch.arange(len(rows), device=self.device), lengths.to(self.device) - 1]
+        return self.lm_head(last)
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
-        # Row b feeds its last token at position num_tokens - 1 and attends to 0..num_tokens-1.
-        host = torch.tensor([[seq.last_token, seq.num_tokens - 1] for seq in rows], dtype=torch.long)
-        ids, positions = host.to(self.device, non_blocking=True).unbind(1)
+        n = len(rows)
+        self._static.load(rows)
         longest = max(seq.num_tokens for seq in rows)
-        kv_len = min(-(-longest // KV_LEN_BUCKET) * KV_LEN_BUCKET, self.max_seq_len)
-        visible = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
-            ~visible, self._min_value
-        )
-        self.cache.for_decode(positions, kv_len)
-        return self._forward(ids[:, None], positions[:, None], mask[:, None, None, :])
+        kv_len = _bucket(longest, KV_LEN_BUCKETS, self.config.max_seq_len)
+        if not self.use_graphs:
+            return self._decode_static(n, kv_len)
+        batch = _bucket(n, BATCH_BUCKETS, self.num_slots)
+        graph, logits = self._graph(batch, kv_len)
+        graph.replay()
+        return logits[:n]
+
+    def _decode_static(self, batch: int, kv_len: int) -> torch.Tensor:
+        """One decode step for rows 0..batch-1, reading only the static input buffers (so it can be captured)."""
+        # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
+        positions = self._static.positions[:batch]
+        visible = self._static.key_index[:kv_len][None, :] <= positions
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, self._min_value)
+        self.cache.for_decode(self._static.rows[:batch], positions[:, 0], kv_len)
+        hidden = self._forward(self._static.ids[:batch], positions, mask[:, None, None, :], self.cache)
+        return self.lm_head(hidden[:, -1])
+
+    def _graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (batch, kv_len)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(batch, kv_len)
+        return self._graphs[key]
+
+    def _capture(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Padding rows (past the live rows) run at position 0 of slots that are free or about to be
+        # prefilled; decode runs before prefill in a step, so what they write is overwritten.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._decode_static(batch, kv_len)  # warm up kernels and workspaces off the graph
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = self._decode_static(batch, kv_len)
+        self._graph_pool = graph.pool()
+        log.debug("decode graph captured", batch=batch, kv_len=kv_len)
+        return graph, logits
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture every decode graph now, so no request pays for a capture."""
+        if not self.use_graphs:
+            return
+        self._static.clear()
+        for kv_len in {_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS}:
+            for batch in {_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS}:
+                self._graph(batch, kv_len)
+        torch.cuda.synchronize(self.device)
+
+
+class _StaticInputs:
+    """Fixed-address input buffers of the decode step, refilled before each (graph) run."""
+
+    def __init__(self, slots: int, max_len: int, device: torch.device) -> None:
+        self.ids = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.rows = torch.arange(slots, device=device)
+        self.key_index = torch.arange(max_len, device=device)
+        pinned = device.type == "cuda"
+        self.host_inputs = torch.zeros(slots, 2, dtype=torch.long, pin_memory=pinned)
+        self.host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=pinned)
+
+    def load(self, rows: list[Sequence]) -> None:
+        n = len(rows)
+        self.host_inputs[:n] = torch.tensor([[seq.last_token, seq.num_tokens - 1] for seq in rows])
+        staged = self.host_inputs[:n].to(self.ids.device, non_blocking=True)
+        self.ids[:n, 0] = staged[:, 0]
+        self.positions[:n, 0] = staged[:, 1]
+        self.ids[n:] = 0
+        self.positions[n:] = 0
+
+    def clear(self) -> None:
+        self.ids.zero_()
+        self.positions.zero_()
+
+
+def _memory_cap(device: torch.device) -> float:
+    """The share of the device this process may use (torch.cuda.set_per_process_memory_fraction)."""
+    return float(torch.cuda.get_per_process_memory_fraction(device))

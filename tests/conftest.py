@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -29,28 +29,35 @@ def tiny(model_dir: Path) -> LoadedModel:
     return load_model(str(model_dir), dtype="float32", device="cpu")
 
 
-class ScriptedFalcon(FalconForCausalLM):
-    """The tiny model, made to generate a fixed token script after a prompt of known length.
+class ScriptedHead(torch.nn.Module):
+    """An output head that makes the tiny model generate a fixed token script after a prompt of known
+    length: a test double for the parts of the pipeline after the model (detokenizing, stop strings,
+    SSE), so a test chooses exactly which tokens come out, split characters included."""
 
-    A test double for the parts of the pipeline after the model (detokenizing, stop strings, SSE):
-    it lets a test choose exactly which tokens are generated, split characters included.
-    """
+    def __init__(self, head: torch.nn.Module, script: list[int], prompt_len: int) -> None:
+        super().__init__()
+        self.head, self.prompt_len = head, prompt_len
+        self.script = torch.tensor(script)
+        self.weight = head.weight
+        self.positions = torch.zeros(1, 1, dtype=torch.long)
 
-    script: ClassVar[list[int]] = []
-    prompt_len = 0
-
-    def forward(self, *, position_ids: torch.Tensor, cache: object = None, **kwargs: Any) -> Any:
-        out = super().forward(position_ids=position_ids, cache=cache, **kwargs)
-        positions = position_ids
-        index = (positions[:, -1] + 1 - self.prompt_len).clamp(0, len(self.script) - 1)
-        script = torch.tensor(self.script, device=positions.device)
-        out.logits[torch.arange(positions.shape[0]), -1, script[index]] += 1e4
-        return out
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        index = (self.positions[:, -1] + 1 - self.prompt_len).clamp(0, len(self.script) - 1)
+        logits[torch.arange(logits.shape[0]), self.script[index]] += 1e4
+        return logits
 
 
-@pytest.fixture(scope="session")
-def scripted(model_dir: Path, tiny: LoadedModel) -> ScriptedFalcon:
-    return ScriptedFalcon.from_pretrained(model_dir, dtype=torch.float32).eval()
+def scripted_model(model_dir: Path, script: list[int], prompt_len: int) -> FalconForCausalLM:
+    model = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    head = ScriptedHead(model.get_output_embeddings(), script, prompt_len)
+    model.set_output_embeddings(head)
+
+    def remember_positions(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        head.positions = kwargs["position_ids"]
+
+    model.base_model.register_forward_pre_hook(remember_positions, with_kwargs=True)
+    return model
 
 
 def make_engine(loaded: LoadedModel, **config: int) -> AsyncEngine:

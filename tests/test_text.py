@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -12,7 +13,7 @@ from config import Settings
 from generation import LoadedModel
 from generation.detokenizer import IncrementalDetokenizer
 from server import create_app
-from tests.conftest import ScriptedFalcon, make_engine
+from tests.conftest import make_engine, scripted_model
 from tests.sse import parse_events, text_of
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
@@ -61,12 +62,12 @@ def test_stop_string_spanning_tokens_cuts_the_text(tiny: LoadedModel) -> None:
 
 @pytest.fixture
 async def scripted_client(
-    aiohttp_client: ClientFactory, tiny: LoadedModel, scripted: ScriptedFalcon, settings: Settings
+    aiohttp_client: ClientFactory, tiny: LoadedModel, model_dir: Path, settings: Settings
 ) -> Callable[[str], Awaitable[TestClient]]:
     async def start(script_text: str) -> TestClient:
-        scripted.script = [*tiny.tokenizer.encode(script_text), tiny.tokenizer.eos_token_id]
-        scripted.prompt_len = len(tiny.tokenizer.encode(PROMPT))
-        engine = make_engine(dataclasses.replace(tiny, model=scripted))
+        script = [*tiny.tokenizer.encode(script_text), tiny.tokenizer.eos_token_id]
+        model = scripted_model(model_dir, script, len(tiny.tokenizer.encode(PROMPT)))
+        engine = make_engine(dataclasses.replace(tiny, model=model))
         return await aiohttp_client(create_app(settings, engine))
 
     return start
