@@ -265,6 +265,8 @@ def build_engine(settings: Settings) -> AsyncEngine:
         max_batch_size=settings.max_batch_size,
         max_seq_len=settings.max_seq_len,
         prefill_token_budget=settings.prefill_token_budget,
+        memory_utilization=settings.gpu_memory_utilization,
+        cuda_graphs=settings.cuda_graphs,
     )
     return AsyncEngine(loaded.model, loaded.tokenizer, config)
 

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     """Most tokens one request may hold in the KV cache: prompt plus generated."""
     prefill_token_budget: int = Field(default=4096, ge=1)
     """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    """Share of the GPU's memory that weights, activations and the KV cache may fill together."""
+    cuda_graphs: bool = True
+    """Capture the decode step in CUDA graphs (on a GPU); --no-cuda-graphs runs it eagerly."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest request body accepted, in bytes (larger is 413)."""
     ping_interval: float = Field(default=15.0, gt=0)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import bisect
 import inspect
-import types
 from dataclasses import dataclass
 
 import structlog
 import torch
 from transformers import PreTrainedModel
-from transformers.models.falcon.modeling_falcon import FalconAttention
 
+from generation.adapters import adapt
 from generation.kv_cache import PassThroughCache, SlotKVCache
 from generation.sampler import SamplingTensors, sample_rows
 from generation.scheduler import ScheduledBatch
@@ -40,26 +39,6 @@ def _cache_argument(module: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def _split_heads_by_slicing(self: FalconAttention, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # Falcon picks the shared key and value heads with `[..., [-2], :]`: a list index becomes a host
-    # tensor copied to the GPU on every call, which a CUDA graph cannot capture. Slices pick the same.
-    batch, seq_len, _ = fused_qkv.shape
-    if self.new_decoder_architecture:
-        qkv = fused_qkv.view(batch, seq_len, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
-        query, key, value = qkv[:, :, :, :-2], qkv[:, :, :, -2:-1], qkv[:, :, :, -1:]
-        key, value = torch.broadcast_to(key, query.shape), torch.broadcast_to(value, query.shape)
-        return tuple(x.flatten(2, 3) for x in (query, key, value))
-    fused_qkv = fused_qkv.view(batch, seq_len, self.num_heads + 2, self.head_dim)
-    return fused_qkv[..., :-2, :], fused_qkv[..., -2:-1, :], fused_qkv[..., -1:, :]
-
-
-def make_capturable(model: PreTrainedModel) -> None:
-    """Replace the known host-to-device copies inside the forward pass of supported models."""
-    for module in model.modules():
-        if isinstance(module, FalconAttention) and (module.multi_query or module.new_decoder_architecture):
-            module._split_heads = types.MethodType(_split_heads_by_slicing, module)  # type: ignore[method-assign]
-
-
 def _bucket(value: int, buckets: tuple[int, ...], cap: int) -> int:
     index = bisect.bisect_left(buckets, value)
     return min(buckets[index] if index < len(buckets) else cap, cap)
@@ -70,6 +49,7 @@ class ModelRunner:
     and returns the new tokens with one device-to-host copy."""
 
     def __init__(self, model: PreTrainedModel, config: RunnerConfig, eos_ids: set[int]) -> None:
+        adapt(model)
         self.model = model
         self.config = config
         self.device = next(model.parameters()).device
@@ -89,8 +69,6 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
-        if self.use_graphs:
-            make_capturable(model)
 
     # ------------------------------------------------------------ planning
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import FalconForCausalLM, PreTrainedModel
 
 from generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
 from generation.messages import AbortRequest, AddRequest, StepReport
@@ -32,10 +35,10 @@ async def collect(
     return [out async for out in engine.generate(request_id, ids, params)]
 
 
-def reference_tokens(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> list[int]:
+def reference_tokens(loaded: LoadedModel, model: PreTrainedModel, prompt: str, max_new_tokens: int) -> list[int]:
     ids = loaded.tokenizer.encode(prompt)
     with torch.no_grad():
-        out = loaded.model.generate(
+        out = model.generate(
             torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             max_new_tokens=max_new_tokens,
@@ -45,7 +48,9 @@ def reference_tokens(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> l
     return out[0, len(ids) :].tolist()
 
 
-async def test_continuous_batching_matches_generate_token_for_token(tiny: LoadedModel) -> None:
+async def test_continuous_batching_matches_generate_token_for_token(tiny: LoadedModel, model_dir: Path) -> None:
+    # The reference is a fresh, unadapted copy: stock transformers code end to end.
+    stock = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     engine = make_engine(tiny, max_batch_size=4)
     await engine.start()
     lengths = [5 + 7 * i for i in range(len(PROMPTS))]
@@ -63,7 +68,7 @@ async def test_continuous_batching_matches_generate_token_for_token(tiny: Loaded
     await asyncio.gather(*tasks)
     await engine.stop()
     for i, (prompt, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
-        expected = reference_tokens(tiny, prompt, length)
+        expected = reference_tokens(tiny, stock, prompt, length)
         text = "".join(out.text for out in outputs[i])
         assert text == tiny.tokenizer.decode(expected, skip_special_tokens=True), f"request {i}"
         assert outputs[i][-1].usage["completion_tokens"] == len(expected)

@@ -1,0 +1,398 @@
+"""The GPU benchmark harness: the real server over HTTP/SSE, the engine alone, and the classic recipe,
+measured in one run on one machine. Writes results.json, results.md and results.png under --out.
+
+    python bench/harness.py --model random:falcon-7b --out bench/results/h100
+
+Not part of the test suite: it needs a GPU and minutes of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from generation import AsyncEngine, EngineConfig, LoadedModel, SamplingParams, load_model  # noqa: E402
+
+
+@dataclass
+class RequestTiming:
+    ttft: float
+    gaps: list[float]
+    total: float
+    tokens: int
+
+
+@dataclass
+class Result:
+    path: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    ttft_ms: list[float] = field(default_factory=list)
+    itl_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    peak_gib: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def summary(self) -> dict[str, Any]:
+        def pct(values: list[float], q: float) -> float | None:
+            if not values:
+                return None
+            ordered = sorted(values)
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+        return {
+            "path": self.path,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tok_s": round(self.tok_s, 1),
+            "ttft_p50_ms": pct(self.ttft_ms, 0.5),
+            "ttft_p99_ms": pct(self.ttft_ms, 0.99),
+            "itl_p50_ms": pct(self.itl_ms, 0.5),
+            "itl_p99_ms": pct(self.itl_ms, 0.99),
+            "e2e_p50_ms": pct(self.e2e_ms, 0.5),
+            "peak_gib": self.peak_gib,
+            **self.extra,
+        }
+
+
+def collect(path: str, concurrency: int, timings: list[RequestTiming], seconds: float) -> Result:
+    return Result(
+        path=path,
+        concurrency=concurrency,
+        requests=len(timings),
+        tokens=sum(t.tokens for t in timings),
+        seconds=seconds,
+        ttft_ms=[t.ttft * 1000 for t in timings],
+        itl_ms=[g * 1000 for t in timings for g in t.gaps],
+        e2e_ms=[t.total * 1000 for t in timings],
+    )
+
+
+def prompt_text(rng: random.Random, words: int = 600) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(words))
+
+
+# ---------------------------------------------------------------- load generators
+
+
+async def drive(concurrency: int, rounds: int, one: Any) -> tuple[list[RequestTiming], float]:
+    """`concurrency` clients, each sending `rounds` requests back to back (a closed loop)."""
+
+    async def client(i: int) -> list[RequestTiming]:
+        return [await one(i * rounds + r) for r in range(rounds)]
+
+    start = time.perf_counter()
+    per_client = await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return [t for ts in per_client for t in ts], time.perf_counter() - start
+
+
+async def sse_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> RequestTiming:
+    start = time.perf_counter()
+    marks: list[float] = []
+    tokens = 0
+    async with session.post(url, json=body) as response:
+        response.raise_for_status()
+        event = "message"
+        while line := await response.content.readline():
+            text = line.decode().rstrip("\n")
+            if text.startswith("event: "):
+                event = text[7:]
+            elif text.startswith("data: "):
+                if event == "message":
+                    marks.append(time.perf_counter())
+                elif event == "end":
+                    tokens = json.loads(text[6:])["usage"]["completion_tokens"]
+                event = "message"
+    end = time.perf_counter()
+    return RequestTiming(marks[0] - start, [b - a for a, b in zip(marks, marks[1:])], end - start, tokens)
+
+
+async def engine_request(engine: AsyncEngine, request_id: str, ids: list[int], params: SamplingParams) -> RequestTiming:
+    start = time.perf_counter()
+    marks: list[float] = []
+    tokens = 0
+    async for out in engine.generate(request_id, ids, params):
+        if out.text:
+            marks.append(time.perf_counter())
+        if out.finished:
+            tokens = out.usage["completion_tokens"]
+    end = time.perf_counter()
+    return RequestTiming(marks[0] - start, [b - a for a, b in zip(marks, marks[1:])], end - start, tokens)
+
+
+# ---------------------------------------------------------------- the three paths
+
+
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
+    command = [
+        sys.executable, str(ROOT / "server.py"), "--model", args.model, "--port", str(port),
+        "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
+        "--log-format", "json",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        if '"listening"' in line:
+            break
+        if '"level": "error"' in line or line.startswith("trickle:"):
+            raise RuntimeError(line)
+    threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe drained
+    return process
+
+
+async def bench_server(args: argparse.Namespace) -> list[Result]:
+    port = 8765
+    process = start_server(args, port)
+    url = f"http://127.0.0.1:{port}/stream"
+    rng = random.Random(1)
+    results = []
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+            body = lambda i: {  # noqa: E731
+                "prompt": prompt_text(rng), "cutoff_len": args.prompt_tokens, "max_new_tokens": args.new_tokens,
+                "min_new_tokens": args.new_tokens, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "seed": i,
+            }  # fmt: skip
+            await sse_request(session, url, {**body(0), "max_new_tokens": 8, "min_new_tokens": 8})
+            for c in args.concurrency:
+                timings, seconds = await drive(c, args.rounds, lambda i: sse_request(session, url, body(i)))
+                results.append(collect("server (HTTP/SSE)", c, timings, seconds))
+                print(json.dumps(results[-1].summary()), flush=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    return results
+
+
+async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Result], dict[str, Any]]:
+    engine = AsyncEngine(
+        loaded.model,
+        loaded.tokenizer,
+        EngineConfig(max_batch_size=max(args.concurrency), max_seq_len=args.max_seq_len),
+    )
+    started = time.perf_counter()
+    await engine.start()
+    info = {"warm_up_s": round(time.perf_counter() - started, 2), "kv_slots": engine.engine.runner.num_slots}
+    rng = random.Random(2)
+    params = SamplingParams(
+        temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+    )
+
+    def one(i: int) -> Any:
+        ids = engine.encode_prompt(prompt_text(rng), args.prompt_tokens, params)
+        return engine_request(engine, f"e{i}", ids, params)
+
+    await one(-1)
+    results = []
+    for c in args.concurrency:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        timings, seconds = await drive(c, args.rounds, one)
+        result = collect("engine alone", c, timings, seconds)
+        if torch.cuda.is_available():
+            result.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        results.append(result)
+        print(json.dumps(result.summary()), flush=True)
+    await engine.stop()
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return results, info
+
+
+def bench_classic(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]:
+    """generate() in a thread + TextIteratorStreamer, one request at a time: the recipe we grew from."""
+    from transformers import TextIteratorStreamer
+
+    lock = threading.Lock()
+    rng = random.Random(3)
+
+    def one(new_tokens: int) -> RequestTiming:
+        start = time.perf_counter()
+        with lock:
+            ids = loaded.tokenizer(prompt_text(rng), return_tensors="pt").input_ids[:, -args.prompt_tokens :]
+            # skip_prompt=True spares the recipe its prompt echo, so its first text is generated text.
+            streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True)
+            kwargs = {
+                "input_ids": ids.to(loaded.device), "streamer": streamer, "max_new_tokens": new_tokens,
+                "min_new_tokens": new_tokens, "do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 50,
+            }  # fmt: skip
+            thread = threading.Thread(target=loaded.model.generate, kwargs=kwargs)
+            thread.start()
+            marks = [time.perf_counter() for text in streamer if text]
+            thread.join()
+        end = time.perf_counter()
+        return RequestTiming(marks[0] - start, [b - a for a, b in zip(marks, marks[1:])], end - start, new_tokens)
+
+    results = []
+    for c, new_tokens, count in ((1, args.new_tokens, 2), (4, 64, 4)):
+        one(8)
+        with_threads: list[RequestTiming] = []
+        start = time.perf_counter()
+        workers = [threading.Thread(target=lambda: with_threads.append(one(new_tokens))) for _ in range(count)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        result = collect("classic recipe", c, with_threads, time.perf_counter() - start)
+        result.extra["new_tokens"] = new_tokens
+        results.append(result)
+        print(json.dumps(result.summary()), flush=True)
+    return results
+
+
+# ---------------------------------------------------------------- hardware
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1000)
+
+
+def bandwidth_utilisation(result: Result, weight_bytes: int, kv_bytes_per_token: int, args: argparse.Namespace, bandwidth: float) -> float:
+    # Bytes one decode step must read: all weights, plus each row's KV (average length over its life).
+    rows = result.concurrency
+    kv = rows * kv_bytes_per_token * (args.prompt_tokens + args.new_tokens / 2)
+    steps_per_s = result.tok_s / rows
+    return round((weight_bytes + kv) * steps_per_s / bandwidth, 3)
+
+
+def versions() -> dict[str, str]:
+    import aiohttp as aio
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "transformers": transformers.__version__,
+        "aiohttp": aio.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    columns = ["path", "concurrency", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "peak_gib", "bw_util"]
+    lines = [f"# {report['title']}", "", "```", json.dumps(report["setup"], indent=1), "```", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in report["results"]:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(out / "results.png", report["results"])
+
+
+def plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in sorted({r["path"] for r in rows}):
+        mine = sorted((r for r in rows if r["path"] == name), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in mine]
+        left.plot(xs, [r["tok_s"] for r in mine], marker="o", label=name)
+        right.plot(xs, [r["ttft_p50_ms"] for r in mine], marker="o", label=name)
+    for ax, label in ((left, "output tokens/s"), (right, "TTFT p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="random:falcon-7b")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128])
+    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    parser.add_argument("--stages", default="server,engine,classic")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results/latest")))
+    args = parser.parse_args()
+    stages = set(args.stages.split(","))
+
+    report: dict[str, Any] = {"title": f"trickle on {versions()['device']}", "setup": {**vars(args), **versions()}}
+    report["setup"]["out"] = str(args.out)
+    bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
+    report["setup"]["copy_bandwidth_gbs"] = round(bandwidth / 1e9, 1)
+    results: list[Result] = []
+    if "server" in stages:
+        results += asyncio.run(bench_server(args))
+    loaded = load_model(args.model, dtype=args.dtype, device="auto")
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    report["setup"]["weight_gb"] = round(weight_bytes / 1e9, 2)
+    if "engine" in stages:
+        engine_results, info = asyncio.run(bench_engine(args, loaded))
+        results += engine_results
+        report["setup"].update(info)
+    if "classic" in stages:
+        results += bench_classic(args, loaded)
+    kv_per_token = 2 * loaded.model.config.num_hidden_layers * _kv_width(loaded.model.config) * 2
+    rows = []
+    for r in results:
+        summary = r.summary()
+        summary["bw_util"] = bandwidth_utilisation(r, weight_bytes, kv_per_token, args, bandwidth)
+        rows.append(summary)
+    report["results"] = rows
+    write_report(args.out, report)
+    print((args.out / "results.md").read_text())
+
+
+def _kv_width(config: Any) -> int:
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        heads = 1
+    head_dim = config.hidden_size // config.num_attention_heads
+    return int(heads or config.num_attention_heads) * head_dim
+
+
+if __name__ == "__main__":
+    main()
