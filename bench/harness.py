@@ -157,11 +157,13 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
     ]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
+    seen = []
     for line in process.stderr:
+        seen.append(line)
         if '"listening"' in line:
             break
-        if '"level": "error"' in line or line.startswith("trickle:"):
-            raise RuntimeError(line)
+    if process.poll() is not None:
+        raise RuntimeError("the server did not start:\n" + "".join(seen[-30:]))
     threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe drained
     return process
 
@@ -220,9 +222,6 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
         results.append(result)
         print(json.dumps(result.summary()), flush=True)
     await engine.stop()
-    del engine
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return results, info
 
 
@@ -255,7 +254,9 @@ def bench_classic(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]
         one(8)
         with_threads: list[RequestTiming] = []
         start = time.perf_counter()
-        workers = [threading.Thread(target=lambda: with_threads.append(one(new_tokens))) for _ in range(count)]
+        workers = [
+            threading.Thread(target=lambda out=with_threads, n=new_tokens: out.append(one(n))) for _ in range(count)
+        ]
         for w in workers:
             w.start()
         for w in workers:
@@ -264,6 +265,73 @@ def bench_classic(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]
         result.extra["new_tokens"] = new_tokens
         results.append(result)
         print(json.dumps(result.summary()), flush=True)
+    return results
+
+
+async def bench_fit(args: argparse.Namespace) -> Result:
+    """The seed's GPU: Falcon-7B in bf16 with 64 concurrent 2,048-token sequences inside 24 GB."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(24 * 2**30 / total)
+    loaded = load_model(args.model, dtype="bfloat16", device="cuda")
+    engine = AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=64, max_seq_len=2048))
+    await engine.start()
+    slots = engine.engine.runner.num_slots
+    params = SamplingParams(temperature=0.8, max_new_tokens=1024, min_new_tokens=1024)
+    rng = random.Random(4)
+
+    def one(i: int) -> Any:
+        ids = engine.encode_prompt(prompt_text(rng, 3000), 1024, params)
+        return engine_request(engine, f"fit{i}", ids, params)
+
+    torch.cuda.reset_peak_memory_stats()
+    timings, seconds = await drive(64, 1, one)
+    result = collect("engine, 24 GB cap, 64 x 2048 tokens", 64, timings, seconds)
+    result.peak_gib = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    result.extra.update({"kv_slots": slots, "cap_gib": 24, "all_completed": all(t.tokens == 1024 for t in timings)})
+    await engine.stop()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    print(json.dumps(result.summary()), flush=True)
+    return result
+
+
+async def bench_quantized(args: argparse.Namespace) -> list[Result]:
+    """8-bit and 4-bit bitsandbytes: a random Falcon-7B saved to disk, then loaded quantized."""
+    directory = Path("/tmp/trickle-random-falcon")
+    if not (directory / "config.json").exists():
+        loaded = load_model(args.model, dtype="bfloat16", device="cuda")
+        loaded.model.save_pretrained(directory)
+        loaded.tokenizer.save_pretrained(directory)
+        del loaded
+        torch.cuda.empty_cache()
+    results = []
+    for quantize in ("8bit", "4bit"):
+        results += await bench_one_quantized(args, directory, quantize)
+        torch.cuda.empty_cache()
+    return results
+
+
+async def bench_one_quantized(args: argparse.Namespace, directory: Path, quantize: str) -> list[Result]:
+    loaded = load_model(str(directory), dtype="bfloat16", device="cuda", quantize=quantize)
+    engine = AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=64, max_seq_len=2048))
+    await engine.start()
+    new_tokens = 64
+    params = SamplingParams(temperature=0.8, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    rng = random.Random(5)
+
+    def one(i: int) -> Any:
+        ids = engine.encode_prompt(prompt_text(rng), args.prompt_tokens, params)
+        return engine_request(engine, f"q{i}", ids, params)
+
+    results = []
+    for c in (1, 64):
+        torch.cuda.reset_peak_memory_stats()
+        timings, seconds = await drive(c, 1, one)
+        result = collect(f"engine alone, bnb {quantize}", c, timings, seconds)
+        result.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result.extra["new_tokens"] = new_tokens
+        results.append(result)
+        print(json.dumps(result.summary()), flush=True)
+    await engine.stop()
     return results
 
 
@@ -366,6 +434,10 @@ def main() -> None:
     results: list[Result] = []
     if "server" in stages:
         results += asyncio.run(bench_server(args))
+    if "fit" in stages:
+        results.append(asyncio.run(bench_fit(args)))
+    if "quantized" in stages:
+        results += asyncio.run(bench_quantized(args))
     loaded = load_model(args.model, dtype=args.dtype, device="auto")
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     report["setup"]["weight_gb"] = round(weight_bytes / 1e9, 2)
@@ -379,7 +451,9 @@ def main() -> None:
     rows = []
     for r in results:
         summary = r.summary()
-        summary["bw_util"] = bandwidth_utilisation(r, weight_bytes, kv_per_token, args, bandwidth)
+        # Utilisation is defined for the bf16 model at the run's prompt and output lengths only.
+        if r.path in ("server (HTTP/SSE)", "engine alone"):
+            summary["bw_util"] = bandwidth_utilisation(r, weight_bytes, kv_per_token, args, bandwidth)
         rows.append(summary)
     report["results"] = rows
     write_report(args.out, report)

@@ -56,13 +56,23 @@ def main() -> None:
             rows.append(seq)
         batch = ScheduledBatch(decode=rows)
         with torch.inference_mode():
-            logits = runner._decode(rows)
+            greedy = [seq.params for seq in rows]
+            for seq in rows:
+                seq.params = seq.params.model_copy(update={"temperature": 0.0})
+            runner.use_graphs = False
+            eager_tokens = runner._decode(rows).tolist()
+            runner.use_graphs = True
+            graph_tokens = runner._decode(rows).tolist()
+            for seq, p in zip(rows, greedy):
+                seq.params = p
+            logits = runner.lm_head(torch.randn(b, runner.lm_head.weight.shape[1], device="cuda", dtype=runner.dtype))
             sampling = SamplingTensors.from_rows(rows, runner.device)
             entry = {
+                "graph_equals_eager": eager_tokens == graph_tokens,
                 "full_step_ms": timed(lambda: runner.step(batch)),
-                "decode_forward_ms": timed(lambda: runner._decode(rows)),
+                "decode_and_sample_ms": timed(lambda: runner._decode(rows)),
                 "sampling_params_ms": timed(lambda: SamplingTensors.from_rows(rows, runner.device)),
-                "sample_ms": timed(lambda: sample_rows(logits, sampling, runner.seen[:b], runner.eos_mask)),
+                "eager_sample_ms": timed(lambda: sample_rows(logits, sampling, runner.seen[:b], runner.eos_mask)),
                 "detokenize_ms": timed(lambda: [seq.detokenizer.step(1000 + j) for j, seq in enumerate(rows)], 5),
             }
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:

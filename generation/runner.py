@@ -66,9 +66,12 @@ class ModelRunner:
         self.seen = torch.zeros(self.num_slots, self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
-        self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
+        quantized = getattr(model, "is_quantized", False)
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
 
     # ------------------------------------------------------------ planning
 
@@ -113,14 +116,10 @@ class ModelRunner:
         for src, dst in batch.moves:
             self.cache.move(src, dst)
             self.seen[dst] = self.seen[src]
-        logits = [self._decode(batch.decode)] if batch.decode else []
+        tokens = [self._decode(batch.decode)] if batch.decode else []
         if batch.prefill:
-            logits.append(self._prefill(batch.prefill))
-        rows = batch.rows
-        params = SamplingTensors.from_rows(rows, self.device)
-        tokens = sample_rows(torch.cat(logits), params, self.seen[: len(rows)], self.eos_mask)
-        self.seen[self._static.rows[: len(rows)], tokens] = True
-        return self._to_host(tokens)
+            tokens.append(self._prefill(batch.prefill))
+        return self._to_host(torch.cat(tokens))
 
     def _to_host(self, tokens: torch.Tensor) -> list[int]:
         if self.device.type != "cuda":
@@ -158,9 +157,17 @@ class ModelRunner:
         positions = torch.arange(width, device=self.device)[None].expand(len(rows), -1)
         hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
         last = hidden[torch.arange(len(rows), device=self.device), lengths.to(self.device) - 1]
-        return self.lm_head(last)
+        params = SamplingTensors.from_rows(rows, self.device)
+        return self._sample(self.lm_head(last), params, slots)
+
+    def _sample(self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor) -> torch.Tensor:
+        tokens = sample_rows(logits, params, self.seen[slots], self.eos_mask)
+        # A device-side True: a Python scalar would be a host-to-device copy inside the captured step.
+        self.seen.index_put_((slots, tokens), self._true)
+        return tokens
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
+        """Decode and sample the running rows (slots 0..n-1); returns their new tokens, [n]."""
         n = len(rows)
         self._static.load(rows)
         longest = max(seq.num_tokens for seq in rows)
@@ -168,21 +175,23 @@ class ModelRunner:
         if not self.use_graphs:
             return self._decode_static(n, kv_len)
         batch = _bucket(n, BATCH_BUCKETS, self.num_slots)
-        graph, logits = self._graph(batch, kv_len)
+        graph, tokens = self._graph(batch, kv_len)
         graph.replay()
-        return logits[:n]
+        return tokens[:n]
 
     def _decode_static(self, batch: int, kv_len: int) -> torch.Tensor:
-        """One decode step for rows 0..batch-1, reading only the static input buffers (so it can be captured)."""
+        """Decode and sample rows 0..batch-1 from the static input buffers only, so it can be captured."""
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
-        positions = self._static.positions[:batch]
-        visible = self._static.key_index[:kv_len][None, :] <= positions
+        static = self._static
+        positions = static.positions[:batch]
+        visible = static.key_index[:kv_len][None, :] <= positions
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, self._min_value)
-        self.cache.for_decode(self._static.rows[:batch], positions[:, 0], kv_len)
-        hidden = self._forward(self._static.ids[:batch], positions, mask[:, None, None, :], self.cache)
-        return self.lm_head(hidden[:, -1])
+        self.cache.for_decode(static.rows[:batch], positions[:, 0], kv_len)
+        hidden = self._forward(static.ids[:batch], positions, mask[:, None, None, :], self.cache)
+        return self._sample(self.lm_head(hidden[:, -1]), static.sampling(batch), static.rows[:batch])
 
     def _graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The captured decode step for this bucket, and the tensor its tokens land in."""
         key = (batch, kv_len)
         if key not in self._graphs:
             self._graphs[key] = self._capture(batch, kv_len)
@@ -198,10 +207,10 @@ class ModelRunner:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = self._decode_static(batch, kv_len)
+            tokens = self._decode_static(batch, kv_len)
         self._graph_pool = graph.pool()
         log.debug("decode graph captured", batch=batch, kv_len=kv_len)
-        return graph, logits
+        return graph, tokens
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -218,27 +227,53 @@ class ModelRunner:
 class _StaticInputs:
     """Fixed-address input buffers of the decode step, refilled before each (graph) run."""
 
+    # Columns of the integer table: token in, its position, top_k, seed, step, EOS banned.
+    LONGS = 6
+
     def __init__(self, slots: int, max_len: int, device: torch.device) -> None:
-        self.ids = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        pinned = device.type == "cuda"
+        self.host_longs = torch.zeros(slots, self.LONGS, dtype=torch.long, pin_memory=pinned)
+        self.host_floats = torch.zeros(slots, 3, dtype=torch.float32, pin_memory=pinned)
+        self.host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=pinned)
+        self.longs = torch.zeros_like(self.host_longs, device=device)
+        self.floats = torch.zeros_like(self.host_floats, device=device)
+        self.ids, self.positions = self.longs[:, 0:1], self.longs[:, 1:2]
         self.rows = torch.arange(slots, device=device)
         self.key_index = torch.arange(max_len, device=device)
-        pinned = device.type == "cuda"
-        self.host_inputs = torch.zeros(slots, 2, dtype=torch.long, pin_memory=pinned)
-        self.host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=pinned)
 
     def load(self, rows: list[Sequence]) -> None:
+        """Two small host-to-device copies per step carry every row's inputs and sampling parameters;
+        rows past the live ones are zeros (token 0 at position 0, greedy)."""
         n = len(rows)
-        self.host_inputs[:n] = torch.tensor([[seq.last_token, seq.num_tokens - 1] for seq in rows])
-        staged = self.host_inputs[:n].to(self.ids.device, non_blocking=True)
-        self.ids[:n, 0] = staged[:, 0]
-        self.positions[:n, 0] = staged[:, 1]
-        self.ids[n:] = 0
-        self.positions[n:] = 0
+        self.host_longs[n:] = 0
+        self.host_floats[n:] = 0
+        self.host_longs[:n] = torch.tensor([_long_inputs(seq) for seq in rows])
+        self.host_floats[:n] = torch.tensor(
+            [[seq.params.temperature, seq.params.top_p, seq.params.repetition_penalty] for seq in rows]
+        )
+        self.longs.copy_(self.host_longs, non_blocking=True)
+        self.floats.copy_(self.host_floats, non_blocking=True)
+
+    def sampling(self, batch: int) -> SamplingTensors:
+        longs, floats = self.longs[:batch], self.floats[:batch]
+        return SamplingTensors(
+            temperature=floats[:, 0],
+            top_p=floats[:, 1],
+            penalty=floats[:, 2],
+            top_k=longs[:, 2],
+            seeds=longs[:, 3],
+            steps=longs[:, 4],
+            ban_eos=longs[:, 5].bool(),
+        )
 
     def clear(self) -> None:
-        self.ids.zero_()
-        self.positions.zero_()
+        self.longs.zero_()
+        self.floats.zero_()
+
+
+def _long_inputs(seq: Sequence) -> list[int]:
+    banned = seq.num_completion_tokens < seq.params.min_new_tokens
+    return [seq.last_token, seq.num_tokens - 1, seq.params.top_k, seq.seed, seq.num_completion_tokens, banned]
 
 
 def _memory_cap(device: torch.device) -> float:

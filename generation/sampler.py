@@ -97,7 +97,6 @@ class SamplingTensors:
     seeds: torch.Tensor  # [B] int64
     steps: torch.Tensor  # [B] int64
     ban_eos: torch.Tensor  # [B] bool: min_new_tokens not reached yet
-    any_penalty: bool
 
     @classmethod
     def from_rows(cls, rows: Seq[Sequence], device: torch.device) -> SamplingTensors:
@@ -125,7 +124,6 @@ class SamplingTensors:
             seeds=ints[:, 1],
             steps=ints[:, 2],
             ban_eos=ints[:, 3].bool(),
-            any_penalty=any(r.params.repetition_penalty != 1.0 for r in rows),
         )
 
 
@@ -136,8 +134,7 @@ def sample_rows(
 
     logits: [B, V]; seen: [B, V] bool; eos_mask: [V] bool -> [B] int64
     """
-    logits = logits.float()
-    if params.any_penalty:
-        logits = apply_repetition_penalty(logits, seen, params.penalty)
+    # Applied to every row (a penalty of 1 changes nothing), so the step has one shape to capture.
+    logits = apply_repetition_penalty(logits.float(), seen, params.penalty)
     logits = logits.masked_fill(params.ban_eos[:, None] & eos_mask[None, :], float("-inf"))
     return sample(logits, params.temperature, params.top_k, params.top_p, params.seeds, params.steps)
