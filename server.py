@@ -267,6 +267,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
         prefill_token_budget=settings.prefill_token_budget,
         memory_utilization=settings.gpu_memory_utilization,
         cuda_graphs=settings.cuda_graphs,
+        compile=settings.compile,
     )
     return AsyncEngine(loaded.model, loaded.tokenizer, config)
 

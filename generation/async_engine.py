@@ -36,6 +36,7 @@ class EngineConfig:
     prefill_token_budget: int = 4096
     memory_utilization: float = 0.9
     cuda_graphs: bool = True
+    compile: bool = True
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> set[int]:
@@ -68,6 +69,7 @@ class AsyncEngine:
                 prefill_token_budget=config.prefill_token_budget,
                 memory_utilization=config.memory_utilization,
                 cuda_graphs=config.cuda_graphs,
+                compile=config.compile,
             ),
             eos_ids,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import inspect
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -32,6 +33,8 @@ class RunnerConfig:
     memory_utilization: float = 0.9
     """Share of the GPU's memory (or of the process's cap) that weights, activations and KV may fill."""
     cuda_graphs: bool = True
+    compile: bool = True
+    """torch.compile the decode step's forward (CUDA graphs only): fused kernels, a slower start."""
 
 
 def _cache_argument(module: torch.nn.Module) -> str:
@@ -72,6 +75,10 @@ class ModelRunner:
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
+        self._decode_forward = self._decode_logits
+        if self.use_graphs and config.compile:
+            # Batch size and KV length stay symbolic, so one compilation serves every bucket.
+            self._decode_forward = torch.compile(self._decode_logits, dynamic=True)
 
     # ------------------------------------------------------------ planning
 
@@ -181,6 +188,11 @@ class ModelRunner:
 
     def _decode_static(self, batch: int, kv_len: int) -> torch.Tensor:
         """Decode and sample rows 0..batch-1 from the static input buffers only, so it can be captured."""
+        static = self._static
+        logits = self._decode_forward(batch, kv_len)
+        return self._sample(logits, static.sampling(batch), static.rows[:batch])
+
+    def _decode_logits(self, batch: int, kv_len: int) -> torch.Tensor:
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
         static = self._static
         positions = static.positions[:batch]
@@ -188,7 +200,7 @@ class ModelRunner:
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, self._min_value)
         self.cache.for_decode(static.rows[:batch], positions[:, 0], kv_len)
         hidden = self._forward(static.ids[:batch], positions, mask[:, None, None, :], self.cache)
-        return self._sample(self.lm_head(hidden[:, -1]), static.sampling(batch), static.rows[:batch])
+        return self.lm_head(hidden[:, -1])
 
     def _graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured decode step for this bucket, and the tensor its tokens land in."""
@@ -218,10 +230,24 @@ class ModelRunner:
         if not self.use_graphs:
             return
         self._static.clear()
-        for kv_len in {_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS}:
-            for batch in {_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS}:
+        try:
+            self._capture_all()
+        except Exception as err:
+            if self._decode_forward == self._decode_logits:
+                raise
+            # A model torch.compile cannot handle still runs: captured, but unfused.
+            log.warning("torch.compile failed; decoding without it", error=f"{type(err).__name__}: {err}"[:300])
+            self._decode_forward = self._decode_logits
+            self._graphs.clear()
+            self._capture_all()
+
+    def _capture_all(self) -> None:
+        started = time.perf_counter()
+        for kv_len in sorted({_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS}):
+            for batch in sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS}):
                 self._graph(batch, kv_len)
         torch.cuda.synchronize(self.device)
+        log.info("decode graphs captured", graphs=len(self._graphs), seconds=round(time.perf_counter() - started, 1))
 
 
 class _StaticInputs:
