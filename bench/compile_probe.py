@@ -49,13 +49,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", default="1,64")
     parser.add_argument("--mode", default="default")
+    parser.add_argument("--dynamic", action="store_true")
     args = parser.parse_args()
     loaded = load_model("random:falcon-7b", dtype="bfloat16", device="cuda")
     engine = AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=64, max_seq_len=2048))
     runner = engine.engine.runner
     tokenizer = loaded.tokenizer.backend_tokenizer
     params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=256)
-    compiled_logits = torch.compile(runner._decode_logits, mode=args.mode, dynamic=False)
+    compiled_logits = torch.compile(runner._decode_logits, mode=args.mode, dynamic=args.dynamic)
 
     def compiled(b: int, kv_len: int) -> torch.Tensor:
         static = runner._static
@@ -74,6 +75,7 @@ def main() -> None:
             plain = replay_ms(capture(runner._decode_static, b, 256))
             start = time.perf_counter()
             compiled(b, 256)
+            compiled(b, 512)
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - start
             fast = replay_ms(capture(compiled, b, 256))

@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     """Share of the GPU's memory that weights, activations and the KV cache may fill together."""
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (on a GPU); --no-cuda-graphs runs it eagerly."""
-    compile: bool = True
-    """torch.compile the captured decode step (GPU only): about a minute more to start, faster steps."""
+    compile: bool = False
+    """Experimental: torch.compile the captured decode step (GPU only); falls back if capture fails."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest request body accepted, in bytes (larger is 413)."""
     ping_interval: float = Field(default=15.0, gt=0)

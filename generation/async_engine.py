@@ -36,7 +36,7 @@ class EngineConfig:
     prefill_token_budget: int = 4096
     memory_utilization: float = 0.9
     cuda_graphs: bool = True
-    compile: bool = True
+    compile: bool = False
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> set[int]:

@@ -33,8 +33,9 @@ class RunnerConfig:
     memory_utilization: float = 0.9
     """Share of the GPU's memory (or of the process's cap) that weights, activations and KV may fill."""
     cuda_graphs: bool = True
-    compile: bool = True
-    """torch.compile the decode step's forward (CUDA graphs only): fused kernels, a slower start."""
+    compile: bool = False
+    """torch.compile the decode step's forward (CUDA graphs only): fused kernels, a slower start.
+    Experimental: with dynamic shapes its first capture failed on transformers 5.17 / torch 2.11."""
 
 
 def _cache_argument(module: torch.nn.Module) -> str:
