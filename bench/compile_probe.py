@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generation import AsyncEngine, EngineConfig, SamplingParams, load_model  # noqa: E402
-from generation.detokenizer import IncrementalDetokenizer  # noqa: E402
-from generation.sequence import Sequence, Status  # noqa: E402
+from generation import AsyncEngine, EngineConfig, SamplingParams, load_model
+from generation.detokenizer import IncrementalDetokenizer
+from generation.sequence import Sequence, Status
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, repeat: int = 50) -> float:
@@ -80,7 +80,12 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             fast = replay_ms(capture(compiled, b, 256))
             same = torch.equal(runner._decode_static(b, 256), compiled(b, 256))
-        report[b] = {"captured_ms": round(plain, 3), "compiled_captured_ms": round(fast, 3), "compile_s": round(compile_s, 1), "greedy_equal": same}
+        report[b] = {
+            "captured_ms": round(plain, 3),
+            "compiled_captured_ms": round(fast, 3),
+            "compile_s": round(compile_s, 1),
+            "greedy_equal": same,
+        }
         print(b, report[b], flush=True)
     Path(os.environ.get("OUT", "."), "compile.json").write_text(json.dumps(report, indent=1))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -130,10 +131,12 @@ async def sse_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
                     tokens = json.loads(text[6:])["usage"]["completion_tokens"]
                 event = "message"
     end = time.perf_counter()
-    return RequestTiming(marks[0] - start, [b - a for a, b in zip(marks, marks[1:])], end - start, tokens)
+    return RequestTiming(marks[0] - start, [b - a for a, b in itertools.pairwise(marks)], end - start, tokens)
 
 
-async def engine_request(engine: AsyncEngine, request_id: str, ids: list[int], params: SamplingParams) -> RequestTiming:
+async def engine_request(
+    engine: AsyncEngine, request_id: str, ids: list[int], params: SamplingParams
+) -> RequestTiming:
     start = time.perf_counter()
     marks: list[float] = []
     tokens = 0
@@ -143,7 +146,7 @@ async def engine_request(engine: AsyncEngine, request_id: str, ids: list[int], p
         if out.finished:
             tokens = out.usage["completion_tokens"]
     end = time.perf_counter()
-    return RequestTiming(marks[0] - start, [b - a for a, b in zip(marks, marks[1:])], end - start, tokens)
+    return RequestTiming(marks[0] - start, [b - a for a, b in itertools.pairwise(marks)], end - start, tokens)
 
 
 # ---------------------------------------------------------------- the three paths
@@ -176,9 +179,12 @@ async def bench_server(args: argparse.Namespace) -> list[Result]:
     results = []
     try:
         connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+        ) as session:
             body = lambda i: {  # noqa: E731
-                "prompt": prompt_text(rng), "cutoff_len": args.prompt_tokens, "max_new_tokens": args.new_tokens,
+                "prompt": prompt_text(rng), "cutoff_len": args.prompt_tokens,
+                "max_new_tokens": args.new_tokens,
                 "min_new_tokens": args.new_tokens, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "seed": i,
             }  # fmt: skip
             await sse_request(session, url, {**body(0), "max_new_tokens": 8, "min_new_tokens": 8})
@@ -240,14 +246,17 @@ def bench_classic(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]
             streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True)
             kwargs = {
                 "input_ids": ids.to(loaded.device), "streamer": streamer, "max_new_tokens": new_tokens,
-                "min_new_tokens": new_tokens, "do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 50,
+                "min_new_tokens": new_tokens, "do_sample": True,
+                "temperature": 0.8, "top_p": 0.95, "top_k": 50,
             }  # fmt: skip
             thread = threading.Thread(target=loaded.model.generate, kwargs=kwargs)
             thread.start()
             marks = [time.perf_counter() for text in streamer if text]
             thread.join()
         end = time.perf_counter()
-        return RequestTiming(marks[0] - start, [b - a for a, b in zip(marks, marks[1:])], end - start, new_tokens)
+        return RequestTiming(
+            marks[0] - start, [b - a for a, b in itertools.pairwise(marks)], end - start, new_tokens
+        )
 
     results = []
     for c, new_tokens, count in ((1, args.new_tokens, 2), (4, 64, 4)):
@@ -255,7 +264,8 @@ def bench_classic(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]
         with_threads: list[RequestTiming] = []
         start = time.perf_counter()
         workers = [
-            threading.Thread(target=lambda out=with_threads, n=new_tokens: out.append(one(n))) for _ in range(count)
+            threading.Thread(target=lambda out=with_threads, n=new_tokens: out.append(one(n)))
+            for _ in range(count)
         ]
         for w in workers:
             w.start()
@@ -287,7 +297,9 @@ async def bench_fit(args: argparse.Namespace) -> Result:
     timings, seconds = await drive(64, 1, one)
     result = collect("engine, 24 GB cap, 64 x 2048 tokens", 64, timings, seconds)
     result.peak_gib = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-    result.extra.update({"kv_slots": slots, "cap_gib": 24, "all_completed": all(t.tokens == 1024 for t in timings)})
+    result.extra.update(
+        {"kv_slots": slots, "cap_gib": 24, "all_completed": all(t.tokens == 1024 for t in timings)}
+    )
     await engine.stop()
     torch.cuda.set_per_process_memory_fraction(1.0)
     print(json.dumps(result.summary()), flush=True)
@@ -353,7 +365,9 @@ def copy_bandwidth() -> float:
     return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1000)
 
 
-def bandwidth_utilisation(result: Result, weight_bytes: int, kv_bytes_per_token: int, args: argparse.Namespace, bandwidth: float) -> float:
+def bandwidth_utilisation(
+    result: Result, weight_bytes: int, kv_bytes_per_token: int, args: argparse.Namespace, bandwidth: float
+) -> float:
     # Bytes one decode step must read: all weights, plus each row's KV (average length over its life).
     rows = result.concurrency
     kv = rows * kv_bytes_per_token * (args.prompt_tokens + args.new_tokens / 2)
@@ -366,7 +380,9 @@ def versions() -> dict[str, str]:
     import transformers
 
     return {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": str(torch.version.cuda),
         "transformers": transformers.__version__,
@@ -381,7 +397,18 @@ def versions() -> dict[str, str]:
 def write_report(out: Path, report: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    columns = ["path", "concurrency", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "peak_gib", "bw_util"]
+    columns = [
+        "path",
+        "concurrency",
+        "tok_s",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "itl_p50_ms",
+        "itl_p99_ms",
+        "e2e_p50_ms",
+        "peak_gib",
+        "bw_util",
+    ]
     lines = [f"# {report['title']}", "", "```", json.dumps(report["setup"], indent=1), "```", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in report["results"]:
@@ -419,7 +446,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128])
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128]
+    )
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     parser.add_argument("--stages", default="server,engine,classic")
     parser.add_argument("--dtype", default="auto")
@@ -427,7 +456,10 @@ def main() -> None:
     args = parser.parse_args()
     stages = set(args.stages.split(","))
 
-    report: dict[str, Any] = {"title": f"trickle on {versions()['device']}", "setup": {**vars(args), **versions()}}
+    report: dict[str, Any] = {
+        "title": f"trickle on {versions()['device']}",
+        "setup": {**vars(args), **versions()},
+    }
     report["setup"]["out"] = str(args.out)
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     report["setup"]["copy_bandwidth_gbs"] = round(bandwidth / 1e9, 1)
@@ -446,7 +478,8 @@ def main() -> None:
         results += engine_results
         report["setup"].update(info)
     if "classic" in stages:
-        results += bench_classic(args, loaded)
+        # A fresh copy: the recipe runs stock transformers code, without the engine's adaptations.
+        results += bench_classic(args, load_model(args.model, dtype=args.dtype, device="auto"))
     kv_per_token = 2 * loaded.model.config.num_hidden_layers * _kv_width(loaded.model.config) * 2
     rows = []
     for r in results:

@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generation import AsyncEngine, EngineConfig, SamplingParams, load_model  # noqa: E402
-from generation.detokenizer import IncrementalDetokenizer  # noqa: E402
-from generation.sampler import SamplingTensors, sample_rows  # noqa: E402
-from generation.scheduler import ScheduledBatch  # noqa: E402
-from generation.sequence import Sequence, Status  # noqa: E402
+from generation import AsyncEngine, EngineConfig, SamplingParams, load_model
+from generation.detokenizer import IncrementalDetokenizer
+from generation.sampler import SamplingTensors, sample_rows
+from generation.scheduler import ScheduledBatch
+from generation.sequence import Sequence, Status
 
 
 def timed(fn, repeat: int = 20) -> float:  # type: ignore[no-untyped-def]
@@ -63,19 +63,27 @@ def main() -> None:
             eager_tokens = runner._decode(rows).tolist()
             runner.use_graphs = True
             graph_tokens = runner._decode(rows).tolist()
-            for seq, p in zip(rows, greedy):
+            for seq, p in zip(rows, greedy, strict=True):
                 seq.params = p
-            logits = runner.lm_head(torch.randn(b, runner.lm_head.weight.shape[1], device="cuda", dtype=runner.dtype))
+            logits = runner.lm_head(
+                torch.randn(b, runner.lm_head.weight.shape[1], device="cuda", dtype=runner.dtype)
+            )
             sampling = SamplingTensors.from_rows(rows, runner.device)
             entry = {
                 "graph_equals_eager": eager_tokens == graph_tokens,
                 "full_step_ms": timed(lambda: runner.step(batch)),
                 "decode_and_sample_ms": timed(lambda: runner._decode(rows)),
                 "sampling_params_ms": timed(lambda: SamplingTensors.from_rows(rows, runner.device)),
-                "eager_sample_ms": timed(lambda: sample_rows(logits, sampling, runner.seen[:b], runner.eos_mask)),
-                "detokenize_ms": timed(lambda: [seq.detokenizer.step(1000 + j) for j, seq in enumerate(rows)], 5),
+                "eager_sample_ms": timed(
+                    lambda: sample_rows(logits, sampling, runner.seen[:b], runner.eos_mask)
+                ),
+                "detokenize_ms": timed(
+                    lambda: [seq.detokenizer.step(1000 + j) for j, seq in enumerate(rows)], 5
+                ),
             }
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+            ) as prof:
                 for _ in range(3):
                     runner.step(batch)
                 torch.cuda.synchronize()

@@ -33,7 +33,7 @@ def _multi_query_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    # hidden_states: [B, T, hidden] -> fused qkv: [B, T, heads + 2, D] (the last two: the one key, the one value)
+    # hidden_states: [B, T, hidden] -> qkv: [B, T, heads + 2, D]; the last two are the one key and value
     batch, length, _ = hidden_states.shape
     qkv = self.query_key_value(hidden_states).view(batch, length, self.num_heads + 2, self.head_dim)
     query = qkv[:, :, :-2].transpose(1, 2)  # [B, H, T, D]
@@ -56,7 +56,8 @@ def _multi_query_attention(
 def _split_heads_by_slicing(self: FalconAttention, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
     # The grouped-query layout (Falcon-40B and later): slices instead of list indices, same values.
     batch, seq_len, _ = fused_qkv.shape
-    qkv = fused_qkv.view(batch, seq_len, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+    groups = self.num_heads // (self.config.num_kv_heads or self.num_heads)
+    qkv = fused_qkv.view(batch, seq_len, -1, groups + 2, self.head_dim)
     query, key, value = qkv[:, :, :, :-2], qkv[:, :, :, -2:-1], qkv[:, :, :, -1:]
     key, value = torch.broadcast_to(key, query.shape), torch.broadcast_to(value, query.shape)
     return tuple(x.flatten(2, 3) for x in (query, key, value))

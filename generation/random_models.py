@@ -36,7 +36,11 @@ SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
         max_position_embeddings=4096,
     ),
     "tiny-falcon": lambda: FalconConfig(
-        vocab_size=2048, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=2048
+        vocab_size=2048,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=2048,
     ),
 }
 
@@ -69,7 +73,9 @@ def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
 
 
-def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def random_model(
+    shape: str, dtype: torch.dtype, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Build the named shape with random weights, in place on `device` (no CPU copy of 7B weights)."""
     config = SHAPES[shape]()
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0

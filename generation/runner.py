@@ -1,4 +1,4 @@
-"""ModelRunner: prefill, batched decode (CUDA graphs on a GPU) and sampling; the only code that launches GPU work."""
+"""ModelRunner: prefill, batched decode (CUDA graphs on a GPU) and sampling; the only code that runs on it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import bisect
 import inspect
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import torch
@@ -72,7 +73,7 @@ class ModelRunner:
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._graph_pool = None
+        self._graph_pool: Any = None  # one memory pool shared by every captured graph
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
@@ -98,7 +99,12 @@ class ModelRunner:
                 f"no room for one {self.config.max_seq_len}-token KV slot ({per_slot / 2**30:.2f} GiB) "
                 f"after weights and activations; lower max_seq_len or raise memory_utilization"
             )
-        log.info("kv cache planned", slots=slots, gib=round(slots * per_slot / 2**30, 2), requested=self.config.max_batch_size)
+        log.info(
+            "kv cache planned",
+            slots=slots,
+            gib=round(slots * per_slot / 2**30, 2),
+            requested=self.config.max_batch_size,
+        )
         return slots
 
     @torch.inference_mode()
@@ -110,7 +116,12 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(1, tokens, dtype=torch.long, device=self.device)
-        self._forward(ids, torch.arange(tokens, device=self.device)[None], self._causal_mask(torch.tensor([tokens]), tokens), cache)
+        self._forward(
+            ids,
+            torch.arange(tokens, device=self.device)[None],
+            self._causal_mask(torch.tensor([tokens]), tokens),
+            cache,
+        )
         activations = torch.cuda.max_memory_allocated(self.device) - before
         # Sampling sorts the whole vocabulary in float32 for every row; leave room for that too.
         activations += 6 * 4 * self.config.max_batch_size * self.vocab_size
@@ -139,8 +150,16 @@ class ModelRunner:
         done.synchronize()  # waits with the GIL released, so the event loop keeps serving meanwhile
         return host.tolist()
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: object) -> torch.Tensor:
-        out = self.base(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self._cache_arg: cache})
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: object
+    ) -> torch.Tensor:
+        out = self.base(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            **{self._cache_arg: cache},
+        )
         return out.last_hidden_state
 
     def _causal_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -148,14 +167,18 @@ class ModelRunner:
         lengths = lengths.to(self.device)
         keys = torch.arange(width, device=self.device)
         visible = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
-        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, self._min_value)[:, None]
+        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~visible, self._min_value
+        )[:, None]
 
     def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
         # All newcomers in one forward, right-padded; each row writes its own slot from position 0. The
         # padding repeats the row's first token, so it adds nothing to the tokens the row has seen; the
         # keys it writes past the prompt are overwritten by decode before they are ever read.
         width = max(seq.num_prompt_tokens for seq in rows)
-        ids = torch.tensor([seq.prompt_ids + seq.prompt_ids[:1] * (width - seq.num_prompt_tokens) for seq in rows])
+        ids = torch.tensor(
+            [seq.prompt_ids + seq.prompt_ids[:1] * (width - seq.num_prompt_tokens) for seq in rows]
+        )
         lengths = torch.tensor([seq.num_prompt_tokens for seq in rows])
         ids = ids.to(self.device, non_blocking=True)
         slots = torch.tensor([seq.slot for seq in rows]).to(self.device, non_blocking=True)
@@ -198,7 +221,9 @@ class ModelRunner:
         static = self._static
         positions = static.positions[:batch]
         visible = static.key_index[:kv_len][None, :] <= positions
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, self._min_value)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~visible, self._min_value
+        )
         self.cache.for_decode(static.rows[:batch], positions[:, 0], kv_len)
         hidden = self._forward(static.ids[:batch], positions, mask[:, None, None, :], self.cache)
         return self.lm_head(hidden[:, -1])
@@ -237,7 +262,9 @@ class ModelRunner:
             if self._decode_forward == self._decode_logits:
                 raise
             # A model torch.compile cannot handle still runs: captured, but unfused.
-            log.warning("torch.compile failed; decoding without it", error=f"{type(err).__name__}: {err}"[:300])
+            log.warning(
+                "torch.compile failed; decoding without it", error=f"{type(err).__name__}: {err}"[:300]
+            )
             self._decode_forward = self._decode_logits
             self._graphs.clear()
             self._capture_all()
@@ -248,7 +275,11 @@ class ModelRunner:
             for batch in sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS}):
                 self._graph(batch, kv_len)
         torch.cuda.synchronize(self.device)
-        log.info("decode graphs captured", graphs=len(self._graphs), seconds=round(time.perf_counter() - started, 1))
+        log.info(
+            "decode graphs captured",
+            graphs=len(self._graphs),
+            seconds=round(time.perf_counter() - started, 1),
+        )
 
 
 class _StaticInputs:

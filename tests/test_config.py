@@ -41,9 +41,17 @@ def test_api_keys_from_a_comma_separated_variable(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize(
     ("argv", "env", "expected"),
     [
-        (["--port", "70000"], {}, "invalid setting 'port': Input should be less than or equal to 65535 (got '70000')"),
+        (
+            ["--port", "70000"],
+            {},
+            "invalid setting 'port': Input should be less than or equal to 65535 (got '70000')",
+        ),
         ([], {"TRICKLE_DTYPE": "fp8"}, "invalid setting 'dtype'"),
-        (["--config", "/no/such.toml"], {}, "invalid setting 'config': '/no/such.toml' is not a readable file"),
+        (
+            ["--config", "/no/such.toml"],
+            {},
+            "invalid setting 'config': '/no/such.toml' is not a readable file",
+        ),
         (["--api-keys-file", "/no/keys"], {}, "api_keys_file '/no/keys' is not a readable file"),
     ],
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,9 @@ async def collect(
     return [out async for out in engine.generate(request_id, ids, params)]
 
 
-def reference_tokens(loaded: LoadedModel, model: PreTrainedModel, prompt: str, max_new_tokens: int) -> list[int]:
+def reference_tokens(
+    loaded: LoadedModel, model: PreTrainedModel, prompt: str, max_new_tokens: int
+) -> list[int]:
     ids = loaded.tokenizer.encode(prompt)
     with torch.no_grad():
         out = model.generate(
@@ -48,7 +49,9 @@ def reference_tokens(loaded: LoadedModel, model: PreTrainedModel, prompt: str, m
     return out[0, len(ids) :].tolist()
 
 
-async def test_continuous_batching_matches_generate_token_for_token(tiny: LoadedModel, model_dir: Path) -> None:
+async def test_continuous_batching_matches_generate_token_for_token(
+    tiny: LoadedModel, model_dir: Path
+) -> None:
     # The reference is a fresh, unadapted copy: stock transformers code end to end.
     stock = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     engine = make_engine(tiny, max_batch_size=4)
