@@ -8,15 +8,17 @@ import hmac
 import json
 import logging
 import re
+import signal
 import sys
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp_sse import EventSourceResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import Field, ValidationError
 
 from config import Settings, SettingsError, load_settings
@@ -25,11 +27,15 @@ from generation import (
     EngineConfig,
     EngineUnavailableError,
     ModelLoadError,
+    QueueFullError,
     RequestError,
     RequestOutput,
+    RequestStream,
     SamplingParams,
     load_model,
 )
+from generation.engine import HEARTBEAT_S
+from notify import Notifier
 
 log = structlog.get_logger("server")
 
@@ -38,7 +44,7 @@ ENGINE_KEY = web.AppKey("engine", AsyncEngine)
 API_KEYS_KEY = web.AppKey("api_keys", list)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 RETRY_AFTER_NOT_READY = "5"
 
@@ -51,6 +57,9 @@ class GenerateRequest(SamplingParams):
     prompt: str = Field(min_length=1, description="The text to continue.")
     cutoff_len: int = Field(
         default=256, ge=1, description="Keep at most this many prompt tokens (the latest)."
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="End the request (finish_reason `timeout`) after this many seconds."
     )
 
 
@@ -97,6 +106,32 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
         response = await handler(request)
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
+    return response
+
+
+class HttpMetrics:
+    """HTTP responses by route and status. The route is the matched pattern, never the raw path, so
+    the label set stays bounded."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.responses = Counter(
+            "trickle:http_responses",
+            "HTTP responses, by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+
+
+HTTP_METRICS_KEY = web.AppKey("http_metrics", HttpMetrics)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    info = request.match_info.route.resource
+    route = info.canonical if info is not None else "unmatched"
+    request.app[HTTP_METRICS_KEY].responses.labels(route=route, status=str(response.status)).inc()
     return response
 
 
@@ -170,19 +205,28 @@ def engine_for(request: web.Request) -> AsyncEngine:
     return engine
 
 
-async def open_generation(request: web.Request) -> tuple[AsyncEngine, list[int], GenerateRequest]:
-    """Everything that can refuse a request, done before any byte of the response is sent."""
+async def open_generation(request: web.Request) -> RequestStream:
+    """Everything that can refuse a request, done before any byte of the response is sent: the
+    returned stream has been admitted, and must be closed."""
     body = await parse_generate_request(request)
     engine = engine_for(request)
+    limit = request.app[SETTINGS_KEY].request_timeout
+    if body.timeout_s is not None and body.timeout_s > limit:
+        message = f"timeout_s: {body.timeout_s} exceeds the server's limit of {limit}"
+        raise ClientError(422, message, field="timeout_s")
     try:
         ids = engine.encode_prompt(body.prompt, body.cutoff_len, body)
+        return engine.generate(request[REQUEST_ID_KEY], ids, sampling_params(body), body.timeout_s)
     except RequestError as err:
         raise ClientError(422, f"{err.field}: {err}", field=err.field) from err
-    return engine, ids, body
+    except QueueFullError as err:
+        raise ClientError(503, str(err), Retry_After=str(err.retry_after)) from err
+    except EngineUnavailableError as err:
+        raise ClientError(503, str(err), Retry_After=RETRY_AFTER_NOT_READY) from err
 
 
 def sampling_params(body: GenerateRequest) -> SamplingParams:
-    return SamplingParams.model_validate(body.model_dump(exclude={"prompt", "cutoff_len"}))
+    return SamplingParams.model_validate(body.model_dump(exclude={"prompt", "cutoff_len", "timeout_s"}))
 
 
 def end_payload(output: RequestOutput) -> dict[str, Any]:
@@ -193,16 +237,13 @@ def end_payload(output: RequestOutput) -> dict[str, Any]:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    engine, ids, body = await open_generation(request)
-    request_id = request[REQUEST_ID_KEY]
-    settings = request.app[SETTINGS_KEY]
+    outputs = await open_generation(request)
     response = EventSourceResponse(
         sep="\n",
-        ping_interval=settings.ping_interval,
-        headers={"X-Request-Id": request_id},
+        ping_interval=request.app[SETTINGS_KEY].ping_interval,
+        headers={"X-Request-Id": request[REQUEST_ID_KEY]},
         allow_all_methods=True,
     )
-    outputs = engine.generate(request_id, ids, sampling_params(body))
     try:
         async with contextlib.aclosing(outputs):
             await response.prepare(request)
@@ -212,7 +253,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _write_events(response: EventSourceResponse, outputs: AsyncGenerator[RequestOutput, None]) -> None:
+async def _write_events(response: EventSourceResponse, outputs: RequestStream) -> None:
     event_id = 0
     async for output in outputs:
         if output.text:
@@ -226,12 +267,9 @@ async def _write_events(response: EventSourceResponse, outputs: AsyncGenerator[R
 
 
 async def predict(request: web.Request) -> web.Response:
-    engine, ids, body = await open_generation(request)
     pieces: list[str] = []
     final: RequestOutput | None = None
-    async with contextlib.aclosing(
-        engine.generate(request[REQUEST_ID_KEY], ids, sampling_params(body))
-    ) as outputs:
+    async with contextlib.aclosing(await open_generation(request)) as outputs:
         async for output in outputs:
             pieces.append(output.text)
             final = output
@@ -240,14 +278,26 @@ async def predict(request: web.Request) -> web.Response:
     return web.json_response({"text": "".join(pieces), **end_payload(final)})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: the engine's metrics and the HTTP responses by route and status."""
+    body = generate_latest(request.app[HTTP_METRICS_KEY].registry)
+    engine = request.app.get(ENGINE_KEY)
+    if engine is not None:
+        body += generate_latest(engine.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 async def ready(request: web.Request) -> web.Response:
     engine = request.app.get(ENGINE_KEY)
-    if engine is None or not engine.ready:
-        return json_error(503, "the model is not ready", headers={"Retry-After": RETRY_AFTER_NOT_READY})
+    if engine is None or not engine.ready or engine.draining:
+        message = (
+            "the server is draining" if engine is not None and engine.draining else "the model is not ready"
+        )
+        return json_error(503, message, headers={"Retry-After": RETRY_AFTER_NOT_READY})
     return web.json_response(
         {"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting}
     )
@@ -275,10 +325,11 @@ def build_engine(settings: Settings) -> AsyncEngine:
 def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.Application:
     """The aiohttp application. Without an engine, one is built from the settings at startup."""
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, auth_middleware],
+        middlewares=[request_id_middleware, metrics_middleware, error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS_KEY] = settings
+    app[HTTP_METRICS_KEY] = HttpMetrics()
     app[API_KEYS_KEY] = [key.encode() for key in settings.all_api_keys()]
     app.add_routes(
         [
@@ -286,6 +337,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.App
             web.post("/predict", predict),
             web.get("/health", health),
             web.get("/ready", ready),
+            web.get("/metrics", metrics),
         ]
     )
     app.cleanup_ctx.append(_engine_context(engine))
@@ -374,20 +426,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trickle: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    notifier = Notifier.from_environment()
+    notifier.status(f"loading {settings.model}")
     try:
         engine = build_engine(settings)
     except ModelLoadError as err:
         print(f"trickle: {err}", file=sys.stderr)
         return 1
-    web.run_app(
-        create_app(settings, engine),
-        host=settings.host,
-        port=settings.port,
-        handler_cancellation=True,
-        access_log_class=AccessLogger,
-        print=lambda message: log.info("listening", message=message.strip()),
-    )
+    asyncio.run(serve(settings, engine, notifier))
     return 0
+
+
+async def serve(
+    settings: Settings, engine: AsyncEngine, notifier: Notifier, stop: asyncio.Event | None = None
+) -> None:
+    """Serve until `stop` is set (by default: until SIGTERM or SIGINT), then drain and shut down.
+
+    systemd hears READY only once the engine is warmed up and the socket is bound, WATCHDOG while the
+    engine thread keeps turning, and STOPPING when the drain begins.
+    """
+    stop = stop or _stop_on_signals()
+    notifier.status("warming up the engine")
+    runner = web.AppRunner(
+        create_app(settings, engine), handler_cancellation=True, access_log_class=AccessLogger
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    log.info("listening", url=f"http://{host}:{port}")
+    notifier.ready()
+    notifier.status(f"serving {settings.model} on {host}:{port}")
+    watchdog = asyncio.create_task(_feed_watchdog(engine, notifier))
+    await stop.wait()
+    log.info("draining", timeout_s=settings.drain_timeout, live=engine.num_running + engine.num_waiting)
+    notifier.stopping()
+    notifier.status("draining")
+    await engine.drain(settings.drain_timeout)
+    watchdog.cancel()
+    await runner.cleanup()
+    notifier.close()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _feed_watchdog(engine: AsyncEngine, notifier: Notifier) -> None:
+    interval = notifier.watchdog_interval
+    if interval is None:
+        return
+    # Ping only while the engine thread turns its loop: a hung step stops the pings and systemd
+    # restarts the service. An idle engine turns every HEARTBEAT_S.
+    threshold = max(interval, 2 * HEARTBEAT_S)
+    while True:
+        if engine.alive_within(threshold):
+            notifier.watchdog()
+        await asyncio.sleep(interval)  # a timer: there is no event to wait for
 
 
 if __name__ == "__main__":

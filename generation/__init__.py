@@ -1,6 +1,13 @@
 """Everything that touches the model: loading, the engine thread and its asyncio bridge. No HTTP here."""
 
-from generation.async_engine import AsyncEngine, EngineConfig, EngineUnavailableError, RequestError
+from generation.async_engine import (
+    AsyncEngine,
+    EngineConfig,
+    EngineUnavailableError,
+    QueueFullError,
+    RequestError,
+    RequestStream,
+)
 from generation.loader import LoadedModel, ModelLoadError, load_model
 from generation.messages import RequestOutput
 from generation.params import SamplingParams
@@ -11,8 +18,10 @@ __all__ = [
     "EngineUnavailableError",
     "LoadedModel",
     "ModelLoadError",
+    "QueueFullError",
     "RequestError",
     "RequestOutput",
+    "RequestStream",
     "SamplingParams",
     "load_model",
 ]

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import math
 import random
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from generation.engine import Engine
 from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
+from generation.metrics import EngineMetrics
 from generation.params import MAX_SEED, SamplingParams
 from generation.runner import ModelRunner, RunnerConfig
 from generation.scheduler import SchedulerConfig
+
+RATE_WINDOW_S = 30.0
+DEFAULT_RETRY_AFTER_S = 5
+MAX_RETRY_AFTER_S = 120
 
 
 class RequestError(ValueError):
@@ -26,7 +34,40 @@ class RequestError(ValueError):
 
 
 class EngineUnavailableError(RuntimeError):
-    """The engine thread is not running (not started yet, stopped, or dead)."""
+    """The engine thread is not running (not started yet, stopped, dead) or is draining."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; `retry_after` is a hint in seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the server is at capacity; retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+class RequestStream:
+    """One request's outputs, in order. Closing it before the end cancels the request; reading the
+    final output releases it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+        self.request_id = request_id
+        self._engine, self._queue = engine, queue
+        self._finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        output = await self._queue.get()
+        if output.finished:
+            self._finished = True
+            self._engine._release(self.request_id, finished=True)
+        return output
+
+    async def aclose(self) -> None:
+        self._engine._release(self.request_id, finished=self._finished)
 
 
 @dataclass(frozen=True)
@@ -34,6 +75,10 @@ class EngineConfig:
     max_batch_size: int = 64
     max_seq_len: int = 2048
     prefill_token_budget: int = 4096
+    max_queue: int = 256
+    """Requests that may wait for a row; past it new requests are refused."""
+    request_timeout: float = 600.0
+    """Seconds a request may take, queued and generating, unless it asks for less."""
     memory_utilization: float = 0.9
     cuda_graphs: bool = True
     compile: bool = False
@@ -81,6 +126,9 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reported = asyncio.Event()
+        self._finish_times: collections.deque[float] = collections.deque()
+        self.draining = False
+        self.metrics = EngineMetrics(runner.num_slots * config.max_seq_len)
 
     async def start(self) -> None:
         """Capture the decode graphs (on a GPU), then start the engine thread."""
@@ -109,26 +157,55 @@ class AsyncEngine:
             )
         return ids
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncGenerator[RequestOutput, None]:
-        """Yield the request's outputs as the engine produces them; the last one has a finish_reason."""
-        if not self.ready:
-            raise EngineUnavailableError("the engine is not running")
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
+    ) -> RequestStream:
+        """Admit a request now and return its stream of outputs (the last one has a finish_reason).
+
+        Raises at once, before anything is streamed: EngineUnavailableError when the engine is not
+        running or is draining, QueueFullError when the waiting queue is full. `timeout` (seconds)
+        defaults to the engine's request timeout; past it the request ends with `timeout`.
+        """
+        if not self.ready or self.draining:
+            raise EngineUnavailableError(
+                "the engine is not running" if not self.draining else "the server is draining"
+            )
+        if len(self._queues) >= self.engine.runner.num_slots + self.config.max_queue:
+            raise QueueFullError(self.retry_after())
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = queue
         seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
-        self.engine.submit(AddRequest(request_id, prompt_ids, params, seed, time.monotonic()))
-        finished = False
-        try:
-            while not finished:
-                output = await queue.get()
-                finished = output.finished
-                yield output
-        finally:
-            del self._queues[request_id]
-            if not finished:
-                self.engine.submit(AbortRequest(request_id))
+        now = time.monotonic()
+        deadline = now + (timeout if timeout is not None else self.config.request_timeout)
+        self.engine.submit(AddRequest(request_id, prompt_ids, params, seed, now, deadline))
+        return RequestStream(self, request_id, queue)
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        if self._queues.pop(request_id, None) is not None and not finished:
+            self.engine.submit(AbortRequest(request_id))
+
+    def alive_within(self, seconds: float) -> bool:
+        """The engine thread runs and has turned its loop within `seconds` (a hung step has not)."""
+        return self.ready and time.monotonic() - self.engine.heartbeat < seconds
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free, from the rate at which requests finished lately."""
+        now = time.monotonic()
+        while self._finish_times and self._finish_times[0] < now - RATE_WINDOW_S:
+            self._finish_times.popleft()
+        if not self._finish_times:
+            return DEFAULT_RETRY_AFTER_S
+        rate = len(self._finish_times) / RATE_WINDOW_S
+        waiting = max(0, len(self._queues) - self.engine.runner.num_slots)
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil((waiting + 1) / rate)))
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, let the live ones finish for up to `timeout` seconds, then stop the
+        engine: whatever is still running ends with finish_reason `shutdown`."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_until(lambda e: not e._queues), timeout)
+        await self.stop()
 
     async def wait_until(self, predicate: Callable[[AsyncEngine], bool]) -> None:
         """Wait, without polling, until `predicate(self)` holds after some engine report."""
@@ -141,10 +218,14 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._deliver, report)
 
     def _deliver(self, report: StepReport) -> None:
+        self.metrics.record_step(report)
         for output in report.outputs:
             queue = self._queues.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
+            if output.finished:
+                self._finish_times.append(time.monotonic())
+                self.metrics.record_finished(output)
         self.num_running, self.num_waiting, self.steps = report.num_running, report.num_waiting, report.step
         self._reported.set()
         self._reported = asyncio.Event()

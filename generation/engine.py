@@ -19,6 +19,7 @@ from generation.sequence import Sequence, Status
 log = structlog.get_logger("generation.engine")
 
 Message = AddRequest | AbortRequest | None  # None wakes the thread to stop
+HEARTBEAT_S = 0.5
 Reporter = Callable[[StepReport], None]
 
 
@@ -44,6 +45,9 @@ class Engine:
         self.eos_ids = eos_ids
         self.report = report
         self.steps = 0
+        self.heartbeat = time.monotonic()
+        self._previous_step_end = 0.0
+        self._step_stats = (0, 0.0)  # (rows decoded, seconds since the previous step) of the last step
         self._pending: list[RequestOutput] = []
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -80,7 +84,10 @@ class Engine:
 
     def run_once(self, block: bool = False) -> None:
         """One turn of the loop: drain the inbox (waiting for a message if `block`), step, report."""
+        self.heartbeat = time.monotonic()
         changed = self._drain_inbox(block=block)
+        for seq in self.scheduler.expire(time.monotonic()):
+            self._pending.append(self._final_output(seq))
         outputs = self.step() if self.scheduler.has_work else []
         if changed or outputs:
             self._report(self._pending + outputs)
@@ -96,7 +103,8 @@ class Engine:
 
     def _drain_inbox(self, block: bool) -> bool:
         try:
-            message = self._inbox.get(block=block)
+            # An idle engine still wakes now and then, so its heartbeat shows it alive.
+            message = self._inbox.get(block=block, timeout=HEARTBEAT_S if block else None)
         except queue.Empty:
             return False
         while message is not None:
@@ -121,6 +129,7 @@ class Engine:
             message.seed,
             detokenizer,
             arrival_time=message.arrival_time,
+            deadline=message.deadline,
         )
         self.scheduler.add(seq)
 
@@ -136,6 +145,10 @@ class Engine:
                 seq.finish(Status.ERROR, error=f"generation failed: {type(err).__name__}")
             return None
         self.steps += 1
+        end = time.monotonic()
+        # A decoded row got its previous token when the previous step ended.
+        self._step_stats = (len(batch.decode), end - (self._previous_step_end if batch.decode else now))
+        self._previous_step_end = end
         return tokens
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int] | None) -> list[RequestOutput]:
@@ -193,4 +206,16 @@ class Engine:
         return outputs
 
     def _report(self, outputs: list[RequestOutput]) -> None:
-        self.report(StepReport(self.steps, outputs, self.scheduler.num_running, len(self.scheduler.waiting)))
+        decoded, seconds = self._step_stats
+        self._step_stats = (0, 0.0)
+        self.report(
+            StepReport(
+                self.steps,
+                outputs,
+                self.scheduler.num_running,
+                len(self.scheduler.waiting),
+                decoded_rows=decoded,
+                step_seconds=seconds,
+                kv_tokens=self.scheduler.kv_tokens,
+            )
+        )

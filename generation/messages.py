@@ -16,6 +16,8 @@ class AddRequest:
     params: SamplingParams
     seed: int
     arrival_time: float
+    deadline: float | None = None
+    """time.monotonic() after which the request ends with finish_reason `timeout`."""
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,9 @@ class StepReport:
     outputs: list[RequestOutput]
     num_running: int
     num_waiting: int
+    decoded_rows: int = 0
+    """Rows that got their next token this step (not their first): one inter-token interval each."""
+    step_seconds: float = 0.0
+    """Time since the previous step ended (or since this one began, after an idle spell)."""
+    kv_tokens: int = 0
+    """Tokens held in the KV cache by running rows."""

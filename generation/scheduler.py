@@ -80,6 +80,19 @@ class Scheduler:
         seq.finish(Status.CANCELLED)
         return seq
 
+    def expire(self, now: float) -> list[Sequence]:
+        """Mark every live sequence whose deadline has passed as timed out; they leave at `schedule`."""
+        expired = [
+            seq for seq in self if seq.deadline is not None and seq.deadline <= now and not seq.is_finished
+        ]
+        for seq in expired:
+            seq.finish(Status.TIMEOUT)
+        return expired
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(seq.num_tokens for seq in self.running)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         self.waiting = deque(seq for seq in self.waiting if not seq.is_finished)

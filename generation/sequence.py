@@ -48,6 +48,7 @@ class Sequence:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     slot: int = -1
+    deadline: float | None = None
     admitted_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
