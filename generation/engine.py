@@ -88,8 +88,9 @@ class Engine:
         changed = self._drain_inbox(block=block)
         for seq in self.scheduler.expire(time.monotonic()):
             self._pending.append(self._final_output(seq))
-        outputs = self.step() if self.scheduler.has_work else []
-        if changed or outputs:
+        stepped = self.scheduler.has_work
+        outputs = self.step() if stepped else []
+        if changed or stepped or self._pending:
             self._report(self._pending + outputs)
             self._pending = []
 

@@ -91,7 +91,7 @@ class Scheduler:
 
     @property
     def kv_tokens(self) -> int:
-        return sum(seq.num_tokens for seq in self.running)
+        return sum(seq.num_tokens for seq in self.running if not seq.is_finished)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()

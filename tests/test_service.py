@@ -1,0 +1,220 @@
+"""Running as a service: backpressure, deadlines, metrics, sd_notify, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from config import Settings
+from generation import AsyncEngine, LoadedModel, SamplingParams
+from notify import Notifier
+from server import ENGINE_KEY, create_app, serve
+from tests.conftest import make_engine
+from tests.sse import parse_events
+from tests.test_process import ROOT, free_port
+
+ClientFactory = Callable[..., Awaitable[TestClient]]
+LONG = {"prompt": "The baker", "max_new_tokens": 300, "min_new_tokens": 300}
+
+
+async def test_a_full_queue_answers_503_with_retry_after_and_drops_nothing(
+    aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(settings, make_engine(tiny, max_batch_size=1, max_queue=1)))
+    engine: AsyncEngine = client.server.app[ENGINE_KEY]
+    accepted = [asyncio.create_task(client.post("/predict", json=LONG)) for _ in range(2)]
+    await engine.wait_until(lambda e: e.num_running == 1 and e.num_waiting == 1)
+    refused = await client.post("/stream", json=LONG)
+    assert refused.status == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "capacity" in (await refused.json())["error"]["message"]
+    for task in accepted:
+        response = await task
+        assert response.status == 200
+        assert (await response.json())["usage"]["completion_tokens"] == 300
+    assert (await client.post("/predict", json={"prompt": "a", "max_new_tokens": 2})).status == 200
+
+
+async def collect(engine: AsyncEngine, name: str, params: SamplingParams, timeout: float) -> list[Any]:
+    ids = engine.encode_prompt("The baker", 64, params)
+    return [out async for out in engine.generate(name, ids, params, timeout)]
+
+
+async def test_a_deadline_ends_a_generating_request_with_timeout_and_frees_its_row(engine: AsyncEngine) -> None:
+    params = SamplingParams(max_new_tokens=5000 // 10, min_new_tokens=5000 // 10)
+    outputs = await collect(engine, "slow", params, timeout=0.2)
+    assert outputs[-1].finish_reason == "timeout"
+    assert 0 < outputs[-1].usage["completion_tokens"] < 500
+    await engine.wait_until(lambda e: e.num_running == 0)
+
+
+async def test_a_deadline_also_ends_a_request_still_in_the_queue(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny, max_batch_size=1)
+    await engine.start()
+    blocker = asyncio.create_task(collect(engine, "blocker", SamplingParams(max_new_tokens=400, min_new_tokens=400), 60))
+    await engine.wait_until(lambda e: e.num_running == 1)
+    queued = await collect(engine, "queued", SamplingParams(max_new_tokens=5), timeout=0.05)
+    assert queued[-1].finish_reason == "timeout"
+    assert queued[-1].usage["completion_tokens"] == 0 and queued[-1].timings["queue_ms"] is None
+    assert (await blocker)[-1].finish_reason == "length"
+    await engine.stop()
+
+
+def metric(text: str, name: str) -> float:
+    lines = [line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+async def test_metrics_move_with_the_requests_sent(aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(settings, make_engine(tiny)))
+    before = await (await client.get("/metrics")).text()
+    assert metric(before, "trickle:time_to_first_token_seconds_count") == 0
+    for n in (3, 5, 7):
+        response = await client.post("/stream", json={"prompt": "The baker", "max_new_tokens": n, "min_new_tokens": n})
+        await response.read()
+    await client.post("/predict", json={"prompt": "The baker", "temperature": 11})
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "trickle:time_to_first_token_seconds_count") == 3
+    assert metric(text, "trickle:e2e_request_latency_seconds_count") == 3
+    assert metric(text, "trickle:generation_tokens_total") == 15
+    assert metric(text, 'trickle:request_success_total{finished_reason="length"}') == 3
+    # Each request's tokens after its first are inter-token intervals: (3-1) + (5-1) + (7-1).
+    assert metric(text, "trickle:inter_token_latency_seconds_count") == 12
+    assert metric(text, 'trickle:http_responses_total{route="/stream",status="200"}') == 3
+    assert metric(text, 'trickle:http_responses_total{route="/predict",status="422"}') == 1
+    assert metric(text, "trickle:num_requests_running") == 0
+    assert "request_id" not in text
+
+
+# ---------------------------------------------------------------- sd_notify
+
+
+class FakeSystemd:
+    """A NOTIFY_SOCKET listener collecting what the server says."""
+
+    def __init__(self) -> None:
+        self.path = os.path.join(tempfile.mkdtemp(dir="/tmp"), "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+
+    async def next(self) -> str:
+        loop = asyncio.get_running_loop()
+        return (await loop.sock_recv(self.sock, 4096)).decode()
+
+    async def until(self, wanted: str) -> list[str]:
+        seen = []
+        while wanted not in seen:
+            seen.append(await self.next())
+        return seen
+
+
+@pytest.fixture
+def systemd() -> Iterator[FakeSystemd]:
+    fake = FakeSystemd()
+    yield fake
+    fake.sock.close()
+
+
+async def test_sd_notify_ready_watchdog_stuck_engine_and_stopping(
+    tiny: LoadedModel, settings: Settings, systemd: FakeSystemd
+) -> None:
+    notifier = Notifier(systemd.path, watchdog_usec=200_000)
+    engine = make_engine(tiny)
+    port = free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(settings.model_copy(update={"port": port}), engine, notifier, stop))
+    await systemd.until("READY=1")
+    # READY means the socket is bound: a request right now is served.
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/ready") as response:
+        assert response.status == 200
+    assert await systemd.until("WATCHDOG=1")
+    release = threading.Event()
+    runner = engine.engine.runner
+    real_step = runner.step
+    runner.step = lambda batch: (release.wait(), real_step(batch))[1]  # type: ignore[method-assign]
+    request = engine.generate("stuck", engine.encode_prompt("a", 8, SamplingParams()), SamplingParams(max_new_tokens=2))
+    loop = asyncio.get_running_loop()
+    stuck_at, pings = loop.time(), []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.5):
+            while True:
+                pings.append((loop.time() - stuck_at, await systemd.next()))
+    # The engine thread is stuck in a step: pings stop once its heartbeat is older than the
+    # threshold (1 s here), and none come in the second after.
+    assert [t for t, message in pings if message == "WATCHDOG=1" and t > 1.4] == []
+    release.set()
+    async with contextlib.aclosing(request):
+        assert [out async for out in request][-1].finish_reason == "length"
+    await systemd.until("WATCHDOG=1")
+    stop.set()
+    await systemd.until("STOPPING=1")
+    await server
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+
+@pytest.fixture
+async def process(model_dir: Path) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "server.py"), "--model", str(model_dir), "--port", str(port),
+        "--drain-timeout", "3.0", "--max-seq-len", "4096",
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TRICKLE_LOG_FORMAT": "json"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    await wait_for_log(proc, "listening")
+    yield f"http://127.0.0.1:{port}", proc
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def wait_for_log(proc: asyncio.subprocess.Process, event: str) -> None:
+    assert proc.stderr is not None
+    while line := await proc.stderr.readline():
+        if json.loads(line).get("event") == event:
+            return
+    raise AssertionError(f"the server exited before logging {event!r}")
+
+
+async def read_stream(response: aiohttp.ClientResponse) -> list[Any]:
+    return parse_events((await response.read()).decode())
+
+
+async def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_0(
+    process: tuple[str, asyncio.subprocess.Process],
+) -> None:
+    url, proc = process
+    async with aiohttp.ClientSession() as session:
+        short = await session.post(f"{url}/stream", json={"prompt": "a", "max_new_tokens": 12, "min_new_tokens": 12})
+        long = await session.post(f"{url}/stream", json={"prompt": "a", "max_new_tokens": 3000, "min_new_tokens": 3000})
+        await short.content.readline()
+        await long.content.readline()
+        proc.send_signal(signal.SIGTERM)
+        await wait_for_log(proc, "draining")
+        refused = await session.post(f"{url}/stream", json={"prompt": "a"})
+        assert refused.status == 503 and refused.headers["Retry-After"]
+        assert (await session.get(f"{url}/ready")).status == 503
+        short_events, long_events = await read_stream(short), await read_stream(long)
+    assert short_events[-1].json()["finish_reason"] == "length"
+    assert short_events[-1].json()["usage"]["completion_tokens"] == 12
+    assert long_events[-1].event == "end" and long_events[-1].json()["finish_reason"] == "shutdown"
+    assert await proc.wait() == 0
