@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=256, ge=0)
     """Requests that may wait for a free row; past that, new requests get 503 with Retry-After."""
     request_timeout: float = Field(default=600.0, gt=0)
-    """Seconds a request may take, queued and generating (finish_reason `timeout`); a request may ask for less."""
+    """Seconds a request may take, queued and generating (then `timeout`); a request may ask for less."""
     drain_timeout: float = Field(default=60.0, ge=0)
     """On SIGTERM or SIGINT, seconds running streams may take to finish before they end with `shutdown`."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)

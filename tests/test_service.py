@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,7 +54,9 @@ async def collect(engine: AsyncEngine, name: str, params: SamplingParams, timeou
     return [out async for out in engine.generate(name, ids, params, timeout)]
 
 
-async def test_a_deadline_ends_a_generating_request_with_timeout_and_frees_its_row(engine: AsyncEngine) -> None:
+async def test_a_deadline_ends_a_generating_request_with_timeout_and_frees_its_row(
+    engine: AsyncEngine,
+) -> None:
     params = SamplingParams(max_new_tokens=5000 // 10, min_new_tokens=5000 // 10)
     outputs = await collect(engine, "slow", params, timeout=0.2)
     assert outputs[-1].finish_reason == "timeout"
@@ -66,7 +67,9 @@ async def test_a_deadline_ends_a_generating_request_with_timeout_and_frees_its_r
 async def test_a_deadline_also_ends_a_request_still_in_the_queue(tiny: LoadedModel) -> None:
     engine = make_engine(tiny, max_batch_size=1)
     await engine.start()
-    blocker = asyncio.create_task(collect(engine, "blocker", SamplingParams(max_new_tokens=400, min_new_tokens=400), 60))
+    blocker = asyncio.create_task(
+        collect(engine, "blocker", SamplingParams(max_new_tokens=400, min_new_tokens=400), 60)
+    )
     await engine.wait_until(lambda e: e.num_running == 1)
     queued = await collect(engine, "queued", SamplingParams(max_new_tokens=5), timeout=0.05)
     assert queued[-1].finish_reason == "timeout"
@@ -80,12 +83,16 @@ def metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
-async def test_metrics_move_with_the_requests_sent(aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings) -> None:
+async def test_metrics_move_with_the_requests_sent(
+    aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings
+) -> None:
     client = await aiohttp_client(create_app(settings, make_engine(tiny)))
     before = await (await client.get("/metrics")).text()
     assert metric(before, "trickle:time_to_first_token_seconds_count") == 0
     for n in (3, 5, 7):
-        response = await client.post("/stream", json={"prompt": "The baker", "max_new_tokens": n, "min_new_tokens": n})
+        response = await client.post(
+            "/stream", json={"prompt": "The baker", "max_new_tokens": n, "min_new_tokens": n}
+        )
         await response.read()
     await client.post("/predict", json={"prompt": "The baker", "temperature": 11})
     text = await (await client.get("/metrics")).text()
@@ -148,7 +155,9 @@ async def test_sd_notify_ready_watchdog_stuck_engine_and_stopping(
     runner = engine.engine.runner
     real_step = runner.step
     runner.step = lambda batch: (release.wait(), real_step(batch))[1]  # type: ignore[method-assign]
-    request = engine.generate("stuck", engine.encode_prompt("a", 8, SamplingParams()), SamplingParams(max_new_tokens=2))
+    request = engine.generate(
+        "stuck", engine.encode_prompt("a", 8, SamplingParams()), SamplingParams(max_new_tokens=2)
+    )
     loop = asyncio.get_running_loop()
     stuck_at, pings = loop.time(), []
     with contextlib.suppress(TimeoutError):
@@ -204,8 +213,12 @@ async def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_0(
 ) -> None:
     url, proc = process
     async with aiohttp.ClientSession() as session:
-        short = await session.post(f"{url}/stream", json={"prompt": "a", "max_new_tokens": 12, "min_new_tokens": 12})
-        long = await session.post(f"{url}/stream", json={"prompt": "a", "max_new_tokens": 3000, "min_new_tokens": 3000})
+        short = await session.post(
+            f"{url}/stream", json={"prompt": "a", "max_new_tokens": 12, "min_new_tokens": 12}
+        )
+        long = await session.post(
+            f"{url}/stream", json={"prompt": "a", "max_new_tokens": 3000, "min_new_tokens": 3000}
+        )
         await short.content.readline()
         await long.content.readline()
         proc.send_signal(signal.SIGTERM)
