@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from config import Settings
 from generation import AsyncEngine, LoadedModel, SamplingParams
 from notify import Notifier
-from server import ENGINE_KEY, create_app, serve
+from server import ENGINE_KEY, build_engine, create_app, serve
 from tests.conftest import make_engine
 from tests.sse import parse_events
 from tests.test_process import ROOT, free_port
@@ -231,3 +231,10 @@ async def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_0(
     assert short_events[-1].json()["usage"]["completion_tokens"] == 12
     assert long_events[-1].event == "end" and long_events[-1].json()["finish_reason"] == "shutdown"
     assert await proc.wait() == 0
+
+
+def test_service_settings_reach_the_engine(model_dir: Path) -> None:
+    settings = Settings(model=str(model_dir), device="cpu", max_queue=3, request_timeout=7.5, max_batch_size=5)
+    engine = build_engine(settings)
+    assert (engine.config.max_queue, engine.config.request_timeout) == (3, 7.5)
+    assert engine.engine.runner.num_slots == 5
