@@ -234,7 +234,9 @@ async def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_0(
 
 
 def test_service_settings_reach_the_engine(model_dir: Path) -> None:
-    settings = Settings(model=str(model_dir), device="cpu", max_queue=3, request_timeout=7.5, max_batch_size=5)
+    settings = Settings(
+        model=str(model_dir), device="cpu", max_queue=3, request_timeout=7.5, max_batch_size=5
+    )
     engine = build_engine(settings)
     assert (engine.config.max_queue, engine.config.request_timeout) == (3, 7.5)
     assert engine.engine.runner.num_slots == 5
