@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -51,9 +50,13 @@ def test_a_bad_setting_is_one_line_naming_it_and_exit_2() -> None:
     ]
 
 
-@pytest.mark.skipif(shutil.which("trickle") is None, reason="the package is not installed")
+# pip puts the console script beside the interpreter it installed the package for.
+SCRIPT = Path(sys.executable).parent / "trickle"
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason="the package is not installed")
 def test_console_script_runs_the_same_main() -> None:
-    result = subprocess.run(["trickle", "--port", "70000"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(SCRIPT), "--port", "70000"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "'port'" in result.stderr
 
 
