@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generation import AsyncEngine, EngineConfig, SamplingParams, load_model
 from generation.detokenizer import IncrementalDetokenizer
-from generation.sampler import SamplingTensors, sample_rows
+from generation.sampler import sample_rows
 from generation.scheduler import ScheduledBatch
 from generation.sequence import Sequence, Status
 
@@ -59,6 +59,7 @@ def main() -> None:
             greedy = [seq.params for seq in rows]
             for seq in rows:
                 seq.params = seq.params.model_copy(update={"temperature": 0.0})
+            runner._static.load(rows)
             runner.use_graphs = False
             eager_tokens = runner._decode(rows).tolist()
             runner.use_graphs = True
@@ -68,12 +69,13 @@ def main() -> None:
             logits = runner.lm_head(
                 torch.randn(b, runner.lm_head.weight.shape[1], device="cuda", dtype=runner.dtype)
             )
-            sampling = SamplingTensors.from_rows(rows, runner.device)
+            runner._static.load(rows)
+            sampling = runner._static.sampling(0, b)
             entry = {
                 "graph_equals_eager": eager_tokens == graph_tokens,
                 "full_step_ms": timed(lambda: runner.step(batch)),
                 "decode_and_sample_ms": timed(lambda: runner._decode(rows)),
-                "sampling_params_ms": timed(lambda: SamplingTensors.from_rows(rows, runner.device)),
+                "load_inputs_ms": timed(lambda: runner._static.load(rows)),
                 "eager_sample_ms": timed(
                     lambda: sample_rows(logits, sampling, runner.seen[:b], runner.eos_mask)
                 ),

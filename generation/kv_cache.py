@@ -68,9 +68,6 @@ class SlotKVCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
 
-    def nbytes(self) -> int:
-        return sum(buffer.numel() * buffer.element_size() for buffer in (*self._keys, *self._values))
-
 
 class PassThroughCache(Cache):
     """A cache that stores nothing: prefill from position 0 needs no past. It measures the model's KV

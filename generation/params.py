@@ -38,7 +38,3 @@ class SamplingParams(BaseModel):
             limit = f"max_new_tokens ({self.max_new_tokens})"
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed {limit}")
         return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0

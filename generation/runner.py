@@ -135,6 +135,8 @@ class ModelRunner:
         for src, dst in batch.moves:
             self.cache.move(src, dst)
             self.seen[dst] = self.seen[src]
+        # One pair of host-to-device copies carries every row's inputs and sampling parameters.
+        self._static.load(batch.rows)
         tokens = [self._decode(batch.decode)] if batch.decode else []
         if batch.prefill:
             tokens.append(self._prefill(batch.prefill))
@@ -188,7 +190,8 @@ class ModelRunner:
         positions = torch.arange(width, device=self.device)[None].expand(len(rows), -1)
         hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
         last = hidden[torch.arange(len(rows), device=self.device), lengths.to(self.device) - 1]
-        params = SamplingTensors.from_rows(rows, self.device)
+        first = rows[0].slot  # prefill rows hold consecutive slots, after the decode rows
+        params = self._static.sampling(first, first + len(rows))
         return self._sample(self.lm_head(last), params, slots)
 
     def _sample(self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor) -> torch.Tensor:
@@ -200,7 +203,6 @@ class ModelRunner:
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
         """Decode and sample the running rows (slots 0..n-1); returns their new tokens, [n]."""
         n = len(rows)
-        self._static.load(rows)
         longest = max(seq.num_tokens for seq in rows)
         kv_len = _bucket(longest, KV_LEN_BUCKETS, self.config.max_seq_len)
         if not self.use_graphs:
@@ -214,7 +216,7 @@ class ModelRunner:
         """Decode and sample rows 0..batch-1 from the static input buffers only, so it can be captured."""
         static = self._static
         logits = self._decode_forward(batch, kv_len)
-        return self._sample(logits, static.sampling(batch), static.rows[:batch])
+        return self._sample(logits, static.sampling(0, batch), static.rows[:batch])
 
     def _decode_logits(self, batch: int, kv_len: int) -> torch.Tensor:
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
@@ -312,8 +314,8 @@ class _StaticInputs:
         self.longs.copy_(self.host_longs, non_blocking=True)
         self.floats.copy_(self.host_floats, non_blocking=True)
 
-    def sampling(self, batch: int) -> SamplingTensors:
-        longs, floats = self.longs[:batch], self.floats[:batch]
+    def sampling(self, start: int, stop: int) -> SamplingTensors:
+        longs, floats = self.longs[start:stop], self.floats[start:stop]
         return SamplingTensors(
             temperature=floats[:, 0],
             top_p=floats[:, 1],

@@ -7,12 +7,9 @@ replay it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
-
-from generation.sequence import Sequence
 
 _MASK32 = 0xFFFFFFFF
 
@@ -97,34 +94,6 @@ class SamplingTensors:
     seeds: torch.Tensor  # [B] int64
     steps: torch.Tensor  # [B] int64
     ban_eos: torch.Tensor  # [B] bool: min_new_tokens not reached yet
-
-    @classmethod
-    def from_rows(cls, rows: Seq[Sequence], device: torch.device) -> SamplingTensors:
-        floats = torch.tensor(
-            [[r.params.temperature, r.params.top_p, r.params.repetition_penalty] for r in rows],
-            dtype=torch.float32,
-        ).to(device, non_blocking=True)
-        ints = torch.tensor(
-            [
-                [
-                    r.params.top_k,
-                    r.seed,
-                    r.num_completion_tokens,
-                    r.num_completion_tokens < r.params.min_new_tokens,
-                ]
-                for r in rows
-            ],
-            dtype=torch.int64,
-        ).to(device, non_blocking=True)
-        return cls(
-            temperature=floats[:, 0],
-            top_p=floats[:, 1],
-            penalty=floats[:, 2],
-            top_k=ints[:, 0],
-            seeds=ints[:, 1],
-            steps=ints[:, 2],
-            ban_eos=ints[:, 3].bool(),
-        )
 
 
 def sample_rows(
