@@ -52,8 +52,9 @@ class StreamTimings:
 
 @events.init_command_line_parser.add_listener
 def add_options(parser: LocustArgumentParser) -> None:
-    parser.add_argument("--prompt-words", type=int, default=32, help="Words per prompt, drawn at random.")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="max_new_tokens of each request.")
+    # A comma-separated list is a request mix: each request picks one of the values at random.
+    parser.add_argument("--prompt-words", default="32", help="Words per prompt (e.g. 16,128,512: a mix).")
+    parser.add_argument("--max-new-tokens", default="64", help="max_new_tokens of each request (or a mix).")
     parser.add_argument("--min-new-tokens", type=int, default=0, help="min_new_tokens of each request.")
     parser.add_argument("--api-key", default="", is_secret=True, help="Sent as 'Authorization: Bearer'.")
     parser.add_argument(
@@ -102,6 +103,11 @@ def read_stream(events_in: Iterable[SseEvent], started: float) -> StreamTimings:
     raise StreamFailure("stream closed without an end event")
 
 
+def pick(mix: str) -> int:
+    """One value of a comma-separated mix such as "16,64,256", chosen at random."""
+    return int(random.choice(mix.split(",")))
+
+
 def check_status(response: requests.Response) -> None:
     if response.status_code != 200:
         raise StreamFailure(f"HTTP {response.status_code}: {response.text[:200]}")
@@ -139,10 +145,11 @@ class StreamingUser(User):
 
     def run_stream(self, started: float) -> StreamTimings:
         options = self.environment.parsed_options
+        max_new_tokens = pick(options.max_new_tokens)
         body = {
-            "prompt": " ".join(random.choices(WORDS, k=options.prompt_words)),
-            "max_new_tokens": options.max_new_tokens,
-            "min_new_tokens": options.min_new_tokens,
+            "prompt": " ".join(random.choices(WORDS, k=pick(options.prompt_words))),
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": min(options.min_new_tokens, max_new_tokens),
         }
         url = f"{self.host}{STREAM_PATH}"
         with self.session.post(url, json=body, stream=True, timeout=TIMEOUT_S) as response:

@@ -55,7 +55,7 @@ def run_locust(host: str, tmp_path: Path, run_time: str, *extra: str) -> subproc
     command = [
         *(sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless"),
         *("-u", "4", "-r", "4", "-t", run_time, "--host", host, "--only-summary"),
-        *("--max-new-tokens", "16", "--min-new-tokens", "16"),
+        *("--max-new-tokens", "8,16", "--min-new-tokens", "8", "--prompt-words", "4,32"),
         # Unlike --csv, which is rewritten every few seconds, the JSON file is written once at the end.
         *("--json-file", str(tmp_path / "stats")),
         *extra,
