@@ -156,7 +156,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
     command = [
         sys.executable, str(ROOT / "server.py"), "--model", args.model, "--port", str(port),
         "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
-        "--log-format", "json",
+        "--log-format", "json", *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
@@ -202,7 +202,9 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
     engine = AsyncEngine(
         loaded.model,
         loaded.tokenizer,
-        EngineConfig(max_batch_size=max(args.concurrency), max_seq_len=args.max_seq_len),
+        EngineConfig(
+            max_batch_size=max(args.concurrency), max_seq_len=args.max_seq_len, compile=args.compile
+        ),
     )
     started = time.perf_counter()
     await engine.start()
@@ -452,6 +454,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     parser.add_argument("--stages", default="server,engine,classic")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--compile", action="store_true", help="serve with --compile (experimental)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results/latest")))
     args = parser.parse_args()
     stages = set(args.stages.split(","))

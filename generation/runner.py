@@ -243,7 +243,8 @@ class ModelRunner:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._decode_static(batch, kv_len)  # warm up kernels and workspaces off the graph
+            for _ in range(2):  # warm up kernels, workspaces and autotuning off the graph
+                self._decode_static(batch, kv_len)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
@@ -273,8 +274,20 @@ class ModelRunner:
 
     def _capture_all(self) -> None:
         started = time.perf_counter()
-        for kv_len in sorted({_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS}):
-            for batch in sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS}):
+        kv_lens = sorted({_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS})
+        batches = sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS})
+        if self._decode_forward != self._decode_logits:
+            # Compile on the default stream, outside any capture: batch 1 is specialised, larger
+            # batches and every KV length share one dynamic graph.
+            for batch, kv_len in {
+                (batches[0], kv_lens[0]),
+                (batches[-1], kv_lens[0]),
+                (batches[-1], kv_lens[-1]),
+            }:
+                self._decode_forward(batch, kv_len)
+            torch.cuda.synchronize(self.device)
+        for kv_len in kv_lens:
+            for batch in batches:
                 self._graph(batch, kv_len)
         torch.cuda.synchronize(self.device)
         log.info(
