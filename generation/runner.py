@@ -35,8 +35,8 @@ class RunnerConfig:
     """Share of the GPU's memory (or of the process's cap) that weights, activations and KV may fill."""
     cuda_graphs: bool = True
     compile: bool = False
-    """torch.compile the decode step's forward (CUDA graphs only): fused kernels, a slower start.
-    Experimental: with dynamic shapes its first capture failed on transformers 5.17 / torch 2.11."""
+    """torch.compile the decode step's forward (CUDA graphs only): fused kernels, minutes more to start.
+    Experimental; if compiling or capturing fails, the engine falls back to the uncompiled step."""
 
 
 def _cache_argument(module: torch.nn.Module) -> str:
