@@ -9,15 +9,15 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from generation.engine import Engine
+from generation.engine_config import EngineConfig
 from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
 from generation.metrics import EngineMetrics
 from generation.params import MAX_SEED, SamplingParams
-from generation.runner import ModelRunner, RunnerConfig
+from generation.runner import ModelRunner
 from generation.scheduler import SchedulerConfig
 
 RATE_WINDOW_S = 30.0
@@ -70,20 +70,6 @@ class RequestStream:
         self._engine._release(self.request_id, finished=self._finished)
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 64
-    max_seq_len: int = 2048
-    prefill_token_budget: int = 4096
-    max_queue: int = 256
-    """Requests that may wait for a row; past it new requests are refused."""
-    request_timeout: float = 600.0
-    """Seconds a request may take, queued and generating, unless it asks for less."""
-    memory_utilization: float = 0.9
-    cuda_graphs: bool = True
-    compile: bool = False
-
-
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = model.generation_config.eos_token_id
@@ -106,18 +92,7 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.config = config
         eos_ids = _eos_ids(model, tokenizer)
-        runner = ModelRunner(
-            model,
-            RunnerConfig(
-                max_batch_size=config.max_batch_size,
-                max_seq_len=config.max_seq_len,
-                prefill_token_budget=config.prefill_token_budget,
-                memory_utilization=config.memory_utilization,
-                cuda_graphs=config.cuda_graphs,
-                compile=config.compile,
-            ),
-            eos_ids,
-        )
+        runner = ModelRunner(model, config, eos_ids)
         scheduler_config = SchedulerConfig(runner.num_slots, config.prefill_token_budget)
         self.engine = Engine(runner, tokenizer.backend_tokenizer, scheduler_config, eos_ids, self._on_report)
         self.num_running = 0

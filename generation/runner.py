@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import inspect
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -13,6 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from generation.adapters import adapt
+from generation.engine_config import EngineConfig
 from generation.kv_cache import PassThroughCache, SlotKVCache
 from generation.sampler import SamplingTensors, sample_rows
 from generation.scheduler import ScheduledBatch
@@ -24,19 +24,6 @@ log = structlog.get_logger("generation.runner")
 # has few distinct shapes: one CUDA graph per (batch bucket, length bucket).
 KV_LEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    max_batch_size: int
-    max_seq_len: int
-    prefill_token_budget: int = 4096
-    memory_utilization: float = 0.9
-    """Share of the GPU's memory (or of the process's cap) that weights, activations and KV may fill."""
-    cuda_graphs: bool = True
-    compile: bool = False
-    """torch.compile the decode step's forward (CUDA graphs only): fused kernels, minutes more to start.
-    Experimental; if compiling or capturing fails, the engine falls back to the uncompiled step."""
 
 
 def _cache_argument(module: torch.nn.Module) -> str:
@@ -53,7 +40,7 @@ class ModelRunner:
     """Runs one engine step: moves slots, decodes the running rows, prefills newcomers, samples every row,
     and returns the new tokens with one device-to-host copy."""
 
-    def __init__(self, model: PreTrainedModel, config: RunnerConfig, eos_ids: set[int]) -> None:
+    def __init__(self, model: PreTrainedModel, config: EngineConfig, eos_ids: set[int]) -> None:
         adapt(model)
         self.model = model
         self.config = config

@@ -1,0 +1,26 @@
+"""EngineConfig: the engine's limits and GPU options, one frozen object shared by its parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 64
+    """Most rows running at once; the KV cache holds this many slots, or fewer where memory is short."""
+    max_seq_len: int = 2048
+    """Most tokens one row holds: prompt plus generated."""
+    prefill_token_budget: int = 4096
+    """Most prompt tokens prefilled in one step (the first admission of a step always goes through)."""
+    max_queue: int = 256
+    """Requests that may wait for a row; past it new requests are refused."""
+    request_timeout: float = 600.0
+    """Seconds a request may take, queued and generating, unless it asks for less."""
+    memory_utilization: float = 0.9
+    """Share of the GPU's memory (or of the process's cap) that weights, activations and KV may fill."""
+    cuda_graphs: bool = True
+    """Capture the decode step in CUDA graphs (GPU only)."""
+    compile: bool = False
+    """torch.compile the decode step's forward (CUDA graphs only): fused kernels, minutes more to start.
+    Experimental; if compiling or capturing fails, the engine falls back to the uncompiled step."""
