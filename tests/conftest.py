@@ -60,6 +60,21 @@ def scripted_model(model_dir: Path, script: list[int], prompt_len: int) -> Falco
     return model
 
 
+def fail_step(monkeypatch: pytest.MonkeyPatch, engine: AsyncEngine, at_call: int, message: str) -> None:
+    """Make the engine's `at_call`-th runner step raise RuntimeError(message); the others run normally."""
+    runner = engine.engine.runner
+    real_step = runner.step
+    calls = {"n": 0}
+
+    def failing_step(batch: Any) -> list[int]:
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise RuntimeError(message)
+        return real_step(batch)
+
+    monkeypatch.setattr(runner, "step", failing_step)
+
+
 def make_engine(loaded: LoadedModel, **config: int) -> AsyncEngine:
     defaults = {"max_batch_size": 16, "max_seq_len": 512, "prefill_token_budget": 4096}
     return AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(**{**defaults, **config}))

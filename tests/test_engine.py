@@ -13,7 +13,7 @@ from transformers import FalconForCausalLM, PreTrainedModel
 
 from generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
 from generation.messages import AbortRequest, AddRequest, StepReport
-from tests.conftest import make_engine
+from tests.conftest import fail_step, make_engine
 
 PROMPTS = [
     "The baker",
@@ -148,17 +148,7 @@ async def test_closing_the_stream_cancels_the_request(engine: AsyncEngine) -> No
 async def test_failed_step_ends_its_requests_with_error_and_the_engine_goes_on(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = engine.engine.runner
-    real_step = runner.step
-    calls = {"n": 0}
-
-    def failing_step(batch: object) -> list[int]:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real_step(batch)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runner, "step", failing_step)
+    fail_step(monkeypatch, engine, at_call=3, message="injected fault")
     failed = await collect(
         engine, "victim", "The baker", SamplingParams(max_new_tokens=20, min_new_tokens=20)
     )

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from config import Settings
 from generation import LoadedModel
 from server import ENGINE_KEY, create_app
-from tests.conftest import make_engine
+from tests.conftest import fail_step, make_engine
 from tests.sse import parse_events, text_of
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
@@ -142,17 +142,7 @@ async def test_unknown_route_and_wrong_method_are_json(client: TestClient) -> No
 async def test_failed_step_sends_error_then_end_and_the_server_goes_on(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine_runner = client.server.app[ENGINE_KEY].engine.runner
-    real_step = engine_runner.step
-    calls = {"n": 0}
-
-    def failing_step(batch: Any) -> list[int]:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("injected")
-        return real_step(batch)
-
-    monkeypatch.setattr(engine_runner, "step", failing_step)
+    fail_step(monkeypatch, client.server.app[ENGINE_KEY], at_call=2, message="injected")
     _, events = await stream_events(
         client, {"prompt": "The baker", "max_new_tokens": 10, "min_new_tokens": 10}
     )
