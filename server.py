@@ -199,8 +199,9 @@ async def parse_generate_request(request: web.Request) -> GenerateRequest:
 
 
 def engine_for(request: web.Request) -> AsyncEngine:
+    # Before the engine exists (it is built at startup); once it does, AsyncEngine.generate refuses.
     engine = request.app.get(ENGINE_KEY)
-    if engine is None or not engine.ready:
+    if engine is None:
         raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
     return engine
 
@@ -293,11 +294,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     engine = request.app.get(ENGINE_KEY)
-    if engine is None or not engine.ready or engine.draining:
-        message = (
-            "the server is draining" if engine is not None and engine.draining else "the model is not ready"
-        )
-        return json_error(503, message, headers={"Retry-After": RETRY_AFTER_NOT_READY})
+    reason = "the model is not ready" if engine is None else engine.unavailable
+    if engine is None or reason is not None:
+        return json_error(503, reason or "", headers={"Retry-After": RETRY_AFTER_NOT_READY})
     return web.json_response(
         {"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting}
     )

@@ -118,6 +118,13 @@ class AsyncEngine:
     def ready(self) -> bool:
         return self._loop is not None and self.engine.is_alive()
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why new requests are refused now (draining, or no engine thread), or None when they are not."""
+        if self.draining:
+            return "the server is draining"
+        return None if self.ready else "the model is not ready"
+
     def encode_prompt(self, prompt: str, cutoff_len: int, params: SamplingParams) -> list[int]:
         """Tokenize and keep the most recent `cutoff_len` tokens; check the request fits a KV slot."""
         ids = self.tokenizer.encode(prompt)[-cutoff_len:]
@@ -141,10 +148,8 @@ class AsyncEngine:
         running or is draining, QueueFullError when the waiting queue is full. `timeout` (seconds)
         defaults to the engine's request timeout; past it the request ends with `timeout`.
         """
-        if not self.ready or self.draining:
-            raise EngineUnavailableError(
-                "the engine is not running" if not self.draining else "the server is draining"
-            )
+        if self.unavailable is not None:
+            raise EngineUnavailableError(self.unavailable)
         if len(self._queues) >= self.engine.runner.num_slots + self.config.max_queue:
             raise QueueFullError(self.retry_after())
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()

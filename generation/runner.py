@@ -42,7 +42,6 @@ class ModelRunner:
 
     def __init__(self, model: PreTrainedModel, config: EngineConfig, eos_ids: set[int]) -> None:
         adapt(model)
-        self.model = model
         self.config = config
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
