@@ -60,7 +60,7 @@ def main() -> None:
 
     def compiled(b: int, kv_len: int) -> torch.Tensor:
         static = runner._static
-        return runner._sample(compiled_logits(b, kv_len), static.sampling(b), static.rows[:b])
+        return runner._sample(compiled_logits(b, kv_len), static.sampling(0, b), static.rows[:b])
 
     report = {}
     for b in [int(x) for x in args.batch.split(",")]:

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from generation.detokenizer import IncrementalDetokenizer
 from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
-from generation.runner import ModelRunner
+from generation.runner import Launched, ModelRunner
 from generation.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from generation.sequence import Sequence, Status
 
@@ -49,6 +49,7 @@ class Engine:
         self._previous_step_end = 0.0
         self._step_stats = (0, 0.0)  # (rows decoded, seconds since the previous step) of the last step
         self._pending: list[RequestOutput] = []
+        self._in_flight: Launched | None = None
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="trickle-engine", daemon=True)
@@ -76,31 +77,31 @@ class Engine:
             log.exception("engine thread failed")
             self._report(self._pending + self._finish_all(Status.ERROR, "the engine failed"))
             return
+        self.flush()
         self._report(self._pending + self._finish_all(Status.SHUTDOWN))
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
-            self.run_once(block=not self.scheduler.has_work)
+            self.run_once(block=not (self.scheduler.has_work or self._in_flight))
 
     def run_once(self, block: bool = False) -> None:
-        """One turn of the loop: drain the inbox (waiting for a message if `block`), step, report."""
+        """One turn of the loop: drain the inbox (waiting for a message if `block`), launch the next step,
+        then collect the step launched last turn, so the host's work overlaps the device's."""
         self.heartbeat = time.monotonic()
         changed = self._drain_inbox(block=block)
         for seq in self.scheduler.expire(time.monotonic()):
             self._pending.append(self._final_output(seq))
-        stepped = self.scheduler.has_work
-        outputs = self.step() if stepped else []
-        if changed or stepped or self._pending:
+        previous, self._in_flight = self._in_flight, self._launch()
+        outputs = self._collect(previous) if previous is not None else []
+        if changed or previous is not None or self._in_flight is not None or self._pending:
             self._report(self._pending + outputs)
             self._pending = []
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run, postprocess: the outputs of one step (finished rows leave at the next)."""
-        batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
-        tokens = self._run(batch)
-        return self._postprocess(batch, tokens)
+    def flush(self) -> None:
+        """Collect the step in flight, if any (used on shutdown and by tests that drive the engine)."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._pending.extend(self._collect(previous))
 
     def _drain_inbox(self, block: bool) -> bool:
         try:
@@ -134,36 +135,55 @@ class Engine:
         )
         self.scheduler.add(seq)
 
-    def _run(self, batch: ScheduledBatch) -> list[int] | None:
+    def _launch(self) -> Launched | None:
+        """Schedule and queue the next step. Rows whose token from the step in flight is still unseen
+        take it on the device; a row that turns out to have finished with it wastes one row of a step."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return None
         now = time.monotonic()
         for seq in batch.prefill:
             seq.admitted_time = now
         try:
-            tokens = self.runner.step(batch)
+            launched = self.runner.launch(batch)
         except Exception as err:  # a failed step fails its own rows, never the engine
-            log.exception("engine step failed", request_ids=[seq.request_id for seq in batch.rows])
-            for seq in batch.rows:
-                seq.finish(Status.ERROR, error=f"generation failed: {type(err).__name__}")
+            self._fail(batch.rows, err)
             return None
-        self.steps += 1
-        end = time.monotonic()
-        # A decoded row got its previous token when the previous step ended.
-        self._step_stats = (len(batch.decode), end - (self._previous_step_end if batch.decode else now))
-        self._previous_step_end = end
-        return tokens
+        for index, seq in enumerate(batch.rows):
+            seq.launched += 1
+            seq.row_index = index
+        return launched
 
-    def _postprocess(self, batch: ScheduledBatch, tokens: list[int] | None) -> list[RequestOutput]:
-        if tokens is None:
-            return [self._final_output(seq) for seq in batch.rows]
+    def _collect(self, launched: Launched) -> list[RequestOutput]:
+        try:
+            tokens = self.runner.collect(launched)
+        except Exception as err:
+            self._fail(launched.rows, err)
+            return []
+        self.steps += 1
         now = time.monotonic()
+        # A decoded row got its previous token when the previous step was collected.
+        since = self._previous_step_end if launched.num_decode else now
+        self._step_stats = (launched.num_decode, now - since)
+        self._previous_step_end = now
         outputs = []
-        for seq, token in zip(batch.rows, tokens, strict=True):
+        for seq, token in zip(launched.rows, tokens, strict=True):
+            if seq.is_finished:  # cancelled, timed out or stopped while this step was in flight
+                continue
             text = self._append(seq, token, now)
             if seq.is_finished:
                 outputs.append(self._final_output(seq, text + self._tail(seq)))
             elif text:
                 outputs.append(RequestOutput(seq.request_id, text))
         return outputs
+
+    def _fail(self, rows: list[Sequence], err: Exception) -> None:
+        # Called from an `except` block: the traceback goes with the log line.
+        log.exception("engine step failed", request_ids=[seq.request_id for seq in rows])
+        for seq in rows:
+            if not seq.is_finished:
+                seq.finish(Status.ERROR, error=f"generation failed: {type(err).__name__}")
+                self._pending.append(self._final_output(seq))
 
     def _append(self, seq: Sequence, token: int, now: float) -> str:
         if seq.first_token_time is None:
@@ -200,7 +220,8 @@ class Engine:
 
     def _finish_all(self, status: Status, error: str | None = None) -> list[RequestOutput]:
         outputs = []
-        for seq in list(self.scheduler):
+        in_flight = self._in_flight.rows if self._in_flight is not None else []
+        for seq in {id(seq): seq for seq in [*self.scheduler, *in_flight]}.values():
             if not seq.is_finished:
                 seq.finish(status, error)
                 outputs.append(self._final_output(seq))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import inspect
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -36,9 +37,20 @@ def _bucket(value: int, buckets: tuple[int, ...], cap: int) -> int:
     return min(buckets[index] if index < len(buckets) else cap, cap)
 
 
+@dataclass
+class Launched:
+    """A step queued on the device: its rows, how many of them decoded, and where its tokens land."""
+
+    rows: list[Sequence]
+    num_decode: int
+    tokens: torch.Tensor
+    done: torch.cuda.Event | None  # recorded after the copy to `tokens`; None where the step ran inline
+
+
 class ModelRunner:
     """Runs one engine step: moves slots, decodes the running rows, prefills newcomers, samples every row,
-    and returns the new tokens with one device-to-host copy."""
+    and copies the new tokens back to the host with one device-to-host copy. `launch` queues a step and
+    `collect` waits for it, so the engine prepares the next step while this one runs."""
 
     def __init__(self, model: PreTrainedModel, config: EngineConfig, eos_ids: set[int]) -> None:
         adapt(model)
@@ -53,6 +65,8 @@ class ModelRunner:
         self.num_slots = self._plan_slots()
         self.cache = SlotKVCache(self.num_slots, config.max_seq_len)
         self._static = _StaticInputs(self.num_slots, config.max_seq_len, self.device)
+        # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
+        self._last_tokens = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
         # seen[slot, token]: the token is in the row's prompt or output (for the repetition penalty)
         self.seen = torch.zeros(self.num_slots, self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
@@ -105,7 +119,7 @@ class ModelRunner:
         self._forward(
             ids,
             torch.arange(tokens, device=self.device)[None],
-            self._causal_mask(torch.tensor([tokens]), tokens),
+            self._causal_mask(torch.tensor([tokens], device=self.device), tokens),
             cache,
         )
         activations = torch.cuda.max_memory_allocated(self.device) - before
@@ -116,8 +130,12 @@ class ModelRunner:
     # ------------------------------------------------------------ the step
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch) -> list[int]:
-        """Run the batch; return one sampled token per row, in `batch.rows` order."""
+    def launch(self, batch: ScheduledBatch) -> Launched:
+        """Queue the batch's step on the device and return at once; `collect` waits for its tokens.
+
+        A row whose previous token is still in flight (`seq.in_flight`) is fed that token on the device,
+        from the previous step's output, so the host never waits between two steps.
+        """
         for src, dst in batch.moves:
             self.cache.move(src, dst)
             self.seen[dst] = self.seen[src]
@@ -126,17 +144,26 @@ class ModelRunner:
         tokens = [self._decode(batch.decode)] if batch.decode else []
         if batch.prefill:
             tokens.append(self._prefill(batch.prefill))
-        return self._to_host(torch.cat(tokens))
-
-    def _to_host(self, tokens: torch.Tensor) -> list[int]:
+        out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
+        self._last_tokens[: out.shape[0]].copy_(out)
         if self.device.type != "cuda":
-            return tokens.tolist()
-        host = self._static.host_tokens[: tokens.shape[0]]
-        host.copy_(tokens, non_blocking=True)
+            return Launched(batch.rows, len(batch.decode), out, None)
+        host = self._static.host_tokens()[: out.shape[0]]
+        host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        done.synchronize()  # waits with the GIL released, so the event loop keeps serving meanwhile
-        return host.tolist()
+        return Launched(batch.rows, len(batch.decode), host, done)
+
+    @staticmethod
+    def collect(launched: Launched) -> list[int]:
+        """The step's sampled tokens, one per row in `launched.rows` order."""
+        if launched.done is not None:
+            launched.done.synchronize()  # waits with the GIL released: the event loop keeps serving
+        return launched.tokens.tolist()
+
+    def step(self, batch: ScheduledBatch) -> list[int]:
+        """Launch and collect one step."""
+        return self.collect(self.launch(batch))
 
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: object
@@ -150,9 +177,13 @@ class ModelRunner:
         )
         return out.last_hidden_state
 
+    def _to_device(self, rows: list[Any]) -> torch.Tensor:
+        # Through pinned memory, so the copy queues behind the running step instead of waiting for it.
+        pinned = torch.tensor(rows, pin_memory=self.device.type == "cuda")
+        return pinned.to(self.device, non_blocking=True)
+
     def _causal_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
         # [n, 1, width, width]: causal, and keys past each row's length hidden
-        lengths = lengths.to(self.device)
         keys = torch.arange(width, device=self.device)
         visible = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
         return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
@@ -164,18 +195,17 @@ class ModelRunner:
         # padding repeats the row's first token, so it adds nothing to the tokens the row has seen; the
         # keys it writes past the prompt are overwritten by decode before they are ever read.
         width = max(seq.num_prompt_tokens for seq in rows)
-        ids = torch.tensor(
+        ids = self._to_device(
             [seq.prompt_ids + seq.prompt_ids[:1] * (width - seq.num_prompt_tokens) for seq in rows]
         )
-        lengths = torch.tensor([seq.num_prompt_tokens for seq in rows])
-        ids = ids.to(self.device, non_blocking=True)
-        slots = torch.tensor([seq.slot for seq in rows]).to(self.device, non_blocking=True)
+        lengths = self._to_device([seq.num_prompt_tokens for seq in rows])
+        slots = self._to_device([seq.slot for seq in rows])
         self.seen[slots] = False
         self.seen[slots[:, None], ids] = True
         self.cache.for_prefill(slots)
         positions = torch.arange(width, device=self.device)[None].expand(len(rows), -1)
         hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
-        last = hidden[torch.arange(len(rows), device=self.device), lengths.to(self.device) - 1]
+        last = hidden[torch.arange(len(rows), device=self.device), lengths - 1]
         first = rows[0].slot  # prefill rows hold consecutive slots, after the decode rows
         params = self._static.sampling(first, first + len(rows))
         return self._sample(self.lm_head(last), params, slots)
@@ -189,7 +219,7 @@ class ModelRunner:
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
         """Decode and sample the running rows (slots 0..n-1); returns their new tokens, [n]."""
         n = len(rows)
-        longest = max(seq.num_tokens for seq in rows)
+        longest = max(seq.context_len for seq in rows)
         kv_len = _bucket(longest, KV_LEN_BUCKETS, self.config.max_seq_len)
         if not self.use_graphs:
             return self._decode_static(n, kv_len)
@@ -201,6 +231,7 @@ class ModelRunner:
     def _decode_static(self, batch: int, kv_len: int) -> torch.Tensor:
         """Decode and sample rows 0..batch-1 from the static input buffers only, so it can be captured."""
         static = self._static
+        static.feed_previous(self._last_tokens)
         logits = self._decode_forward(batch, kv_len)
         return self._sample(logits, static.sampling(0, batch), static.rows[:batch])
 
@@ -284,18 +315,24 @@ class ModelRunner:
 
 
 class _StaticInputs:
-    """Fixed-address input buffers of the decode step, refilled before each (graph) run."""
+    """Fixed-address input buffers of the decode step, refilled before each (graph) run.
 
-    # Columns of the integer table: token in, its position, top_k, seed, step, EOS banned.
-    LONGS = 6
+    The pinned host tables are double-buffered: while one step's copies may still be queued on the
+    device, the next step fills the other pair.
+    """
+
+    # Columns of the integer table: token in, its position, top_k, seed, step, EOS banned, and the row's
+    # index in the previous step's output when its token comes from there (else -1).
+    LONGS = 7
 
     def __init__(self, slots: int, max_len: int, device: torch.device) -> None:
         pinned = device.type == "cuda"
-        self.host_longs = torch.zeros(slots, self.LONGS, dtype=torch.long, pin_memory=pinned)
-        self.host_floats = torch.zeros(slots, 3, dtype=torch.float32, pin_memory=pinned)
-        self.host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=pinned)
-        self.longs = torch.zeros_like(self.host_longs, device=device)
-        self.floats = torch.zeros_like(self.host_floats, device=device)
+        self._host_longs = torch.zeros(2, slots, self.LONGS, dtype=torch.long, pin_memory=pinned)
+        self._host_floats = torch.zeros(2, slots, 3, dtype=torch.float32, pin_memory=pinned)
+        self._host_tokens = torch.zeros(2, slots, dtype=torch.long, pin_memory=pinned)
+        self._turn = 0
+        self.longs = torch.zeros_like(self._host_longs[0], device=device)
+        self.floats = torch.zeros_like(self._host_floats[0], device=device)
         self.ids, self.positions = self.longs[:, 0:1], self.longs[:, 1:2]
         self.rows = torch.arange(slots, device=device)
         self.key_index = torch.arange(max_len, device=device)
@@ -303,15 +340,28 @@ class _StaticInputs:
     def load(self, rows: list[Sequence]) -> None:
         """Two small host-to-device copies per step carry every row's inputs and sampling parameters;
         rows past the live ones are zeros (token 0 at position 0, greedy)."""
+        self._turn ^= 1
+        longs, floats = self._host_longs[self._turn], self._host_floats[self._turn]
         n = len(rows)
-        self.host_longs[n:] = 0
-        self.host_floats[n:] = 0
-        self.host_longs[:n] = torch.tensor([_long_inputs(seq) for seq in rows])
-        self.host_floats[:n] = torch.tensor(
+        longs[n:] = 0
+        longs[n:, 6] = -1
+        floats[n:] = 0
+        longs[:n] = torch.tensor([_long_inputs(seq) for seq in rows])
+        floats[:n] = torch.tensor(
             [[seq.params.temperature, seq.params.top_p, seq.params.repetition_penalty] for seq in rows]
         )
-        self.longs.copy_(self.host_longs, non_blocking=True)
-        self.floats.copy_(self.host_floats, non_blocking=True)
+        self.longs.copy_(longs, non_blocking=True)
+        self.floats.copy_(floats, non_blocking=True)
+
+    def host_tokens(self) -> torch.Tensor:
+        """The pinned buffer this step's tokens are copied back into."""
+        return self._host_tokens[self._turn]
+
+    def feed_previous(self, last_tokens: torch.Tensor) -> None:
+        """On the device: rows whose token is still in flight take it from the previous step's output."""
+        source = self.longs[:, 6]
+        fed = last_tokens[source.clamp(min=0)]
+        self.longs[:, 0] = torch.where(source >= 0, fed, self.longs[:, 0])
 
     def sampling(self, start: int, stop: int) -> SamplingTensors:
         longs, floats = self.longs[start:stop], self.floats[start:stop]
@@ -327,12 +377,16 @@ class _StaticInputs:
 
     def clear(self) -> None:
         self.longs.zero_()
+        self.longs[:, 6] = -1
         self.floats.zero_()
 
 
 def _long_inputs(seq: Sequence) -> list[int]:
-    banned = seq.num_completion_tokens < seq.params.min_new_tokens
-    return [seq.last_token, seq.num_tokens - 1, seq.params.top_k, seq.seed, seq.num_completion_tokens, banned]
+    # Counted from what has been launched, so a row with a token in flight is described one step on.
+    made = seq.launched
+    banned = made < seq.params.min_new_tokens
+    source = seq.row_index if seq.in_flight else -1
+    return [seq.last_token, seq.num_prompt_tokens + made - 1, seq.params.top_k, seq.seed, made, banned, source]
 
 
 def _memory_cap(device: torch.device) -> float:

@@ -102,11 +102,12 @@ class Scheduler:
         return batch
 
     def _drop_finished_running(self, moves: list[tuple[int, int]]) -> None:
-        """Remove finished rows; live rows beyond the new count move into the holes, so slots stay 0..n-1."""
-        finished = [seq for seq in self.running if seq.is_finished]
+        """Remove rows that are finished or need no further step (their last token is in flight); live
+        rows beyond the new count move into the holes, so slots stay 0..n-1."""
+        finished = [seq for seq in self.running if seq.is_finished or seq.fully_launched]
         if not finished:
             return
-        live = [seq for seq in self.running if not seq.is_finished]
+        live = [seq for seq in self.running if not (seq.is_finished or seq.fully_launched)]
         holes = sorted(seq.slot for seq in finished if seq.slot < len(live))
         movers = sorted((seq for seq in live if seq.slot >= len(live)), key=lambda seq: seq.slot)
         for seq, hole in zip(movers, holes, strict=True):

@@ -53,6 +53,10 @@ class Sequence:
     first_token_time: float | None = None
     finished_time: float | None = None
     error: str | None = None
+    launched: int = 0
+    """Tokens the runner has been asked to produce; one more than `output_ids` while a step is in flight."""
+    row_index: int = -1
+    """The row's index in the last step it was launched in (where its newest token lands)."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -69,6 +73,21 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def in_flight(self) -> bool:
+        """A launched step holds this row's next token; the host has not seen it yet."""
+        return self.launched > len(self.output_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the row's KV cache once its launched steps have run."""
+        return self.num_prompt_tokens + self.launched
+
+    @property
+    def fully_launched(self) -> bool:
+        """Every token the row may produce has been launched: it needs no further step."""
+        return self.launched >= self.params.max_new_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -61,18 +61,19 @@ def scripted_model(model_dir: Path, script: list[int], prompt_len: int) -> Falco
 
 
 def fail_step(monkeypatch: pytest.MonkeyPatch, engine: AsyncEngine, at_call: int, message: str) -> None:
-    """Make the engine's `at_call`-th runner step raise RuntimeError(message); the others run normally."""
+    """Make the engine's `at_call`-th runner step raise RuntimeError(message) when it is launched; the
+    others run normally."""
     runner = engine.engine.runner
-    real_step = runner.step
+    real_launch = runner.launch
     calls = {"n": 0}
 
-    def failing_step(batch: Any) -> list[int]:
+    def failing_launch(batch: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == at_call:
             raise RuntimeError(message)
-        return real_step(batch)
+        return real_launch(batch)
 
-    monkeypatch.setattr(runner, "step", failing_step)
+    monkeypatch.setattr(runner, "launch", failing_launch)
 
 
 def make_engine(loaded: LoadedModel, **config: int) -> AsyncEngine:

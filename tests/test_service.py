@@ -153,8 +153,8 @@ async def test_sd_notify_ready_watchdog_stuck_engine_and_stopping(
     assert await systemd.until("WATCHDOG=1")
     release = threading.Event()
     runner = engine.engine.runner
-    real_step = runner.step
-    runner.step = lambda batch: (release.wait(), real_step(batch))[1]  # type: ignore[method-assign]
+    real_step = runner.launch
+    runner.launch = lambda batch: (release.wait(), real_step(batch))[1]  # type: ignore[method-assign]
     request = engine.generate(
         "stuck", engine.encode_prompt("a", 8, SamplingParams()), SamplingParams(max_new_tokens=2)
     )
