@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from generation.detokenizer import IncrementalDetokenizer
 from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
 from generation.runner import Launched, ModelRunner
-from generation.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from generation.scheduler import Scheduler, SchedulerConfig
 from generation.sequence import Sequence, Status
 
 log = structlog.get_logger("generation.engine")

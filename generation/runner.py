@@ -386,7 +386,8 @@ def _long_inputs(seq: Sequence) -> list[int]:
     made = seq.launched
     banned = made < seq.params.min_new_tokens
     source = seq.row_index if seq.in_flight else -1
-    return [seq.last_token, seq.num_prompt_tokens + made - 1, seq.params.top_k, seq.seed, made, banned, source]
+    position = seq.num_prompt_tokens + made - 1
+    return [seq.last_token, position, seq.params.top_k, seq.seed, made, banned, source]
 
 
 def _memory_cap(device: torch.device) -> float:

@@ -44,8 +44,9 @@ class Scheduler:
     """Decides, each step, which requests run.
 
     Only the engine thread calls it. `add` queues a new sequence; `abort` marks one cancelled (it leaves
-    at the next `schedule`). `schedule` drops every finished row, compacts slots, and admits waiting
-    sequences in arrival order while there are free rows and prefill budget.
+    at the next `schedule`). `schedule` drops every finished row and every row whose last token is already
+    launched, compacts slots, and admits waiting sequences in arrival order while there are free rows and
+    prefill budget.
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
