@@ -156,6 +156,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
     command = [
         sys.executable, str(ROOT / "server.py"), "--model", args.model, "--port", str(port),
         "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
+        "--prefill-token-budget", str(args.prefill_token_budget),
         "--log-format", "json", *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -203,7 +204,10 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
         loaded.model,
         loaded.tokenizer,
         EngineConfig(
-            max_batch_size=max(args.concurrency), max_seq_len=args.max_seq_len, compile=args.compile
+            max_batch_size=max(args.concurrency),
+            max_seq_len=args.max_seq_len,
+            prefill_token_budget=args.prefill_token_budget,
+            compile=args.compile,
         ),
     )
     started = time.perf_counter()
@@ -451,6 +455,7 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128]
     )
+    parser.add_argument("--prefill-token-budget", type=int, default=EngineConfig.prefill_token_budget)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     parser.add_argument("--stages", default="server,engine,classic")
     parser.add_argument("--dtype", default="auto")
