@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random:falcon-7b")
     parser.add_argument("--batch", default="1,8,64,128")
+    parser.add_argument("--prefill", default="1,8,32", help="prefill steps of this many 128-token prompts")
     args = parser.parse_args()
     loaded = load_model(args.model, dtype="bfloat16", device="cuda")
     engine = AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=128, max_seq_len=2048))
@@ -93,6 +95,26 @@ def main() -> None:
         report[b] = entry
         print(b, json.dumps({k: round(v, 3) for k, v in entry.items() if k != "top"}), flush=True)
         print(entry["top"], flush=True)
+    for n in [int(x) for x in args.prefill.split(",") if x]:
+        rows = []
+        for i in range(n):
+            ids = [int(x) for x in torch.randint(300, 60000, (128,))]
+            seq = Sequence(f"p{i}", ids, params, i, IncrementalDetokenizer(tokenizer, ids, []))
+            seq.slot, seq.status = i, Status.RUNNING
+            rows.append(seq)
+        batch = ScheduledBatch(prefill=rows)
+        with torch.inference_mode():
+            runner.step(batch)
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as syncs:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                runner.launch(batch)
+                torch.cuda.set_sync_debug_mode("default")
+            entry = {"prefill_ms": timed(lambda: runner.step(batch), 5), "host_syncs_in_launch": len(syncs)}
+            entry["sync_sites"] = sorted({str(w.message)[:120] for w in syncs})
+        report[f"prefill_{n}x128"] = entry
+        print(f"prefill {n}x128", json.dumps(entry), flush=True)
     out = Path(os.environ.get("OUT", "."))
     (out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
 
