@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import inspect
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ log = structlog.get_logger("generation.runner")
 # Attention reads the cache up to one of these lengths (capped at max_seq_len), so the decode step
 # has few distinct shapes: one CUDA graph per (batch bucket, length bucket).
 KV_LEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
+# A step's newcomers are prefilled as one row of this many tokens (padded up), one CUDA graph each.
+PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
@@ -62,17 +65,26 @@ class ModelRunner:
         self.vocab_size = self.lm_head.weight.shape[0]
         self._cache_arg = _cache_argument(self.base)
         self._min_value = torch.finfo(self.dtype).min
+        # A step prefills at most the token budget, or one prompt of up to max_seq_len past it.
+        self.max_prefill_tokens = max(config.prefill_token_budget, config.max_seq_len)
+        smaller = [b for b in PREFILL_BUCKETS if b < self.max_prefill_tokens]
+        self.prefill_buckets = (*smaller, self.max_prefill_tokens)
         self.num_slots = self._plan_slots()
         self.cache = SlotKVCache(self.num_slots, config.max_seq_len)
         self._static = _StaticInputs(self.num_slots, config.max_seq_len, self.device)
         # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
         self._last_tokens = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
-        # seen[slot, token]: the token is in the row's prompt or output (for the repetition penalty)
-        self.seen = torch.zeros(self.num_slots, self.vocab_size, dtype=torch.bool, device=self.device)
+        # seen[slot, token]: the token is in the row's prompt or output (for the repetition penalty); the
+        # extra last row takes what padding rows of a captured prefill write
+        self.seen = torch.zeros(self.num_slots + 1, self.vocab_size, dtype=torch.bool, device=self.device)
+        self._packed = _PackedPrefill(
+            self.max_prefill_tokens, self.num_slots, config.max_seq_len, self.device
+        )
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._false = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._graphs: dict[tuple[str | int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool: Any = None  # one memory pool shared by every captured graph
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
@@ -110,18 +122,14 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile(self) -> tuple[int, int]:
         """KV bytes per token, and the peak activation memory of the largest prefill a step may run."""
-        tokens = min(self.config.prefill_token_budget, self.config.max_seq_len)
+        tokens = self.max_prefill_tokens
         cache = PassThroughCache()
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        index = torch.arange(tokens, device=self.device)
         ids = torch.zeros(1, tokens, dtype=torch.long, device=self.device)
-        self._forward(
-            ids,
-            torch.arange(tokens, device=self.device)[None],
-            self._causal_mask(torch.tensor([tokens], device=self.device), tokens),
-            cache,
-        )
+        self._forward(ids, index[None], self._packed_mask(torch.zeros_like(index), index), cache)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         # Sampling sorts the whole vocabulary in float32 for every row; leave room for that too.
         activations += 6 * 4 * self.config.max_batch_size * self.vocab_size
@@ -177,38 +185,43 @@ class ModelRunner:
         )
         return out.last_hidden_state
 
-    def _to_device(self, rows: list[Any]) -> torch.Tensor:
-        # Through pinned memory, so the copy queues behind the running step instead of waiting for it.
-        pinned = torch.tensor(rows, pin_memory=self.device.type == "cuda")
-        return pinned.to(self.device, non_blocking=True)
-
-    def _causal_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
-        # [n, 1, width, width]: causal, and keys past each row's length hidden
-        keys = torch.arange(width, device=self.device)
-        visible = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
+    def _packed_mask(self, segments: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        # [1, 1, T, T]: token i sees token j when both belong to the same prompt and j <= i
+        visible = (segments[:, None] == segments[None, :]) & (index[None, :] <= index[:, None])
         return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
             ~visible, self._min_value
-        )[:, None]
+        )[None, None]
 
     def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
-        # All newcomers in one forward, right-padded; each row writes its own slot from position 0. The
-        # padding repeats the row's first token, so it adds nothing to the tokens the row has seen; the
-        # keys it writes past the prompt are overwritten by decode before they are ever read.
-        width = max(seq.num_prompt_tokens for seq in rows)
-        ids = self._to_device(
-            [seq.prompt_ids + seq.prompt_ids[:1] * (width - seq.num_prompt_tokens) for seq in rows]
-        )
-        lengths = self._to_device([seq.num_prompt_tokens for seq in rows])
-        slots = self._to_device([seq.slot for seq in rows])
-        self.seen[slots] = False
-        self.seen[slots[:, None], ids] = True
-        self.cache.for_prefill(slots)
-        positions = torch.arange(width, device=self.device)[None].expand(len(rows), -1)
-        hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
-        last = hidden[torch.arange(len(rows), device=self.device), lengths - 1]
-        first = rows[0].slot  # prefill rows hold consecutive slots, after the decode rows
-        params = self._static.sampling(first, first + len(rows))
-        return self._sample(self.lm_head(last), params, slots)
+        """Prefill and sample the newcomers; returns their first tokens, [len(rows)]."""
+        total = sum(seq.num_prompt_tokens for seq in rows)
+        if not self.use_graphs:
+            self._packed.load(rows, total, len(rows))
+            return self._prefill_static(total, len(rows))
+        width = _bucket(total, self.prefill_buckets, self.max_prefill_tokens)
+        graph, tokens = self._graph("prefill", width)
+        self._packed.load(rows, width, self._prefill_rows(width))
+        graph.replay()
+        return tokens[: len(rows)]
+
+    def _prefill_rows(self, width: int) -> int:
+        return min(width, self.num_slots)
+
+    def _prefill_static(self, width: int, num_rows: int) -> torch.Tensor:
+        """Every newcomer's prompt end to end in one row of `width` tokens, from the static buffers only,
+        so it can be captured. Padding tokens form their own segment and write their keys at the last
+        position of a newcomer's slot, which decode overwrites before it is ever read; padding rows
+        sample into the spare row of `seen`."""
+        packed = self._packed
+        ids, positions, slots, seen_rows, segments = packed.tokens[:width].unbind(1)
+        last, batch_rows, row_seen = packed.rows[:num_rows].unbind(1)
+        self.seen.index_put_((row_seen,), self._false)
+        self.seen.index_put_((seen_rows, ids), self._true)  # the prompt counts for the repetition penalty
+        self.cache.for_packed(slots, positions)
+        mask = self._packed_mask(segments, self._static.key_index[:width])
+        hidden = self._forward(ids[None], positions[None], mask, self.cache)
+        logits = self.lm_head(hidden[0, last])
+        return self._sample(logits, self._static.sampling_rows(batch_rows), row_seen)
 
     def _sample(self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor) -> torch.Tensor:
         tokens = sample_rows(logits, params, self.seen[slots], self.eos_mask)
@@ -224,7 +237,7 @@ class ModelRunner:
         if not self.use_graphs:
             return self._decode_static(n, kv_len)
         batch = _bucket(n, BATCH_BUCKETS, self.num_slots)
-        graph, tokens = self._graph(batch, kv_len)
+        graph, tokens = self._graph("decode", batch, kv_len)
         graph.replay()
         return tokens[:n]
 
@@ -247,27 +260,32 @@ class ModelRunner:
         hidden = self._forward(static.ids[:batch], positions, mask[:, None, None, :], self.cache)
         return self.lm_head(hidden[:, -1])
 
-    def _graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The captured decode step for this bucket, and the tensor its tokens land in."""
-        key = (batch, kv_len)
+    def _graph(self, kind: str, *shape: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The captured step of this kind ("decode": batch, KV length; "prefill": width) and the tensor
+        its tokens land in."""
+        key = (kind, *shape)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(batch, kv_len)
+            self._graphs[key] = self._capture(kind, shape)
         return self._graphs[key]
 
-    def _capture(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Padding rows (past the live rows) run at position 0 of slots that are free or about to be
-        # prefilled; decode runs before prefill in a step, so what they write is overwritten.
+    def _capture(self, kind: str, shape: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Decode padding rows (past the live rows) run at position 0 of slots that are free or about to
+        # be prefilled; decode runs before prefill in a step, so what they write is overwritten.
+        if kind == "decode":
+            run = lambda: self._decode_static(*shape)  # noqa: E731
+        else:
+            run = lambda: self._prefill_static(shape[0], self._prefill_rows(shape[0]))  # noqa: E731
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm up kernels, workspaces and autotuning off the graph
-                self._decode_static(batch, kv_len)
+                run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            tokens = self._decode_static(batch, kv_len)
+            tokens = run()
         self._graph_pool = graph.pool()
-        log.debug("decode graph captured", batch=batch, kv_len=kv_len)
+        log.debug("graph captured", kind=kind, shape=shape)
         return graph, tokens
 
     @torch.inference_mode()
@@ -276,6 +294,7 @@ class ModelRunner:
         if not self.use_graphs:
             return
         self._static.clear()
+        self._packed.clear()
         try:
             self._capture_all()
         except Exception as err:
@@ -305,10 +324,12 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         for kv_len in kv_lens:
             for batch in batches:
-                self._graph(batch, kv_len)
+                self._graph("decode", batch, kv_len)
+        for width in self.prefill_buckets:
+            self._graph("prefill", width)
         torch.cuda.synchronize(self.device)
         log.info(
-            "decode graphs captured",
+            "step graphs captured",
             graphs=len(self._graphs),
             seconds=round(time.perf_counter() - started, 1),
         )
@@ -375,10 +396,66 @@ class _StaticInputs:
             ban_eos=longs[:, 5].bool(),
         )
 
+    def sampling_rows(self, rows: torch.Tensor) -> SamplingTensors:
+        """Sampling parameters of the given batch rows (a device tensor of row indices)."""
+        longs, floats = self.longs[rows], self.floats[rows]
+        return SamplingTensors(
+            temperature=floats[:, 0],
+            top_p=floats[:, 1],
+            penalty=floats[:, 2],
+            top_k=longs[:, 2],
+            seeds=longs[:, 3],
+            steps=longs[:, 4],
+            ban_eos=longs[:, 5].bool(),
+        )
+
     def clear(self) -> None:
         self.longs.zero_()
         self.longs[:, 6] = -1
         self.floats.zero_()
+
+
+class _PackedPrefill:
+    """Fixed-address inputs of a packed prefill: the newcomers' prompts laid end to end in one row.
+
+    Per token: id, position, slot its keys go to, row of `seen` it marks, and its prompt's index (the
+    mask's segment). Per newcomer: its last token's index, its batch row, its row of `seen`. Pinned host
+    tables are double-buffered like `_StaticInputs`.
+    """
+
+    def __init__(self, tokens: int, slots: int, max_len: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self._host_tokens = torch.zeros(2, tokens, 5, dtype=torch.long, pin_memory=pinned)
+        self._host_rows = torch.zeros(2, min(tokens, slots), 3, dtype=torch.long, pin_memory=pinned)
+        self._turn = 0
+        self.tokens = torch.zeros_like(self._host_tokens[0], device=device)
+        self.rows = torch.zeros_like(self._host_rows[0], device=device)
+        self.spare_row = slots  # the extra row of `seen`
+        self.max_len = max_len
+
+    def load(self, rows: list[Sequence], width: int, num_rows: int) -> None:
+        """Fill the first `width` tokens and `num_rows` rows; what the prompts leave is padding."""
+        self._turn ^= 1
+        tokens, table = self._host_tokens[self._turn], self._host_rows[self._turn]
+        lengths = torch.tensor([seq.num_prompt_tokens for seq in rows])
+        slots = torch.tensor([seq.slot for seq in rows])
+        ends = lengths.cumsum(0)
+        total = int(ends[-1])
+        starts = torch.repeat_interleave(ends - lengths, lengths)
+        tokens[:total, 0] = torch.tensor(list(itertools.chain.from_iterable(seq.prompt_ids for seq in rows)))
+        tokens[:total, 1] = torch.arange(total) - starts
+        tokens[:total, 2] = tokens[:total, 3] = torch.repeat_interleave(slots, lengths)
+        tokens[:total, 4] = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+        tokens[total:width] = torch.tensor([0, self.max_len - 1, rows[0].slot, self.spare_row, -1])
+        table[: len(rows)] = torch.stack([ends - 1, slots, slots], dim=1)
+        table[len(rows) : num_rows] = torch.tensor([0, 0, self.spare_row])
+        self.tokens[:width].copy_(tokens[:width], non_blocking=True)
+        self.rows[:num_rows].copy_(table[:num_rows], non_blocking=True)
+
+    def clear(self) -> None:
+        """Inputs that are safe to capture with: padding everywhere."""
+        self.tokens[:] = torch.tensor([0, self.max_len - 1, 0, self.spare_row, -1])
+        self.rows[:] = torch.tensor([0, 0, self.spare_row])
 
 
 def _long_inputs(seq: Sequence) -> list[int]:
