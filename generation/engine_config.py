@@ -12,7 +12,8 @@ class EngineConfig:
     max_seq_len: int = 2048
     """Most tokens one row holds: prompt plus generated."""
     prefill_token_budget: int = 4096
-    """Most prompt tokens prefilled in one step (the first admission of a step always goes through)."""
+    """Most prompt tokens prefilled in one step, padding to the longest newcomer included (the first
+    admission of a step always goes through)."""
     max_queue: int = 256
     """Requests that may wait for a row; past it new requests are refused."""
     request_timeout: float = 600.0

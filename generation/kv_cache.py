@@ -16,8 +16,8 @@ class SlotKVCache(Cache):
     Every row keeps its own position; the runner passes position ids and a 4D mask that hides each
     row's unused tail. Buffers are allocated at the first write, when the model's head shape is known.
 
-    Before each forward the runner says where the new keys go: `for_packed` (one row of tokens, each
-    with its own slot and position) or `for_decode` (rows 0..B-1, one new position each).
+    Before each forward the runner says where the new keys go: `for_prefill` (some slots, positions
+    0..P-1) or `for_decode` (rows 0..B-1, one new position each).
     """
 
     def __init__(self, num_slots: int, max_len: int) -> None:
@@ -27,17 +27,16 @@ class SlotKVCache(Cache):
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._rows = torch.zeros(0, dtype=torch.long)
-        self._positions = torch.zeros(0, dtype=torch.long)
+        self._positions: torch.Tensor | None = None
         self._kv_len = 0
-        self._packed = False
 
-    def for_packed(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        # slots, positions: [T]; token t of the forward's single row writes at (slots[t], positions[t])
-        self._rows, self._positions, self._packed = slots, positions, True
+    def for_prefill(self, slots: torch.Tensor) -> None:
+        # slots: [N]; row n of the forward writes positions 0..P-1 of slot slots[n]
+        self._rows, self._positions = slots, None
 
     def for_decode(self, rows: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
         # rows = 0..B-1, positions: [B]; row b writes at positions[b] and reads 0..kv_len-1
-        self._rows, self._positions, self._kv_len, self._packed = rows, positions, kv_len, False
+        self._rows, self._positions, self._kv_len = rows, positions, kv_len
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -46,10 +45,10 @@ class SlotKVCache(Cache):
         if layer_idx == len(self._keys):
             self._allocate(key_states)
         keys, values = self._keys[layer_idx], self._values[layer_idx]
-        if self._packed:
-            # A prompt attends only to itself: the new keys are all it reads.
-            keys[self._rows, :, self._positions] = key_states[0].transpose(0, 1)
-            values[self._rows, :, self._positions] = value_states[0].transpose(0, 1)
+        if self._positions is None:
+            length = key_states.shape[2]
+            keys[self._rows, :, :length] = key_states
+            values[self._rows, :, :length] = value_states
             return key_states, value_states
         batch = key_states.shape[0]
         keys[self._rows, :, self._positions] = key_states[:, :, 0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import inspect
-import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,10 @@ log = structlog.get_logger("generation.runner")
 # Attention reads the cache up to one of these lengths (capped at max_seq_len), so the decode step
 # has few distinct shapes: one CUDA graph per (batch bucket, length bucket).
 KV_LEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
-# A step's newcomers are prefilled as one row of this many tokens (padded up), one CUDA graph each.
-PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# A step's newcomers are prefilled as [rows, width], padded up to these buckets: one CUDA graph for each
+# pair whose padded size fits the step's prefill token limit, an eager forward past it.
+PREFILL_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PREFILL_WIDTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
@@ -67,8 +68,6 @@ class ModelRunner:
         self._min_value = torch.finfo(self.dtype).min
         # A step prefills at most the token budget, or one prompt of up to max_seq_len past it.
         self.max_prefill_tokens = max(config.prefill_token_budget, config.max_seq_len)
-        smaller = [b for b in PREFILL_BUCKETS if b < self.max_prefill_tokens]
-        self.prefill_buckets = (*smaller, self.max_prefill_tokens)
         self.num_slots = self._plan_slots()
         self.cache = SlotKVCache(self.num_slots, config.max_seq_len)
         self._static = _StaticInputs(self.num_slots, config.max_seq_len, self.device)
@@ -77,9 +76,7 @@ class ModelRunner:
         # seen[slot, token]: the token is in the row's prompt or output (for the repetition penalty); the
         # extra last row takes what padding rows of a captured prefill write
         self.seen = torch.zeros(self.num_slots + 1, self.vocab_size, dtype=torch.bool, device=self.device)
-        self._packed = _PackedPrefill(
-            self.max_prefill_tokens, self.num_slots, config.max_seq_len, self.device
-        )
+        self._prefill_in = _PrefillInputs(self.num_slots, config.max_seq_len, self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
@@ -127,9 +124,10 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        index = torch.arange(tokens, device=self.device)
         ids = torch.zeros(1, tokens, dtype=torch.long, device=self.device)
-        self._forward(ids, index[None], self._packed_mask(torch.zeros_like(index), index), cache)
+        positions = torch.arange(tokens, device=self.device)[None]
+        lengths = torch.tensor([tokens], device=self.device)
+        self._forward(ids, positions, self._causal_mask(lengths, tokens), cache)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         # Sampling sorts the whole vocabulary in float32 for every row; leave room for that too.
         activations += 6 * 4 * self.config.max_batch_size * self.vocab_size
@@ -185,43 +183,56 @@ class ModelRunner:
         )
         return out.last_hidden_state
 
-    def _packed_mask(self, segments: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        # [1, 1, T, T]: token i sees token j when both belong to the same prompt and j <= i
-        visible = (segments[:, None] == segments[None, :]) & (index[None, :] <= index[:, None])
+    def _causal_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        # [n, 1, width, width]: causal, and keys past each row's length hidden
+        keys = torch.arange(width, device=self.device)
+        visible = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
         return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
             ~visible, self._min_value
-        )[None, None]
+        )[:, None]
 
     def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
         """Prefill and sample the newcomers; returns their first tokens, [len(rows)]."""
-        total = sum(seq.num_prompt_tokens for seq in rows)
-        if not self.use_graphs:
-            self._packed.load(rows, total, len(rows))
-            return self._prefill_static(total, len(rows))
-        width = _bucket(total, self.prefill_buckets, self.max_prefill_tokens)
-        graph, tokens = self._graph("prefill", width)
-        self._packed.load(rows, width, self._prefill_rows(width))
+        n, width = len(rows), max(seq.num_prompt_tokens for seq in rows)
+        shape = (
+            _bucket(n, PREFILL_ROW_BUCKETS, self.num_slots),
+            _bucket(width, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len),
+        )
+        if not self.use_graphs or shape not in self.prefill_shapes:
+            self._prefill_in.load(rows, n, width)
+            return self._prefill_static(n, width)
+        graph, tokens = self._graph("prefill", *shape)
+        self._prefill_in.load(rows, *shape)
         graph.replay()
-        return tokens[: len(rows)]
+        return tokens[:n]
 
-    def _prefill_rows(self, width: int) -> int:
-        return min(width, self.num_slots)
+    @property
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """The padded [rows, width] shapes that get a CUDA graph."""
+        rows = sorted({_bucket(b, PREFILL_ROW_BUCKETS, self.num_slots) for b in PREFILL_ROW_BUCKETS})
+        widths = sorted(
+            {_bucket(b, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len) for b in PREFILL_WIDTH_BUCKETS}
+        )
+        return [(n, w) for n in rows for w in widths if n * w <= self.max_prefill_tokens]
 
-    def _prefill_static(self, width: int, num_rows: int) -> torch.Tensor:
-        """Every newcomer's prompt end to end in one row of `width` tokens, from the static buffers only,
-        so it can be captured. Padding tokens form their own segment and write their keys at the last
-        position of a newcomer's slot, which decode overwrites before it is ever read; padding rows
-        sample into the spare row of `seen`."""
-        packed = self._packed
-        ids, positions, slots, seen_rows, segments = packed.tokens[:width].unbind(1)
-        last, batch_rows, row_seen = packed.rows[:num_rows].unbind(1)
-        self.seen.index_put_((row_seen,), self._false)
-        self.seen.index_put_((seen_rows, ids), self._true)  # the prompt counts for the repetition penalty
-        self.cache.for_packed(slots, positions)
-        mask = self._packed_mask(segments, self._static.key_index[:width])
-        hidden = self._forward(ids[None], positions[None], mask, self.cache)
-        logits = self.lm_head(hidden[0, last])
-        return self._sample(logits, self._static.sampling_rows(batch_rows), row_seen)
+    def _prefill_static(self, n: int, width: int) -> torch.Tensor:
+        """Prefill [n, width] from the static buffers only, so it can be captured.
+
+        Each row writes its own slot from position 0. Short prompts are padded with their first token: it
+        adds nothing to the tokens the row has seen, and the keys it writes past the prompt are
+        overwritten by decode before they are ever read. Padding rows repeat the first newcomer (same
+        tokens into the same slot, the same keys) and keep their `seen` marks in the spare row.
+        """
+        inputs = self._prefill_in
+        ids = inputs.ids[: n * width].view(n, width)
+        lengths, slots, batch_rows, seen_rows = inputs.rows[:n].unbind(1)
+        self.seen.index_put_((seen_rows,), self._false)
+        self.seen.index_put_((seen_rows[:, None], ids), self._true)  # the prompt counts for the penalty
+        self.cache.for_prefill(slots)
+        positions = self._static.key_index[:width][None].expand(n, -1)
+        hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
+        last = hidden[self._static.rows[:n], lengths - 1]
+        return self._sample(self.lm_head(last), self._static.sampling_rows(batch_rows), seen_rows)
 
     def _sample(self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor) -> torch.Tensor:
         tokens = sample_rows(logits, params, self.seen[slots], self.eos_mask)
@@ -261,8 +272,8 @@ class ModelRunner:
         return self.lm_head(hidden[:, -1])
 
     def _graph(self, kind: str, *shape: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The captured step of this kind ("decode": batch, KV length; "prefill": width) and the tensor
-        its tokens land in."""
+        """The captured step of this kind ("decode": batch, KV length; "prefill": rows, width) and the
+        tensor its tokens land in."""
         key = (kind, *shape)
         if key not in self._graphs:
             self._graphs[key] = self._capture(kind, shape)
@@ -274,7 +285,7 @@ class ModelRunner:
         if kind == "decode":
             run = lambda: self._decode_static(*shape)  # noqa: E731
         else:
-            run = lambda: self._prefill_static(shape[0], self._prefill_rows(shape[0]))  # noqa: E731
+            run = lambda: self._prefill_static(*shape)  # noqa: E731
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -294,7 +305,7 @@ class ModelRunner:
         if not self.use_graphs:
             return
         self._static.clear()
-        self._packed.clear()
+        self._prefill_in.clear()
         try:
             self._capture_all()
         except Exception as err:
@@ -325,8 +336,8 @@ class ModelRunner:
         for kv_len in kv_lens:
             for batch in batches:
                 self._graph("decode", batch, kv_len)
-        for width in self.prefill_buckets:
-            self._graph("prefill", width)
+        for shape in self.prefill_shapes:
+            self._graph("prefill", *shape)
         torch.cuda.synchronize(self.device)
         log.info(
             "step graphs captured",
@@ -415,47 +426,39 @@ class _StaticInputs:
         self.floats.zero_()
 
 
-class _PackedPrefill:
-    """Fixed-address inputs of a packed prefill: the newcomers' prompts laid end to end in one row.
+class _PrefillInputs:
+    """Fixed-address inputs of a prefill: the newcomers' prompt tokens as [rows, width], laid out flat
+    so every padded shape is a contiguous prefix, and per row its prompt length, its slot, its batch row
+    and its row of `seen`. Pinned host tables are double-buffered like `_StaticInputs`."""
 
-    Per token: id, position, slot its keys go to, row of `seen` it marks, and its prompt's index (the
-    mask's segment). Per newcomer: its last token's index, its batch row, its row of `seen`. Pinned host
-    tables are double-buffered like `_StaticInputs`.
-    """
-
-    def __init__(self, tokens: int, slots: int, max_len: int, device: torch.device) -> None:
+    def __init__(self, slots: int, max_len: int, device: torch.device) -> None:
         pinned = device.type == "cuda"
-        self._host_tokens = torch.zeros(2, tokens, 5, dtype=torch.long, pin_memory=pinned)
-        self._host_rows = torch.zeros(2, min(tokens, slots), 3, dtype=torch.long, pin_memory=pinned)
+        self._host_ids = torch.zeros(2, slots * max_len, dtype=torch.long, pin_memory=pinned)
+        self._host_rows = torch.zeros(2, slots, 4, dtype=torch.long, pin_memory=pinned)
         self._turn = 0
-        self.tokens = torch.zeros_like(self._host_tokens[0], device=device)
+        self.ids = torch.zeros_like(self._host_ids[0], device=device)
         self.rows = torch.zeros_like(self._host_rows[0], device=device)
         self.spare_row = slots  # the extra row of `seen`
-        self.max_len = max_len
 
-    def load(self, rows: list[Sequence], width: int, num_rows: int) -> None:
-        """Fill the first `width` tokens and `num_rows` rows; what the prompts leave is padding."""
+    def load(self, rows: list[Sequence], n: int, width: int) -> None:
+        """Fill `n` rows of `width` tokens: the newcomers, then copies of the first one."""
         self._turn ^= 1
-        tokens, table = self._host_tokens[self._turn], self._host_rows[self._turn]
-        lengths = torch.tensor([seq.num_prompt_tokens for seq in rows])
-        slots = torch.tensor([seq.slot for seq in rows])
-        ends = lengths.cumsum(0)
-        total = int(ends[-1])
-        starts = torch.repeat_interleave(ends - lengths, lengths)
-        tokens[:total, 0] = torch.tensor(list(itertools.chain.from_iterable(seq.prompt_ids for seq in rows)))
-        tokens[:total, 1] = torch.arange(total) - starts
-        tokens[:total, 2] = tokens[:total, 3] = torch.repeat_interleave(slots, lengths)
-        tokens[:total, 4] = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-        tokens[total:width] = torch.tensor([0, self.max_len - 1, rows[0].slot, self.spare_row, -1])
-        table[: len(rows)] = torch.stack([ends - 1, slots, slots], dim=1)
-        table[len(rows) : num_rows] = torch.tensor([0, 0, self.spare_row])
-        self.tokens[:width].copy_(tokens[:width], non_blocking=True)
-        self.rows[:num_rows].copy_(table[:num_rows], non_blocking=True)
+        ids, table = self._host_ids[self._turn, : n * width].view(n, width), self._host_rows[self._turn]
+        padded = [seq.prompt_ids + seq.prompt_ids[:1] * (width - seq.num_prompt_tokens) for seq in rows]
+        ids[: len(rows)] = torch.tensor(padded)
+        ids[len(rows) :] = ids[0]
+        table[: len(rows)] = torch.tensor(
+            [[seq.num_prompt_tokens, seq.slot, seq.slot, seq.slot] for seq in rows]
+        )
+        table[len(rows) : n] = table[0]
+        table[len(rows) : n, 3] = self.spare_row
+        self.ids[: n * width].copy_(ids.view(-1), non_blocking=True)
+        self.rows[:n].copy_(table[:n], non_blocking=True)
 
     def clear(self) -> None:
-        """Inputs that are safe to capture with: padding everywhere."""
-        self.tokens[:] = torch.tensor([0, self.max_len - 1, 0, self.spare_row, -1])
-        self.rows[:] = torch.tensor([0, 0, self.spare_row])
+        """Inputs that are safe to capture with: one-token prompts into slot 0, marks in the spare row."""
+        self.ids.zero_()
+        self.rows[:] = torch.tensor([1, 0, 0, self.spare_row])
 
 
 def _long_inputs(seq: Sequence) -> list[int]:

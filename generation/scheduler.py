@@ -14,7 +14,8 @@ class SchedulerConfig:
     max_batch_size: int
     """Most rows running at once; also the number of KV cache slots."""
     prefill_token_budget: int
-    """Most prompt tokens admitted in one step (the first admission of a step always goes through)."""
+    """Most prompt tokens prefilled in one step, counting the padding up to the longest newcomer (the
+    first admission of a step always goes through)."""
 
 
 @dataclass
@@ -117,14 +118,16 @@ class Scheduler:
         self.running = sorted(live, key=lambda seq: seq.slot)
 
     def _admit(self) -> list[Sequence]:
+        # Newcomers are prefilled together, padded to the longest: they cost rows x longest tokens.
         admitted: list[Sequence] = []
-        budget = self.config.prefill_token_budget
+        longest = 0
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
-            if admitted and seq.num_prompt_tokens > budget:
+            cost = (len(admitted) + 1) * max(longest, seq.num_prompt_tokens)
+            if admitted and cost > self.config.prefill_token_budget:
                 break
             self.waiting.popleft()
-            budget -= seq.num_prompt_tokens
+            longest = max(longest, seq.num_prompt_tokens)
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
             self.running.append(seq)

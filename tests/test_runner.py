@@ -1,8 +1,8 @@
-"""The runner's packed prefill, padded the way a captured graph pads it: the padding changes nothing.
+"""The runner's prefill, padded the way a captured graph pads it: the padding changes nothing.
 
-CUDA graphs are captured for a few prefill widths, so on a GPU the newcomers' prompts are padded up to
-the next width and the newcomers up to a fixed row count. This runs the same padded step eagerly on
-the CPU and checks it against the unpadded one."""
+CUDA graphs are captured for a few [rows, width] shapes, so on a GPU the newcomers' prompts are padded
+up to the next width and the newcomers up to the next row count. This runs the same padded step
+eagerly on the CPU and checks it against the unpadded one."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def newcomers(loaded: LoadedModel, prompts: list[str]) -> list[Sequence]:
     return rows
 
 
-def prefill(runner: ModelRunner, rows: list[Sequence], width: int, num_rows: int) -> torch.Tensor:
+def prefill(runner: ModelRunner, rows: list[Sequence], n: int, width: int) -> torch.Tensor:
     runner._static.load(rows)
-    runner._packed.load(rows, width, num_rows)
-    return runner._prefill_static(width, num_rows)[: len(rows)]
+    runner._prefill_in.load(rows, n, width)
+    return runner._prefill_static(n, width)[: len(rows)]
 
 
 @torch.inference_mode()
@@ -37,9 +37,8 @@ def test_padded_prefill_matches_and_leaves_other_slots_alone(tiny: LoadedModel) 
     runner = make_engine(tiny, max_batch_size=4).engine.runner
     rows = newcomers(tiny, ["The baker", "Every morning the little bakery"])
     lengths = [seq.num_prompt_tokens for seq in rows]
-    total = sum(lengths)
 
-    plain = prefill(runner, rows, total, len(rows))
+    plain = prefill(runner, rows, len(rows), max(lengths))
     keys = [layer[:2].clone() for layer in runner.cache._keys]
     seen = runner.seen[:2].clone()
 
@@ -48,7 +47,7 @@ def test_padded_prefill_matches_and_leaves_other_slots_alone(tiny: LoadedModel) 
         layer[2] = 7.0
     runner.seen[2] = True
     bystander_keys = [layer[2].clone() for layer in runner.cache._keys]
-    padded = prefill(runner, rows, total + 9, len(rows) + 2)
+    padded = prefill(runner, rows, len(rows) + 2, max(lengths) + 9)
 
     assert torch.equal(padded, plain)
     assert torch.equal(runner.seen[:2], seen)

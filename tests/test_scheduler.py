@@ -28,13 +28,15 @@ def test_admits_in_arrival_order_up_to_the_row_limit() -> None:
 
 
 def test_prefill_budget_spreads_long_prompts_over_steps() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=10))
-    first, second, third = seq("first", 8), seq("second", 8), seq("third", 2)
-    for s in (first, second, third):
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=16))
+    first, second, third, fourth = seq("first", 10), seq("second", 6), seq("third", 2), seq("fourth", 3)
+    for s in (first, second, third, fourth):
         scheduler.add(s)
     assert scheduler.schedule().prefill == [first]
     batch = scheduler.schedule()
+    # Newcomers are padded to the longest: 2 x 6 fits in 16, and 3 x 6 does not.
     assert batch.decode == [first] and batch.prefill == [second, third]
+    assert scheduler.schedule().prefill == [fourth]
 
 
 def test_a_prompt_over_the_budget_still_runs_alone() -> None:
