@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     """Most requests generating at once (rows in the batch)."""
     max_seq_len: int = Field(default=2048, ge=8, le=1_048_576)
     """Most tokens one request may hold in the KV cache: prompt plus generated."""
-    prefill_token_budget: int = Field(default=4096, ge=1)
+    prefill_token_budget: int = Field(default=1024, ge=1)
     """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     """Share of the GPU's memory that weights, activations and the KV cache may fill together."""

@@ -11,7 +11,7 @@ class EngineConfig:
     """Most rows running at once; the KV cache holds this many slots, or fewer where memory is short."""
     max_seq_len: int = 2048
     """Most tokens one row holds: prompt plus generated."""
-    prefill_token_budget: int = 4096
+    prefill_token_budget: int = 1024
     """Most prompt tokens prefilled in one step, padding to the longest newcomer included (the first
     admission of a step always goes through)."""
     max_queue: int = 256
