@@ -19,15 +19,27 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import Field, ValidationError
+from pydantic import Field
 
+from api.common import (
+    API_KEYS_KEY,
+    ENGINE_KEY,
+    REQUEST_ID_KEY,
+    RETRY_AFTER_NOT_READY,
+    SETTINGS_KEY,
+    ClientError,
+    admit,
+    engine_for,
+    json_error,
+    read_json,
+    request_error,
+)
 from config import Settings, SettingsError, load_settings
 from generation import (
     AsyncEngine,
     EngineConfig,
     EngineUnavailableError,
     ModelLoadError,
-    QueueFullError,
     RequestError,
     RequestOutput,
     RequestStream,
@@ -39,14 +51,8 @@ from notify import Notifier
 
 log = structlog.get_logger("server")
 
-SETTINGS_KEY = web.AppKey("settings", Settings)
-ENGINE_KEY = web.AppKey("engine", AsyncEngine)
-API_KEYS_KEY = web.AppKey("api_keys", list)
-REQUEST_ID_KEY = web.RequestKey("request_id", str)
-
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-RETRY_AFTER_NOT_READY = "5"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,37 +67,6 @@ class GenerateRequest(SamplingParams):
     timeout_s: float | None = Field(
         default=None, gt=0, description="End the request (finish_reason `timeout`) after this many seconds."
     )
-
-
-# ---------------------------------------------------------------- errors
-
-
-def json_error(
-    status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
-) -> web.Response:
-    error: dict[str, Any] = {"status": status, "message": message}
-    if field is not None:
-        error["field"] = field
-    return web.json_response({"error": error}, status=status, headers=headers)
-
-
-class ClientError(Exception):
-    """A request we refuse before any streaming starts; becomes a JSON error response."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, **headers: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-        self.headers = {name.replace("_", "-"): value for name, value in headers.items()}
-
-    def response(self) -> web.Response:
-        return json_error(self.status, self.message, field=self.field, headers=self.headers)
-
-
-def _validation_error(err: ValidationError) -> ClientError:
-    first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or None
-    message = first["msg"].removeprefix("Value error, ")
-    return ClientError(422, f"{field}: {message}" if field else message, field=field)
 
 
 # ---------------------------------------------------------------- middlewares
@@ -140,17 +115,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ClientError as err:
-        return err.response()
+        return err.response(request.path)
     except web.HTTPException as err:
         if err.status < 400:
             raise
         allow = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
-        return json_error(err.status, err.reason, headers=allow)
+        return json_error(request.path, err.status, err.reason, headers=allow)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unhandled error")
-        return json_error(500, "internal server error")
+        return json_error(request.path, 500, "internal server error")
 
 
 def _presented_key(request: web.Request) -> str:
@@ -176,40 +151,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # ---------------------------------------------------------------- request parsing
 
 
-async def parse_generate_request(request: web.Request) -> GenerateRequest:
-    if request.content_type != "application/json":
-        raise ClientError(415, f"Content-Type must be application/json, not {request.content_type!r}")
-    limit = request.app[SETTINGS_KEY].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise ClientError(413, f"the body has {request.content_length} bytes; the limit is {limit}")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as err:
-        raise ClientError(413, f"the body is larger than the limit of {limit} bytes") from err
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ClientError(400, f"the body is not valid JSON: {err}") from err
-    if not isinstance(body, dict):
-        raise ClientError(422, "the body must be a JSON object")
-    try:
-        return GenerateRequest.model_validate(body)
-    except ValidationError as err:
-        raise _validation_error(err) from err
-
-
-def engine_for(request: web.Request) -> AsyncEngine:
-    # Before the engine exists (it is built at startup); once it does, AsyncEngine.generate refuses.
-    engine = request.app.get(ENGINE_KEY)
-    if engine is None:
-        raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
-    return engine
-
-
 async def open_generation(request: web.Request) -> RequestStream:
     """Everything that can refuse a request, done before any byte of the response is sent: the
     returned stream has been admitted, and must be closed."""
-    body = await parse_generate_request(request)
+    body = await read_json(request, GenerateRequest)
     engine = engine_for(request)
     limit = request.app[SETTINGS_KEY].request_timeout
     if body.timeout_s is not None and body.timeout_s > limit:
@@ -217,13 +162,9 @@ async def open_generation(request: web.Request) -> RequestStream:
         raise ClientError(422, message, field="timeout_s")
     try:
         ids = engine.encode_prompt(body.prompt, body.cutoff_len, body)
-        return engine.generate(request[REQUEST_ID_KEY], ids, sampling_params(body), body.timeout_s)
     except RequestError as err:
-        raise ClientError(422, f"{err.field}: {err}", field=err.field) from err
-    except QueueFullError as err:
-        raise ClientError(503, str(err), Retry_After=str(err.retry_after)) from err
-    except EngineUnavailableError as err:
-        raise ClientError(503, str(err), Retry_After=RETRY_AFTER_NOT_READY) from err
+        raise request_error(err) from err
+    return admit(request, ids, sampling_params(body), body.timeout_s)
 
 
 def sampling_params(body: GenerateRequest) -> SamplingParams:
@@ -275,7 +216,8 @@ async def predict(request: web.Request) -> web.Response:
             pieces.append(output.text)
             final = output
     if final is None or final.error is not None:
-        return json_error(500, final.error if final is not None and final.error else "the engine stopped")
+        message = final.error if final is not None and final.error else "the engine stopped"
+        return json_error(request.path, 500, message)
     return web.json_response({"text": "".join(pieces), **end_payload(final)})
 
 
@@ -296,7 +238,7 @@ async def ready(request: web.Request) -> web.Response:
     engine = request.app.get(ENGINE_KEY)
     reason = "the model is not ready" if engine is None else engine.unavailable
     if engine is None or reason is not None:
-        return json_error(503, reason or "", headers={"Retry-After": RETRY_AFTER_NOT_READY})
+        return json_error(request.path, 503, reason or "", headers={"Retry-After": RETRY_AFTER_NOT_READY})
     return web.json_response(
         {"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting}
     )

@@ -1,0 +1,137 @@
+"""What every route shares: the app's keys, client errors in the native and the OpenAI dialect,
+JSON bodies, and admitting a request to the engine."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from config import Settings
+from generation import (
+    AsyncEngine,
+    EngineUnavailableError,
+    QueueFullError,
+    RequestError,
+    RequestStream,
+    SamplingParams,
+)
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+ENGINE_KEY = web.AppKey("engine", AsyncEngine)
+API_KEYS_KEY = web.AppKey("api_keys", list)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+RETRY_AFTER_NOT_READY = "5"
+OPENAI_PREFIX = "/v1/"
+
+# OpenAI's error `type` for each status we send on its routes.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def error_body(path: str, status: int, message: str, field: str | None = None) -> dict[str, Any]:
+    """The JSON error for a response on `path`: OpenAI's error object under /v1/, ours elsewhere."""
+    if path.startswith(OPENAI_PREFIX):
+        kind = OPENAI_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        return {"error": {"message": message, "type": kind, "param": field, "code": None}}
+    error: dict[str, Any] = {"status": status, "message": message}
+    if field is not None:
+        error["field"] = field
+    return {"error": error}
+
+
+def json_error(
+    path: str,
+    status: int,
+    message: str,
+    *,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.json_response(error_body(path, status, message, field), status=status, headers=headers)
+
+
+class ClientError(Exception):
+    """A request we refuse before any streaming starts; becomes a JSON error response."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, **headers: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+        self.headers = {name.replace("_", "-"): value for name, value in headers.items()}
+
+    def response(self, path: str) -> web.Response:
+        return json_error(path, self.status, self.message, field=self.field, headers=self.headers)
+
+
+def validation_error(err: ValidationError, status: int = 422) -> ClientError:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    return ClientError(status, f"{field}: {message}" if field else message, field=field)
+
+
+async def read_json(request: web.Request, model: type[Body], invalid_status: int = 422) -> Body:
+    """The body as `model`: 415 unless JSON, 413 past the size limit, 400 unless it parses, and
+    `invalid_status` naming the first field at fault."""
+    if request.content_type != "application/json":
+        raise ClientError(415, f"Content-Type must be application/json, not {request.content_type!r}")
+    limit = request.app[SETTINGS_KEY].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ClientError(413, f"the body has {request.content_length} bytes; the limit is {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise ClientError(413, f"the body is larger than the limit of {limit} bytes") from err
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ClientError(400, f"the body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise ClientError(invalid_status, "the body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise validation_error(err, invalid_status) from err
+
+
+def engine_for(request: web.Request) -> AsyncEngine:
+    # Before the engine exists (it is built at startup); once it does, AsyncEngine.generate refuses.
+    engine = request.app.get(ENGINE_KEY)
+    if engine is None:
+        raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
+    return engine
+
+
+def admit(
+    request: web.Request,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    timeout: float | None = None,
+) -> RequestStream:
+    """Hand the request to the engine, or refuse it with 503 (full queue, draining, not ready)."""
+    engine = engine_for(request)
+    try:
+        return engine.generate(request[REQUEST_ID_KEY], prompt_ids, params, timeout)
+    except QueueFullError as err:
+        raise ClientError(503, str(err), Retry_After=str(err.retry_after)) from err
+    except EngineUnavailableError as err:
+        raise ClientError(503, str(err), Retry_After=RETRY_AFTER_NOT_READY) from err
+
+
+def request_error(err: RequestError, status: int = 422) -> ClientError:
+    return ClientError(status, f"{err.field}: {err}", field=err.field)
