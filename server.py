@@ -21,6 +21,7 @@ from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import Field
 
+from api import openai
 from api.common import (
     API_KEYS_KEY,
     ENGINE_KEY,
@@ -283,6 +284,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.App
             web.get("/metrics", metrics),
         ]
     )
+    openai.add_routes(app)
     app.cleanup_ctx.append(_engine_context(engine))
     return app
 

@@ -4,6 +4,7 @@ JSON bodies, and admitting a request to the engine."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -78,9 +79,15 @@ class ClientError(Exception):
         return json_error(path, self.status, self.message, field=self.field, headers=self.headers)
 
 
+# Parts of a pydantic error location that name a union member, not a field: `str`, `constrained-str`,
+# `list[constrained-str]`, `TextPart`.
+_UNION_TAG = re.compile(r"[A-Z].*|.*[\[\-].*|str|int|float|bool|list|dict|none")
+
+
 def validation_error(err: ValidationError, status: int = 422) -> ClientError:
     first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or None
+    parts = [str(part) for part in first["loc"] if isinstance(part, int) or not _UNION_TAG.fullmatch(part)]
+    field = ".".join(parts) or None
     message = first["msg"].removeprefix("Value error, ")
     return ClientError(status, f"{field}: {message}" if field else message, field=field)
 

@@ -125,9 +125,21 @@ class AsyncEngine:
             return "the server is draining"
         return None if self.ready else "the model is not ready"
 
+    def encode_text(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Tokenize `text` whole. ValueError for text that is not valid Unicode (a lone surrogate, which
+        JSON can carry)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError("the text is not valid Unicode (it holds a lone surrogate)") from err
+        return list(self.tokenizer.encode(text, add_special_tokens=special_tokens))
+
     def encode_prompt(self, prompt: str, cutoff_len: int, params: SamplingParams) -> list[int]:
         """Tokenize and keep the most recent `cutoff_len` tokens; check the request fits a KV slot."""
-        ids = self.tokenizer.encode(prompt)[-cutoff_len:]
+        try:
+            ids = self.encode_text(prompt)[-cutoff_len:]
+        except ValueError as err:
+            raise RequestError("prompt", str(err)) from err
         if not ids:
             raise RequestError("prompt", "the prompt encodes to no tokens")
         room = self.config.max_seq_len - len(ids)

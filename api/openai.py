@@ -1,0 +1,532 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions and /v1/models, on the same engine.
+
+Every request field OpenAI defines either maps onto the engine's sampling parameters or, where the
+engine cannot honour it (`n` > 1, log-probabilities, tools, penalties other than ours), is refused
+with a 400 naming it: nothing is silently ignored. `top_k`, `min_tokens` and `repetition_penalty` are
+accepted as extensions, under the names other open servers use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+import structlog
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+
+from api.common import (
+    REQUEST_ID_KEY,
+    SETTINGS_KEY,
+    ClientError,
+    admit,
+    engine_for,
+    json_error,
+    read_json,
+)
+from generation import AsyncEngine, EngineUnavailableError, RequestOutput, RequestStream, SamplingParams
+from generation.params import MAX_SEED, MAX_STOP_STRINGS, StopString
+
+log = structlog.get_logger("api.openai")
+
+OWNER = "trickle"
+STARTED_KEY = web.AppKey("openai_started", int)
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# The engine's finish reasons that OpenAI's shape can express; the others end a response as an error.
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+# Status of a non-streamed response whose generation ended some other way.
+UNFINISHED_STATUS = {"timeout": 504, "shutdown": 503, "cancelled": 503}
+# Fields whose every value but the default asks for something the engine does not do.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v is None or v == 1, "only one choice per request (n=1) is supported"),
+    "best_of": (lambda v: v is None or v == 1, "only best_of=1 is supported"),
+    "frequency_penalty": (lambda v: v is None or v == 0, "not supported; use repetition_penalty"),
+    "presence_penalty": (lambda v: v is None or v == 0, "not supported; use repetition_penalty"),
+    "logit_bias": (lambda v: not v, "not supported"),
+    "echo": (lambda v: v is None or v is False, "not supported"),
+    "logprobs": (lambda v: v is None or v is False, "log-probabilities are not supported"),
+    "top_logprobs": (lambda v: v is None, "log-probabilities are not supported"),
+    "suffix": (lambda v: not v, "not supported"),
+    "tools": (lambda v: not v, "tools are not supported"),
+    "tool_choice": (lambda v: v is None or v == "none", "tools are not supported"),
+    "parallel_tool_calls": (lambda v: v is None or v is False, "tools are not supported"),
+}
+
+
+# ---------------------------------------------------------------- requests
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with the token counts.")
+
+
+class _SamplingFields(BaseModel):
+    """Fields the completion and the chat request share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="The served model's id (see GET /v1/models).")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    n: int = Field(default=1, ge=1, le=1, description="Choices per request; only 1 is supported.")
+    stream: bool = Field(default=False, description="Send server-sent events as the text is generated.")
+    stream_options: StreamOptions | None = Field(default=None, description="Only with `stream`.")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        default=None, description="Strings that end generation; they are never emitted."
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="The same seed gives the same text, whatever the batch."
+    )
+    frequency_penalty: float = Field(
+        default=0.0, ge=0.0, le=0.0, description="Not supported beyond 0; see `repetition_penalty`."
+    )
+    presence_penalty: float = Field(
+        default=0.0, ge=0.0, le=0.0, description="Not supported beyond 0; see `repetition_penalty`."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=0, description="Not supported: only an empty map."
+    )
+    user: str | None = Field(default=None, max_length=256, description="Logged with the request.")
+    top_k: int = Field(default=0, ge=0, description="Extension: keep the k most likely tokens; 0 disables.")
+    min_tokens: int = Field(
+        default=0, ge=0, description="Extension: end-of-text is ignored before this many."
+    )
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="Extension: 1.0 disables.")
+
+    @field_validator(*UNSUPPORTED, mode="before", check_fields=False)
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: Any) -> Any:
+        allowed, reason = UNSUPPORTED[info.field_name]
+        if not allowed(value):
+            raise ValueError(reason)
+        return value
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+
+class CompletionRequest(_SamplingFields):
+    """The body of POST /v1/completions."""
+
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    ) = Field(description="The text to continue (a list holds exactly one prompt).")
+    max_tokens: int | None = Field(
+        default=COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1, description="Most tokens to generate."
+    )
+    echo: Literal[False] = Field(default=False, description="Not supported: only false.")
+    logprobs: None = Field(default=None, description="Not supported: only null.")
+    best_of: int | None = Field(default=None, ge=1, le=1, description="Only 1 is supported.")
+    suffix: None = Field(default=None, description="Not supported: only null.")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"] = Field(description="Only plain text is supported.")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """The body of POST /v1/chat/completions. The prompt is built with the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="Most tokens to generate (the newer name; wins over max_tokens)."
+    )
+    logprobs: Literal[False] = Field(default=False, description="Not supported: only false.")
+    top_logprobs: None = Field(default=None, description="Not supported: only null.")
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = Field(
+        default=None, description="Not supported."
+    )
+    tool_choice: Literal["none"] | None = Field(default=None, description="Not supported beyond `none`.")
+    parallel_tool_calls: Literal[False] | None = Field(default=None, description="Not supported.")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    """A completion, or (streamed, `object` the same) one chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+    @field_serializer("delta")
+    def _only_what_changed(self, delta: ChatDelta) -> dict[str, Any]:
+        # OpenAI leaves out what a delta does not carry: the finishing chunk's delta is {}.
+        return delta.model_dump(exclude_none=True)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object, on every /v1/ error response and inside a stream that fails."""
+
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------- building a request
+
+
+def served_model(app: web.Application) -> str:
+    return app[SETTINGS_KEY].model
+
+
+def _check_model(request: web.Request, model: str) -> None:
+    served = served_model(request.app)
+    if model != served:
+        raise ClientError(404, f"model: {model!r} does not exist; this server serves {served!r}", "model")
+
+
+def _prompt_ids(engine: AsyncEngine, text: str, field: str, *, special_tokens: bool = True) -> list[int]:
+    try:
+        ids = engine.encode_text(text, special_tokens=special_tokens)
+    except ValueError as err:
+        raise ClientError(400, f"{field}: {err}", field) from err
+    if not ids:
+        raise ClientError(400, f"{field}: the prompt encodes to no tokens", field)
+    limit = engine.config.max_seq_len
+    if len(ids) >= limit:
+        message = f"{field}: the prompt has {len(ids)} tokens; this model's context is {limit}"
+        raise ClientError(400, message, field)
+    return ids
+
+
+def _sampling_params(body: _SamplingFields, prompt_tokens: int, limit: int) -> SamplingParams:
+    room = limit - prompt_tokens
+    max_tokens = body.requested_max_tokens()
+    if max_tokens is None:
+        max_tokens = room
+    elif max_tokens > room:
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        message = (
+            f"{field}: {max_tokens} plus the prompt's {prompt_tokens} tokens exceeds this model's "
+            f"context of {limit}"
+        )
+        raise ClientError(400, message, field)
+    if body.min_tokens > max_tokens:
+        raise ClientError(
+            400, f"min_tokens: {body.min_tokens} exceeds max_tokens ({max_tokens})", "min_tokens"
+        )
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        max_new_tokens=max_tokens,
+        min_new_tokens=body.min_tokens,
+        stop=body.stop_strings(),
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+    )
+
+
+def _chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> str:
+    tokenizer = engine.tokenizer
+    if not tokenizer.chat_template:
+        raise ClientError(400, "messages: this model has no chat template; use /v1/completions", "messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        return str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+    except Exception as err:  # a template may raise on a conversation it does not accept
+        raise ClientError(400, f"messages: the chat template refused them: {err}", "messages") from err
+
+
+async def _parse(request: web.Request, model: type[CompletionRequest] | type[ChatCompletionRequest]) -> Any:
+    body = await read_json(request, model, invalid_status=400)
+    if body.stream_options is not None and not body.stream:
+        raise ClientError(400, "stream_options: only allowed when stream is true", "stream_options")
+    _check_model(request, body.model)
+    if body.user is not None:
+        structlog.contextvars.bind_contextvars(user=body.user)
+    return body
+
+
+# ---------------------------------------------------------------- routes
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body: CompletionRequest = await _parse(request, CompletionRequest)
+    engine = engine_for(request)
+    text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    ids = _prompt_ids(engine, text, "prompt")
+    params = _sampling_params(body, len(ids), engine.config.max_seq_len)
+    outputs = admit(request, ids, params)
+    reply = _Reply(f"cmpl-{request[REQUEST_ID_KEY]}", body.model)
+
+    def chunk(text: str, finish: str | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
+        choices = [] if last else [CompletionChoice(index=0, text=text, finish_reason=finish)]
+        return Completion(id=reply.id, created=reply.created, model=reply.model, choices=choices, usage=usage)
+
+    if body.stream:
+        return await _stream(request, outputs, body, chunk, first=None)
+    text_out, final = await _gather(outputs)
+    if (failure := _failure(request, final)) is not None:
+        return failure
+    return _json(chunk(text_out, FINISH_REASONS[final.finish_reason or ""], _usage(final)))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    engine = engine_for(request)
+    # The template writes the special tokens itself.
+    ids = _prompt_ids(engine, _chat_prompt(engine, body.messages), "messages", special_tokens=False)
+    params = _sampling_params(body, len(ids), engine.config.max_seq_len)
+    outputs = admit(request, ids, params)
+    reply = _Reply(f"chatcmpl-{request[REQUEST_ID_KEY]}", body.model)
+
+    def chunk(text: str, finish: str | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
+        delta = ChatDelta() if finish is not None else ChatDelta(content=text)
+        choices = [] if last else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
+        return ChatCompletionChunk(
+            id=reply.id, created=reply.created, model=reply.model, choices=choices, usage=usage
+        )
+
+    if body.stream:
+        opening = ChatCompletionChunk(
+            id=reply.id,
+            created=reply.created,
+            model=reply.model,
+            choices=[
+                ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""), finish_reason=None)
+            ],
+        )
+        return await _stream(request, outputs, body, chunk, first=opening)
+    text_out, final = await _gather(outputs)
+    if (failure := _failure(request, final)) is not None:
+        return failure
+    choice = ChatChoice(
+        index=0,
+        message=AssistantMessage(content=text_out),
+        finish_reason=FINISH_REASONS[final.finish_reason or ""],  # type: ignore[arg-type]
+    )
+    return _json(
+        ChatCompletion(
+            id=reply.id, created=reply.created, model=reply.model, choices=[choice], usage=_usage(final)
+        )
+    )
+
+
+async def models(request: web.Request) -> web.Response:
+    card = ModelCard(id=served_model(request.app), created=request.app[STARTED_KEY], owned_by=OWNER)
+    return _json(ModelList(data=[card]))
+
+
+def add_routes(app: web.Application) -> None:
+    app[STARTED_KEY] = int(time.time())
+    app.add_routes(
+        [
+            web.post("/v1/completions", completions),
+            web.post("/v1/chat/completions", chat_completions),
+            web.get("/v1/models", models),
+        ]
+    )
+
+
+# ---------------------------------------------------------------- writing responses
+
+
+class _Reply:
+    def __init__(self, reply_id: str, model: str) -> None:
+        self.id, self.model, self.created = reply_id, model, int(time.time())
+
+
+ChunkBuilder = Callable[..., BaseModel]
+
+
+def _json(model: BaseModel) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"))
+
+
+def _usage(output: RequestOutput) -> Usage:
+    prompt, completion = output.usage["prompt_tokens"], output.usage["completion_tokens"]
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _gather(outputs: RequestStream) -> tuple[str, RequestOutput]:
+    pieces: list[str] = []
+    final: RequestOutput | None = None
+    async with contextlib.aclosing(outputs):
+        async for output in outputs:
+            pieces.append(output.text)
+            final = output
+    if final is None:
+        raise ClientError(503, "the engine stopped")
+    return "".join(pieces), final
+
+
+def _failure(request: web.Request, final: RequestOutput) -> web.Response | None:
+    """The error response for a generation that did not end with stop or length, else None."""
+    if final.finish_reason in FINISH_REASONS:
+        return None
+    status = UNFINISHED_STATUS.get(final.finish_reason or "", 500)
+    return json_error(request.path, status, _unfinished_message(final))
+
+
+def _unfinished_message(final: RequestOutput) -> str:
+    if final.error:
+        return final.error
+    return {
+        "timeout": "the request ran past its time limit",
+        "shutdown": "the server is shutting down",
+    }.get(final.finish_reason or "", f"generation ended: {final.finish_reason}")
+
+
+async def _stream(
+    request: web.Request,
+    outputs: RequestStream,
+    body: _SamplingFields,
+    chunk: ChunkBuilder,
+    first: BaseModel | None,
+) -> web.StreamResponse:
+    """`data:` chunks as the text comes, the finishing chunk, the usage chunk if asked, then [DONE].
+    A generation that fails after the headers went out sends OpenAI's error object before [DONE]."""
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    response = EventSourceResponse(
+        sep="\n",
+        ping_interval=request.app[SETTINGS_KEY].ping_interval,
+        headers={"X-Request-Id": request[REQUEST_ID_KEY]},
+        allow_all_methods=True,
+    )
+
+    def encode(model: BaseModel) -> str:
+        data = model.model_dump(mode="json")
+        if not include_usage:
+            data.pop("usage", None)
+        return json.dumps(data)
+
+    try:
+        async with contextlib.aclosing(outputs):
+            await response.prepare(request)
+            if first is not None:
+                await response.send(encode(first))
+            async for output in outputs:
+                if output.text:
+                    await response.send(encode(chunk(output.text, None)))
+                if not output.finished:
+                    continue
+                if output.finish_reason in FINISH_REASONS:
+                    await response.send(encode(chunk("", FINISH_REASONS[output.finish_reason or ""])))
+                    if include_usage:
+                        await response.send(encode(chunk("", None, _usage(output), last=True)))
+                else:
+                    status = UNFINISHED_STATUS.get(output.finish_reason or "", 500)
+                    error = json_error(request.path, status, _unfinished_message(output))
+                    await response.send(error.text or "")
+            await response.send("[DONE]")
+    except (ConnectionResetError, EngineUnavailableError) as err:
+        log.info("stream ended early", reason=type(err).__name__)
+    return response

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible routes, driven by the official `openai` SDK against a live server, plus the raw
+stream bytes and the refusals the SDK would hide."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from config import Settings
+from generation import LoadedModel
+from server import create_app
+from tests.conftest import make_engine
+
+CHAT = [
+    {"role": "system", "content": "You are a baker."},
+    {"role": "user", "content": "What rises in the oven?"},
+]
+
+
+@pytest.fixture
+async def base_url(tiny: LoadedModel, settings: Settings) -> AsyncIterator[str]:
+    runner = web.AppRunner(
+        create_app(settings.model_copy(update={"api_keys": ["sesame"]}), make_engine(tiny))
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def client(base_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="sesame", max_retries=0) as sdk:
+        yield sdk
+
+
+async def test_models_lists_the_served_model(client: openai.AsyncOpenAI) -> None:
+    page = await client.models.list()
+    assert [(m.id, m.object, m.owned_by) for m in page.data] == [("test", "model", "trickle")]
+
+
+async def test_chat_streamed_equals_not_streamed_and_usage_matches(client: openai.AsyncOpenAI) -> None:
+    ask: dict[str, Any] = {"model": "test", "messages": CHAT, "seed": 7, "max_tokens": 24, "temperature": 0.9}
+    whole = await client.chat.completions.create(**ask)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason in ("stop", "length")
+
+    chunks = [c async for c in await client.chat.completions.create(
+        **ask, stream=True, stream_options={"include_usage": True}
+    )]  # fmt: skip
+    assert {c.id for c in chunks} == {whole.id.replace(whole.id, chunks[0].id)}
+    assert all(c.object == "chat.completion.chunk" and c.model == "test" and c.created for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    finishing = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishing == [whole.choices[0].finish_reason]
+    # include_usage: a last chunk with no choices carries the counts; every other chunk has usage null.
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+
+async def test_completions_streamed_equals_not_streamed_and_usage_matches(client: openai.AsyncOpenAI) -> None:
+    ask: dict[str, Any] = {"model": "test", "prompt": "The baker", "seed": 3, "max_tokens": 20}
+    ask["extra_body"] = {"min_tokens": 20}  # an extension: the SDK passes it through extra_body
+    whole = await client.completions.create(**ask)
+    assert whole.object == "text_completion"
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 20
+
+    chunks = [c async for c in await client.completions.create(
+        **ask, stream=True, stream_options={"include_usage": True}
+    )]  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+    # Without include_usage there is no usage chunk at all.
+    plain = [c async for c in await client.completions.create(**ask, stream=True)]
+    assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
+
+
+async def test_the_raw_stream_has_the_full_chunk_shape_and_ends_with_done(base_url: str) -> None:
+    body = {"model": "test", "messages": CHAT, "max_tokens": 5, "min_tokens": 5, "stream": True}
+    headers = {"Authorization": "Bearer sesame"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.post(f"{base_url}/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        text = await response.text()
+    frames = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(frame) for frame in frames[:-1]]
+    for chunk in chunks:
+        assert set(chunk) == {"id", "object", "created", "model", "choices"}
+        assert set(chunk["choices"][0]) == {"index", "delta", "logprobs", "finish_reason"}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "param"),
+    [
+        ("chat", {"n": 2}, "n"),
+        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"tools": [{"type": "function", "function": {"name": "bake"}}]}, "tools"),
+        ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
+        ("chat", {"max_tokens": 100000}, "max_tokens"),
+        ("completions", {"logprobs": 2}, "logprobs"),
+        ("completions", {"echo": True}, "echo"),
+        ("completions", {"best_of": 3}, "best_of"),
+        ("completions", {"temperature": 5}, "temperature"),
+    ],
+)
+async def test_what_the_engine_cannot_honour_is_a_400_naming_it(
+    client: openai.AsyncOpenAI, route: str, extra: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        if route == "chat":
+            await client.chat.completions.create(**{"model": "test", "messages": CHAT, **extra})
+        else:
+            await client.completions.create(**{"model": "test", "prompt": "The baker", **extra})
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert param in error["message"]
+    # ... and the server goes on serving.
+    after = await client.completions.create(model="test", prompt="The baker", max_tokens=2)
+    assert after.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_a_lone_surrogate_in_the_prompt_is_a_client_error(base_url: str) -> None:
+    # JSON can carry one; the SDK cannot even send it, so this goes by hand.
+    raw = '{"model": "test", "prompt": "bad \\ud800 text"}'
+    headers = {"Authorization": "Bearer sesame", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.post(f"{base_url}/v1/completions", data=raw) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["param"] == "prompt"
+        async with session.post(f"{base_url}/stream", data='{"prompt": "bad \\ud800"}') as response:
+            assert response.status == 422
+            assert (await response.json())["error"]["field"] == "prompt"
+
+
+async def test_an_unknown_model_is_a_404(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.completions.create(model="gpt-4", prompt="hi")
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "model"
+
+
+async def test_the_api_key_guards_the_v1_routes_with_an_openai_error(base_url: str) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0) as sdk:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await sdk.models.list()
+    assert isinstance(caught.value.body, dict) and caught.value.body["type"] == "authentication_error"
+
+
+async def test_a_model_without_a_chat_template_gets_a_400(
+    client: openai.AsyncOpenAI, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tiny.tokenizer, "chat_template", None)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="test", messages=CHAT)
+    assert isinstance(caught.value.body, dict) and "chat template" in caught.value.body["message"]
+
+
+async def test_v1_responses_are_counted_in_the_metrics(base_url: str, client: openai.AsyncOpenAI) -> None:
+    await client.completions.create(model="test", prompt="The baker", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        await client.completions.create(model="test", prompt="The baker", n=3)
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as response:
+        text = await response.text()
+    assert 'trickle:http_responses_total{route="/v1/completions",status="200"} 1.0' in text
+    assert 'trickle:http_responses_total{route="/v1/completions",status="400"} 1.0' in text
