@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.metadata
 import json
 import logging
 import re
@@ -19,9 +20,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import Field
 
-from api import openai
+from api import openai, openapi, playground
 from api.common import (
     API_KEYS_KEY,
     ENGINE_KEY,
@@ -35,6 +35,7 @@ from api.common import (
     read_json,
     request_error,
 )
+from api.schemas import GenerateRequest
 from config import Settings, SettingsError, load_settings
 from generation import (
     AsyncEngine,
@@ -52,22 +53,11 @@ from notify import Notifier
 
 log = structlog.get_logger("server")
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# No key needed: probes, metrics, the API's description and the playground page (its calls need one).
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/"})
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class GenerateRequest(SamplingParams):
-    """The body of POST /stream and POST /predict."""
-
-    prompt: str = Field(min_length=1, description="The text to continue.")
-    cutoff_len: int = Field(
-        default=256, ge=1, description="Keep at most this many prompt tokens (the latest)."
-    )
-    timeout_s: float | None = Field(
-        default=None, gt=0, description="End the request (finish_reason `timeout`) after this many seconds."
-    )
 
 
 # ---------------------------------------------------------------- middlewares
@@ -285,8 +275,17 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.App
         ]
     )
     openai.add_routes(app)
+    openapi.add_routes(app, "trickle", _version(), settings.model)
+    playground.add_routes(app)
     app.cleanup_ctx.append(_engine_context(engine))
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("trickle")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], AsyncIterator[None]]:
