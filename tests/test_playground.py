@@ -1,0 +1,133 @@
+"""The playground in a real browser: Debian's headless chromium, driven by selenium through chromedriver,
+against a live server on loopback. Text grows while it streams; Stop cancels the request on the server.
+
+Needs `chromium` and `chromedriver` on PATH (`bash scripts/install-browser`). Without them the test is
+skipped, unless TRICKLE_REQUIRE_BROWSER=1 (CI sets it), where it fails instead. The screenshot lands in
+$TRICKLE_TEST_ARTIFACTS (default: test-artifacts/)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from config import Settings
+from generation import LoadedModel
+from server import create_app
+from tests.conftest import make_engine
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+REQUIRED = os.environ.get("TRICKLE_REQUIRE_BROWSER") == "1"
+ARTIFACTS = Path(os.environ.get("TRICKLE_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER) and not REQUIRED,
+    reason="chromium and chromedriver are not installed (bash scripts/install-browser)",
+)
+
+
+@pytest.fixture
+async def url(tiny: LoadedModel, settings: Settings) -> AsyncIterator[str]:
+    runner = web.AppRunner(create_app(settings, make_engine(tiny, max_seq_len=2048, max_batch_size=4)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+def until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """Poll the browser (it has no event to await from here) until `condition` is truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out waiting for the page"
+        time.sleep(0.01)
+    return value
+
+
+def running(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
+        return int(json.load(response)["running"])
+
+
+def browse(url: str) -> dict[str, Any]:
+    """Everything the browser does, on a worker thread (selenium blocks; the server needs the loop)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM or "chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1100,900")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER or "chromedriver"), options=options)
+    seen: dict[str, Any] = {}
+    try:
+        driver.get(f"{url}/")
+        element = lambda name: driver.find_element(By.ID, name)  # noqa: E731
+
+        def fill(name: str, value: str) -> None:
+            element(name).clear()
+            element(name).send_keys(value)
+
+        fill("prompt", "The baker")
+        fill("max-tokens", "300")
+        fill("min-tokens", "300")
+        fill("seed", "5")
+        element("generate").click()
+        snapshots: list[str] = []
+        while not element("status").text.startswith("done"):
+            text = element("output").text
+            if text and (not snapshots or text != snapshots[-1]):
+                snapshots.append(text)
+        seen["snapshots"] = snapshots
+        seen["final"] = element("output").text
+        seen["status"] = element("status").text
+        seen["ttft"], seen["tps"], seen["tokens"] = (element(n).text for n in ("ttft", "tps", "tokens"))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        seen["screenshot"] = ARTIFACTS / "playground.png"
+        driver.save_screenshot(str(seen["screenshot"]))
+
+        # A long run, stopped as soon as text shows: the server's running count must drop.
+        fill("max-tokens", "1900")
+        fill("min-tokens", "1900")
+        element("generate").click()
+        until(lambda: element("output").text)
+        seen["running_before_stop"] = running(url)
+        element("stop").click()
+        seen["status_after_stop"] = until(lambda: element("status").text == "stopped" and "stopped")
+        seen["stopped_at"] = len(element("output").text)
+        until(lambda: running(url) == 0)
+        seen["running_after_stop"] = running(url)
+    finally:
+        driver.quit()
+    return seen
+
+
+@pytest.mark.timeout(120)
+async def test_the_playground_streams_in_a_browser_and_stop_cancels(url: str) -> None:
+    seen = await asyncio.to_thread(browse, url)
+
+    snapshots = seen["snapshots"]
+    assert len(snapshots) >= 3, snapshots  # the text grew in several steps, not all at once
+    for shorter, longer in zip(snapshots, snapshots[1:], strict=False):
+        assert longer.startswith(shorter) and len(longer) > len(shorter)
+    assert seen["final"].startswith(snapshots[-1])
+    assert seen["status"] == "done (length)"
+    assert seen["tokens"] == "300"
+    assert seen["ttft"].endswith(" ms") and float(seen["tps"]) > 0
+    assert seen["screenshot"].stat().st_size > 0
+
+    assert seen["running_before_stop"] == 1
+    assert seen["status_after_stop"] == "stopped"
+    assert seen["running_after_stop"] == 0
