@@ -23,4 +23,4 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy server.py generation config
+	$(VENV)/bin/mypy server.py api generation config

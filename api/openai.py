@@ -37,7 +37,8 @@ OWNER = "trickle"
 STARTED_KEY = web.AppKey("openai_started", int)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # The engine's finish reasons that OpenAI's shape can express; the others end a response as an error.
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+Finish = Literal["stop", "length"]
+FINISH_REASONS: dict[str, Finish] = {"eos": "stop", "stop": "stop", "length": "length"}
 # Status of a non-streamed response whose generation ended some other way.
 UNFINISHED_STATUS = {"timeout": 504, "shutdown": 503, "cancelled": 503}
 # Fields whose every value but the default asks for something the engine does not do.
@@ -193,7 +194,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Finish | None
 
 
 class Completion(BaseModel):
@@ -216,7 +217,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Finish
 
 
 class ChatCompletion(BaseModel):
@@ -237,7 +238,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Finish | None
 
     @field_serializer("delta")
     def _only_what_changed(self, delta: ChatDelta) -> dict[str, Any]:
@@ -367,7 +368,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     outputs = admit(request, ids, params)
     reply = _Reply(f"cmpl-{request[REQUEST_ID_KEY]}", body.model)
 
-    def chunk(text: str, finish: str | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
+    def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
         choices = [] if last else [CompletionChoice(index=0, text=text, finish_reason=finish)]
         return Completion(id=reply.id, created=reply.created, model=reply.model, choices=choices, usage=usage)
 
@@ -388,7 +389,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     outputs = admit(request, ids, params)
     reply = _Reply(f"chatcmpl-{request[REQUEST_ID_KEY]}", body.model)
 
-    def chunk(text: str, finish: str | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
+    def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
         delta = ChatDelta() if finish is not None else ChatDelta(content=text)
         choices = [] if last else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
         return ChatCompletionChunk(
@@ -411,7 +412,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     choice = ChatChoice(
         index=0,
         message=AssistantMessage(content=text_out),
-        finish_reason=FINISH_REASONS[final.finish_reason or ""],  # type: ignore[arg-type]
+        finish_reason=FINISH_REASONS[final.finish_reason or ""],
     )
     return _json(
         ChatCompletion(

@@ -107,7 +107,8 @@ def build_document(title: str, version: str, model: str) -> dict[str, Any]:
         return _ref(model, defs)
 
     native_error, openai_error = ref(schemas.NativeError), ref(openai.ErrorResponse)
-    keyed = [{"apiKey": []}, {}]  # the key is needed only where the server is configured with keys
+    # The key is needed only where the server is configured with keys.
+    keyed: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
     text = {"schema": {"type": "string"}}
     native_events = _sse(
         ["message", "error", "end"],

@@ -274,7 +274,7 @@ class ModelRunner:
     def _graph(self, kind: str, *shape: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured step of this kind ("decode": batch, KV length; "prefill": rows, width) and the
         tensor its tokens land in."""
-        key = (kind, *shape)
+        key: tuple[str | int, ...] = (kind, *shape)
         if key not in self._graphs:
             self._graphs[key] = self._capture(kind, shape)
         return self._graphs[key]

@@ -183,3 +183,20 @@ async def test_v1_responses_are_counted_in_the_metrics(base_url: str, client: op
         text = await response.text()
     assert 'trickle:http_responses_total{route="/v1/completions",status="200"} 1.0' in text
     assert 'trickle:http_responses_total{route="/v1/completions",status="400"} 1.0' in text
+
+
+async def test_v1_limits_answer_with_the_openai_error_object(base_url: str) -> None:
+    auth = {"Authorization": "Bearer sesame"}
+    url = f"{base_url}/v1/completions"
+    async with aiohttp.ClientSession(headers=auth) as session:
+        cases = [
+            (session.post(url, data="x" * 5000, headers={"Content-Type": "application/json"}), 413),
+            (session.post(url, data="{}", headers={"Content-Type": "text/plain"}), 415),
+            (session.post(url, data="{not json", headers={"Content-Type": "application/json"}), 400),
+            (session.get(url), 405),
+        ]
+        for call, status in cases:
+            async with call as response:
+                assert response.status == status
+                body = await response.json()
+                assert set(body["error"]) == {"message", "type", "param", "code"}

@@ -8,6 +8,7 @@ $TRICKLE_TEST_ARTIFACTS (default: test-artifacts/)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -120,7 +121,7 @@ async def test_the_playground_streams_in_a_browser_and_stop_cancels(url: str) ->
 
     snapshots = seen["snapshots"]
     assert len(snapshots) >= 3, snapshots  # the text grew in several steps, not all at once
-    for shorter, longer in zip(snapshots, snapshots[1:], strict=False):
+    for shorter, longer in itertools.pairwise(snapshots):
         assert longer.startswith(shorter) and len(longer) > len(shorter)
     assert seen["final"].startswith(snapshots[-1])
     assert seen["status"] == "done (length)"
