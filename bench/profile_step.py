@@ -113,8 +113,13 @@ def main() -> None:
                 torch.cuda.set_sync_debug_mode("default")
             entry = {"prefill_ms": timed(lambda: runner.step(batch), 5), "host_syncs_in_launch": len(syncs)}
             entry["sync_sites"] = sorted({str(w.message)[:120] for w in syncs})
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                runner.step(batch)
+                torch.cuda.synchronize()
+            entry["top"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
         report[f"prefill_{n}x128"] = entry
-        print(f"prefill {n}x128", json.dumps(entry), flush=True)
+        print(f"prefill {n}x128", json.dumps({k: v for k, v in entry.items() if k != "top"}), flush=True)
+        print(entry["top"], flush=True)
     out = Path(os.environ.get("OUT", "."))
     (out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
 
