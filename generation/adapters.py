@@ -7,7 +7,8 @@ module instances, with the same arithmetic:
   tensor to the GPU on every call: a CUDA graph cannot capture that;
 - with one key/value head (multi-query, Falcon-7B) it hands SDPA keys of shape [B, 1, L, D] beside
   queries of [B, 71, 1, D]; SDPA then falls back to a kernel that copies the keys out to every head,
-  which makes the decode step's attention cost grow with 71 x the KV cache.
+  which makes the decode step's attention cost grow with 71 x the KV cache; and a prefill with a mask
+  runs the unfused float32 attention.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def _multi_query_attention(
         # One query per head and a single key head: let the heads stand in for query positions, so
         # the keys are read once, not once per head. mask [B, 1, 1, L] broadcasts over them.
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, attn_mask=attention_mask)
+    elif getattr(layer_past, "plain_causal", False):
+        # The cache says every row starts at position 0 and is right-padded: plain causal attention is
+        # exact for every real token, and without a mask SDPA can take its fused kernels.
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True).transpose(
+            1, 2
+        )
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask).transpose(1, 2)
     # out: [B, T, H, D] -> [B, T, H * D]

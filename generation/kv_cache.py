@@ -34,6 +34,12 @@ class SlotKVCache(Cache):
         # slots: [N]; row n of the forward writes positions 0..P-1 of slot slots[n]
         self._rows, self._positions = slots, None
 
+    @property
+    def plain_causal(self) -> bool:
+        """Rows start at position 0 and are right-padded, so causal attention over the new keys alone is
+        exact for every real token (what a prefill is; attention may skip the mask)."""
+        return self._positions is None
+
     def for_decode(self, rows: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
         # rows = 0..B-1, positions: [B]; row b writes at positions[b] and reads 0..kv_len-1
         self._rows, self._positions, self._kv_len = rows, positions, kv_len
@@ -83,6 +89,8 @@ class PassThroughCache(Cache):
         for states in (key_states, value_states):
             self.bytes_per_token += states.shape[1] * states.shape[3] * states.element_size()
         return key_states, value_states
+
+    plain_causal = True  # a prefill from position 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
