@@ -396,20 +396,15 @@ class _StaticInputs:
         self.longs[:, 0] = torch.where(source >= 0, fed, self.longs[:, 0])
 
     def sampling(self, start: int, stop: int) -> SamplingTensors:
-        longs, floats = self.longs[start:stop], self.floats[start:stop]
-        return SamplingTensors(
-            temperature=floats[:, 0],
-            top_p=floats[:, 1],
-            penalty=floats[:, 2],
-            top_k=longs[:, 2],
-            seeds=longs[:, 3],
-            steps=longs[:, 4],
-            ban_eos=longs[:, 5].bool(),
-        )
+        """Sampling parameters of batch rows start..stop-1."""
+        return self._sampling(self.longs[start:stop], self.floats[start:stop])
 
     def sampling_rows(self, rows: torch.Tensor) -> SamplingTensors:
         """Sampling parameters of the given batch rows (a device tensor of row indices)."""
-        longs, floats = self.longs[rows], self.floats[rows]
+        return self._sampling(self.longs[rows], self.floats[rows])
+
+    @staticmethod
+    def _sampling(longs: torch.Tensor, floats: torch.Tensor) -> SamplingTensors:
         return SamplingTensors(
             temperature=floats[:, 0],
             top_p=floats[:, 1],
