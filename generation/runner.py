@@ -86,11 +86,10 @@ class ModelRunner:
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
-        self._decode_step: Any = self._decode_static
+        self._decode_forward = self._decode_logits
         if self.use_graphs and config.compile:
-            # The whole decode step, sampling included. Batch size and KV length stay symbolic, so
-            # one compilation serves every bucket.
-            self._decode_step = torch.compile(self._decode_static, dynamic=True)
+            # Batch size and KV length stay symbolic, so one compilation serves every bucket.
+            self._decode_forward = torch.compile(self._decode_logits, dynamic=True)
 
     # ------------------------------------------------------------ planning
 
@@ -257,7 +256,7 @@ class ModelRunner:
         """Decode and sample rows 0..batch-1 from the static input buffers only, so it can be captured."""
         static = self._static
         static.feed_previous(self._last_tokens)
-        logits = self._decode_logits(batch, kv_len)
+        logits = self._decode_forward(batch, kv_len)
         return self._sample(logits, static.sampling(0, batch), static.rows[:batch])
 
     def _decode_logits(self, batch: int, kv_len: int) -> torch.Tensor:
@@ -284,7 +283,7 @@ class ModelRunner:
         # Decode padding rows (past the live rows) run at position 0 of slots that are free or about to
         # be prefilled; decode runs before prefill in a step, so what they write is overwritten.
         if kind == "decode":
-            run = lambda: self._decode_step(*shape)  # noqa: E731
+            run = lambda: self._decode_static(*shape)  # noqa: E731
         else:
             run = lambda: self._prefill_static(*shape)  # noqa: E731
         side = torch.cuda.Stream(self.device)
@@ -310,13 +309,13 @@ class ModelRunner:
         try:
             self._capture_all()
         except Exception as err:
-            if self._decode_step == self._decode_static:
+            if self._decode_forward == self._decode_logits:
                 raise
             # A model torch.compile cannot handle still runs: captured, but unfused.
             log.warning(
                 "torch.compile failed; decoding without it", error=f"{type(err).__name__}: {err}"[:300]
             )
-            self._decode_step = self._decode_static
+            self._decode_forward = self._decode_logits
             self._graphs.clear()
             self._capture_all()
 
@@ -324,7 +323,7 @@ class ModelRunner:
         started = time.perf_counter()
         kv_lens = sorted({_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS})
         batches = sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS})
-        if self._decode_step != self._decode_static:
+        if self._decode_forward != self._decode_logits:
             # Compile on the default stream, outside any capture: batch 1 is specialised, larger
             # batches and every KV length share one dynamic graph.
             for batch, kv_len in {
@@ -332,7 +331,7 @@ class ModelRunner:
                 (batches[-1], kv_lens[0]),
                 (batches[-1], kv_lens[-1]),
             }:
-                self._decode_step(batch, kv_len)
+                self._decode_forward(batch, kv_len)
             torch.cuda.synchronize(self.device)
         for kv_len in kv_lens:
             for batch in batches:
