@@ -168,8 +168,20 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
             break
     if process.poll() is not None:
         raise RuntimeError("the server did not start:\n" + "".join(seen[-30:]))
-    threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe drained
+    # Keep the server's log (warnings such as a torch.compile fallback show there), and the pipe drained.
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = (args.out / "server.log").open("w")
+    log_file.writelines(seen)
+    threading.Thread(target=_copy_lines, args=(process.stderr, log_file), daemon=True).start()
     return process
+
+
+def _copy_lines(source: Any, target: Any) -> None:
+    with target:
+        for line in source:
+            # Per-request access lines would make the file huge; keep the rest.
+            if '"http request"' not in line and '"request finished"' not in line:
+                target.write(line)
 
 
 async def bench_server(args: argparse.Namespace) -> list[Result]:
