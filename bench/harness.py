@@ -436,7 +436,11 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 
 def plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
