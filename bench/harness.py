@@ -276,15 +276,17 @@ def bench_classic(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]
             marks[0] - start, [b - a for a, b in itertools.pairwise(marks)], end - start, new_tokens
         )
 
+    def client(out: list[RequestTiming], new_tokens: int, rounds: int) -> None:
+        for _ in range(rounds):
+            out.append(one(new_tokens))
+
     results = []
-    for c, new_tokens, count in ((1, args.new_tokens, 2), (4, 64, 4)):
+    # (clients, tokens each, requests each client sends back to back)
+    for c, new_tokens, rounds in ((1, args.new_tokens, 2), (4, 64, 1)):
         one(8)
         with_threads: list[RequestTiming] = []
         start = time.perf_counter()
-        workers = [
-            threading.Thread(target=lambda out=with_threads, n=new_tokens: out.append(one(n)))
-            for _ in range(count)
-        ]
+        workers = [threading.Thread(target=client, args=(with_threads, new_tokens, rounds)) for _ in range(c)]
         for w in workers:
             w.start()
         for w in workers:
