@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import importlib.metadata
 import json
@@ -31,16 +30,17 @@ from api.common import (
     ClientError,
     admit,
     engine_for,
+    gather,
     json_error,
     read_json,
     request_error,
+    stream_events,
 )
 from api.schemas import GenerateRequest
 from config import Settings, SettingsError, load_settings
 from generation import (
     AsyncEngine,
     EngineConfig,
-    EngineUnavailableError,
     ModelLoadError,
     RequestError,
     RequestOutput,
@@ -155,7 +155,7 @@ async def open_generation(request: web.Request) -> RequestStream:
         ids = engine.encode_prompt(body.prompt, body.cutoff_len, body)
     except RequestError as err:
         raise request_error(err) from err
-    return admit(request, ids, sampling_params(body), body.timeout_s)
+    return admit(request, engine, ids, sampling_params(body), body.timeout_s)
 
 
 def sampling_params(body: GenerateRequest) -> SamplingParams:
@@ -171,19 +171,7 @@ def end_payload(output: RequestOutput) -> dict[str, Any]:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     outputs = await open_generation(request)
-    response = EventSourceResponse(
-        sep="\n",
-        ping_interval=request.app[SETTINGS_KEY].ping_interval,
-        headers={"X-Request-Id": request[REQUEST_ID_KEY]},
-        allow_all_methods=True,
-    )
-    try:
-        async with contextlib.aclosing(outputs):
-            await response.prepare(request)
-            await _write_events(response, outputs)
-    except (ConnectionResetError, EngineUnavailableError) as err:
-        log.info("stream ended early", reason=type(err).__name__)
-    return response
+    return await stream_events(request, outputs, lambda response: _write_events(response, outputs))
 
 
 async def _write_events(response: EventSourceResponse, outputs: RequestStream) -> None:
@@ -200,16 +188,11 @@ async def _write_events(response: EventSourceResponse, outputs: RequestStream) -
 
 
 async def predict(request: web.Request) -> web.Response:
-    pieces: list[str] = []
-    final: RequestOutput | None = None
-    async with contextlib.aclosing(await open_generation(request)) as outputs:
-        async for output in outputs:
-            pieces.append(output.text)
-            final = output
+    text, final = await gather(await open_generation(request))
     if final is None or final.error is not None:
         message = final.error if final is not None and final.error else "the engine stopped"
         return json_error(request.path, 500, message)
-    return web.json_response({"text": "".join(pieces), **end_payload(final)})
+    return web.json_response({"text": text, **end_payload(final)})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -3,11 +3,15 @@ JSON bodies, and admitting a request to the engine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import structlog
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ValidationError
 
 from config import Settings
@@ -16,9 +20,12 @@ from generation import (
     EngineUnavailableError,
     QueueFullError,
     RequestError,
+    RequestOutput,
     RequestStream,
     SamplingParams,
 )
+
+log = structlog.get_logger("api")
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 ENGINE_KEY = web.AppKey("engine", AsyncEngine)
@@ -68,7 +75,8 @@ def json_error(
 
 
 class ClientError(Exception):
-    """A request we refuse before any streaming starts; becomes a JSON error response."""
+    """An error answer decided before any streaming starts (mostly a request we refuse); the error
+    middleware turns it into a JSON error response."""
 
     def __init__(self, status: int, message: str, field: str | None = None, **headers: str) -> None:
         super().__init__(message)
@@ -126,12 +134,12 @@ def engine_for(request: web.Request) -> AsyncEngine:
 
 def admit(
     request: web.Request,
+    engine: AsyncEngine,
     prompt_ids: list[int],
     params: SamplingParams,
     timeout: float | None = None,
 ) -> RequestStream:
     """Hand the request to the engine, or refuse it with 503 (full queue, draining, not ready)."""
-    engine = engine_for(request)
     try:
         return engine.generate(request[REQUEST_ID_KEY], prompt_ids, params, timeout)
     except QueueFullError as err:
@@ -142,3 +150,36 @@ def admit(
 
 def request_error(err: RequestError, status: int = 422) -> ClientError:
     return ClientError(status, f"{err.field}: {err}", field=err.field)
+
+
+async def stream_events(
+    request: web.Request,
+    outputs: RequestStream,
+    write: Callable[[EventSourceResponse], Awaitable[None]],
+) -> EventSourceResponse:
+    """An SSE response that `write` fills from `outputs`; closing `outputs` on the way out cancels the
+    request if it has not finished (a client that hung up, say)."""
+    response = EventSourceResponse(
+        sep="\n",
+        ping_interval=request.app[SETTINGS_KEY].ping_interval,
+        headers={"X-Request-Id": request[REQUEST_ID_KEY]},
+        allow_all_methods=True,
+    )
+    try:
+        async with contextlib.aclosing(outputs):
+            await response.prepare(request)
+            await write(response)
+    except (ConnectionResetError, EngineUnavailableError) as err:
+        log.info("stream ended early", reason=type(err).__name__)
+    return response
+
+
+async def gather(outputs: RequestStream) -> tuple[str, RequestOutput | None]:
+    """The whole text of a request and its final output (None if the engine stopped first)."""
+    pieces: list[str] = []
+    final: RequestOutput | None = None
+    async with contextlib.aclosing(outputs):
+        async for output in outputs:
+            pieces.append(output.text)
+            final = output
+    return "".join(pieces), final

@@ -8,7 +8,6 @@ accepted as extensions, under the names other open servers use.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -25,13 +24,12 @@ from api.common import (
     ClientError,
     admit,
     engine_for,
-    json_error,
+    gather,
     read_json,
+    stream_events,
 )
-from generation import AsyncEngine, EngineUnavailableError, RequestOutput, RequestStream, SamplingParams
+from generation import AsyncEngine, RequestOutput, RequestStream, SamplingParams
 from generation.params import MAX_SEED, MAX_STOP_STRINGS, StopString
-
-log = structlog.get_logger("api.openai")
 
 OWNER = "trickle"
 STARTED_KEY = web.AppKey("openai_started", int)
@@ -364,20 +362,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine = engine_for(request)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     ids = _prompt_ids(engine, text, "prompt")
-    params = _sampling_params(body, len(ids), engine.config.max_seq_len)
-    outputs = admit(request, ids, params)
+    outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.config.max_seq_len))
     reply = _Reply(f"cmpl-{request[REQUEST_ID_KEY]}", body.model)
 
     def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
         choices = [] if last else [CompletionChoice(index=0, text=text, finish_reason=finish)]
-        return Completion(id=reply.id, created=reply.created, model=reply.model, choices=choices, usage=usage)
+        return Completion(**reply.envelope, choices=choices, usage=usage)
 
     if body.stream:
         return await _stream(request, outputs, body, chunk, first=None)
-    text_out, final = await _gather(outputs)
-    if (failure := _failure(request, final)) is not None:
-        return failure
-    return _json(chunk(text_out, FINISH_REASONS[final.finish_reason or ""], _usage(final)))
+    text_out, final, finish = await _finished(request, outputs)
+    return _json(chunk(text_out, finish, _usage(final)))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -385,40 +380,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = engine_for(request)
     # The template writes the special tokens itself.
     ids = _prompt_ids(engine, _chat_prompt(engine, body.messages), "messages", special_tokens=False)
-    params = _sampling_params(body, len(ids), engine.config.max_seq_len)
-    outputs = admit(request, ids, params)
+    outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.config.max_seq_len))
     reply = _Reply(f"chatcmpl-{request[REQUEST_ID_KEY]}", body.model)
 
     def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
         delta = ChatDelta() if finish is not None else ChatDelta(content=text)
         choices = [] if last else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
-        return ChatCompletionChunk(
-            id=reply.id, created=reply.created, model=reply.model, choices=choices, usage=usage
-        )
+        return ChatCompletionChunk(**reply.envelope, choices=choices, usage=usage)
 
     if body.stream:
-        opening = ChatCompletionChunk(
-            id=reply.id,
-            created=reply.created,
-            model=reply.model,
-            choices=[
-                ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""), finish_reason=None)
-            ],
-        )
+        hello = ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""), finish_reason=None)
+        opening = ChatCompletionChunk(**reply.envelope, choices=[hello])
         return await _stream(request, outputs, body, chunk, first=opening)
-    text_out, final = await _gather(outputs)
-    if (failure := _failure(request, final)) is not None:
-        return failure
-    choice = ChatChoice(
-        index=0,
-        message=AssistantMessage(content=text_out),
-        finish_reason=FINISH_REASONS[final.finish_reason or ""],
-    )
-    return _json(
-        ChatCompletion(
-            id=reply.id, created=reply.created, model=reply.model, choices=[choice], usage=_usage(final)
-        )
-    )
+    text_out, final, finish = await _finished(request, outputs)
+    choice = ChatChoice(index=0, message=AssistantMessage(content=text_out), finish_reason=finish)
+    return _json(ChatCompletion(**reply.envelope, choices=[choice], usage=_usage(final)))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -441,8 +417,10 @@ def add_routes(app: web.Application) -> None:
 
 
 class _Reply:
+    """What every chunk of one reply repeats: its id, creation time and model."""
+
     def __init__(self, reply_id: str, model: str) -> None:
-        self.id, self.model, self.created = reply_id, model, int(time.time())
+        self.envelope: dict[str, Any] = {"id": reply_id, "created": int(time.time()), "model": model}
 
 
 ChunkBuilder = Callable[..., BaseModel]
@@ -457,33 +435,25 @@ def _usage(output: RequestOutput) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-async def _gather(outputs: RequestStream) -> tuple[str, RequestOutput]:
-    pieces: list[str] = []
-    final: RequestOutput | None = None
-    async with contextlib.aclosing(outputs):
-        async for output in outputs:
-            pieces.append(output.text)
-            final = output
+async def _finished(request: web.Request, outputs: RequestStream) -> tuple[str, RequestOutput, Finish]:
+    """The whole text, the final output and OpenAI's finish reason; a generation that ended some other
+    way (timeout, shutdown, failure) raises its error response."""
+    text, final = await gather(outputs)
     if final is None:
         raise ClientError(503, "the engine stopped")
-    return "".join(pieces), final
+    if final.finish_reason not in FINISH_REASONS:
+        raise _unfinished(final)
+    return text, final, FINISH_REASONS[final.finish_reason]
 
 
-def _failure(request: web.Request, final: RequestOutput) -> web.Response | None:
-    """The error response for a generation that did not end with stop or length, else None."""
-    if final.finish_reason in FINISH_REASONS:
-        return None
+def _unfinished(final: RequestOutput) -> ClientError:
+    """The error for a generation that did not end with stop or length (timeout, shutdown, failure)."""
     status = UNFINISHED_STATUS.get(final.finish_reason or "", 500)
-    return json_error(request.path, status, _unfinished_message(final))
-
-
-def _unfinished_message(final: RequestOutput) -> str:
-    if final.error:
-        return final.error
-    return {
+    message = final.error or {
         "timeout": "the request ran past its time limit",
         "shutdown": "the server is shutting down",
     }.get(final.finish_reason or "", f"generation ended: {final.finish_reason}")
+    return ClientError(status, message)
 
 
 async def _stream(
@@ -496,12 +466,6 @@ async def _stream(
     """`data:` chunks as the text comes, the finishing chunk, the usage chunk if asked, then [DONE].
     A generation that fails after the headers went out sends OpenAI's error object before [DONE]."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    response = EventSourceResponse(
-        sep="\n",
-        ping_interval=request.app[SETTINGS_KEY].ping_interval,
-        headers={"X-Request-Id": request[REQUEST_ID_KEY]},
-        allow_all_methods=True,
-    )
 
     def encode(model: BaseModel) -> str:
         data = model.model_dump(mode="json")
@@ -509,25 +473,20 @@ async def _stream(
             data.pop("usage", None)
         return json.dumps(data)
 
-    try:
-        async with contextlib.aclosing(outputs):
-            await response.prepare(request)
-            if first is not None:
-                await response.send(encode(first))
-            async for output in outputs:
-                if output.text:
-                    await response.send(encode(chunk(output.text, None)))
-                if not output.finished:
-                    continue
-                if output.finish_reason in FINISH_REASONS:
-                    await response.send(encode(chunk("", FINISH_REASONS[output.finish_reason or ""])))
-                    if include_usage:
-                        await response.send(encode(chunk("", None, _usage(output), last=True)))
-                else:
-                    status = UNFINISHED_STATUS.get(output.finish_reason or "", 500)
-                    error = json_error(request.path, status, _unfinished_message(output))
-                    await response.send(error.text or "")
-            await response.send("[DONE]")
-    except (ConnectionResetError, EngineUnavailableError) as err:
-        log.info("stream ended early", reason=type(err).__name__)
-    return response
+    async def write(response: EventSourceResponse) -> None:
+        if first is not None:
+            await response.send(encode(first))
+        async for output in outputs:
+            if output.text:
+                await response.send(encode(chunk(output.text, None)))
+            if not output.finished:
+                continue
+            if output.finish_reason in FINISH_REASONS:
+                await response.send(encode(chunk("", FINISH_REASONS[output.finish_reason or ""])))
+                if include_usage:
+                    await response.send(encode(chunk("", None, _usage(output), last=True)))
+            else:
+                await response.send(_unfinished(output).response(request.path).text or "")
+        await response.send("[DONE]")
+
+    return await stream_events(request, outputs, write)
