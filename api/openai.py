@@ -111,7 +111,8 @@ class _SamplingFields(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def requested_max_tokens(self) -> int | None:
+    def requested_max_tokens(self) -> tuple[str, int | None]:
+        """The field that sets the most tokens to generate, and its value."""
         raise NotImplementedError
 
 
@@ -130,8 +131,8 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(default=None, ge=1, le=1, description="Only 1 is supported.")
     suffix: None = Field(default=None, description="Not supported: only null.")
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+    def requested_max_tokens(self) -> tuple[str, int | None]:
+        return "max_tokens", self.max_tokens
 
 
 class TextPart(BaseModel):
@@ -175,8 +176,10 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none"] | None = Field(default=None, description="Not supported beyond `none`.")
     parallel_tool_calls: Literal[False] | None = Field(default=None, description="Not supported.")
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def requested_max_tokens(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
 
 
 # ---------------------------------------------------------------- responses
@@ -307,11 +310,10 @@ def _prompt_ids(engine: AsyncEngine, text: str, field: str, *, special_tokens: b
 
 def _sampling_params(body: _SamplingFields, prompt_tokens: int, limit: int) -> SamplingParams:
     room = limit - prompt_tokens
-    max_tokens = body.requested_max_tokens()
+    field, max_tokens = body.requested_max_tokens()
     if max_tokens is None:
         max_tokens = room
     elif max_tokens > room:
-        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         message = (
             f"{field}: {max_tokens} plus the prompt's {prompt_tokens} tokens exceeds this model's "
             f"context of {limit}"
