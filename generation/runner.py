@@ -77,6 +77,7 @@ class ModelRunner:
         # extra last row takes what padding rows of a captured prefill write
         self.seen = torch.zeros(self.num_slots + 1, self.vocab_size, dtype=torch.bool, device=self.device)
         self._prefill_in = _PrefillInputs(self.num_slots, config.max_seq_len, self.device)
+        self._prefill_shapes = self._graph_prefill_shapes()
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
@@ -198,7 +199,7 @@ class ModelRunner:
             _bucket(n, PREFILL_ROW_BUCKETS, self.num_slots),
             _bucket(width, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len),
         )
-        if not self.use_graphs or shape not in self.prefill_shapes:
+        if not self.use_graphs or shape not in self._prefill_shapes:
             self._prefill_in.load(rows, n, width)
             return self._prefill_static(n, width)
         graph, tokens = self._graph("prefill", *shape)
@@ -206,8 +207,7 @@ class ModelRunner:
         graph.replay()
         return tokens[:n]
 
-    @property
-    def prefill_shapes(self) -> list[tuple[int, int]]:
+    def _graph_prefill_shapes(self) -> list[tuple[int, int]]:
         """The padded [rows, width] shapes that get a CUDA graph."""
         rows = sorted({_bucket(b, PREFILL_ROW_BUCKETS, self.num_slots) for b in PREFILL_ROW_BUCKETS})
         widths = sorted(
@@ -225,14 +225,15 @@ class ModelRunner:
         """
         inputs = self._prefill_in
         ids = inputs.ids[: n * width].view(n, width)
-        lengths, slots, batch_rows, seen_rows = inputs.rows[:n].unbind(1)
+        lengths, slots, seen_rows = inputs.rows[:n].unbind(1)
         self.seen.index_put_((seen_rows,), self._false)
         self.seen.index_put_((seen_rows[:, None], ids), self._true)  # the prompt counts for the penalty
         self.cache.for_prefill(slots)
         positions = self._static.key_index[:width][None].expand(n, -1)
         hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
         last = hidden[self._static.rows[:n], lengths - 1]
-        return self._sample(self.lm_head(last), self._static.sampling_rows(batch_rows), seen_rows)
+        # A newcomer's batch row is its slot (padding rows repeat the first newcomer's).
+        return self._sample(self.lm_head(last), self._static.sampling_rows(slots), seen_rows)
 
     def _sample(self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor) -> torch.Tensor:
         tokens = sample_rows(logits, params, self.seen[slots], self.eos_mask)
@@ -336,7 +337,7 @@ class ModelRunner:
         for kv_len in kv_lens:
             for batch in batches:
                 self._graph("decode", batch, kv_len)
-        for shape in self.prefill_shapes:
+        for shape in self._prefill_shapes:
             self._graph("prefill", *shape)
         torch.cuda.synchronize(self.device)
         log.info(
@@ -423,13 +424,13 @@ class _StaticInputs:
 
 class _PrefillInputs:
     """Fixed-address inputs of a prefill: the newcomers' prompt tokens as [rows, width], laid out flat
-    so every padded shape is a contiguous prefix, and per row its prompt length, its slot, its batch row
-    and its row of `seen`. Pinned host tables are double-buffered like `_StaticInputs`."""
+    so every padded shape is a contiguous prefix, and per row its prompt length, its slot (also its
+    batch row) and its row of `seen`. Pinned host tables are double-buffered like `_StaticInputs`."""
 
     def __init__(self, slots: int, max_len: int, device: torch.device) -> None:
         pinned = device.type == "cuda"
         self._host_ids = torch.zeros(2, slots * max_len, dtype=torch.long, pin_memory=pinned)
-        self._host_rows = torch.zeros(2, slots, 4, dtype=torch.long, pin_memory=pinned)
+        self._host_rows = torch.zeros(2, slots, 3, dtype=torch.long, pin_memory=pinned)
         self._turn = 0
         self.ids = torch.zeros_like(self._host_ids[0], device=device)
         self.rows = torch.zeros_like(self._host_rows[0], device=device)
@@ -442,18 +443,16 @@ class _PrefillInputs:
         padded = [seq.prompt_ids + seq.prompt_ids[:1] * (width - seq.num_prompt_tokens) for seq in rows]
         ids[: len(rows)] = torch.tensor(padded)
         ids[len(rows) :] = ids[0]
-        table[: len(rows)] = torch.tensor(
-            [[seq.num_prompt_tokens, seq.slot, seq.slot, seq.slot] for seq in rows]
-        )
+        table[: len(rows)] = torch.tensor([[seq.num_prompt_tokens, seq.slot, seq.slot] for seq in rows])
         table[len(rows) : n] = table[0]
-        table[len(rows) : n, 3] = self.spare_row
+        table[len(rows) : n, 2] = self.spare_row
         self.ids[: n * width].copy_(ids.view(-1), non_blocking=True)
         self.rows[:n].copy_(table[:n], non_blocking=True)
 
     def clear(self) -> None:
         """Inputs that are safe to capture with: one-token prompts into slot 0, marks in the spare row."""
         self.ids.zero_()
-        self.rows[:] = torch.tensor([1, 0, 0, self.spare_row])
+        self.rows[:] = torch.tensor([1, 0, self.spare_row])
 
 
 def _long_inputs(seq: Sequence) -> list[int]:
