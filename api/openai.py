@@ -29,7 +29,7 @@ from api.common import (
     stream_events,
 )
 from generation import AsyncEngine, RequestOutput, RequestStream, SamplingParams
-from generation.params import MAX_SEED, MAX_STOP_STRINGS, StopString
+from generation.params import MAX_SEED, MAX_STOP_STRINGS, MAX_TOP_K, StopString
 
 OWNER = "trickle"
 STARTED_KEY = web.AppKey("openai_started", int)
@@ -92,7 +92,9 @@ class _SamplingFields(BaseModel):
         default=None, max_length=0, description="Not supported: only an empty map."
     )
     user: str | None = Field(default=None, max_length=256, description="Logged with the request.")
-    top_k: int = Field(default=0, ge=0, description="Extension: keep the k most likely tokens; 0 disables.")
+    top_k: int = Field(
+        default=0, ge=0, le=MAX_TOP_K, description="Extension: keep the k most likely tokens; 0 disables."
+    )
     min_tokens: int = Field(
         default=0, ge=0, description="Extension: end-of-text is ignored before this many."
     )

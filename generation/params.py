@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1
+# top_k travels to the device as an int64; any k past the vocabulary means "all", so a bound this loose
+# refuses nothing useful and keeps a huge number from failing the step of every row beside it.
+MAX_TOP_K = 2**31 - 1
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -19,7 +22,9 @@ class SamplingParams(BaseModel):
 
     temperature: float = Field(default=0.8, ge=0.0, le=10.0, description="0 means greedy decoding.")
     top_p: float = Field(default=0.75, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(default=40, ge=0, description="Keep the k most likely tokens; 0 disables.")
+    top_k: int = Field(
+        default=40, ge=0, le=MAX_TOP_K, description="Keep the k most likely tokens; 0 disables."
+    )
     max_new_tokens: int = Field(default=250, ge=1, description="Upper bound on generated tokens.")
     min_new_tokens: int = Field(default=0, ge=0, description="End-of-sequence is ignored before this many.")
     stop: list[StopString] = Field(

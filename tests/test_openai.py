@@ -121,6 +121,7 @@ async def test_the_raw_stream_has_the_full_chunk_shape_and_ends_with_done(base_u
         ("completions", {"echo": True}, "echo"),
         ("completions", {"best_of": 3}, "best_of"),
         ("completions", {"temperature": 5}, "temperature"),
+        ("completions", {"extra_body": {"top_k": 10**36}}, "top_k"),
     ],
 )
 async def test_what_the_engine_cannot_honour_is_a_400_naming_it(
