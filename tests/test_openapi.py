@@ -69,6 +69,7 @@ async def test_schemathesis_finds_no_server_error_and_no_response_off_the_spec(
         "--max-examples", "30", "--max-time", str(FUZZ_SECONDS), "--seed", "1", "--workers", "1",
         "--request-timeout", "20", "--no-color", "--report-dir", str(tmp_path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,  # its example cache stays out of the checkout
     )  # fmt: skip
     output, _ = await process.communicate()
     text = output.decode()
