@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generation import AsyncEngine, EngineConfig, SamplingParams, load_model
 from generation.detokenizer import IncrementalDetokenizer
-from generation.sampler import sample_rows
+from generation.sampler import FULL, PLAIN, TOP_K, sample, sample_rows
 from generation.scheduler import ScheduledBatch
 from generation.sequence import Sequence, Status
 
@@ -35,18 +35,84 @@ def timed(fn, repeat: int = 20) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - start) / repeat * 1000
 
 
+# Kernel families by name, first match wins: where a step's device time goes.
+FAMILIES = (
+    ("gemm", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("sort/topk", ("sort", "Sort", "topk", "radix", "Radix")),
+    ("layernorm", ("layer_norm", "LayerNorm", "rms")),
+    ("reduce", ("reduce_kernel", "softmax", "scan", "Scan", "argmax")),
+    ("triton (compiled)", ("triton",)),
+    ("copy/index", ("index", "Index", "copy", "Copy", "CatArray", "gather", "scatter", "Memcpy", "Memset")),
+)
+
+
+def kernel_breakdown(prof: torch.profiler.profile, steps: int) -> dict[str, object]:
+    """Per step: device milliseconds and kernel count by family, and the 40 costliest kernels."""
+    families: dict[str, list[float]] = {}
+    kernels = []
+    for event in prof.key_averages():
+        ms = event.self_device_time_total / 1000 / steps
+        if ms <= 0:
+            continue
+        family = next((f for f, keys in FAMILIES if any(k in event.key for k in keys)), "elementwise/other")
+        total = families.setdefault(family, [0.0, 0.0])
+        total[0] += ms
+        total[1] += event.count / steps
+        kernels.append((round(ms, 4), round(event.count / steps, 1), event.key[:110]))
+    kernels.sort(reverse=True)
+    return {
+        "families_ms_count": {f: [round(v[0], 3), v[1]] for f, v in sorted(families.items())},
+        "device_ms": round(sum(v[0] for v in families.values()), 3),
+        "kernels": sum(v[1] for v in families.values()),
+        "top": kernels[:40],
+    }
+
+
+@torch.inference_mode()
+def modes_agree(runner) -> dict[str, bool]:  # type: ignore[no-untyped-def]
+    """On the device, with the model's own bf16 logits: each sampling mode draws what the full sort
+    draws for the rows it serves."""
+    n = 512
+    hidden = torch.randn(n, runner.lm_head.weight.shape[1], device="cuda", dtype=runner.dtype)
+    logits = runner.lm_head(hidden).float()
+    seeds = torch.arange(n, device="cuda") * 7919
+    steps = torch.arange(n, device="cuda") % 7
+
+    def draw(mode: str, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+        t = torch.full((n,), temperature, device="cuda")
+        k = torch.full((n,), top_k, device="cuda", dtype=torch.long)
+        p = torch.full((n,), top_p, device="cuda")
+        return sample(logits, t, k, p, seeds, steps, mode)
+
+    checks = {}
+    for mode, (temperature, top_k, top_p) in (
+        (PLAIN, (1.0, 0, 1.0)),
+        (TOP_K, (0.8, 50, 0.95)),
+        (TOP_K, (1.0, 64, 1.0)),
+        (TOP_K, (0.5, 1, 1.0)),
+    ):
+        checks[f"{mode} k={top_k} p={top_p}"] = torch.equal(
+            draw(mode, temperature, top_k, top_p), draw(FULL, temperature, top_k, top_p)
+        )
+    return checks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random:falcon-7b")
     parser.add_argument("--batch", default="1,8,64,128")
     parser.add_argument("--prefill", default="1,8,32", help="prefill steps of this many 128-token prompts")
+    parser.add_argument("--compile", action="store_true", help="as the server's --compile")
     args = parser.parse_args()
     loaded = load_model(args.model, dtype="bfloat16", device="cuda")
-    engine = AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=128, max_seq_len=2048))
+    config = EngineConfig(max_batch_size=128, max_seq_len=2048, compile=args.compile)
+    engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
     runner = engine.engine.runner
     runner.warm_up()
     tokenizer = loaded.tokenizer.backend_tokenizer
-    report = {}
+    report: dict[str, object] = {"modes_agree": modes_agree(runner)}
+    print("modes agree", report["modes_agree"], flush=True)
     params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=256)
     for b in [int(x) for x in args.batch.split(",")]:
         rows = []
@@ -85,6 +151,19 @@ def main() -> None:
                     lambda: [seq.detokenizer.step(1000 + j) for j, seq in enumerate(rows)], 5
                 ),
             }
+            by_mode = {}
+            for name, update in (
+                ("plain", {"top_k": 0, "top_p": 1.0}),
+                ("top_k", {}),
+                ("full", {"top_k": 0}),
+            ):
+                for seq, p in zip(rows, greedy, strict=True):
+                    seq.params = p.model_copy(update=update)
+                by_mode[name] = round(timed(lambda: runner._decode(rows)), 3)
+            for seq, p in zip(rows, greedy, strict=True):
+                seq.params = p
+            entry["decode_ms_by_mode"] = by_mode
+            print(b, "decode ms by sampling mode", by_mode, flush=True)
             with torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
             ) as prof:
@@ -92,9 +171,10 @@ def main() -> None:
                     runner.step(batch)
                 torch.cuda.synchronize()
             entry["top"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+            entry["kernels_per_step"] = kernel_breakdown(prof, steps=3)
         report[b] = entry
-        print(b, json.dumps({k: round(v, 3) for k, v in entry.items() if k != "top"}), flush=True)
-        print(entry["top"], flush=True)
+        print(b, json.dumps({k: round(v, 3) for k, v in entry.items() if isinstance(v, float)}), flush=True)
+        print(json.dumps(entry["kernels_per_step"], indent=1), flush=True)
     for n in [int(x) for x in args.prefill.split(",") if x]:
         rows = []
         for i in range(n):

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from generation.adapters import adapt
 from generation.engine_config import EngineConfig
 from generation.kv_cache import PassThroughCache, SlotKVCache
-from generation.sampler import SamplingTensors, sample_rows
+from generation.sampler import FULL, MODES, SamplingTensors, sample_rows, sampling_mode
 from generation.scheduler import ScheduledBatch
 from generation.sequence import Sequence
 
@@ -63,7 +63,7 @@ class ModelRunner:
         self.dtype = model.dtype
         self.base = model.base_model
         self.lm_head = model.get_output_embeddings()
-        self.vocab_size = self.lm_head.weight.shape[0]
+        self.vocab_size, hidden_size = self.lm_head.weight.shape
         self._cache_arg = _cache_argument(self.base)
         self._min_value = torch.finfo(self.dtype).min
         # A step prefills at most the token budget, or one prompt of up to max_seq_len past it.
@@ -73,6 +73,8 @@ class ModelRunner:
         self._static = _StaticInputs(self.num_slots, config.max_seq_len, self.device)
         # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
         self._last_tokens = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
+        # The decode forward's last hidden states, where the step's sampling (its own graph) reads them.
+        self._hidden = torch.zeros(self.num_slots, hidden_size, dtype=self.dtype, device=self.device)
         # seen[slot, token]: the token is in the row's prompt or output (for the repetition penalty); the
         # extra last row takes what padding rows of a captured prefill write
         self.seen = torch.zeros(self.num_slots + 1, self.vocab_size, dtype=torch.bool, device=self.device)
@@ -87,10 +89,12 @@ class ModelRunner:
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
-        self._decode_forward = self._decode_logits
+        self._decode_forward = self._decode_hidden
+        self._sample_rows = sample_rows
         if self.use_graphs and config.compile:
             # Batch size and KV length stay symbolic, so one compilation serves every bucket.
-            self._decode_forward = torch.compile(self._decode_logits, dynamic=True)
+            self._decode_forward = torch.compile(self._decode_hidden, dynamic=True)
+            self._sample_rows = torch.compile(sample_rows, dynamic=True)
 
     # ------------------------------------------------------------ planning
 
@@ -130,8 +134,9 @@ class ModelRunner:
         lengths = torch.tensor([tokens], device=self.device)
         self._forward(ids, positions, self._causal_mask(lengths, tokens), cache)
         activations = torch.cuda.max_memory_allocated(self.device) - before
-        # Sampling sorts the whole vocabulary in float32 for every row; leave room for that too.
-        activations += 6 * 4 * self.config.max_batch_size * self.vocab_size
+        # Sampling may sort the whole vocabulary for every row, with a few float32 and int64 tensors of
+        # that size alive at once; leave room for that too.
+        activations += 48 * self.config.max_batch_size * self.vocab_size
         return cache.bytes_per_token, activations
 
     # ------------------------------------------------------------ the step
@@ -235,32 +240,49 @@ class ModelRunner:
         # A newcomer's batch row is its slot (padding rows repeat the first newcomer's).
         return self._sample(self.lm_head(last), self._static.sampling_rows(slots), seen_rows)
 
-    def _sample(self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor) -> torch.Tensor:
-        tokens = sample_rows(logits, params, self.seen[slots], self.eos_mask)
+    def _sample(
+        self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor, mode: str = FULL
+    ) -> torch.Tensor:
+        tokens = self._sample_rows(logits, params, self.seen[slots], self.eos_mask, mode)
         # A device-side True: a Python scalar would be a host-to-device copy inside the captured step.
         self.seen.index_put_((slots, tokens), self._true)
         return tokens
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
-        """Decode and sample the running rows (slots 0..n-1); returns their new tokens, [n]."""
+        """Decode and sample the running rows (slots 0..n-1); returns their new tokens, [n].
+
+        The forward is captured per (batch, KV length) and the sampling per (batch, sampling mode): the
+        mode is the cheapest way of ranking the vocabulary that serves every row (see the sampler)."""
         n = len(rows)
         longest = max(seq.context_len for seq in rows)
         kv_len = _bucket(longest, KV_LEN_BUCKETS, self.config.max_seq_len)
+        mode = sampling_mode(
+            ((seq.params.temperature, seq.params.top_k, seq.params.top_p) for seq in rows), self.vocab_size
+        )
         if not self.use_graphs:
-            return self._decode_static(n, kv_len)
+            self._decode_static(n, kv_len)
+            return self._sample_decoded(n, MODES.index(mode))
         batch = _bucket(n, BATCH_BUCKETS, self.num_slots)
-        graph, tokens = self._graph("decode", batch, kv_len)
+        self._graph("decode", batch, kv_len)[0].replay()
+        graph, tokens = self._graph("sample", batch, MODES.index(mode))
         graph.replay()
         return tokens[:n]
 
     def _decode_static(self, batch: int, kv_len: int) -> torch.Tensor:
-        """Decode and sample rows 0..batch-1 from the static input buffers only, so it can be captured."""
-        static = self._static
-        static.feed_previous(self._last_tokens)
-        logits = self._decode_forward(batch, kv_len)
-        return self._sample(logits, static.sampling(0, batch), static.rows[:batch])
+        """Decode rows 0..batch-1 from the static input buffers only, so it can be captured; their last
+        hidden states land in `_hidden`."""
+        self._static.feed_previous(self._last_tokens)
+        hidden = self._hidden[:batch]
+        hidden.copy_(self._decode_forward(batch, kv_len))
+        return hidden
 
-    def _decode_logits(self, batch: int, kv_len: int) -> torch.Tensor:
+    def _sample_decoded(self, batch: int, mode: int) -> torch.Tensor:
+        """Sample rows 0..batch-1 from the decode forward's hidden states (`mode` indexes MODES)."""
+        static = self._static
+        logits = self.lm_head(self._hidden[:batch])
+        return self._sample(logits, static.sampling(0, batch), static.rows[:batch], MODES[mode])
+
+    def _decode_hidden(self, batch: int, kv_len: int) -> torch.Tensor:
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
         static = self._static
         positions = static.positions[:batch]
@@ -270,11 +292,11 @@ class ModelRunner:
         )
         self.cache.for_decode(static.rows[:batch], positions[:, 0], kv_len)
         hidden = self._forward(static.ids[:batch], positions, mask[:, None, None, :], self.cache)
-        return self.lm_head(hidden[:, -1])
+        return hidden[:, -1]
 
     def _graph(self, kind: str, *shape: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The captured step of this kind ("decode": batch, KV length; "prefill": rows, width) and the
-        tensor its tokens land in."""
+        """The captured graph of this kind ("decode": batch, KV length; "sample": batch, mode index;
+        "prefill": rows, width) and the tensor it writes (hidden states for "decode", else tokens)."""
         key: tuple[str | int, ...] = (kind, *shape)
         if key not in self._graphs:
             self._graphs[key] = self._capture(kind, shape)
@@ -285,6 +307,8 @@ class ModelRunner:
         # be prefilled; decode runs before prefill in a step, so what they write is overwritten.
         if kind == "decode":
             run = lambda: self._decode_static(*shape)  # noqa: E731
+        elif kind == "sample":
+            run = lambda: self._sample_decoded(*shape)  # noqa: E731
         else:
             run = lambda: self._prefill_static(*shape)  # noqa: E731
         side = torch.cuda.Stream(self.device)
@@ -310,13 +334,13 @@ class ModelRunner:
         try:
             self._capture_all()
         except Exception as err:
-            if self._decode_forward == self._decode_logits:
+            if self._decode_forward == self._decode_hidden:
                 raise
             # A model torch.compile cannot handle still runs: captured, but unfused.
             log.warning(
                 "torch.compile failed; decoding without it", error=f"{type(err).__name__}: {err}"[:300]
             )
-            self._decode_forward = self._decode_logits
+            self._decode_forward, self._sample_rows = self._decode_hidden, sample_rows
             self._graphs.clear()
             self._capture_all()
 
@@ -324,19 +348,25 @@ class ModelRunner:
         started = time.perf_counter()
         kv_lens = sorted({_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS})
         batches = sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS})
-        if self._decode_forward != self._decode_logits:
+        if self._decode_forward != self._decode_hidden:
             # Compile on the default stream, outside any capture: batch 1 is specialised, larger
-            # batches and every KV length share one dynamic graph.
+            # batches and every KV length share one dynamic graph; each sampling mode is its own.
             for batch, kv_len in {
                 (batches[0], kv_lens[0]),
                 (batches[-1], kv_lens[0]),
                 (batches[-1], kv_lens[-1]),
             }:
-                self._decode_forward(batch, kv_len)
+                self._decode_static(batch, kv_len)
+            for mode in range(len(MODES)):
+                for batch in {batches[0], batches[-1]}:
+                    self._sample_decoded(batch, mode)
             torch.cuda.synchronize(self.device)
         for kv_len in kv_lens:
             for batch in batches:
                 self._graph("decode", batch, kv_len)
+        for mode in range(len(MODES)):
+            for batch in batches:
+                self._graph("sample", batch, mode)
         for shape in self._prefill_shapes:
             self._graph("prefill", *shape)
         torch.cuda.synchronize(self.device)

@@ -7,6 +7,7 @@ replay it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +22,21 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Uniform (0, 1) values, a pure function of (seed, step, token id).
 
-    seeds, steps: [B] int64 -> [B, V] float32
+    seeds, steps: [B] int64; tokens: token ids, [B, N] or [N] -> [B, N] float32
     """
     row = _mix32(_mix32(seeds & _MASK32) ^ (seeds >> 32))
     row = _mix32(row ^ _mix32(steps + 0x68E31DA4))
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) * 0x27D4EB2D & _MASK32
-    bits = _mix32(row[:, None] ^ token[None, :]) >> 8  # 24 random bits
-    return (bits.to(torch.float32) + 0.5) / float(1 << 24)
+    token = tokens * 0x27D4EB2D & _MASK32
+    return unit_interval(_mix32(row[:, None] ^ token) >> 9)
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """23 random bits -> float32 strictly inside (0, 1). With 24 bits the largest value would round to
+    1.0 in float32, its -log to 0, and that token would win the race whatever its probability."""
+    return (bits.to(torch.float32) + 0.5) / float(1 << 23)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -43,24 +49,56 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filtered_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities after temperature, top-k then top-p, in descending order, with their token ids.
+# How a step ranks the vocabulary. Every mode gives a row the same token; the cheapest that serves all
+# of a step's rows is used (`sampling_mode`).
+PLAIN = "plain"  # no row filters: nothing is ranked
+TOP_K = "top_k"  # every sampled row keeps at most TOP_K_CANDIDATES tokens: only those are ranked
+FULL = "full"  # the whole vocabulary is sorted
+MODES = (PLAIN, TOP_K, FULL)
+TOP_K_CANDIDATES = 64
 
-    logits: [B, V]; temperature, top_p: [B] float; top_k: [B] int (0 = off) -> ([B, V], [B, V])
+
+def sampling_mode(rows: Iterable[tuple[float, int, float]], vocab_size: int) -> str:
+    """The cheapest mode that serves every row, given each row's (temperature, top_k, top_p)."""
+    plain = ranked = large = False
+    for temperature, top_k, top_p in rows:
+        if temperature == 0:
+            continue  # greedy: the argmax, in every mode
+        k = top_k if 0 < top_k < vocab_size else 0
+        if k == 0 and top_p >= 1.0:
+            plain = True
+        else:
+            ranked = True
+            large = large or k == 0 or k > TOP_K_CANDIDATES
+    if not ranked:
+        return PLAIN
+    return FULL if plain or large else TOP_K
+
+
+def ranking_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys, one per value, in the order of a stable descending sort of `values` along the last
+    dimension: larger values first, equal values by lower token id first. Unlike the values, no two keys
+    are equal, so `topk` of the keys and a full sort agree on which tokens come first.
+
+    values: [B, V] float32 -> [B, V] int64
     """
-    vocab = logits.shape[-1]
-    scaled = logits.float() / temperature.clamp_min(1e-5)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k.clamp_max(vocab), vocab)[:, None]
-    sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
+    bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 folds -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ordered as the floats are, in 32 bits
+    ids = torch.arange(values.shape[-1], device=values.device)
+    return ordered * (1 << 32) + (_MASK32 - ids)
+
+
+def _kept(ranked: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which of each row's ranked tokens survive top-k then top-p.
+
+    ranked: [B, N] scaled logits in descending order -> [B, N] bool
+    """
+    rank = torch.arange(ranked.shape[-1], device=ranked.device)[None, :]
+    in_k = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = ranked.masked_fill(~in_k, float("-inf")).softmax(dim=-1)
     # Keep a token while the mass before it is under top_p: the most likely token always stays.
     mass_before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
-    return probs, order
+    return in_k & ((top_p[:, None] >= 1.0) | (mass_before < top_p[:, None]))
 
 
 def sample(
@@ -70,16 +108,31 @@ def sample(
     top_p: torch.Tensor,
     seeds: torch.Tensor,
     steps: torch.Tensor,
+    mode: str = FULL,
 ) -> torch.Tensor:
-    """One token per row; rows with temperature 0 take the argmax.
+    """One token per row: temperature, top-k, then top-p; rows with temperature 0 take the argmax.
 
-    logits: [B, V] -> [B] int64
+    A row draws the kept token with the largest `logit / temperature - log(E)`, E ~ Exp(1) hashed per
+    token: that picks each token with its softmax probability (the exponential race), and needs no
+    normalised probabilities, so the draw is the same whether the vocabulary was ranked or not.
+
+    logits: [B, V]; temperature, top_p: [B] float; top_k: [B] int (0 = off) -> [B] int64
     """
-    probs, order = filtered_probs(logits, temperature, top_k, top_p)
-    noise = uniform_noise(seeds, steps, logits.shape[-1]).gather(1, order)
-    # Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., picks token i with probability p_i.
-    choice = (probs / -noise.log()).argmax(dim=-1, keepdim=True)
-    sampled = order.gather(1, choice).squeeze(1)
+    vocab = logits.shape[-1]
+    scaled = logits.float() / temperature.clamp_min(1e-5)[:, None]
+    if mode == PLAIN:
+        ids = torch.arange(vocab, device=logits.device)
+        race = scaled - (-uniform_noise(seeds, steps, ids).log()).log()
+        sampled = race.argmax(dim=-1)
+    else:
+        if mode == TOP_K:
+            order = ranking_keys(scaled).topk(min(TOP_K_CANDIDATES, vocab), dim=-1).indices
+            ranked = scaled.gather(1, order)
+        else:
+            ranked, order = scaled.sort(dim=-1, descending=True, stable=True)
+        race = ranked - (-uniform_noise(seeds, steps, order).log()).log()
+        race = race.masked_fill(~_kept(ranked, top_k, top_p), float("-inf"))
+        sampled = order.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
     return torch.where(temperature == 0, logits.argmax(dim=-1), sampled)
 
 
@@ -97,13 +150,17 @@ class SamplingTensors:
 
 
 def sample_rows(
-    logits: torch.Tensor, params: SamplingTensors, seen: torch.Tensor, eos_mask: torch.Tensor
+    logits: torch.Tensor,
+    params: SamplingTensors,
+    seen: torch.Tensor,
+    eos_mask: torch.Tensor,
+    mode: str = FULL,
 ) -> torch.Tensor:
-    """Penalties, then end-of-sequence suppression, then sampling.
+    """Penalties, then end-of-sequence suppression, then sampling (`mode` from `sampling_mode`).
 
     logits: [B, V]; seen: [B, V] bool; eos_mask: [V] bool -> [B] int64
     """
     # Applied to every row (a penalty of 1 changes nothing), so the step has one shape to capture.
     logits = apply_repetition_penalty(logits.float(), seen, params.penalty)
     logits = logits.masked_fill(params.ban_eos[:, None] & eos_mask[None, :], float("-inf"))
-    return sample(logits, params.temperature, params.top_k, params.top_p, params.seeds, params.steps)
+    return sample(logits, params.temperature, params.top_k, params.top_p, params.seeds, params.steps, mode)

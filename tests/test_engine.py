@@ -91,13 +91,29 @@ async def test_rows_join_while_others_run(tiny: LoadedModel) -> None:
     await engine.stop()
 
 
-async def test_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine: AsyncEngine) -> None:
-    params = SamplingParams(
-        temperature=1.0, top_p=0.95, top_k=0, seed=1234, max_new_tokens=40, min_new_tokens=40
-    )
+@pytest.mark.parametrize(
+    ("filters", "neighbours"),
+    [
+        # alone: the whole vocabulary sorted; beside rows that also need it
+        ({"top_p": 0.95, "top_k": 0}, {}),
+        # alone: only the top 20 ranked; beside unfiltered rows the step sorts the whole vocabulary
+        ({"top_p": 0.9, "top_k": 20}, {"top_p": 1.0, "top_k": 0}),
+        # alone: nothing ranked; beside filtered rows the step sorts
+        ({"top_p": 1.0, "top_k": 0}, {"top_p": 0.5, "top_k": 0}),
+    ],
+)
+async def test_seeded_request_gives_the_same_text_alone_and_in_a_batch(
+    engine: AsyncEngine, filters: dict[str, float], neighbours: dict[str, float]
+) -> None:
+    params = SamplingParams(temperature=1.0, seed=1234, max_new_tokens=40, min_new_tokens=40, **filters)
     alone = "".join(out.text for out in await collect(engine, "alone", "The baker", params))
     others = [
-        collect(engine, f"o{i}", PROMPTS[i], SamplingParams(temperature=1.0, seed=i, max_new_tokens=30 + i))
+        collect(
+            engine,
+            f"o{i}",
+            PROMPTS[i],
+            SamplingParams(temperature=1.0, seed=i, max_new_tokens=30 + i, **neighbours),
+        )
         for i in range(7)
     ]
     results = await asyncio.gather(collect(engine, "together", "The baker", params), *others)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from generation.sampler import apply_repetition_penalty, filtered_probs, sample, uniform_noise
+from generation.sampler import (
+    FULL,
+    PLAIN,
+    TOP_K,
+    TOP_K_CANDIDATES,
+    apply_repetition_penalty,
+    sample,
+    sampling_mode,
+    uniform_noise,
+    unit_interval,
+)
 
 
 def rows(n: int, **values: float) -> dict[str, torch.Tensor]:
@@ -19,16 +29,27 @@ def rows(n: int, **values: float) -> dict[str, torch.Tensor]:
 def test_noise_depends_only_on_seed_and_step() -> None:
     seeds = torch.tensor([5, 6, 5, 2**62 + 5])
     steps = torch.tensor([0, 0, 0, 0])
-    noise = uniform_noise(seeds, steps, 100)
+    vocab = torch.arange(100)
+    noise = uniform_noise(seeds, steps, vocab)
     assert torch.equal(noise[0], noise[2])
     assert not torch.equal(noise[0], noise[1])
     assert not torch.equal(noise[0], noise[3]), "the high bits of the seed count"
-    assert not torch.equal(noise[0], uniform_noise(seeds, steps + 1, 100)[0])
+    assert not torch.equal(noise[0], uniform_noise(seeds, steps + 1, vocab)[0])
     assert float(noise.min()) > 0.0 and float(noise.max()) < 1.0
+    # A token's value is its own, in whatever order the tokens are asked for.
+    shuffled = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(uniform_noise(seeds, steps, shuffled[None].expand(4, -1)), noise[:, shuffled])
+
+
+def test_noise_stays_strictly_inside_the_unit_interval_at_its_extremes() -> None:
+    # At 1.0 a token's exponential would be 0 and it would win every race it is in.
+    extremes = unit_interval(torch.tensor([0, (1 << 23) - 1]))
+    assert float(extremes[0]) > 0.0 and float(extremes[1]) < 1.0
+    assert float((-extremes.log()).min()) > 0.0
 
 
 def test_noise_is_uniform() -> None:
-    noise = uniform_noise(torch.arange(64), torch.zeros(64, dtype=torch.int64), 4096).flatten()
+    noise = uniform_noise(torch.arange(64), torch.zeros(64, dtype=torch.int64), torch.arange(4096)).flatten()
     counts = torch.histc(noise, bins=10, min=0.0, max=1.0)
     assert float((counts / noise.numel() - 0.1).abs().max()) < 0.005
 
@@ -48,10 +69,15 @@ def test_a_row_samples_the_same_token_whatever_its_neighbours() -> None:
     seeds, steps = torch.arange(6) * 17, torch.arange(6)
     together = sample(logits, **rows(6, top_k=10, top_p=0.9), seeds=seeds, steps=steps)
     for i in range(6):
-        alone = sample(
-            logits[i : i + 1], **rows(1, top_k=10, top_p=0.9), seeds=seeds[i : i + 1], steps=steps[i : i + 1]
-        )
-        assert alone.item() == together[i].item()
+        for mode in (TOP_K, FULL):
+            alone = sample(
+                logits[i : i + 1],
+                **rows(1, top_k=10, top_p=0.9),
+                seeds=seeds[i : i + 1],
+                steps=steps[i : i + 1],
+                mode=mode,
+            )
+            assert alone.item() == together[i].item()
 
 
 def test_zero_temperature_rows_are_greedy_beside_sampled_rows() -> None:
@@ -64,14 +90,74 @@ def test_zero_temperature_rows_are_greedy_beside_sampled_rows() -> None:
 
 
 def test_top_k_and_top_p_keep_the_right_tokens() -> None:
-    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(3, 4)
-    probs, order = filtered_probs(
-        logits, torch.ones(3), torch.tensor([2, 0, 1]), torch.tensor([1.0, 0.65, 0.5])
+    # probabilities 0.4, 0.3, 0.2, 0.1: which tokens can each row draw, over many draws?
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    n = 4000
+    for mode in (TOP_K, FULL):
+        for top_k, top_p, allowed in (
+            (2, 1.0, {0, 1}),
+            (0, 0.65, {0, 1}),
+            (1, 0.5, {0}),
+            (3, 0.8, {0, 1, 2}),
+        ):
+            params = rows(n, top_k=top_k, top_p=top_p)
+            tokens = sample(
+                logits.expand(n, 4),
+                **params,
+                seeds=torch.arange(n),
+                steps=torch.zeros(n, dtype=torch.int64),
+                mode=mode,
+            )
+            assert set(tokens.tolist()) == allowed, (mode, top_k, top_p)
+    # Within the kept set, tokens keep their relative odds: 0.4 / 0.7 and 0.3 / 0.7.
+    tokens = sample(
+        logits.expand(n, 4),
+        **rows(n, top_k=2),
+        seeds=torch.arange(n),
+        steps=torch.zeros(n, dtype=torch.int64),
     )
-    kept = [(probs[i] > 0).sum().item() for i in range(3)]
-    assert kept == [2, 2, 1]
-    assert order[0, 0] == 0
-    assert torch.allclose(probs[0, :2], torch.tensor([0.4 / 0.7, 0.3 / 0.7]))
+    assert abs(float((tokens == 0).float().mean()) - 4 / 7) < 0.03
+
+
+def tied_logits(batch: int, vocab: int, seed: int) -> torch.Tensor:
+    # bf16-like coarse logits: many equal values, so ties sit on every top-k and top-p boundary
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, vocab, generator=generator) * 8).round() / 4
+
+
+def test_every_mode_draws_the_same_token_for_a_row_it_serves() -> None:
+    """A step picks its mode from all its rows, so a row's token must not depend on the mode."""
+    n, vocab = 256, 500
+    logits = tied_logits(n, vocab, 0)
+    seeds, steps = torch.arange(n) * 7919, torch.arange(n) % 5
+    cases = {
+        (PLAIN, FULL): [rows(n), rows(n, top_k=vocab + 3), rows(n, temperature=0.7, top_k=0, top_p=1.0)],
+        (TOP_K, FULL): [
+            rows(n, top_k=40),
+            rows(n, top_k=TOP_K_CANDIDATES, top_p=0.9),
+            rows(n, temperature=0.3, top_k=7, top_p=0.5),
+            rows(n, top_k=1),
+        ],
+    }
+    for modes, params_list in cases.items():
+        for params in params_list:
+            drawn = [sample(logits, **params, seeds=seeds, steps=steps, mode=mode) for mode in modes]
+            assert torch.equal(drawn[0], drawn[1]), (modes, {k: v[0].item() for k, v in params.items()})
+            assert len(set(drawn[0].tolist())) > 10  # real draws, not one token everywhere
+    # Ties are broken by the lower token id, as a stable sort does: with top_k=1 the draw is the first
+    # of the tied maxima, which is also what argmax picks.
+    top1 = sample(logits, **rows(n, top_k=1), seeds=seeds, steps=steps, mode=TOP_K)
+    assert torch.equal(top1, logits.argmax(dim=-1))
+
+
+def test_the_cheapest_mode_that_serves_every_row_is_chosen() -> None:
+    vocab = 1000
+    assert sampling_mode([], vocab) == PLAIN
+    assert sampling_mode([(0.0, 5, 0.5), (0.8, 0, 1.0), (1.0, vocab, 1.0)], vocab) == PLAIN
+    assert sampling_mode([(0.8, 40, 0.95), (0.0, 0, 0.3), (1.0, TOP_K_CANDIDATES, 1.0)], vocab) == TOP_K
+    assert sampling_mode([(0.8, 40, 0.95), (0.8, 0, 1.0)], vocab) == FULL, "a plain row needs every token"
+    assert sampling_mode([(0.8, 0, 0.9)], vocab) == FULL, "top-p alone ranks the whole vocabulary"
+    assert sampling_mode([(0.8, TOP_K_CANDIDATES + 1, 1.0)], vocab) == FULL
 
 
 def test_repetition_penalty_acts_only_on_seen_tokens() -> None:
