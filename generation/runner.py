@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from transformers import PreTrainedModel
 from generation.adapters import adapt
 from generation.engine_config import EngineConfig
 from generation.kv_cache import PassThroughCache, SlotKVCache
-from generation.sampler import FULL, MODES, SamplingTensors, sample_rows, sampling_mode
+from generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
 from generation.scheduler import ScheduledBatch
 from generation.sequence import Sequence
 
@@ -89,12 +90,9 @@ class ModelRunner:
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
+        # The decode forward and the sampler of each mode; `warm_up` swaps in compiled ones with --compile.
         self._decode_forward = self._decode_hidden
-        self._sample_rows = sample_rows
-        if self.use_graphs and config.compile:
-            # Batch size and KV length stay symbolic, so one compilation serves every bucket.
-            self._decode_forward = torch.compile(self._decode_hidden, dynamic=True)
-            self._sample_rows = torch.compile(sample_rows, dynamic=True)
+        self._samplers: dict[str, Callable[..., torch.Tensor]] = dict.fromkeys(MODES, sample_rows)
 
     # ------------------------------------------------------------ planning
 
@@ -243,7 +241,7 @@ class ModelRunner:
     def _sample(
         self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor, mode: str = FULL
     ) -> torch.Tensor:
-        tokens = self._sample_rows(logits, params, self.seen[slots], self.eos_mask, mode)
+        tokens = self._samplers[mode](logits, params, self.seen[slots], self.eos_mask, mode)
         # A device-side True: a Python scalar would be a host-to-device copy inside the captured step.
         self.seen.index_put_((slots, tokens), self._true)
         return tokens
@@ -326,41 +324,71 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Capture every decode graph now, so no request pays for a capture."""
+        """Compile (with --compile) and capture every graph now, so no request pays for either."""
         if not self.use_graphs:
             return
         self._static.clear()
         self._prefill_in.clear()
+        started = time.perf_counter()
+        if self.config.compile:
+            self._compile()
         try:
             self._capture_all()
         except Exception as err:
-            if self._decode_forward == self._decode_hidden:
+            if self._decode_forward == self._decode_hidden and set(self._samplers.values()) == {sample_rows}:
                 raise
-            # A model torch.compile cannot handle still runs: captured, but unfused.
+            # Captured, but unfused: a compiled step that cannot be captured still runs uncompiled.
             log.warning(
-                "torch.compile failed; decoding without it", error=f"{type(err).__name__}: {err}"[:300]
+                "capturing the compiled step failed; decoding without torch.compile", error=_brief(err)
             )
-            self._decode_forward, self._sample_rows = self._decode_hidden, sample_rows
+            self._decode_forward = self._decode_hidden
+            self._samplers = dict.fromkeys(MODES, sample_rows)
             self._graphs.clear()
             self._capture_all()
+        log.info(
+            "step graphs captured", graphs=len(self._graphs), seconds=round(time.perf_counter() - started, 1)
+        )
 
-    def _capture_all(self) -> None:
-        started = time.perf_counter()
-        kv_lens = sorted({_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS})
+    def _batches_and_lengths(self) -> tuple[list[int], list[int]]:
         batches = sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS})
-        if self._decode_forward != self._decode_hidden:
-            # Compile on the default stream, outside any capture: batch 1 is specialised, larger
-            # batches and every KV length share one dynamic graph; each sampling mode is its own.
+        kv_lens = sorted({_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS})
+        return batches, kv_lens
+
+    def _compile(self) -> None:
+        """torch.compile the decode forward and the sampler, each part on its own: a part that fails to
+        compile runs uncompiled. Compiled on the default stream, outside any capture: batch 1 is
+        specialised, larger batches and every KV length share one dynamic graph.
+
+        The full-sort sampler stays uncompiled: inductor (torch 2.11) fails to generate its cumsum over a
+        dynamic vocabulary, and the sort dominates it anyway."""
+        batches, kv_lens = self._batches_and_lengths()
+        self._decode_forward = torch.compile(self._decode_hidden, dynamic=True)
+        try:
             for batch, kv_len in {
                 (batches[0], kv_lens[0]),
                 (batches[-1], kv_lens[0]),
                 (batches[-1], kv_lens[-1]),
             }:
                 self._decode_static(batch, kv_len)
-            for mode in range(len(MODES)):
-                for batch in {batches[0], batches[-1]}:
-                    self._sample_decoded(batch, mode)
             torch.cuda.synchronize(self.device)
+        except Exception as err:
+            log.warning("torch.compile failed on the decode forward; it runs uncompiled", error=_brief(err))
+            self._decode_forward = self._decode_hidden
+        compiled = torch.compile(sample_rows, dynamic=True)
+        for mode in (PLAIN, TOP_K):
+            self._samplers[mode] = compiled
+            try:
+                for batch in {batches[0], batches[-1]}:
+                    self._sample_decoded(batch, MODES.index(mode))
+                torch.cuda.synchronize(self.device)
+            except Exception as err:
+                log.warning(
+                    "torch.compile failed on a sampler; it runs uncompiled", mode=mode, error=_brief(err)
+                )
+                self._samplers[mode] = sample_rows
+
+    def _capture_all(self) -> None:
+        batches, kv_lens = self._batches_and_lengths()
         for kv_len in kv_lens:
             for batch in batches:
                 self._graph("decode", batch, kv_len)
@@ -370,11 +398,11 @@ class ModelRunner:
         for shape in self._prefill_shapes:
             self._graph("prefill", *shape)
         torch.cuda.synchronize(self.device)
-        log.info(
-            "step graphs captured",
-            graphs=len(self._graphs),
-            seconds=round(time.perf_counter() - started, 1),
-        )
+
+
+def _brief(err: Exception) -> str:
+    # Enough of a compiler's error to see which kernel failed and why, not its whole generated source.
+    return f"{type(err).__name__}: {err}"[:4000]
 
 
 class _StaticInputs:

@@ -85,7 +85,7 @@ def ranking_keys(values: torch.Tensor) -> torch.Tensor:
     bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 folds -0.0 into +0.0
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ordered as the floats are, in 32 bits
     ids = torch.arange(values.shape[-1], device=values.device)
-    return ordered * (1 << 32) + (_MASK32 - ids)
+    return ordered * (1 << 32) - ids
 
 
 def _kept(ranked: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
