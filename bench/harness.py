@@ -477,7 +477,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     parser.add_argument("--stages", default="server,engine,classic")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--compile", action="store_true", help="serve with --compile (experimental)")
+    parser.add_argument("--compile", action="store_true", help="serve and run the engine with --compile")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results/latest")))
     args = parser.parse_args()
     stages = set(args.stages.split(","))
