@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (on a GPU); --no-cuda-graphs runs it eagerly."""
     compile: bool = False
-    """Experimental: torch.compile the captured decode step (GPU only); falls back if capture fails."""
+    """torch.compile the decode forward and the sampler (GPU only): faster decoding, minutes more to
+    start; a part that fails to compile runs uncompiled."""
     max_queue: int = Field(default=256, ge=0)
     """Requests that may wait for a free row; past that, new requests get 503 with Retry-After."""
     request_timeout: float = Field(default=600.0, gt=0)

@@ -23,5 +23,5 @@ class EngineConfig:
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (GPU only)."""
     compile: bool = False
-    """torch.compile the decode step's forward (CUDA graphs only): fused kernels, minutes more to start.
-    Experimental; if compiling or capturing fails, the engine falls back to the uncompiled step."""
+    """torch.compile the decode forward and the sampler (CUDA graphs only): fused kernels, minutes more
+    to start. A part that fails to compile, or a compiled step that fails to capture, runs uncompiled."""
