@@ -1,16 +1,24 @@
-"""The runner's prefill, padded the way a captured graph pads it: the padding changes nothing.
+"""The runner's GPU-shaped paths, run on the CPU.
 
-CUDA graphs are captured for a few [rows, width] shapes, so on a GPU the newcomers' prompts are padded
-up to the next width and the newcomers up to the next row count. This runs the same padded step
-eagerly on the CPU and checks it against the unpadded one."""
+Padded prefill: CUDA graphs are captured for a few [rows, width] shapes, so on a GPU the newcomers'
+prompts are padded up to the next width and the newcomers up to the next row count. This runs the same
+padded step eagerly on the CPU and checks it against the unpadded one.
+
+--compile: each compiled part falls back on its own (torch.compile faked, as it runs on GPUs only)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import structlog
 import torch
 
 from generation import LoadedModel, SamplingParams
 from generation.detokenizer import IncrementalDetokenizer
 from generation.runner import ModelRunner
+from generation.sampler import FULL, PLAIN, TOP_K, sample_rows
 from generation.sequence import Sequence, Status
 from tests.conftest import make_engine
 
@@ -56,3 +64,35 @@ def test_padded_prefill_matches_and_leaves_other_slots_alone(tiny: LoadedModel) 
         for slot, length in enumerate(lengths):
             assert torch.allclose(layer[slot, :, :length], before[slot, :, :length], atol=1e-5)
         assert torch.equal(layer[2], untouched)
+
+
+def test_with_compile_each_part_that_fails_to_compile_runs_uncompiled(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compile compiles the decode forward and the sampler apart: one failing leaves the other
+    compiled, and the failure is logged. (torch.compile itself runs on GPUs only; here it is faked.)"""
+    runner = make_engine(tiny, max_batch_size=4).engine.runner
+    compiled: list[str] = []
+
+    def fake_compile(fn: Callable[..., torch.Tensor], **options: Any) -> Callable[..., torch.Tensor]:
+        compiled.append(fn.__name__)
+        if fn.__name__ == "_decode_hidden":
+
+            def broken(*args: Any) -> torch.Tensor:
+                raise RuntimeError("inductor could not generate a kernel")
+
+            return broken
+        return lambda *args: fn(*args)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with structlog.testing.capture_logs() as logs, torch.inference_mode():
+        runner._compile()
+    assert compiled == ["_decode_hidden", "sample_rows"]
+    assert runner._decode_forward == runner._decode_hidden, "the failed forward runs uncompiled"
+    assert runner._samplers[PLAIN] is runner._samplers[TOP_K] is not sample_rows, "the samplers stay compiled"
+    assert runner._samplers[FULL] is sample_rows
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
+        "torch.compile failed on the decode forward; it runs uncompiled"
+    ]
+    assert "inductor could not generate a kernel" in next(e["error"] for e in logs if "error" in e)
