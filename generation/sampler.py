@@ -118,22 +118,32 @@ def sample(
 
     logits: [B, V]; temperature, top_p: [B] float; top_k: [B] int (0 = off) -> [B] int64
     """
-    vocab = logits.shape[-1]
     scaled = logits.float() / temperature.clamp_min(1e-5)[:, None]
     if mode == PLAIN:
-        ids = torch.arange(vocab, device=logits.device)
-        race = scaled - (-uniform_noise(seeds, steps, ids).log()).log()
-        sampled = race.argmax(dim=-1)
+        ids = torch.arange(logits.shape[-1], device=logits.device)
+        sampled = _race(scaled, seeds, steps, ids).argmax(dim=-1)
     else:
-        if mode == TOP_K:
-            order = ranking_keys(scaled).topk(min(TOP_K_CANDIDATES, vocab), dim=-1).indices
-            ranked = scaled.gather(1, order)
-        else:
-            ranked, order = scaled.sort(dim=-1, descending=True, stable=True)
-        race = ranked - (-uniform_noise(seeds, steps, order).log()).log()
-        race = race.masked_fill(~_kept(ranked, top_k, top_p), float("-inf"))
+        ranked, order = _ranked(scaled, mode)
+        race = _race(ranked, seeds, steps, order).masked_fill(~_kept(ranked, top_k, top_p), float("-inf"))
         sampled = order.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
     return torch.where(temperature == 0, logits.argmax(dim=-1), sampled)
+
+
+def _ranked(scaled: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values a ranked mode looks at, in descending order, and their token ids: the top
+    TOP_K_CANDIDATES (`TOP_K`) or the whole vocabulary (`FULL`). [B, V] -> ([B, N], [B, N])"""
+    if mode == TOP_K:
+        order = ranking_keys(scaled).topk(min(TOP_K_CANDIDATES, scaled.shape[-1]), dim=-1).indices
+        return scaled.gather(1, order), order
+    ranked, order = scaled.sort(dim=-1, descending=True, stable=True)
+    return ranked, order
+
+
+def _race(
+    values: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    # Each token's entry in the race: logit / temperature - log(E), E = -log(U) hashed per token.
+    return values - (-uniform_noise(seeds, steps, tokens).log()).log()
 
 
 @dataclass(frozen=True)
