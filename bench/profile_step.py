@@ -124,7 +124,7 @@ def main() -> None:
             rows.append(seq)
         batch = ScheduledBatch(decode=rows)
         with torch.inference_mode():
-            greedy = [seq.params for seq in rows]
+            saved = [seq.params for seq in rows]
             for seq in rows:
                 seq.params = seq.params.model_copy(update={"temperature": 0.0})
             runner._static.load(rows)
@@ -132,7 +132,7 @@ def main() -> None:
             eager_tokens = runner._decode(rows).tolist()
             runner.use_graphs = True
             graph_tokens = runner._decode(rows).tolist()
-            for seq, p in zip(rows, greedy, strict=True):
+            for seq, p in zip(rows, saved, strict=True):
                 seq.params = p
             logits = runner.lm_head(
                 torch.randn(b, runner.lm_head.weight.shape[1], device="cuda", dtype=runner.dtype)
@@ -157,10 +157,10 @@ def main() -> None:
                 ("top_k", {}),
                 ("full", {"top_k": 0}),
             ):
-                for seq, p in zip(rows, greedy, strict=True):
+                for seq, p in zip(rows, saved, strict=True):
                     seq.params = p.model_copy(update=update)
                 by_mode[name] = round(timed(lambda: runner._decode(rows)), 3)
-            for seq, p in zip(rows, greedy, strict=True):
+            for seq, p in zip(rows, saved, strict=True):
                 seq.params = p
             entry["decode_ms_by_mode"] = by_mode
             print(b, "decode ms by sampling mode", by_mode, flush=True)
