@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (on a GPU); --no-cuda-graphs runs it eagerly."""
     compile: bool = False
-    """torch.compile the decode forward and the sampler (GPU only): faster decoding, minutes more to
-    start; a part that fails to compile runs uncompiled."""
+    """torch.compile the model and the sampler (GPU only): faster decoding and prefill, about a minute
+    more to start on Falcon-7B (whose layers compile once for all; other models compile whole, which
+    takes minutes); a part that fails to compile runs uncompiled."""
     max_queue: int = Field(default=256, ge=0)
     """Requests that may wait for a free row; past that, new requests get 503 with Retry-After."""
     request_timeout: float = Field(default=600.0, gt=0)

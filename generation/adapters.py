@@ -13,13 +13,21 @@ module instances, with the same arithmetic:
 
 from __future__ import annotations
 
+import functools
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
-from transformers.models.falcon.modeling_falcon import FalconAttention, apply_rotary_pos_emb
+from transformers.models.falcon.modeling_falcon import (
+    FalconAttention,
+    FalconDecoderLayer,
+    apply_rotary_pos_emb,
+)
+
+from generation.kv_cache import KVTarget, SlotKVCache, store
 
 
 def _multi_query_attention(
@@ -34,30 +42,179 @@ def _multi_query_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    # hidden_states: [B, T, hidden] -> qkv: [B, T, heads + 2, D]; the last two are the one key and value
-    batch, length, _ = hidden_states.shape
-    qkv = self.query_key_value(hidden_states).view(batch, length, self.num_heads + 2, self.head_dim)
-    query = qkv[:, :, :-2].transpose(1, 2)  # [B, H, T, D]
-    key, value = qkv[:, :, -2:-1].transpose(1, 2), qkv[:, :, -1:].transpose(1, 2)  # [B, 1, T, D]
     if position_embeddings is None:
         raise ValueError("rotary Falcon attention needs position embeddings")
-    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    query, key, value = _split_rotate(
+        self.query_key_value(hidden_states), self.num_heads, *position_embeddings
+    )
+    out = _attend(query, key, value, layer_past, self.layer_idx, attention_mask)
+    return self.dense(out), None
+
+
+def _split_rotate(
+    qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # qkv: [B, T, (heads + 2) * D]; the last two heads are the one key and value -> query [B, H, T, D],
+    # key and value [B, 1, T, D], rotary applied
+    batch, length, width = qkv.shape
+    qkv = qkv.view(batch, length, heads + 2, width // (heads + 2))
+    query = qkv[:, :, :-2].transpose(1, 2)
+    key, value = qkv[:, :, -2:-1].transpose(1, 2), qkv[:, :, -1:].transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    return query, key, value
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layer_past: Any,
+    layer_idx: int,
+    attention_mask: Any,
+) -> torch.Tensor:
+    """Store the new keys and values and attend; query [B, H, T, D], key and value [B, 1, T, D] ->
+    [B, T, H * D]."""
     if layer_past is not None:
-        key, value = layer_past.update(key, value, self.layer_idx)
+        key, value = layer_past.update(key, value, layer_idx)
+    return _attention(query, key, value, getattr(layer_past, "plain_causal", False), attention_mask)
+
+
+def _attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plain_causal: bool, attention_mask: Any
+) -> torch.Tensor:
+    """Multi-query attention over keys and values already stored: query [B, H, T, D], key and value
+    [B, 1, L, D] -> [B, T, H * D]."""
+    batch, heads, length, dim = query.shape
     if length == 1:
         # One query per head and a single key head: let the heads stand in for query positions, so
         # the keys are read once, not once per head. mask [B, 1, 1, L] broadcasts over them.
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, attn_mask=attention_mask)
-    elif getattr(layer_past, "plain_causal", False):
-        # The cache says every row starts at position 0 and is right-padded: plain causal attention is
-        # exact for every real token, and without a mask SDPA can take its fused kernels.
+    elif plain_causal:
+        # Every row starts at position 0 and is right-padded: plain causal attention is exact for
+        # every real token, and without a mask SDPA can take its fused kernels.
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True).transpose(
             1, 2
         )
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask).transpose(1, 2)
     # out: [B, T, H, D] -> [B, T, H * D]
-    return self.dense(out.reshape(batch, length, self.num_heads * self.head_dim)), None
+    return out.reshape(batch, length, heads * dim)
+
+
+def _layer_inputs(
+    hidden: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor | None, float],
+    qkv: tuple[torch.Tensor, torch.Tensor | None],
+    heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    target: KVTarget | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Falcon layer up to attention: layer norm, the fused query/key/value projection, rotary, and
+    the new keys and values stored in the slot cache's `target` (when there is one)."""
+    weight, bias, eps = norm
+    normed = F.layer_norm(hidden, (hidden.shape[-1],), weight, bias, eps)
+    query, key, value = _split_rotate(F.linear(normed, *qkv), heads, cos, sin)
+    if target is not None:
+        store(target, key, value)
+    return normed, query, key, value
+
+
+def _layer_output(
+    residual: torch.Tensor,
+    normed: torch.Tensor,
+    attention: torch.Tensor,
+    dense: tuple[torch.Tensor, torch.Tensor | None],
+    up: tuple[torch.Tensor, torch.Tensor | None],
+    down: tuple[torch.Tensor, torch.Tensor | None],
+) -> torch.Tensor:
+    """A parallel-attention Falcon layer after attention: the MLP beside the attention's projection,
+    both added to the residual (in transformers' order)."""
+    mlp = F.linear(F.gelu(F.linear(normed, *up)), *down)
+    return (mlp + F.linear(attention, *dense)) + residual
+
+
+def _regional_layer(
+    self: FalconDecoderLayer,
+    hidden_states: torch.Tensor,
+    alibi: torch.Tensor | None,
+    attention_mask: Any,
+    position_ids: torch.Tensor | None = None,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    parts: tuple[Callable[..., Any], Callable[..., Any]],
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """FalconDecoderLayer.forward for the multi-query, parallel-attention layout, as two tensor-only
+    functions around the attention: compiled once, they serve every layer (the weights are arguments),
+    where compiling the whole model would trace all 32 layers."""
+    if position_embeddings is None:
+        raise ValueError("rotary Falcon attention needs position embeddings")
+    attention, mlp, norm = self.self_attention, self.mlp, self.input_layernorm
+    inputs, output = parts
+    layer_idx = attention.layer_idx
+    target = None
+    if isinstance(layer_past, SlotKVCache):
+        # The buffers are allocated before the compiled part writes them.
+        like = hidden_states.new_empty(0, 1, 0, attention.head_dim)
+        target = layer_past.target(layer_idx, like)
+    normed, query, key, value = inputs(
+        hidden_states,
+        (norm.weight, norm.bias, norm.eps),
+        (attention.query_key_value.weight, attention.query_key_value.bias),
+        attention.num_heads,
+        *position_embeddings,
+        target,
+    )
+    if target is not None:
+        key, value = layer_past.visible(layer_idx, key, value)
+        out = _attention(query, key, value, layer_past.plain_causal, attention_mask)
+    else:
+        out = _attend(query, key, value, layer_past, layer_idx, attention_mask)
+    return output(
+        hidden_states,
+        normed,
+        out,
+        (attention.dense.weight, attention.dense.bias),
+        (mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias),
+        (mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias),
+    ), None
+
+
+def regional_layers(model: torch.nn.Module) -> list[FalconDecoderLayer]:
+    """The layers `compile_regions` can take: Falcon multi-query, parallel attention, GELU, rotary."""
+    layers = [m for m in model.modules() if isinstance(m, FalconDecoderLayer)]
+    config = getattr(model, "config", None)
+    fits = (
+        getattr(config, "multi_query", False)
+        and not getattr(config, "new_decoder_architecture", True)
+        and getattr(config, "parallel_attn", False)
+        and not getattr(config, "alibi", True)
+        and getattr(config, "activation", None) == "gelu"
+    )
+    return layers if fits else []
+
+
+def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> None:
+    """Run each layer as `_regional_layer`, its two tensor functions wrapped by `compile` (torch.compile,
+    or any wrapper with its signature)."""
+    # Automatic dynamic shapes (not dynamic=True): the sizes that vary between calls (batch rows,
+    # tokens) turn symbolic on the first recompile, while the weights' sizes stay constants, so the
+    # generated kernels index with fixed strides. On the H100 that made the prefill of 8 x 128 tokens
+    # 25 ms instead of 28 and compiling ~63 s.
+    parts = (compile(_layer_inputs), compile(_layer_output))
+    forward = functools.partial(_regional_layer, parts=parts)
+    for layer in layers:
+        layer.forward = types.MethodType(forward, layer)  # type: ignore[method-assign]
+
+
+def restore_layers(layers: list[FalconDecoderLayer]) -> None:
+    """Undo `compile_regions`: the layers run transformers' own forward again."""
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
 
 
 def _split_heads_by_slicing(self: FalconAttention, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:

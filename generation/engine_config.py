@@ -23,5 +23,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (GPU only)."""
     compile: bool = False
-    """torch.compile the decode forward and the sampler (CUDA graphs only): fused kernels, minutes more
-    to start. A part that fails to compile, or a compiled step that fails to capture, runs uncompiled."""
+    """torch.compile the model and the sampler (CUDA graphs only): fused kernels. Falcon multi-query
+    layers compile once for all layers (about a minute on Falcon-7B); other models compile the whole
+    decode forward (minutes). A part that fails to compile, or a compiled step that fails to capture,
+    runs uncompiled."""

@@ -7,6 +7,22 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+# A layer's key buffer, value buffer, the slots written, and the positions written (None: 0..T-1).
+KVTarget = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def store(target: KVTarget, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    """Write new keys and values [B, kv_heads, T, head_dim] where `target` says. Tensor-only, so a
+    compiled layer can fuse the write into the kernel that makes the keys."""
+    keys, values, rows, positions = target
+    if positions is None:
+        length = key_states.shape[2]
+        keys[rows, :, :length] = key_states
+        values[rows, :, :length] = value_states
+    else:
+        keys[rows, :, positions] = key_states[:, :, 0]
+        values[rows, :, positions] = value_states[:, :, 0]
+
 
 class SlotKVCache(Cache):
     """Per-layer key/value buffers of shape [num_slots, kv_heads, max_len, head_dim].
@@ -48,23 +64,28 @@ class SlotKVCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [B, kv_heads, T, head_dim]
-        if layer_idx == len(self._keys):
-            self._allocate(key_states)
-        keys, values = self._keys[layer_idx], self._values[layer_idx]
-        if self._positions is None:
-            length = key_states.shape[2]
-            keys[self._rows, :, :length] = key_states
-            values[self._rows, :, :length] = value_states
-            return key_states, value_states
-        batch = key_states.shape[0]
-        keys[self._rows, :, self._positions] = key_states[:, :, 0]
-        values[self._rows, :, self._positions] = value_states[:, :, 0]
-        return keys[:batch, :, : self._kv_len], values[:batch, :, : self._kv_len]
+        target = self.target(layer_idx, key_states)
+        store(target, key_states, value_states)
+        return self.visible(layer_idx, key_states, value_states)
 
-    def _allocate(self, like: torch.Tensor) -> None:
-        shape = (self.num_slots, like.shape[1], self.max_len, like.shape[3])
-        self._keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
-        self._values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+    def target(self, layer_idx: int, like: torch.Tensor) -> KVTarget:
+        """Where this forward's new keys and values go in layer `layer_idx` (its buffers are allocated
+        at the first write, shaped for `like`: [B, kv_heads, T, head_dim])."""
+        if layer_idx == len(self._keys):
+            shape = (self.num_slots, like.shape[1], self.max_len, like.shape[3])
+            self._keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+            self._values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+        return self._keys[layer_idx], self._values[layer_idx], self._rows, self._positions
+
+    def visible(
+        self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads after `store`: a prefill attends over its own new keys, a decode step
+        over its rows' cached ones."""
+        if self._positions is None:
+            return key_states, value_states
+        batch, length = key_states.shape[0], self._kv_len
+        return self._keys[layer_idx][:batch, :, :length], self._values[layer_idx][:batch, :, :length]
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst` in every layer (a row changing slots)."""

@@ -12,8 +12,9 @@ from typing import Any
 import structlog
 import torch
 from transformers import PreTrainedModel
+from transformers.models.falcon.modeling_falcon import FalconDecoderLayer
 
-from generation.adapters import adapt
+from generation.adapters import adapt, compile_regions, regional_layers, restore_layers
 from generation.engine_config import EngineConfig
 from generation.kv_cache import PassThroughCache, SlotKVCache
 from generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
@@ -93,6 +94,7 @@ class ModelRunner:
         # The decode forward and the sampler of each mode; `warm_up` swaps in compiled ones with --compile.
         self._decode_forward = self._decode_hidden
         self._samplers: dict[str, Callable[..., torch.Tensor]] = dict.fromkeys(MODES, sample_rows)
+        self._regional: list[FalconDecoderLayer] = []  # layers running compiled regions (--compile, Falcon)
 
     # ------------------------------------------------------------ planning
 
@@ -335,7 +337,8 @@ class ModelRunner:
         try:
             self._capture_all()
         except Exception as err:
-            if self._decode_forward == self._decode_hidden and set(self._samplers.values()) == {sample_rows}:
+            compiled_any = self._regional or self._decode_forward != self._decode_hidden
+            if not compiled_any and set(self._samplers.values()) == {sample_rows}:
                 raise
             # Captured, but unfused: a compiled step that cannot be captured still runs uncompiled.
             log.warning(
@@ -343,6 +346,8 @@ class ModelRunner:
             )
             self._decode_forward = self._decode_hidden
             self._samplers = dict.fromkeys(MODES, sample_rows)
+            restore_layers(self._regional)
+            self._regional = []
             self._graphs.clear()
             self._capture_all()
         log.info(
@@ -355,25 +360,45 @@ class ModelRunner:
         return batches, kv_lens
 
     def _compile(self) -> None:
-        """torch.compile the decode forward and the sampler, each part on its own: a part that fails to
-        compile runs uncompiled. Compiled on the default stream, outside any capture: batch 1 is
-        specialised, larger batches and every KV length share one dynamic graph.
+        """torch.compile the model and the sampler, each part on its own: a part that fails to compile
+        runs uncompiled. Compiled on the default stream, outside any capture, by running the smallest and
+        largest shapes (so the shapes in between find a graph with those sizes symbolic).
+
+        The model: a Falcon multi-query model's layers as two compiled regions shared by all layers
+        (prefill too); any other model's whole decode forward (one layer after another: minutes).
 
         The full-sort sampler stays uncompiled: inductor (torch 2.11) fails to generate its cumsum over a
         dynamic vocabulary, and the sort dominates it anyway."""
         batches, kv_lens = self._batches_and_lengths()
-        self._decode_forward = torch.compile(self._decode_hidden, dynamic=True)
-        try:
-            for batch, kv_len in {
-                (batches[0], kv_lens[0]),
-                (batches[-1], kv_lens[0]),
-                (batches[-1], kv_lens[-1]),
-            }:
-                self._decode_static(batch, kv_len)
-            torch.cuda.synchronize(self.device)
-        except Exception as err:
-            log.warning("torch.compile failed on the decode forward; it runs uncompiled", error=_brief(err))
-            self._decode_forward = self._decode_hidden
+        decode_shapes = {(batches[0], kv_lens[0]), (batches[-1], kv_lens[0]), (batches[-1], kv_lens[-1])}
+        self._regional = regional_layers(self.base)
+        if self._regional:
+            # Falcon multi-query: the layer's two tensor-only parts compile once for every layer, decode
+            # and prefill alike, instead of tracing the whole model.
+            compile_regions(self._regional, torch.compile)
+            try:
+                for batch, kv_len in decode_shapes:
+                    self._decode_static(batch, kv_len)
+                for rows, width in self._prefill_shapes[:1] + self._prefill_shapes[-1:]:
+                    self._prefill_static(rows, width)
+                torch.cuda.synchronize(self.device)
+            except Exception as err:
+                log.warning(
+                    "torch.compile failed on the model's layers; they run uncompiled", error=_brief(err)
+                )
+                restore_layers(self._regional)
+                self._regional = []
+        else:
+            self._decode_forward = torch.compile(self._decode_hidden, dynamic=True)
+            try:
+                for batch, kv_len in decode_shapes:
+                    self._decode_static(batch, kv_len)
+                torch.cuda.synchronize(self.device)
+            except Exception as err:
+                log.warning(
+                    "torch.compile failed on the decode forward; it runs uncompiled", error=_brief(err)
+                )
+                self._decode_forward = self._decode_hidden
         compiled = torch.compile(sample_rows, dynamic=True)
         for mode in (PLAIN, TOP_K):
             self._samplers[mode] = compiled

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import FalconForCausalLM, PreTrainedModel
 
 from generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
+from generation.adapters import compile_regions, regional_layers, restore_layers
 from generation.messages import AbortRequest, AddRequest, StepReport
 from tests.conftest import fail_step, make_engine
 
@@ -49,12 +52,38 @@ def reference_tokens(
     return out[0, len(ids) :].tolist()
 
 
+@pytest.mark.parametrize("regions", [False, True], ids=["stock layers", "compiled regions"])
 async def test_continuous_batching_matches_generate_token_for_token(
-    tiny: LoadedModel, model_dir: Path
+    tiny: LoadedModel, model_dir: Path, regions: bool
 ) -> None:
+    """Also with the layers run as --compile's regions (uncompiled here), which store the new keys and
+    values in the slot cache themselves, for prefill and decode."""
     # The reference is a fresh, unadapted copy: stock transformers code end to end.
     stock = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     engine = make_engine(tiny, max_batch_size=4)
+    writes: list[str] = []
+
+    def recording(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        def part(*args: Any) -> Any:
+            if fn.__name__ == "_layer_inputs":
+                target = args[-1]
+                writes.append("none" if target is None else "prefill" if target[3] is None else "decode")
+            return fn(*args)
+
+        return part
+
+    layers = regional_layers(tiny.model)
+    if regions:
+        compile_regions(layers, recording)
+    try:
+        await generate_all(engine, stock, tiny)
+    finally:
+        restore_layers(layers)
+    if regions:
+        assert {"prefill", "decode"} <= set(writes), "the regions wrote the slot cache"
+
+
+async def generate_all(engine: AsyncEngine, stock: PreTrainedModel, tiny: LoadedModel) -> None:
     await engine.start()
     lengths = [5 + 7 * i for i in range(len(PROMPTS))]
     outputs: dict[int, list[RequestOutput]] = {}

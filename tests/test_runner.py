@@ -16,6 +16,7 @@ import structlog
 import torch
 
 from generation import LoadedModel, SamplingParams
+from generation.adapters import compile_regions, regional_layers, restore_layers
 from generation.detokenizer import IncrementalDetokenizer
 from generation.runner import ModelRunner
 from generation.sampler import FULL, PLAIN, TOP_K, sample_rows
@@ -66,17 +67,41 @@ def test_padded_prefill_matches_and_leaves_other_slots_alone(tiny: LoadedModel) 
         assert torch.equal(layer[2], untouched)
 
 
-def test_with_compile_each_part_that_fails_to_compile_runs_uncompiled(
+@torch.inference_mode()
+def test_falcon_layers_as_compiled_regions_compute_what_transformers_computes(tiny: LoadedModel) -> None:
+    """--compile on a multi-query Falcon runs each layer as two tensor-only functions around the
+    attention (compiled once for all layers); here they run uncompiled against the stock layer."""
+    model = tiny.model
+    ids = torch.tensor([tiny.tokenizer.encode("Every morning the little bakery at the corner")])
+    stock = model.base_model(input_ids=ids).last_hidden_state
+    layers = regional_layers(model)
+    assert len(layers) == model.config.num_hidden_layers
+    calls: list[str] = []
+
+    def counting(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        return lambda *args: calls.append(fn.__name__) or fn(*args)
+
+    compile_regions(layers, counting)
+    try:
+        regional = model.base_model(input_ids=ids).last_hidden_state
+    finally:
+        restore_layers(layers)
+    assert calls == ["_layer_inputs", "_layer_output"] * len(layers)
+    assert torch.allclose(regional, stock, atol=1e-5)
+    assert torch.equal(model.base_model(input_ids=ids).last_hidden_state, stock), "restored"
+
+
+def test_with_compile_a_part_that_fails_to_compile_runs_uncompiled(
     tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--compile compiles the decode forward and the sampler apart: one failing leaves the other
+    """--compile compiles the model's layers and the sampler apart: one failing leaves the other
     compiled, and the failure is logged. (torch.compile itself runs on GPUs only; here it is faked.)"""
     runner = make_engine(tiny, max_batch_size=4).engine.runner
     compiled: list[str] = []
 
     def fake_compile(fn: Callable[..., torch.Tensor], **options: Any) -> Callable[..., torch.Tensor]:
         compiled.append(fn.__name__)
-        if fn.__name__ == "_decode_hidden":
+        if fn.__name__ == "_layer_output":
 
             def broken(*args: Any) -> torch.Tensor:
                 raise RuntimeError("inductor could not generate a kernel")
@@ -88,11 +113,12 @@ def test_with_compile_each_part_that_fails_to_compile_runs_uncompiled(
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     with structlog.testing.capture_logs() as logs, torch.inference_mode():
         runner._compile()
-    assert compiled == ["_decode_hidden", "sample_rows"]
-    assert runner._decode_forward == runner._decode_hidden, "the failed forward runs uncompiled"
+    assert compiled == ["_layer_inputs", "_layer_output", "sample_rows"]
+    assert runner._regional == [], "the layers run uncompiled"
+    assert not any("forward" in vars(layer) for layer in regional_layers(tiny.model)), "transformers' forward"
     assert runner._samplers[PLAIN] is runner._samplers[TOP_K] is not sample_rows, "the samplers stay compiled"
     assert runner._samplers[FULL] is sample_rows
     assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
-        "torch.compile failed on the decode forward; it runs uncompiled"
+        "torch.compile failed on the model's layers; they run uncompiled"
     ]
     assert "inductor could not generate a kernel" in next(e["error"] for e in logs if "error" in e)
