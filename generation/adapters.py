@@ -101,19 +101,22 @@ def _attention(
     return out.reshape(batch, length, heads * dim)
 
 
+Norm = tuple[torch.Tensor, torch.Tensor | None, float]  # a LayerNorm's weight, bias and eps
+
+
 def _layer_inputs(
     hidden: torch.Tensor,
-    norm: tuple[torch.Tensor, torch.Tensor | None, float],
+    norm: Norm | None,
     qkv: tuple[torch.Tensor, torch.Tensor | None],
     heads: int,
     cos: torch.Tensor,
     sin: torch.Tensor,
     target: KVTarget | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Falcon layer up to attention: layer norm, the fused query/key/value projection, rotary, and
-    the new keys and values stored in the slot cache's `target` (when there is one)."""
-    weight, bias, eps = norm
-    normed = F.layer_norm(hidden, (hidden.shape[-1],), weight, bias, eps)
+    """A Falcon layer up to attention: layer norm (`norm` None: `hidden` is normed already), the fused
+    query/key/value projection, rotary, and the new keys and values stored in the slot cache's
+    `target` (when there is one)."""
+    normed = hidden if norm is None else F.layer_norm(hidden, (hidden.shape[-1],), *norm)
     query, key, value = _split_rotate(F.linear(normed, *qkv), heads, cos, sin)
     if target is not None:
         store(target, key, value)
@@ -127,11 +130,16 @@ def _layer_output(
     dense: tuple[torch.Tensor, torch.Tensor | None],
     up: tuple[torch.Tensor, torch.Tensor | None],
     down: tuple[torch.Tensor, torch.Tensor | None],
-) -> torch.Tensor:
+    next_norm: Norm | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A parallel-attention Falcon layer after attention: the MLP beside the attention's projection,
-    both added to the residual (in transformers' order)."""
+    both added to the residual (in transformers' order); and, given the next layer's norm, that layer's
+    normed input too, so the residual add and the next layer norm are one kernel."""
     mlp = F.linear(F.gelu(F.linear(normed, *up)), *down)
-    return (mlp + F.linear(attention, *dense)) + residual
+    hidden = (mlp + F.linear(attention, *dense)) + residual
+    if next_norm is None:
+        return hidden, None
+    return hidden, F.layer_norm(hidden, (hidden.shape[-1],), *next_norm)
 
 
 def _regional_layer(
@@ -146,11 +154,17 @@ def _regional_layer(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     parts: tuple[Callable[..., Any], Callable[..., Any]],
+    next_layer: FalconDecoderLayer | None,
+    handoff: dict[str, Any],
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """FalconDecoderLayer.forward for the multi-query, parallel-attention layout, as two tensor-only
     functions around the attention: compiled once, they serve every layer (the weights are arguments),
-    where compiling the whole model would trace all 32 layers."""
+    where compiling the whole model would trace all 32 layers.
+
+    Each layer also norms the next layer's input and leaves it in `handoff`, with its output and the
+    layer it is for; that layer takes it only if its input is that very output tensor, and norms its
+    input itself otherwise."""
     if position_embeddings is None:
         raise ValueError("rotary Falcon attention needs position embeddings")
     attention, mlp, norm = self.self_attention, self.mlp, self.input_layernorm
@@ -161,9 +175,11 @@ def _regional_layer(
         # The buffers are allocated before the compiled part writes them.
         like = hidden_states.new_empty(0, 1, 0, attention.head_dim)
         target = layer_past.target(layer_idx, like)
+    given = handoff["for"] is self and handoff["hidden"] is hidden_states
+    normed = handoff["normed"] if given else None
     normed, query, key, value = inputs(
-        hidden_states,
-        (norm.weight, norm.bias, norm.eps),
+        hidden_states if normed is None else normed,
+        (norm.weight, norm.bias, norm.eps) if normed is None else None,
         (attention.query_key_value.weight, attention.query_key_value.bias),
         attention.num_heads,
         *position_embeddings,
@@ -174,14 +190,21 @@ def _regional_layer(
         out = _attention(query, key, value, layer_past.plain_causal, attention_mask)
     else:
         out = _attend(query, key, value, layer_past, layer_idx, attention_mask)
-    return output(
+    next_norm = None
+    if next_layer is not None:
+        after = next_layer.input_layernorm
+        next_norm = (after.weight, after.bias, after.eps)
+    hidden, next_normed = output(
         hidden_states,
         normed,
         out,
         (attention.dense.weight, attention.dense.bias),
         (mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias),
         (mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias),
-    ), None
+        next_norm,
+    )
+    handoff.update({"for": next_layer, "hidden": hidden, "normed": next_normed})
+    return hidden, None
 
 
 def regional_layers(model: torch.nn.Module) -> list[FalconDecoderLayer]:
@@ -206,8 +229,10 @@ def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> None:
     # generated kernels index with fixed strides. On the H100 that made the prefill of 8 x 128 tokens
     # 25 ms instead of 28 and compiling ~63 s.
     parts = (compile(_layer_inputs), compile(_layer_output))
-    forward = functools.partial(_regional_layer, parts=parts)
-    for layer in layers:
+    handoff: dict[str, Any] = {"for": None, "hidden": None, "normed": None}
+    layers = sorted(layers, key=lambda layer: layer.self_attention.layer_idx)  # the order they run in
+    for layer, next_layer in zip(layers, [*layers[1:], None], strict=True):
+        forward = functools.partial(_regional_layer, parts=parts, next_layer=next_layer, handoff=handoff)
         layer.forward = types.MethodType(forward, layer)  # type: ignore[method-assign]
 
 

@@ -73,20 +73,42 @@ def test_falcon_layers_as_compiled_regions_compute_what_transformers_computes(ti
     attention (compiled once for all layers); here they run uncompiled against the stock layer."""
     model = tiny.model
     ids = torch.tensor([tiny.tokenizer.encode("Every morning the little bakery at the corner")])
-    stock = model.base_model(input_ids=ids).last_hidden_state
     layers = regional_layers(model)
     assert len(layers) == model.config.num_hidden_layers
-    calls: list[str] = []
+    # Each layer norm its own weights (a fresh model's are all ones and zeros), so a layer normed with
+    # another layer's norm shows.
+    norms = [layer.input_layernorm for layer in layers]
+    saved = [(norm.weight.clone(), norm.bias.clone()) for norm in norms]
+    for i, norm in enumerate(norms):
+        norm.weight.fill_(1.0 + 0.25 * i)
+        norm.bias.fill_(0.1 * i)
+    try:
+        compare_regions_with_stock(model, ids, layers)
+    finally:
+        for norm, (weight, bias) in zip(norms, saved, strict=True):
+            norm.weight.copy_(weight)
+            norm.bias.copy_(bias)
+
+
+def compare_regions_with_stock(model: Any, ids: torch.Tensor, layers: list[Any]) -> None:
+    stock = model.base_model(input_ids=ids).last_hidden_state
+    calls: list[tuple[str, bool]] = []
 
     def counting(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
-        return lambda *args: calls.append(fn.__name__) or fn(*args)
+        # records each call and whether it was given a layer norm (inputs: its own; output: the next's)
+        norm_arg = 1 if fn.__name__ == "_layer_inputs" else -1
+        return lambda *args: calls.append((fn.__name__, args[norm_arg] is not None)) or fn(*args)
 
     compile_regions(layers, counting)
     try:
         regional = model.base_model(input_ids=ids).last_hidden_state
     finally:
         restore_layers(layers)
-    assert calls == ["_layer_inputs", "_layer_output"] * len(layers)
+    # Only the first layer norms its own input; each layer norms the next one's with its residual add.
+    n = len(layers)
+    assert [name for name, _ in calls] == ["_layer_inputs", "_layer_output"] * n
+    assert [given for name, given in calls if name == "_layer_inputs"] == [True] + [False] * (n - 1)
+    assert [given for name, given in calls if name == "_layer_output"] == [True] * (n - 1) + [False]
     assert torch.allclose(regional, stock, atol=1e-5)
     assert torch.equal(model.base_model(input_ids=ids).last_hidden_state, stock), "restored"
 
