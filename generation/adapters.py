@@ -228,6 +228,11 @@ def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> None:
     # tokens) turn symbolic on the first recompile, while the weights' sizes stay constants, so the
     # generated kernels index with fixed strides. On the H100 that made the prefill of 8 x 128 tokens
     # 25 ms instead of 28 and compiling ~63 s.
+    # Each part gets a graph per kind of call: the first layer's (norms its input) or the others', the
+    # last layer's (no next norm) or the others', prefill or decode or no cache write, batch 1 or more;
+    # past dynamo's default of 8 graphs a function would run uncompiled for the shapes that come last.
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 32)
     parts = (compile(_layer_inputs), compile(_layer_output))
     handoff: dict[str, Any] = {"for": None, "hidden": None, "normed": None}
     layers = sorted(layers, key=lambda layer: layer.self_attention.layer_idx)  # the order they run in
