@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -344,10 +346,9 @@ class ModelRunner:
             log.warning(
                 "capturing the compiled step failed; decoding without torch.compile", error=_brief(err)
             )
-            self._decode_forward = self._decode_hidden
+            self._uncompile_forward()
             self._samplers = dict.fromkeys(MODES, sample_rows)
-            restore_layers(self._regional)
-            self._regional = []
+            self._uncompile_layers()
             self._graphs.clear()
             self._capture_all()
         log.info(
@@ -376,41 +377,41 @@ class ModelRunner:
             # Falcon multi-query: the layer's two tensor-only parts compile once for every layer, decode
             # and prefill alike, instead of tracing the whole model.
             compile_regions(self._regional, torch.compile)
-            try:
+            with self._or_uncompiled("the model's layers; they run uncompiled", self._uncompile_layers):
                 for batch, kv_len in decode_shapes:
                     self._decode_static(batch, kv_len)
                 for rows, width in self._prefill_shapes[:1] + self._prefill_shapes[-1:]:
                     self._prefill_static(rows, width)
-                torch.cuda.synchronize(self.device)
-            except Exception as err:
-                log.warning(
-                    "torch.compile failed on the model's layers; they run uncompiled", error=_brief(err)
-                )
-                restore_layers(self._regional)
-                self._regional = []
         else:
             self._decode_forward = torch.compile(self._decode_hidden, dynamic=True)
-            try:
+            with self._or_uncompiled("the decode forward; it runs uncompiled", self._uncompile_forward):
                 for batch, kv_len in decode_shapes:
                     self._decode_static(batch, kv_len)
-                torch.cuda.synchronize(self.device)
-            except Exception as err:
-                log.warning(
-                    "torch.compile failed on the decode forward; it runs uncompiled", error=_brief(err)
-                )
-                self._decode_forward = self._decode_hidden
         compiled = torch.compile(sample_rows, dynamic=True)
         for mode in (PLAIN, TOP_K):
             self._samplers[mode] = compiled
-            try:
+            undo = functools.partial(self._samplers.__setitem__, mode, sample_rows)
+            with self._or_uncompiled("a sampler; it runs uncompiled", undo, mode=mode):
                 for batch in {batches[0], batches[-1]}:
                     self._sample_decoded(batch, MODES.index(mode))
-                torch.cuda.synchronize(self.device)
-            except Exception as err:
-                log.warning(
-                    "torch.compile failed on a sampler; it runs uncompiled", mode=mode, error=_brief(err)
-                )
-                self._samplers[mode] = sample_rows
+
+    @contextlib.contextmanager
+    def _or_uncompiled(self, what: str, undo: Callable[[], None], **context: str) -> Iterator[None]:
+        """Around a freshly compiled part's warm-up runs (which compile it): if they fail, log why and
+        `undo`, so the part runs uncompiled, and go on."""
+        try:
+            yield
+            torch.cuda.synchronize(self.device)
+        except Exception as err:
+            log.warning(f"torch.compile failed on {what}", error=_brief(err), **context)
+            undo()
+
+    def _uncompile_forward(self) -> None:
+        self._decode_forward = self._decode_hidden
+
+    def _uncompile_layers(self) -> None:
+        restore_layers(self._regional)
+        self._regional = []
 
     def _capture_all(self) -> None:
         batches, kv_lens = self._batches_and_lengths()
