@@ -230,6 +230,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
         max_batch_size=settings.max_batch_size,
         max_seq_len=settings.max_seq_len,
         prefill_token_budget=settings.prefill_token_budget,
+        packed_prefill_tokens=settings.packed_prefill_tokens,
         max_queue=settings.max_queue,
         request_timeout=settings.request_timeout,
         memory_utilization=settings.gpu_memory_utilization,

@@ -157,6 +157,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
         sys.executable, str(ROOT / "server.py"), "--model", args.model, "--port", str(port),
         "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
         "--prefill-token-budget", str(args.prefill_token_budget),
+        "--packed-prefill-tokens", str(args.packed_prefill_tokens),
         "--log-format", "json", *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -219,6 +220,7 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
             max_batch_size=max(args.concurrency),
             max_seq_len=args.max_seq_len,
             prefill_token_budget=args.prefill_token_budget,
+            packed_prefill_tokens=args.packed_prefill_tokens,
             compile=args.compile,
         ),
     )
@@ -474,6 +476,7 @@ def main() -> None:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128]
     )
     parser.add_argument("--prefill-token-budget", type=int, default=EngineConfig.prefill_token_budget)
+    parser.add_argument("--packed-prefill-tokens", type=int, default=EngineConfig.packed_prefill_tokens)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     parser.add_argument("--stages", default="server,engine,classic")
     parser.add_argument("--dtype", default="auto")

@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import types
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers.models.falcon.modeling_falcon import (
     FalconAttention,
     FalconDecoderLayer,
+    FalconModel,
     apply_rotary_pos_emb,
 )
 
@@ -207,6 +209,95 @@ def _regional_layer(
     return hidden, None
 
 
+Parts = tuple[Callable[..., Any], Callable[..., Any]]  # (_layer_inputs, _layer_output), maybe compiled
+PLAIN_PARTS: Parts = (_layer_inputs, _layer_output)
+
+
+@dataclass(frozen=True)
+class PackedShape:
+    """The layout of a packed step's tokens: `decode` running rows, one token each, then `rows`
+    newcomers of `width` tokens each (right-padded)."""
+
+    decode: int
+    kv_len: int  # how much of their cache the running rows read
+    rows: int
+    width: int
+
+
+def packed_forward(
+    model: FalconModel,
+    parts: Parts,
+    cache: SlotKVCache,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    decode_mask: torch.Tensor,
+    shape: PackedShape,
+) -> torch.Tensor:
+    """Decode the running rows and prefill the newcomers in one forward, over their tokens packed as one
+    [1, T] sequence: each layer's norms, projections and MLP run once for all of them (one read of the
+    weights), and only attention is split: running rows attend to their cached keys (`decode_mask`,
+    [decode, 1, 1, kv_len]), each newcomer causally to its own. Falcon multi-query layers only
+    (`regional_layers`).
+
+    ids, positions, slots: [T], each token's id, position and slot (its keys are
+    stored there) -> final hidden states [T, hidden]
+    """
+    hidden = model.word_embeddings(ids)[None]
+    cos, sin = model.rotary_emb(hidden, position_ids=positions[None])
+    cache.for_tokens(slots, positions)
+    inputs, output = parts
+    layers = cast(list[FalconDecoderLayer], list(model.h))
+    normed: torch.Tensor | None = None  # this layer's normed input, made by the layer before
+    for layer, next_layer in zip(layers, [*layers[1:], None], strict=True):
+        attention, mlp, norm = layer.self_attention, layer.mlp, layer.input_layernorm
+        target = cache.target(attention.layer_idx, hidden.new_empty(0, 1, 0, attention.head_dim))
+        normed, query, key, value = inputs(
+            hidden if normed is None else normed,
+            (norm.weight, norm.bias, norm.eps) if normed is None else None,
+            (attention.query_key_value.weight, attention.query_key_value.bias),
+            attention.num_heads,
+            cos,
+            sin,
+            target,
+        )
+        cached = cache.cached(attention.layer_idx, shape.decode, shape.kv_len)
+        out = _packed_attention(query, key, value, cached, decode_mask, shape)
+        after = None if next_layer is None else next_layer.input_layernorm
+        hidden, normed = output(
+            hidden,
+            normed,
+            out,
+            (attention.dense.weight, attention.dense.bias),
+            (mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias),
+            (mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias),
+            None if after is None else (after.weight, after.bias, after.eps),
+        )
+    return model.ln_f(hidden)[0]
+
+
+def _packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cached: tuple[torch.Tensor, torch.Tensor],
+    decode_mask: torch.Tensor,
+    shape: PackedShape,
+) -> torch.Tensor:
+    """query [1, H, T, D], key and value [1, 1, T, D] of a packed step -> [1, T, H * D]."""
+    heads, dim = query.shape[1], query.shape[3]
+    running, rows, width = shape.decode, shape.rows, shape.width
+    # Running rows: as in a decode step, the heads stand in for query positions. [B, 1, H, D]
+    keys, values = cached
+    out = F.scaled_dot_product_attention(
+        query[0, :, :running].transpose(0, 1)[:, None], keys, values, attn_mask=decode_mask
+    )
+    # Newcomers: [rows, H, width, D] against their own [rows, 1, width, D], causal.
+    q, k, v = (x[0, :, running:].unflatten(1, (rows, width)).transpose(0, 1) for x in (query, key, value))
+    prefilled = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    return torch.cat([out.reshape(running, heads * dim), prefilled.reshape(rows * width, heads * dim)])[None]
+
+
 def regional_layers(model: torch.nn.Module) -> list[FalconDecoderLayer]:
     """The layers `compile_regions` can take: Falcon multi-query, parallel attention, GELU, rotary."""
     layers = [m for m in model.modules() if isinstance(m, FalconDecoderLayer)]
@@ -221,9 +312,9 @@ def regional_layers(model: torch.nn.Module) -> list[FalconDecoderLayer]:
     return layers if fits else []
 
 
-def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> None:
+def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> Parts:
     """Run each layer as `_regional_layer`, its two tensor functions wrapped by `compile` (torch.compile,
-    or any wrapper with its signature)."""
+    or any wrapper with its signature); returns them, for `packed_forward`."""
     # Automatic dynamic shapes (not dynamic=True): the sizes that vary between calls (batch rows,
     # tokens) turn symbolic on the first recompile, while the weights' sizes stay constants, so the
     # generated kernels index with fixed strides. On the H100 that made the prefill of 8 x 128 tokens
@@ -239,6 +330,7 @@ def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> None:
     for layer, next_layer in zip(layers, [*layers[1:], None], strict=True):
         forward = functools.partial(_regional_layer, parts=parts, next_layer=next_layer, handoff=handoff)
         layer.forward = types.MethodType(forward, layer)  # type: ignore[method-assign]
+    return parts
 
 
 def restore_layers(layers: list[FalconDecoderLayer]) -> None:

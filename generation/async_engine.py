@@ -93,7 +93,9 @@ class AsyncEngine:
         self.config = config
         eos_ids = _eos_ids(model, tokenizer)
         runner = ModelRunner(model, config, eos_ids)
-        scheduler_config = SchedulerConfig(runner.num_slots, config.prefill_token_budget)
+        scheduler_config = SchedulerConfig(
+            runner.num_slots, config.prefill_token_budget, runner.packable if runner.packs else None
+        )
         self.engine = Engine(runner, tokenizer.backend_tokenizer, scheduler_config, eos_ids, self._on_report)
         self.num_running = 0
         self.num_waiting = 0

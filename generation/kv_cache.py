@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-# A layer's key buffer, value buffer, the slots written, and the positions written (None: 0..T-1).
+# A layer's key buffer, value buffer, the slots written, and the positions written: None for positions
+# 0..T-1 of each slot (a prefill), else one (slot, position) pair per new token (decode, packed steps).
 KVTarget = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
@@ -20,8 +21,9 @@ def store(target: KVTarget, key_states: torch.Tensor, value_states: torch.Tensor
         keys[rows, :, :length] = key_states
         values[rows, :, :length] = value_states
     else:
-        keys[rows, :, positions] = key_states[:, :, 0]
-        values[rows, :, positions] = value_states[:, :, 0]
+        # One pair per token, in token order: [B, kv_heads, T, D] -> [B * T, kv_heads, D]
+        keys[rows, :, positions] = key_states.transpose(1, 2).flatten(0, 1)
+        values[rows, :, positions] = value_states.transpose(1, 2).flatten(0, 1)
 
 
 class SlotKVCache(Cache):
@@ -60,6 +62,11 @@ class SlotKVCache(Cache):
         # rows = 0..B-1, positions: [B]; row b writes at positions[b] and reads 0..kv_len-1
         self._rows, self._positions, self._kv_len = rows, positions, kv_len
 
+    def for_tokens(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        # slots, positions: [T]; token t of a packed [1, T] forward writes slot slots[t] at positions[t]
+        # (the caller attends itself: `visible` does not apply)
+        self._rows, self._positions = slots, positions
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +91,11 @@ class SlotKVCache(Cache):
         over its rows' cached ones."""
         if self._positions is None:
             return key_states, value_states
-        batch, length = key_states.shape[0], self._kv_len
-        return self._keys[layer_idx][:batch, :, :length], self._values[layer_idx][:batch, :, :length]
+        return self.cached(layer_idx, key_states.shape[0], self._kv_len)
+
+    def cached(self, layer_idx: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots 0..rows-1, positions 0..length-1, in place."""
+        return self._keys[layer_idx][:rows, :, :length], self._values[layer_idx][:rows, :, :length]
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst` in every layer (a row changing slots)."""

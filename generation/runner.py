@@ -9,14 +9,22 @@ import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import torch
 from transformers import PreTrainedModel
-from transformers.models.falcon.modeling_falcon import FalconDecoderLayer
+from transformers.models.falcon.modeling_falcon import FalconDecoderLayer, FalconModel
 
-from generation.adapters import adapt, compile_regions, regional_layers, restore_layers
+from generation.adapters import (
+    PLAIN_PARTS,
+    PackedShape,
+    adapt,
+    compile_regions,
+    packed_forward,
+    regional_layers,
+    restore_layers,
+)
 from generation.engine_config import EngineConfig
 from generation.kv_cache import PassThroughCache, SlotKVCache
 from generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
@@ -33,6 +41,9 @@ KV_LEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
 PREFILL_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_WIDTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# A packed step's running rows are padded to these: beside the newcomers' tokens a few padding rows cost
+# little, and coarse buckets keep the graphs few (one per batch, KV length and newcomers' shape).
+PACKED_BATCH_BUCKETS = (16, 32, 64, 128, 256)
 
 
 def _cache_argument(module: torch.nn.Module) -> str:
@@ -84,6 +95,13 @@ class ModelRunner:
         self.seen = torch.zeros(self.num_slots + 1, self.vocab_size, dtype=torch.bool, device=self.device)
         self._prefill_in = _PrefillInputs(self.num_slots, config.max_seq_len, self.device)
         self._prefill_shapes = self._graph_prefill_shapes()
+        # Packed steps (Falcon multi-query): newcomers whose padded shape is one of these are prefilled in
+        # the running rows' decode forward; their last hidden states land in `_prefill_hidden`.
+        packable = bool(regional_layers(self.base)) and config.packed_prefill_tokens > 0
+        self._packed_shapes = [
+            (n, w) for n, w in self._prefill_shapes if packable and n * w <= config.packed_prefill_tokens
+        ]
+        self._prefill_hidden = torch.zeros(self.num_slots, hidden_size, dtype=self.dtype, device=self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
@@ -97,6 +115,8 @@ class ModelRunner:
         self._decode_forward = self._decode_hidden
         self._samplers: dict[str, Callable[..., torch.Tensor]] = dict.fromkeys(MODES, sample_rows)
         self._regional: list[FalconDecoderLayer] = []  # layers running compiled regions (--compile, Falcon)
+        self._parts = PLAIN_PARTS  # the layer parts packed steps run (compiled with the regions)
+        self.packed_steps = 0  # steps that prefilled newcomers inside the decode forward
 
     # ------------------------------------------------------------ planning
 
@@ -155,9 +175,12 @@ class ModelRunner:
             self.seen[dst] = self.seen[src]
         # One pair of host-to-device copies carries every row's inputs and sampling parameters.
         self._static.load(batch.rows)
-        tokens = [self._decode(batch.decode)] if batch.decode else []
-        if batch.prefill:
-            tokens.append(self._prefill(batch.prefill))
+        if batch.decode and batch.prefill and self.packable(len(batch.prefill), _longest(batch.prefill)):
+            tokens = self._packed(batch.decode, batch.prefill)
+        else:
+            tokens = [self._decode(batch.decode)] if batch.decode else []
+            if batch.prefill:
+                tokens.append(self._prefill(batch.prefill))
         out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         self._last_tokens[: out.shape[0]].copy_(out)
         if self.device.type != "cuda":
@@ -199,13 +222,27 @@ class ModelRunner:
             ~visible, self._min_value
         )[:, None]
 
+    def _prefill_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """The padded [rows, width] that `rows` newcomers, the longest of `longest` tokens, prefill as."""
+        return (
+            _bucket(rows, PREFILL_ROW_BUCKETS, self.num_slots),
+            _bucket(longest, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len),
+        )
+
+    def packable(self, rows: int, longest: int) -> bool:
+        """Whether `rows` newcomers, the longest of `longest` tokens, can join running rows in a packed
+        step (the scheduler asks this too)."""
+        return self._prefill_shape(rows, longest) in self._packed_shapes
+
+    @property
+    def packs(self) -> bool:
+        """Whether this model runs packed steps at all."""
+        return bool(self._packed_shapes)
+
     def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
         """Prefill and sample the newcomers; returns their first tokens, [len(rows)]."""
-        n, width = len(rows), max(seq.num_prompt_tokens for seq in rows)
-        shape = (
-            _bucket(n, PREFILL_ROW_BUCKETS, self.num_slots),
-            _bucket(width, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len),
-        )
+        n, width = len(rows), _longest(rows)
+        shape = self._prefill_shape(n, width)
         if not self.use_graphs or shape not in self._prefill_shapes:
             self._prefill_in.load(rows, n, width)
             return self._prefill_static(n, width)
@@ -232,15 +269,64 @@ class ModelRunner:
         """
         inputs = self._prefill_in
         ids = inputs.ids[: n * width].view(n, width)
-        lengths, slots, seen_rows = inputs.rows[:n].unbind(1)
-        self.seen.index_put_((seen_rows,), self._false)
-        self.seen.index_put_((seen_rows[:, None], ids), self._true)  # the prompt counts for the penalty
+        lengths, slots, _ = inputs.rows[:n].unbind(1)
         self.cache.for_prefill(slots)
         positions = self._static.key_index[:width][None].expand(n, -1)
         hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
-        last = hidden[self._static.rows[:n], lengths - 1]
+        return self._first_tokens(n, width, hidden[self._static.rows[:n], lengths - 1])
+
+    def _first_tokens(self, n: int, width: int, last: torch.Tensor) -> torch.Tensor:
+        """Sample the newcomers' first tokens from their prompts' last hidden states, [n, hidden]."""
+        inputs = self._prefill_in
+        ids = inputs.ids[: n * width].view(n, width)
+        slots, seen_rows = inputs.rows[:n, 1], inputs.rows[:n, 2]
+        self.seen.index_put_((seen_rows,), self._false)
+        self.seen.index_put_((seen_rows[:, None], ids), self._true)  # the prompt counts for the penalty
         # A newcomer's batch row is its slot (padding rows repeat the first newcomer's).
         return self._sample(self.lm_head(last), self._static.sampling_rows(slots), seen_rows)
+
+    def _packed(self, decode: list[Sequence], prefill: list[Sequence]) -> list[torch.Tensor]:
+        """Decode the running rows and prefill the newcomers in one forward (`packed_forward`), then
+        sample both; returns [running rows' tokens, newcomers' first tokens].
+
+        The running rows sample first: their padding rows mark `seen` rows that may be newcomers',
+        which the newcomers' sampling then resets."""
+        self.packed_steps += 1
+        n, longest = len(decode), _longest(prefill)
+        kv_len = self._kv_len(decode)
+        mode = MODES.index(self._mode(decode))
+        if not self.use_graphs:
+            shape = PackedShape(n, kv_len, len(prefill), longest)
+            self._prefill_in.load(prefill, shape.rows, shape.width)
+            self._packed_static(shape)
+            last = self._prefill_hidden[: shape.rows]
+            return [self._sample_decoded(n, mode), self._first_tokens(shape.rows, shape.width, last)]
+        rows, width = self._prefill_shape(len(prefill), longest)
+        shape = PackedShape(_bucket(n, PACKED_BATCH_BUCKETS, self.num_slots), kv_len, rows, width)
+        self._prefill_in.load(prefill, rows, width)
+        self._graph("packed", shape.decode, kv_len, rows, width)[0].replay()
+        graph, decoded = self._graph("sample", shape.decode, mode)
+        graph.replay()
+        graph, first = self._graph("first", rows, width)
+        graph.replay()
+        return [decoded[:n], first[: len(prefill)]]
+
+    def _packed_static(self, shape: PackedShape) -> torch.Tensor:
+        """The forward of a packed step from the static buffers only, so it can be captured: the running
+        rows' last hidden states land in `_hidden`, the newcomers' in `_prefill_hidden`."""
+        static, inputs = self._static, self._prefill_in
+        static.feed_previous(self._last_tokens)
+        batch, rows, width = shape.decode, shape.rows, shape.width
+        lengths, slots = inputs.rows[:rows, 0], inputs.rows[:rows, 1]
+        ids = torch.cat([static.ids[:batch, 0], inputs.ids[: rows * width]])
+        positions = torch.cat([static.positions[:batch, 0], static.key_index[:width].repeat(rows)])
+        token_slots = torch.cat([static.rows[:batch], slots.repeat_interleave(width)])
+        mask = self._decode_mask(batch, shape.kv_len)
+        base = cast(FalconModel, self.base)
+        hidden = packed_forward(base, self._parts, self.cache, ids, positions, token_slots, mask, shape)
+        self._hidden[:batch].copy_(hidden[:batch])
+        self._prefill_hidden[:rows].copy_(hidden[batch + static.rows[:rows] * width + lengths - 1])
+        return self._hidden
 
     def _sample(
         self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor, mode: str = FULL
@@ -256,11 +342,8 @@ class ModelRunner:
         The forward is captured per (batch, KV length) and the sampling per (batch, sampling mode): the
         mode is the cheapest way of ranking the vocabulary that serves every row (see the sampler)."""
         n = len(rows)
-        longest = max(seq.context_len for seq in rows)
-        kv_len = _bucket(longest, KV_LEN_BUCKETS, self.config.max_seq_len)
-        mode = sampling_mode(
-            ((seq.params.temperature, seq.params.top_k, seq.params.top_p) for seq in rows), self.vocab_size
-        )
+        kv_len = self._kv_len(rows)
+        mode = self._mode(rows)
         if not self.use_graphs:
             self._decode_static(n, kv_len)
             return self._sample_decoded(n, MODES.index(mode))
@@ -269,6 +352,14 @@ class ModelRunner:
         graph, tokens = self._graph("sample", batch, MODES.index(mode))
         graph.replay()
         return tokens[:n]
+
+    def _kv_len(self, rows: list[Sequence]) -> int:
+        """How much of the cache a decode of `rows` reads: the longest context, bucketed."""
+        return _bucket(max(seq.context_len for seq in rows), KV_LEN_BUCKETS, self.config.max_seq_len)
+
+    def _mode(self, rows: list[Sequence]) -> str:
+        params = (seq.params for seq in rows)
+        return sampling_mode(((p.temperature, p.top_k, p.top_p) for p in params), self.vocab_size)
 
     def _decode_static(self, batch: int, kv_len: int) -> torch.Tensor:
         """Decode rows 0..batch-1 from the static input buffers only, so it can be captured; their last
@@ -288,17 +379,20 @@ class ModelRunner:
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
         static = self._static
         positions = static.positions[:batch]
-        visible = static.key_index[:kv_len][None, :] <= positions
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
-            ~visible, self._min_value
-        )
         self.cache.for_decode(static.rows[:batch], positions[:, 0], kv_len)
-        hidden = self._forward(static.ids[:batch], positions, mask[:, None, None, :], self.cache)
+        hidden = self._forward(static.ids[:batch], positions, self._decode_mask(batch, kv_len), self.cache)
         return hidden[:, -1]
+
+    def _decode_mask(self, batch: int, kv_len: int) -> torch.Tensor:
+        """[batch, 1, 1, kv_len]: row b sees its cached keys up to its position."""
+        visible = self._static.key_index[:kv_len][None, :] <= self._static.positions[:batch]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill(~visible, self._min_value)[:, None, None, :]
 
     def _graph(self, kind: str, *shape: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured graph of this kind ("decode": batch, KV length; "sample": batch, mode index;
-        "prefill": rows, width) and the tensor it writes (hidden states for "decode", else tokens)."""
+        "prefill" and "first": rows, width; "packed": batch, KV length, rows, width) and the tensor it
+        writes (hidden states for "decode" and "packed", else tokens)."""
         key: tuple[str | int, ...] = (kind, *shape)
         if key not in self._graphs:
             self._graphs[key] = self._capture(kind, shape)
@@ -311,6 +405,11 @@ class ModelRunner:
             run = lambda: self._decode_static(*shape)  # noqa: E731
         elif kind == "sample":
             run = lambda: self._sample_decoded(*shape)  # noqa: E731
+        elif kind == "packed":
+            run = lambda: self._packed_static(PackedShape(*shape))  # noqa: E731
+        elif kind == "first":
+            rows, width = shape
+            run = lambda: self._first_tokens(rows, width, self._prefill_hidden[:rows])  # noqa: E731
         else:
             run = lambda: self._prefill_static(*shape)  # noqa: E731
         side = torch.cuda.Stream(self.device)
@@ -376,12 +475,15 @@ class ModelRunner:
         if self._regional:
             # Falcon multi-query: the layer's two tensor-only parts compile once for every layer, decode
             # and prefill alike, instead of tracing the whole model.
-            compile_regions(self._regional, torch.compile)
+            self._parts = compile_regions(self._regional, torch.compile)
             with self._or_uncompiled("the model's layers; they run uncompiled", self._uncompile_layers):
                 for batch, kv_len in decode_shapes:
                     self._decode_static(batch, kv_len)
                 for rows, width in self._prefill_shapes[:1] + self._prefill_shapes[-1:]:
                     self._prefill_static(rows, width)
+                for rows, width in self._packed_shapes[:1] + self._packed_shapes[-1:]:
+                    for batch in (batches[0], batches[-1]):
+                        self._packed_static(PackedShape(batch, kv_lens[0], rows, width))
         else:
             self._decode_forward = torch.compile(self._decode_hidden, dynamic=True)
             with self._or_uncompiled("the decode forward; it runs uncompiled", self._uncompile_forward):
@@ -412,6 +514,7 @@ class ModelRunner:
     def _uncompile_layers(self) -> None:
         restore_layers(self._regional)
         self._regional = []
+        self._parts = PLAIN_PARTS
 
     def _capture_all(self) -> None:
         batches, kv_lens = self._batches_and_lengths()
@@ -423,6 +526,12 @@ class ModelRunner:
                 self._graph("sample", batch, mode)
         for shape in self._prefill_shapes:
             self._graph("prefill", *shape)
+        packed_batches = {_bucket(b, PACKED_BATCH_BUCKETS, self.num_slots) for b in PACKED_BATCH_BUCKETS}
+        for rows, width in self._packed_shapes:
+            self._graph("first", rows, width)
+            for kv_len in kv_lens:
+                for batch in packed_batches:
+                    self._graph("packed", batch, kv_len, rows, width)
         torch.cuda.synchronize(self.device)
 
 
@@ -453,15 +562,18 @@ class _StaticInputs:
         self.ids, self.positions = self.longs[:, 0:1], self.longs[:, 1:2]
         self.rows = torch.arange(slots, device=device)
         self.key_index = torch.arange(max_len, device=device)
+        self._padding = torch.tensor([0, max_len - 1, 0, 0, 0, 0, -1])
 
     def load(self, rows: list[Sequence]) -> None:
-        """Two small host-to-device copies per step carry every row's inputs and sampling parameters;
-        rows past the live ones are zeros (token 0 at position 0, greedy)."""
+        """Two small host-to-device copies per step carry every row's inputs and sampling parameters.
+
+        Rows past the live ones (a graph's padding) are greedy, token 0 at the last position: the keys
+        they write there are never read (a row writes a position before it attends to it), and they
+        cannot clash with newcomers writing the first positions of the same slots in a packed step."""
         self._turn ^= 1
         longs, floats = self._host_longs[self._turn], self._host_floats[self._turn]
         n = len(rows)
-        longs[n:] = 0
-        longs[n:, 6] = -1
+        longs[n:] = self._padding
         floats[n:] = 0
         longs[:n] = torch.tensor([_long_inputs(seq) for seq in rows])
         floats[:n] = torch.tensor(
@@ -501,8 +613,7 @@ class _StaticInputs:
         )
 
     def clear(self) -> None:
-        self.longs.zero_()
-        self.longs[:, 6] = -1
+        self.longs[:] = self._padding
         self.floats.zero_()
 
 
@@ -537,6 +648,10 @@ class _PrefillInputs:
         """Inputs that are safe to capture with: one-token prompts into slot 0, marks in the spare row."""
         self.ids.zero_()
         self.rows[:] = torch.tensor([1, 0, self.spare_row])
+
+
+def _longest(rows: list[Sequence]) -> int:
+    return max(seq.num_prompt_tokens for seq in rows)
 
 
 def _long_inputs(seq: Sequence) -> list[int]:

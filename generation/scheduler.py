@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from generation.sequence import Sequence, Status
@@ -16,6 +17,9 @@ class SchedulerConfig:
     prefill_token_budget: int
     """Most prompt tokens prefilled in one step, counting the padding up to the longest newcomer (the
     first admission of a step always goes through)."""
+    packable: Callable[[int, int], bool] | None = None
+    """Whether n newcomers, the longest of so many tokens, can join the running rows' decode step (a
+    packed step); None where the model cannot pack."""
 
 
 @dataclass
@@ -121,10 +125,10 @@ class Scheduler:
         # Newcomers are prefilled together, padded to the longest: they cost rows x longest tokens.
         admitted: list[Sequence] = []
         longest = 0
+        fits = self._packed_limit() or self._within_budget
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
-            cost = (len(admitted) + 1) * max(longest, seq.num_prompt_tokens)
-            if admitted and cost > self.config.prefill_token_budget:
+            if admitted and not fits(len(admitted) + 1, max(longest, seq.num_prompt_tokens)):
                 break
             self.waiting.popleft()
             longest = max(longest, seq.num_prompt_tokens)
@@ -133,3 +137,20 @@ class Scheduler:
             self.running.append(seq)
             admitted.append(seq)
         return admitted
+
+    def _within_budget(self, rows: int, longest: int) -> bool:
+        return rows * longest <= self.config.prefill_token_budget
+
+    def _packed_limit(self) -> Callable[[int, int], bool] | None:
+        """While rows are decoding, newcomers join them a packed step at a time, as long as the queue is
+        short: when the newcomers that could join now hold more than one prefill budget (a burst), full
+        prefill steps take them in sooner."""
+        packable = self.config.packable
+        if packable is None or not self.running or not self.waiting:
+            return None
+        if not packable(1, self.waiting[0].num_prompt_tokens):
+            return None
+        joining = itertools.islice(self.waiting, self.config.max_batch_size - len(self.running))
+        if sum(seq.num_prompt_tokens for seq in joining) > self.config.prefill_token_budget:
+            return None
+        return packable

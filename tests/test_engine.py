@@ -43,8 +43,8 @@ def reference_tokens(
     ids = loaded.tokenizer.encode(prompt)
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            torch.tensor([ids], device=model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=loaded.tokenizer.pad_token_id,
@@ -57,7 +57,8 @@ async def test_continuous_batching_matches_generate_token_for_token(
     tiny: LoadedModel, model_dir: Path, regions: bool
 ) -> None:
     """Also with the layers run as --compile's regions (uncompiled here), which store the new keys and
-    values in the slot cache themselves, for prefill and decode."""
+    values in the slot cache themselves, for prefill and decode. Rows join running ones, so newcomers
+    are prefilled inside the decode step's forward (packed steps)."""
     # The reference is a fresh, unadapted copy: stock transformers code end to end.
     stock = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     engine = make_engine(tiny, max_batch_size=4)
@@ -81,6 +82,7 @@ async def test_continuous_batching_matches_generate_token_for_token(
         restore_layers(layers)
     if regions:
         assert {"prefill", "decode"} <= set(writes), "the regions wrote the slot cache"
+    assert engine.engine.runner.packed_steps > 0, "newcomers joined running rows in packed steps"
 
 
 async def generate_all(engine: AsyncEngine, stock: PreTrainedModel, tiny: LoadedModel) -> None:

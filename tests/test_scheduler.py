@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from generation.params import SamplingParams
 from generation.scheduler import Scheduler, SchedulerConfig
 from generation.sequence import Sequence, Status
@@ -74,3 +76,55 @@ def test_abort_cancels_waiting_and_running_sequences() -> None:
     assert scheduler.num_running == 0
     batch = scheduler.schedule()
     assert batch.is_empty and not scheduler.has_work
+
+
+def packs_up_to(tokens: int) -> Callable[[int, int], bool]:
+    return lambda rows, longest: rows * longest <= tokens
+
+
+def decoding(scheduler: Scheduler) -> Sequence:
+    running = seq("running")
+    scheduler.add(running)
+    assert scheduler.schedule().prefill == [running]  # nothing decodes yet: a prefill step of its own
+    return running
+
+
+def test_while_rows_decode_short_prompts_join_in_packed_steps() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=64, packable=packs_up_to(8)))
+    running = decoding(scheduler)
+    a, b, c = seq("a"), seq("b"), seq("c")
+    for s in (a, b, c):
+        scheduler.add(s)
+    batch = scheduler.schedule()
+    # The budget would take all three; a packed step takes what fits beside the running rows.
+    assert batch.decode == [running] and batch.prefill == [a, b]
+    assert scheduler.schedule().prefill == [c]
+
+
+def test_a_burst_takes_full_prefill_steps_until_the_queue_is_short() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=16, packable=packs_up_to(8)))
+    decoding(scheduler)
+    burst = [seq(f"b{i}") for i in range(5)]  # 20 prompt tokens: more than one budget
+    for s in burst:
+        scheduler.add(s)
+    assert scheduler.schedule().prefill == burst[:4]
+    assert scheduler.schedule().prefill == burst[4:]
+
+
+def test_the_burst_counts_only_newcomers_with_a_free_row() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=3, prefill_token_budget=16, packable=packs_up_to(4)))
+    decoding(scheduler)
+    queue = [seq(f"q{i}") for i in range(5)]  # 20 tokens wait, but only two rows are free: 8 tokens
+    for s in queue:
+        scheduler.add(s)
+    assert scheduler.schedule().prefill == queue[:1]
+    assert scheduler.schedule().prefill == queue[1:2]
+
+
+def test_a_prompt_too_long_to_pack_takes_a_full_prefill_step() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=32, packable=packs_up_to(8)))
+    decoding(scheduler)
+    long, short = seq("long", 12), seq("short", 4)
+    scheduler.add(long)
+    scheduler.add(short)
+    assert scheduler.schedule().prefill == [long, short]  # 2 x 12 within the budget

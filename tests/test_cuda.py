@@ -1,0 +1,36 @@
+"""CUDA-only paths, skipped without a GPU: the step graphs (decode, sampling, prefill and packed steps)
+against stock transformers, with and without torch.compile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import FalconForCausalLM
+
+from generation import LoadedModel, load_model
+from tests.conftest import make_engine
+from tests.test_engine import generate_all
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_tiny(model_dir: Path) -> LoadedModel:
+    return load_model(str(model_dir), dtype="float32", device="cuda")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled graphs"])
+async def test_graphs_with_packed_steps_match_generate_token_for_token(
+    cuda_tiny: LoadedModel, model_dir: Path, compile: bool
+) -> None:
+    """Rows join running ones, so newcomers are prefilled in packed steps, whose running rows are padded
+    to 16: the padding rows share slots with the newcomers and must not write over their keys."""
+    stock = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().cuda()
+    engine = make_engine(cuda_tiny, max_batch_size=16, compile=compile)
+    await generate_all(engine, stock, cuda_tiny)
+    runner = engine.engine.runner
+    assert runner.use_graphs and runner.packed_steps > 0
+    assert any(key[0] == "packed" for key in runner._graphs)
