@@ -238,10 +238,14 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
 
     await one(-1)
     results = []
+    runner = engine.engine.runner
+    info["packed_steps"] = {}  # per concurrency: steps that prefilled newcomers inside the decode step
     for c in args.concurrency:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        packed_before = runner.packed_steps
         timings, seconds = await drive(c, args.rounds, one)
+        info["packed_steps"][c] = runner.packed_steps - packed_before
         result = collect("engine alone", c, timings, seconds)
         if torch.cuda.is_available():
             result.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
