@@ -38,6 +38,9 @@ class RequestTiming:
     gaps: list[float]
     total: float
     tokens: int
+    start: float = 0.0  # perf_counter at the request; after `drive`, seconds from the run's start
+    client: int = 0
+    round: int = 0
 
 
 @dataclass
@@ -52,6 +55,8 @@ class Result:
     e2e_ms: list[float] = field(default_factory=list)
     peak_gib: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per request, in ms from the run's start: [client, round, start, time to first token, end to end]
+    detail: list[list[float]] = field(default_factory=list)
 
     @property
     def tok_s(self) -> float:
@@ -91,6 +96,10 @@ def collect(path: str, concurrency: int, timings: list[RequestTiming], seconds: 
         ttft_ms=[t.ttft * 1000 for t in timings],
         itl_ms=[g * 1000 for t in timings for g in t.gaps],
         e2e_ms=[t.total * 1000 for t in timings],
+        detail=[
+            [t.client, t.round, round(t.start * 1000, 1), round(t.ttft * 1000, 1), round(t.total * 1000, 1)]
+            for t in timings
+        ],
     )
 
 
@@ -106,7 +115,12 @@ async def drive(concurrency: int, rounds: int, one: Any) -> tuple[list[RequestTi
     """`concurrency` clients, each sending `rounds` requests back to back (a closed loop)."""
 
     async def client(i: int) -> list[RequestTiming]:
-        return [await one(i * rounds + r) for r in range(rounds)]
+        timings = []
+        for r in range(rounds):
+            timing = await one(i * rounds + r)
+            timing.client, timing.round, timing.start = i, r, timing.start - start
+            timings.append(timing)
+        return timings
 
     start = time.perf_counter()
     per_client = await asyncio.gather(*(client(i) for i in range(concurrency)))
@@ -131,7 +145,8 @@ async def sse_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
                     tokens = json.loads(text[6:])["usage"]["completion_tokens"]
                 event = "message"
     end = time.perf_counter()
-    return RequestTiming(marks[0] - start, [b - a for a, b in itertools.pairwise(marks)], end - start, tokens)
+    gaps = [b - a for a, b in itertools.pairwise(marks)]
+    return RequestTiming(marks[0] - start, gaps, end - start, tokens, start)
 
 
 async def engine_request(
@@ -146,7 +161,8 @@ async def engine_request(
         if out.finished:
             tokens = out.usage["completion_tokens"]
     end = time.perf_counter()
-    return RequestTiming(marks[0] - start, [b - a for a, b in itertools.pairwise(marks)], end - start, tokens)
+    gaps = [b - a for a, b in itertools.pairwise(marks)]
+    return RequestTiming(marks[0] - start, gaps, end - start, tokens, start)
 
 
 # ---------------------------------------------------------------- the three paths
@@ -523,6 +539,8 @@ def main() -> None:
         rows.append(summary)
     report["results"] = rows
     write_report(args.out, report)
+    detail = {f"{r.path} @{r.concurrency}": r.detail for r in results if r.detail}
+    (args.out / "requests.json").write_text(json.dumps(detail))
     print((args.out / "results.md").read_text())
 
 
