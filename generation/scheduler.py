@@ -142,15 +142,14 @@ class Scheduler:
         return rows * longest <= self.config.prefill_token_budget
 
     def _packed_limit(self) -> Callable[[int, int], bool] | None:
-        """While rows are decoding, newcomers join them a packed step at a time, as long as the queue is
-        short: when the newcomers that could join now hold more than one prefill budget (a burst), full
-        prefill steps take them in sooner."""
+        """While rows are decoding, the newcomers that could join now (one per free row) join them in a
+        packed step, if they all fit in one. When they do not, a prefill step of their own takes them
+        in together: one packed step after another would keep the last of them waiting."""
         packable = self.config.packable
         if packable is None or not self.running or not self.waiting:
             return None
-        if not packable(1, self.waiting[0].num_prompt_tokens):
+        joining = list(itertools.islice(self.waiting, self.config.max_batch_size - len(self.running)))
+        if not joining:
             return None
-        joining = itertools.islice(self.waiting, self.config.max_batch_size - len(self.running))
-        if sum(seq.num_prompt_tokens for seq in joining) > self.config.prefill_token_budget:
-            return None
-        return packable
+        longest = max(seq.num_prompt_tokens for seq in joining)
+        return packable if packable(len(joining), longest) else None

@@ -89,36 +89,38 @@ def decoding(scheduler: Scheduler) -> Sequence:
     return running
 
 
-def test_while_rows_decode_short_prompts_join_in_packed_steps() -> None:
+def test_while_rows_decode_newcomers_that_fit_join_in_a_packed_step() -> None:
     scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=64, packable=packs_up_to(8)))
     running = decoding(scheduler)
-    a, b, c = seq("a"), seq("b"), seq("c")
-    for s in (a, b, c):
-        scheduler.add(s)
+    a, b = seq("a"), seq("b")
+    scheduler.add(a)
+    scheduler.add(b)
     batch = scheduler.schedule()
-    # The budget would take all three; a packed step takes what fits beside the running rows.
     assert batch.decode == [running] and batch.prefill == [a, b]
-    assert scheduler.schedule().prefill == [c]
+    c, d = seq("c", 3), seq("d", 6)
+    scheduler.add(c)
+    scheduler.add(d)
+    # 2 x 6 does not pack: they could pack one at a time, but take one prefill step together instead.
+    assert scheduler.schedule().prefill == [c, d]
 
 
-def test_a_burst_takes_full_prefill_steps_until_the_queue_is_short() -> None:
+def test_newcomers_that_do_not_fit_one_packed_step_take_full_prefill_steps() -> None:
     scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=16, packable=packs_up_to(8)))
     decoding(scheduler)
-    burst = [seq(f"b{i}") for i in range(5)]  # 20 prompt tokens: more than one budget
+    burst = [seq(f"b{i}") for i in range(5)]
     for s in burst:
         scheduler.add(s)
-    assert scheduler.schedule().prefill == burst[:4]
+    assert scheduler.schedule().prefill == burst[:4]  # the budget: 4 x 4
     assert scheduler.schedule().prefill == burst[4:]
 
 
-def test_the_burst_counts_only_newcomers_with_a_free_row() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=3, prefill_token_budget=16, packable=packs_up_to(4)))
+def test_only_newcomers_with_a_free_row_count_for_packing() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=3, prefill_token_budget=4, packable=packs_up_to(8)))
     decoding(scheduler)
     queue = [seq(f"q{i}") for i in range(5)]  # 20 tokens wait, but only two rows are free: 8 tokens
     for s in queue:
         scheduler.add(s)
-    assert scheduler.schedule().prefill == queue[:1]
-    assert scheduler.schedule().prefill == queue[1:2]
+    assert scheduler.schedule().prefill == queue[:2]  # packed: the budget alone would take one
 
 
 def test_a_prompt_too_long_to_pack_takes_a_full_prefill_step() -> None:
@@ -128,3 +130,11 @@ def test_a_prompt_too_long_to_pack_takes_a_full_prefill_step() -> None:
     scheduler.add(long)
     scheduler.add(short)
     assert scheduler.schedule().prefill == [long, short]  # 2 x 12 within the budget
+
+
+def test_with_no_free_row_nobody_joins() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=1, prefill_token_budget=16, packable=packs_up_to(8)))
+    running = decoding(scheduler)
+    scheduler.add(seq("waiting"))
+    batch = scheduler.schedule()
+    assert batch.decode == [running] and batch.prefill == []
