@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,13 +112,20 @@ def prompt_text(rng: random.Random, words: int = 600) -> str:
 # ---------------------------------------------------------------- load generators
 
 
-async def drive(concurrency: int, rounds: int, one: Any) -> tuple[list[RequestTiming], float]:
-    """`concurrency` clients, each sending `rounds` requests back to back (a closed loop)."""
+async def drive(
+    concurrency: int, rounds: int, prepare: Callable[[int], Any], send: Callable[[int, Any], Any]
+) -> tuple[list[RequestTiming], float]:
+    """`concurrency` clients, each sending `rounds` requests back to back (a closed loop).
+
+    Every request's input is made (`prepare(i)`: a random prompt, maybe tokenized) before the clock
+    starts: made on the way, it would hold each client back by the load generator's own work, a few
+    milliseconds a request on the one event loop, and the run would measure that too."""
+    inputs = [prepare(i) for i in range(concurrency * rounds)]
 
     async def client(i: int) -> list[RequestTiming]:
         timings = []
         for r in range(rounds):
-            timing = await one(i * rounds + r)
+            timing = await send(i * rounds + r, inputs[i * rounds + r])
             timing.client, timing.round, timing.start = i, r, timing.start - start
             timings.append(timing)
         return timings
@@ -219,7 +227,9 @@ async def bench_server(args: argparse.Namespace) -> list[Result]:
             }  # fmt: skip
             await sse_request(session, url, {**body(0), "max_new_tokens": 8, "min_new_tokens": 8})
             for c in args.concurrency:
-                timings, seconds = await drive(c, args.rounds, lambda i: sse_request(session, url, body(i)))
+                timings, seconds = await drive(
+                    c, args.rounds, body, lambda i, request: sse_request(session, url, request)
+                )
                 results.append(collect("server (HTTP/SSE)", c, timings, seconds))
                 print(json.dumps(results[-1].summary()), flush=True)
     finally:
@@ -248,11 +258,13 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
         temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
     )
 
-    def one(i: int) -> Any:
-        ids = engine.encode_prompt(prompt_text(rng), args.prompt_tokens, params)
+    def prompt(i: int) -> list[int]:
+        return engine.encode_prompt(prompt_text(rng), args.prompt_tokens, params)
+
+    def one(i: int, ids: list[int]) -> Any:
         return engine_request(engine, f"e{i}", ids, params)
 
-    await one(-1)
+    await one(-1, prompt(-1))
     results = []
     runner = engine.engine.runner
     info["packed_steps"] = {}  # per concurrency: steps that prefilled newcomers inside the decode step
@@ -260,7 +272,7 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         packed_before = runner.packed_steps
-        timings, seconds = await drive(c, args.rounds, one)
+        timings, seconds = await drive(c, args.rounds, prompt, one)
         info["packed_steps"][c] = runner.packed_steps - packed_before
         result = collect("engine alone", c, timings, seconds)
         if torch.cuda.is_available():
@@ -331,12 +343,14 @@ async def bench_fit(args: argparse.Namespace) -> Result:
     params = SamplingParams(temperature=0.8, max_new_tokens=1024, min_new_tokens=1024)
     rng = random.Random(4)
 
-    def one(i: int) -> Any:
-        ids = engine.encode_prompt(prompt_text(rng, 3000), 1024, params)
+    def prompt(i: int) -> list[int]:
+        return engine.encode_prompt(prompt_text(rng, 3000), 1024, params)
+
+    def one(i: int, ids: list[int]) -> Any:
         return engine_request(engine, f"fit{i}", ids, params)
 
     torch.cuda.reset_peak_memory_stats()
-    timings, seconds = await drive(64, 1, one)
+    timings, seconds = await drive(64, 1, prompt, one)
     result = collect("engine, 24 GB cap, 64 x 2048 tokens", 64, timings, seconds)
     result.peak_gib = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     result.extra.update(
@@ -372,14 +386,16 @@ async def bench_one_quantized(args: argparse.Namespace, directory: Path, quantiz
     params = SamplingParams(temperature=0.8, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     rng = random.Random(5)
 
-    def one(i: int) -> Any:
-        ids = engine.encode_prompt(prompt_text(rng), args.prompt_tokens, params)
+    def prompt(i: int) -> list[int]:
+        return engine.encode_prompt(prompt_text(rng), args.prompt_tokens, params)
+
+    def one(i: int, ids: list[int]) -> Any:
         return engine_request(engine, f"q{i}", ids, params)
 
     results = []
     for c in (1, 64):
         torch.cuda.reset_peak_memory_stats()
-        timings, seconds = await drive(c, 1, one)
+        timings, seconds = await drive(c, 1, prompt, one)
         result = collect(f"engine alone, bnb {quantize}", c, timings, seconds)
         result.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result.extra["new_tokens"] = new_tokens
