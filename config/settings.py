@@ -56,9 +56,9 @@ class Settings(BaseSettings):
     """Most tokens one request may hold in the KV cache: prompt plus generated."""
     prefill_token_budget: int = Field(default=1024, ge=1)
     """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams."""
-    packed_prefill_tokens: int = Field(default=128, ge=0)
+    packed_prefill_tokens: int = Field(default=0, ge=0)
     """Short prompts (up to this many tokens in all, padded) are prefilled inside the running streams'
-    decode step instead of a step of their own (Falcon multi-query models); 0 turns that off."""
+    decode step instead of a step of their own (Falcon multi-query models; 0, the default: never)."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     """Share of the GPU's memory that weights, activations and the KV cache may fill together."""
     cuda_graphs: bool = True

@@ -14,11 +14,11 @@ class EngineConfig:
     prefill_token_budget: int = 1024
     """Most prompt tokens prefilled in one step, padding to the longest newcomer included (the first
     admission of a step always goes through)."""
-    packed_prefill_tokens: int = 128
+    packed_prefill_tokens: int = 0
     """Newcomers of up to this many prompt tokens in all (padded) join the running rows' decode step and
     are prefilled in its forward, which reads the weights once for both (Falcon multi-query models): a
-    short prompt then costs the running streams a fraction of a step, not a prefill step of its own.
-    0 turns packed steps off."""
+    short prompt then costs the running streams a fraction of a step, not a prefill step of its own,
+    but waits for a step with room for it. 0 (the default) keeps prefill in steps of its own."""
     max_queue: int = 256
     """Requests that may wait for a row; past it new requests are refused."""
     request_timeout: float = 600.0

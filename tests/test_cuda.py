@@ -29,7 +29,7 @@ async def test_graphs_with_packed_steps_match_generate_token_for_token(
     """Rows join running ones, so newcomers are prefilled in packed steps, whose running rows are padded
     to 16: the padding rows share slots with the newcomers and must not write over their keys."""
     stock = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().cuda()
-    engine = make_engine(cuda_tiny, max_batch_size=16, compile=compile)
+    engine = make_engine(cuda_tiny, max_batch_size=16, packed_prefill_tokens=128, compile=compile)
     await generate_all(engine, stock, cuda_tiny)
     runner = engine.engine.runner
     assert runner.use_graphs and runner.packed_steps > 0

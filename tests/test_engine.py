@@ -61,7 +61,7 @@ async def test_continuous_batching_matches_generate_token_for_token(
     are prefilled inside the decode step's forward (packed steps)."""
     # The reference is a fresh, unadapted copy: stock transformers code end to end.
     stock = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    engine = make_engine(tiny, max_batch_size=4)
+    engine = make_engine(tiny, max_batch_size=4, packed_prefill_tokens=128)
     writes: list[str] = []
 
     def recording(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
