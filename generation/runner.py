@@ -85,7 +85,17 @@ class ModelRunner:
         self.max_prefill_tokens = max(config.prefill_token_budget, config.max_seq_len)
         self.num_slots = self._plan_slots()
         self.cache = SlotKVCache(self.num_slots, config.max_seq_len)
-        self._static = _StaticInputs(self.num_slots, config.max_seq_len, self.device)
+        self._prefill_shapes = self._graph_prefill_shapes()
+        # Packed steps (Falcon multi-query): newcomers whose padded shape is one of these are prefilled in
+        # the running rows' decode forward; their last hidden states land in `_prefill_hidden`.
+        packable = bool(regional_layers(self.base)) and config.packed_prefill_tokens > 0
+        self._packed_shapes = [
+            (n, w) for n, w in self._prefill_shapes if packable and n * w <= config.packed_prefill_tokens
+        ]
+        # A graph's padding rows run at position 0, or, where newcomers may write the first positions of
+        # the same slots in the same forward (packed steps, rotary models only), at the last one.
+        padding_position = config.max_seq_len - 1 if self._packed_shapes else 0
+        self._static = _StaticInputs(self.num_slots, config.max_seq_len, self.device, padding_position)
         # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
         self._last_tokens = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
         # The decode forward's last hidden states, where the step's sampling (its own graph) reads them.
@@ -94,13 +104,6 @@ class ModelRunner:
         # extra last row takes what padding rows of a captured prefill write
         self.seen = torch.zeros(self.num_slots + 1, self.vocab_size, dtype=torch.bool, device=self.device)
         self._prefill_in = _PrefillInputs(self.num_slots, config.max_seq_len, self.device)
-        self._prefill_shapes = self._graph_prefill_shapes()
-        # Packed steps (Falcon multi-query): newcomers whose padded shape is one of these are prefilled in
-        # the running rows' decode forward; their last hidden states land in `_prefill_hidden`.
-        packable = bool(regional_layers(self.base)) and config.packed_prefill_tokens > 0
-        self._packed_shapes = [
-            (n, w) for n, w in self._prefill_shapes if packable and n * w <= config.packed_prefill_tokens
-        ]
         self._prefill_hidden = torch.zeros(self.num_slots, hidden_size, dtype=self.dtype, device=self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
@@ -551,7 +554,7 @@ class _StaticInputs:
     # index in the previous step's output when its token comes from there (else -1).
     LONGS = 7
 
-    def __init__(self, slots: int, max_len: int, device: torch.device) -> None:
+    def __init__(self, slots: int, max_len: int, device: torch.device, padding_position: int = 0) -> None:
         pinned = device.type == "cuda"
         self._host_longs = torch.zeros(2, slots, self.LONGS, dtype=torch.long, pin_memory=pinned)
         self._host_floats = torch.zeros(2, slots, 3, dtype=torch.float32, pin_memory=pinned)
@@ -562,14 +565,15 @@ class _StaticInputs:
         self.ids, self.positions = self.longs[:, 0:1], self.longs[:, 1:2]
         self.rows = torch.arange(slots, device=device)
         self.key_index = torch.arange(max_len, device=device)
-        self._padding = torch.tensor([0, max_len - 1, 0, 0, 0, 0, -1])
+        self._padding = torch.tensor([0, padding_position, 0, 0, 0, 0, -1])
 
     def load(self, rows: list[Sequence]) -> None:
         """Two small host-to-device copies per step carry every row's inputs and sampling parameters.
 
-        Rows past the live ones (a graph's padding) are greedy, token 0 at the last position: the keys
-        they write there are never read (a row writes a position before it attends to it), and they
-        cannot clash with newcomers writing the first positions of the same slots in a packed step."""
+        Rows past the live ones (a graph's padding) are greedy, token 0 at `padding_position`: the keys
+        they write are never read (a row writes a position before it attends to it). At the last
+        position they cannot clash with newcomers writing the first positions of the same slots in a
+        packed step; at position 0 a decode step's are overwritten by its prefill, which runs after."""
         self._turn ^= 1
         longs, floats = self._host_longs[self._turn], self._host_floats[self._turn]
         n = len(rows)
