@@ -144,6 +144,51 @@ def _layer_output(
     return hidden, F.layer_norm(hidden, (hidden.shape[-1],), *next_norm)
 
 
+def _run_inputs(
+    inputs: Callable[..., Any],
+    layer: FalconDecoderLayer,
+    hidden: torch.Tensor,
+    normed: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    target: KVTarget | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_layer_inputs` (or its compiled form) with `layer`'s weights, on its input normed by the layer
+    before (`normed`), or else on `hidden`, normed here."""
+    attention, norm = layer.self_attention, layer.input_layernorm
+    return inputs(
+        hidden if normed is None else normed,
+        (norm.weight, norm.bias, norm.eps) if normed is None else None,
+        (attention.query_key_value.weight, attention.query_key_value.bias),
+        attention.num_heads,
+        cos,
+        sin,
+        target,
+    )
+
+
+def _run_output(
+    output: Callable[..., Any],
+    layer: FalconDecoderLayer,
+    next_layer: FalconDecoderLayer | None,
+    residual: torch.Tensor,
+    normed: torch.Tensor,
+    attention_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_layer_output` (or its compiled form) with `layer`'s weights, norming `next_layer`'s input too."""
+    attention, mlp = layer.self_attention, layer.mlp
+    after = None if next_layer is None else next_layer.input_layernorm
+    return output(
+        residual,
+        normed,
+        attention_out,
+        (attention.dense.weight, attention.dense.bias),
+        (mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias),
+        (mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias),
+        None if after is None else (after.weight, after.bias, after.eps),
+    )
+
+
 def _regional_layer(
     self: FalconDecoderLayer,
     hidden_states: torch.Tensor,
@@ -169,7 +214,7 @@ def _regional_layer(
     input itself otherwise."""
     if position_embeddings is None:
         raise ValueError("rotary Falcon attention needs position embeddings")
-    attention, mlp, norm = self.self_attention, self.mlp, self.input_layernorm
+    attention = self.self_attention
     inputs, output = parts
     layer_idx = attention.layer_idx
     target = None
@@ -179,32 +224,13 @@ def _regional_layer(
         target = layer_past.target(layer_idx, like)
     given = handoff["for"] is self and handoff["hidden"] is hidden_states
     normed = handoff["normed"] if given else None
-    normed, query, key, value = inputs(
-        hidden_states if normed is None else normed,
-        (norm.weight, norm.bias, norm.eps) if normed is None else None,
-        (attention.query_key_value.weight, attention.query_key_value.bias),
-        attention.num_heads,
-        *position_embeddings,
-        target,
-    )
+    normed, query, key, value = _run_inputs(inputs, self, hidden_states, normed, *position_embeddings, target)
     if target is not None:
         key, value = layer_past.visible(layer_idx, key, value)
         out = _attention(query, key, value, layer_past.plain_causal, attention_mask)
     else:
         out = _attend(query, key, value, layer_past, layer_idx, attention_mask)
-    next_norm = None
-    if next_layer is not None:
-        after = next_layer.input_layernorm
-        next_norm = (after.weight, after.bias, after.eps)
-    hidden, next_normed = output(
-        hidden_states,
-        normed,
-        out,
-        (attention.dense.weight, attention.dense.bias),
-        (mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias),
-        (mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias),
-        next_norm,
-    )
+    hidden, next_normed = _run_output(output, self, next_layer, hidden_states, normed, out)
     handoff.update({"for": next_layer, "hidden": hidden, "normed": next_normed})
     return hidden, None
 
@@ -250,29 +276,12 @@ def packed_forward(
     layers = cast(list[FalconDecoderLayer], list(model.h))
     normed: torch.Tensor | None = None  # this layer's normed input, made by the layer before
     for layer, next_layer in zip(layers, [*layers[1:], None], strict=True):
-        attention, mlp, norm = layer.self_attention, layer.mlp, layer.input_layernorm
+        attention = layer.self_attention
         target = cache.target(attention.layer_idx, hidden.new_empty(0, 1, 0, attention.head_dim))
-        normed, query, key, value = inputs(
-            hidden if normed is None else normed,
-            (norm.weight, norm.bias, norm.eps) if normed is None else None,
-            (attention.query_key_value.weight, attention.query_key_value.bias),
-            attention.num_heads,
-            cos,
-            sin,
-            target,
-        )
+        normed, query, key, value = _run_inputs(inputs, layer, hidden, normed, cos, sin, target)
         cached = cache.cached(attention.layer_idx, shape.decode, shape.kv_len)
         out = _packed_attention(query, key, value, cached, decode_mask, shape)
-        after = None if next_layer is None else next_layer.input_layernorm
-        hidden, normed = output(
-            hidden,
-            normed,
-            out,
-            (attention.dense.weight, attention.dense.bias),
-            (mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias),
-            (mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias),
-            None if after is None else (after.weight, after.bias, after.eps),
-        )
+        hidden, normed = _run_output(output, layer, next_layer, hidden, normed, out)
     return model.ln_f(hidden)[0]
 
 
