@@ -98,6 +98,27 @@ def modes_agree(runner) -> dict[str, bool]:  # type: ignore[no-untyped-def]
     return checks
 
 
+def make_rows(  # type: ignore[no-untyped-def]
+    tokenizer,
+    params: SamplingParams,
+    count: int,
+    name: str,
+    prompt: int = 128,
+    generated: int = 0,
+    first: int = 0,
+) -> list[Sequence]:
+    """`count` running sequences with random `prompt`-token prompts, in slots first..first+count-1;
+    `generated` > 0 gives each that many output tokens already (rows to decode)."""
+    rows = []
+    for i in range(first, first + count):
+        ids = [int(x) for x in torch.randint(300, 60000, (prompt,))]
+        seq = Sequence(f"{name}{i}", ids, params, i, IncrementalDetokenizer(tokenizer, ids, []))
+        seq.slot, seq.status = i, Status.RUNNING
+        seq.output_ids = [5] * generated
+        rows.append(seq)
+    return rows
+
+
 @torch.inference_mode()
 def packed_vs_separate(runner, tokenizer, spec: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
     """One step of `spec` ("64:2x128": 64 running rows, 2 newcomers of 128 tokens) timed packed and as
@@ -106,15 +127,8 @@ def packed_vs_separate(runner, tokenizer, spec: str) -> dict[str, object]:  # ty
     running, shape = spec.split(":")
     b, (n, width) = int(running), (int(x) for x in shape.split("x"))
     greedy = SamplingParams(temperature=0.0, max_new_tokens=256)
-    rows = []
-    for i in range(b + n):
-        ids = [int(x) for x in torch.randint(300, 60000, (width if i >= b else 128,))]
-        seq = Sequence(f"k{i}", ids, greedy, i, IncrementalDetokenizer(tokenizer, ids, []))
-        seq.slot, seq.status = i, Status.RUNNING
-        if i < b:
-            seq.output_ids = [5] * 100
-        rows.append(seq)
-    batch = ScheduledBatch(decode=rows[:b], prefill=rows[b:])
+    decode = make_rows(tokenizer, greedy, b, "k", generated=100)
+    batch = ScheduledBatch(decode=decode, prefill=make_rows(tokenizer, greedy, n, "n", prompt=width, first=b))
     before = runner.packed_steps
     packed_ms = timed(lambda: runner.step(batch))
     packed_tokens = runner.step(batch)
@@ -165,13 +179,7 @@ def main() -> None:
     print("modes agree", report["modes_agree"], flush=True)
     params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=256)
     for b in [int(x) for x in args.batch.split(",")]:
-        rows = []
-        for i in range(b):
-            ids = [int(x) for x in torch.randint(300, 60000, (128,))]
-            seq = Sequence(f"s{i}", ids, params, i, IncrementalDetokenizer(tokenizer, ids, []))
-            seq.slot, seq.status = i, Status.RUNNING
-            seq.output_ids = [5] * 100
-            rows.append(seq)
+        rows = make_rows(tokenizer, params, b, "s", generated=100)
         batch = ScheduledBatch(decode=rows)
         with torch.inference_mode():
             saved = [seq.params for seq in rows]
@@ -226,12 +234,7 @@ def main() -> None:
         print(b, json.dumps({k: round(v, 3) for k, v in entry.items() if isinstance(v, float)}), flush=True)
         print(json.dumps(entry["kernels_per_step"], indent=1), flush=True)
     for n in [int(x) for x in args.prefill.split(",") if x]:
-        rows = []
-        for i in range(n):
-            ids = [int(x) for x in torch.randint(300, 60000, (128,))]
-            seq = Sequence(f"p{i}", ids, params, i, IncrementalDetokenizer(tokenizer, ids, []))
-            seq.slot, seq.status = i, Status.RUNNING
-            rows.append(seq)
+        rows = make_rows(tokenizer, params, n, "p")
         batch = ScheduledBatch(prefill=rows)
         with torch.inference_mode():
             runner.step(batch)
