@@ -6,8 +6,8 @@ import asyncio
 import hmac
 import importlib.metadata
 import json
-import logging
 import re
+import resource
 import signal
 import sys
 import uuid
@@ -16,7 +16,6 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
@@ -36,6 +35,7 @@ from api.common import (
     request_error,
     stream_events,
 )
+from api.logs import AccessLogger, configure_logging
 from api.schemas import GenerateRequest
 from config import Settings, SettingsError, load_settings
 from generation import (
@@ -56,6 +56,14 @@ log = structlog.get_logger("server")
 # No key needed: probes, metrics, the API's description and the playground page (its calls need one).
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/"})
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# An idle connection (or one whose request headers never complete) is closed after this long: longer than
+# the 60 s a proxy keeps its idle upstream connections by default, so that the proxy, not the server,
+# closes them and never sends a request down a connection the server is closing (aiohttp's own default
+# is an hour).
+KEEPALIVE_TIMEOUT_S = 75.0
+# Open files beside the clients' sockets: model shards, the tokenizer, the GPU driver's device nodes,
+# idle keep-alive connections, logs.
+FILES_RESERVE = 512
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -151,8 +159,9 @@ async def open_generation(request: web.Request) -> RequestStream:
     if body.timeout_s is not None and body.timeout_s > limit:
         message = f"timeout_s: {body.timeout_s} exceeds the server's limit of {limit}"
         raise ClientError(422, message, field="timeout_s")
+    prompts = engine.prompts
     try:
-        ids = engine.encode_prompt(body.prompt, body.cutoff_len, body)
+        ids = await prompts.off_loop(prompts.truncated, body.prompt, body.cutoff_len, body.max_new_tokens)
     except RequestError as err:
         raise request_error(err) from err
     return admit(request, engine, ids, sampling_params(body), body.timeout_s)
@@ -285,64 +294,6 @@ def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], A
     return run_engine
 
 
-# ---------------------------------------------------------------- logs
-
-
-class AccessLogger(AbstractAccessLogger):
-    """aiohttp's access log as structured lines carrying the request id."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "http request",
-            extra={
-                "request_id": request.get(REQUEST_ID_KEY),
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": round(time * 1000.0, 3),
-            },
-        )
-
-
-def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
-    """Route structlog and the standard library (aiohttp, transformers) through one renderer."""
-    out = stream or sys.stderr
-    as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
-    final: list[Any] = [structlog.processors.dict_tracebacks] if as_json else []
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final, renderer],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
-    _route_transformers_logs()
-
-
-def _route_transformers_logs() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_default_handler()
-    hf_logging.enable_propagation()
-    hf_logging.disable_progress_bar()
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -353,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as err:
         print(f"trickle: {err}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.all_api_keys())
+    _raise_open_files_limit(open_files_needed(settings))
     notifier = Notifier.from_environment()
     notifier.status(f"loading {settings.model}")
     try:
@@ -363,6 +315,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     asyncio.run(serve(settings, engine, notifier))
     return 0
+
+
+def open_files_needed(settings: Settings) -> int:
+    """File descriptors the server may hold at once: a socket for every request it admits (running and
+    queued) and what the process keeps open besides."""
+    return settings.max_batch_size + settings.max_queue + FILES_RESERVE
+
+
+def _raise_open_files_limit(needed: int) -> None:
+    """Lift the soft limit on open files to the hard one (1,024 by default, which a burst of clients
+    exhausts: then every new connection, /health's included, fails), and warn when even the hard limit
+    is short of `needed` (systemd's LimitNOFILE= sets it; deploy/trickle.service does)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        log.warning("the open files limit is low for the queue and batch", limit=hard, needed=needed)
 
 
 async def serve(
@@ -376,7 +345,10 @@ async def serve(
     stop = stop or _stop_on_signals()
     notifier.status("warming up the engine")
     runner = web.AppRunner(
-        create_app(settings, engine), handler_cancellation=True, access_log_class=AccessLogger
+        create_app(settings, engine),
+        handler_cancellation=True,
+        access_log_class=AccessLogger,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

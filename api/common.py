@@ -3,10 +3,11 @@ JSON bodies, and admitting a request to the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import structlog
@@ -101,21 +102,41 @@ def validation_error(err: ValidationError, status: int = 422) -> ClientError:
 
 
 async def read_json(request: web.Request, model: type[Body], invalid_status: int = 422) -> Body:
-    """The body as `model`: 415 unless JSON, 413 past the size limit, 400 unless it parses, and
-    `invalid_status` naming the first field at fault."""
+    """The body as `model`: 415 unless JSON, 413 past the size limit, 408 unless it arrives within the
+    read timeout, 400 unless it parses, and `invalid_status` naming the first field at fault."""
     if request.content_type != "application/json":
         raise ClientError(415, f"Content-Type must be application/json, not {request.content_type!r}")
-    limit = request.app[SETTINGS_KEY].max_body_bytes
+    settings = request.app[SETTINGS_KEY]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ClientError(413, f"the body has {request.content_length} bytes; the limit is {limit}")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(settings.read_timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge as err:
         raise ClientError(413, f"the body is larger than the limit of {limit} bytes") from err
+    except TimeoutError as err:
+        message = f"the body did not arrive within the read timeout of {settings.read_timeout:g} s"
+        raise ClientError(408, message) from err
+    return _validated(_parsed(raw), model, invalid_status)
+
+
+def _parsed(raw: bytes) -> Any:
+    """JSON, or 400. The parser's RecursionError (nesting too deep) and ValueError (an integer past
+    Python's 4,300 digits, bytes that are not UTF-8) are the client's mistakes too."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return json.loads(raw)
+    except RecursionError as err:
+        raise ClientError(400, "the body is not valid JSON: it is nested too deeply") from err
+    except json.JSONDecodeError as err:
         raise ClientError(400, f"the body is not valid JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ClientError(400, "the body is not valid JSON: it is not UTF-8") from err
+    except ValueError as err:  # the only other: int() past sys.get_int_max_str_digits()
+        raise ClientError(400, "the body is not valid JSON: it holds a number too long to read") from err
+
+
+def _validated(body: Any, model: type[Body], invalid_status: int) -> Body:
     if not isinstance(body, dict):
         raise ClientError(invalid_status, "the body must be a JSON object")
     try:
@@ -125,10 +146,13 @@ async def read_json(request: web.Request, model: type[Body], invalid_status: int
 
 
 def engine_for(request: web.Request) -> AsyncEngine:
-    # Before the engine exists (it is built at startup); once it does, AsyncEngine.generate refuses.
+    """The engine, when it would take a request now; 503 otherwise (not built yet, not running, draining,
+    queue full), before the request's prompt costs any work. `admit` asks again."""
     engine = request.app.get(ENGINE_KEY)
     if engine is None:
         raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
+    with _refusals():
+        engine.check_admissible()
     return engine
 
 
@@ -140,8 +164,14 @@ def admit(
     timeout: float | None = None,
 ) -> RequestStream:
     """Hand the request to the engine, or refuse it with 503 (full queue, draining, not ready)."""
+    with _refusals():
+        return engine.generate(prompt_ids, params, timeout, label=request[REQUEST_ID_KEY])
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
     try:
-        return engine.generate(request[REQUEST_ID_KEY], prompt_ids, params, timeout)
+        yield
     except QueueFullError as err:
         raise ClientError(503, str(err), Retry_After=str(err.retry_after)) from err
     except EngineUnavailableError as err:

@@ -19,7 +19,6 @@ from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from api.common import (
-    REQUEST_ID_KEY,
     SETTINGS_KEY,
     ClientError,
     admit,
@@ -28,7 +27,7 @@ from api.common import (
     read_json,
     stream_events,
 )
-from generation import AsyncEngine, RequestOutput, RequestStream, SamplingParams
+from generation import Prompts, RequestOutput, RequestStream, SamplingParams
 from generation.params import MAX_SEED, MAX_STOP_STRINGS, MAX_TOP_K, StopString
 
 OWNER = "trickle"
@@ -296,18 +295,44 @@ def _check_model(request: web.Request, model: str) -> None:
         raise ClientError(404, f"model: {model!r} does not exist; this server serves {served!r}", "model")
 
 
-def _prompt_ids(engine: AsyncEngine, text: str, field: str, *, special_tokens: bool = True) -> list[int]:
+def _prompt_ids(prompts: Prompts, text: str, field: str, *, special_tokens: bool = True) -> list[int]:
+    """The prompt's ids, refused when they cannot fit the context: from the text's length alone where
+    that tells, before tokenizing it. Runs on a tokenizer thread (`Prompts.off_loop`)."""
+    limit = prompts.max_seq_len
+    _check_length(prompts, len(text), field)
     try:
-        ids = engine.encode_text(text, special_tokens=special_tokens)
+        ids = prompts.encode(text, special_tokens=special_tokens)
     except ValueError as err:
         raise ClientError(400, f"{field}: {err}", field) from err
     if not ids:
         raise ClientError(400, f"{field}: the prompt encodes to no tokens", field)
-    limit = engine.config.max_seq_len
     if len(ids) >= limit:
         message = f"{field}: the prompt has {len(ids)} tokens; this model's context is {limit}"
         raise ClientError(400, message, field)
     return ids
+
+
+def _check_length(prompts: Prompts, chars: int, field: str) -> None:
+    fewest, limit = prompts.fewest_tokens(chars), prompts.max_seq_len
+    if fewest >= limit:
+        message = f"{field}: the prompt has at least {fewest} tokens; this model's context is {limit}"
+        raise ClientError(400, message, field)
+
+
+def _chat_ids(prompts: Prompts, messages: list[ChatMessage]) -> list[int]:
+    """The chat's prompt ids; a conversation too long for the context is refused before it is rendered.
+    Runs on a tokenizer thread."""
+    tokenizer = prompts.tokenizer
+    if not tokenizer.chat_template:
+        raise ClientError(400, "messages: this model has no chat template; use /v1/completions", "messages")
+    _check_length(prompts, sum(len(m.text()) for m in messages), "messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+    except Exception as err:  # a template may raise on a conversation it does not accept
+        raise ClientError(400, f"messages: the chat template refused them: {err}", "messages") from err
+    # The template writes the special tokens itself.
+    return _prompt_ids(prompts, text, "messages", special_tokens=False)
 
 
 def _sampling_params(body: _SamplingFields, prompt_tokens: int, limit: int) -> SamplingParams:
@@ -337,17 +362,6 @@ def _sampling_params(body: _SamplingFields, prompt_tokens: int, limit: int) -> S
     )
 
 
-def _chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> str:
-    tokenizer = engine.tokenizer
-    if not tokenizer.chat_template:
-        raise ClientError(400, "messages: this model has no chat template; use /v1/completions", "messages")
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
-    try:
-        return str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
-    except Exception as err:  # a template may raise on a conversation it does not accept
-        raise ClientError(400, f"messages: the chat template refused them: {err}", "messages") from err
-
-
 async def _parse(request: web.Request, model: type[CompletionRequest] | type[ChatCompletionRequest]) -> Any:
     body = await read_json(request, model, invalid_status=400)
     if body.stream_options is not None and not body.stream:
@@ -365,9 +379,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body: CompletionRequest = await _parse(request, CompletionRequest)
     engine = engine_for(request)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    ids = _prompt_ids(engine, text, "prompt")
+    ids = await engine.prompts.off_loop(_prompt_ids, engine.prompts, text, "prompt")
     outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.config.max_seq_len))
-    reply = _Reply(f"cmpl-{request[REQUEST_ID_KEY]}", body.model)
+    reply = _Reply(f"cmpl-{outputs.request_id}", body.model)
 
     def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
         choices = [] if last else [CompletionChoice(index=0, text=text, finish_reason=finish)]
@@ -382,10 +396,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     engine = engine_for(request)
-    # The template writes the special tokens itself.
-    ids = _prompt_ids(engine, _chat_prompt(engine, body.messages), "messages", special_tokens=False)
+    ids = await engine.prompts.off_loop(_chat_ids, engine.prompts, body.messages)
     outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.config.max_seq_len))
-    reply = _Reply(f"chatcmpl-{request[REQUEST_ID_KEY]}", body.model)
+    reply = _Reply(f"chatcmpl-{outputs.request_id}", body.model)
 
     def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
         delta = ChatDelta() if finish is not None else ChatDelta(content=text)

@@ -163,7 +163,7 @@ async def engine_request(
     start = time.perf_counter()
     marks: list[float] = []
     tokens = 0
-    async for out in engine.generate(request_id, ids, params):
+    async for out in engine.generate(ids, params, label=request_id):
         if out.text:
             marks.append(time.perf_counter())
         if out.finished:
@@ -259,7 +259,7 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
     )
 
     def prompt(i: int) -> list[int]:
-        return engine.encode_prompt(prompt_text(rng), args.prompt_tokens, params)
+        return engine.prompts.truncated(prompt_text(rng), args.prompt_tokens, params.max_new_tokens)
 
     def one(i: int, ids: list[int]) -> Any:
         return engine_request(engine, f"e{i}", ids, params)
@@ -344,7 +344,7 @@ async def bench_fit(args: argparse.Namespace) -> Result:
     rng = random.Random(4)
 
     def prompt(i: int) -> list[int]:
-        return engine.encode_prompt(prompt_text(rng, 3000), 1024, params)
+        return engine.prompts.truncated(prompt_text(rng, 3000), 1024, params.max_new_tokens)
 
     def one(i: int, ids: list[int]) -> Any:
         return engine_request(engine, f"fit{i}", ids, params)
@@ -387,7 +387,7 @@ async def bench_one_quantized(args: argparse.Namespace, directory: Path, quantiz
     rng = random.Random(5)
 
     def prompt(i: int) -> list[int]:
-        return engine.encode_prompt(prompt_text(rng), args.prompt_tokens, params)
+        return engine.prompts.truncated(prompt_text(rng), args.prompt_tokens, params.max_new_tokens)
 
     def one(i: int, ids: list[int]) -> Any:
         return engine_request(engine, f"q{i}", ids, params)

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     """On SIGTERM or SIGINT, seconds running streams may take to finish before they end with `shutdown`."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest request body accepted, in bytes (larger is 413)."""
+    read_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a client may take to send a request's body once its headers are in; past it the request
+    gets 408 and its connection is closed."""
     ping_interval: float = Field(default=15.0, gt=0)
     """Seconds between `: ping` comments on an idle stream."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -5,12 +5,12 @@ from generation.async_engine import (
     EngineConfig,
     EngineUnavailableError,
     QueueFullError,
-    RequestError,
     RequestStream,
 )
 from generation.loader import LoadedModel, ModelLoadError, load_model
 from generation.messages import RequestOutput
 from generation.params import SamplingParams
+from generation.prompts import Prompts, RequestError
 
 __all__ = [
     "AsyncEngine",
@@ -18,6 +18,7 @@ __all__ = [
     "EngineUnavailableError",
     "LoadedModel",
     "ModelLoadError",
+    "Prompts",
     "QueueFullError",
     "RequestError",
     "RequestOutput",

@@ -8,6 +8,7 @@ import contextlib
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -17,20 +18,13 @@ from generation.engine_config import EngineConfig
 from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
 from generation.metrics import EngineMetrics
 from generation.params import MAX_SEED, SamplingParams
+from generation.prompts import Prompts
 from generation.runner import ModelRunner
 from generation.scheduler import SchedulerConfig
 
 RATE_WINDOW_S = 30.0
 DEFAULT_RETRY_AFTER_S = 5
 MAX_RETRY_AFTER_S = 120
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve as asked; `field` names the parameter at fault."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class EngineUnavailableError(RuntimeError):
@@ -45,9 +39,34 @@ class QueueFullError(RuntimeError):
         self.retry_after = retry_after
 
 
+class FinishRate:
+    """When requests finished over the last `window_s` seconds, the ground of Retry-After hints. It holds
+    that window only: older entries go as new ones come."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s, self._clock = window_s, clock
+        self._times: collections.deque[float] = collections.deque()
+
+    def record(self) -> None:
+        now = self._clock()
+        self._times.append(now)
+        self._forget_before(now - self.window_s)
+
+    def per_second(self) -> float:
+        self._forget_before(self._clock() - self.window_s)
+        return len(self._times) / self.window_s
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def _forget_before(self, start: float) -> None:
+        while self._times and self._times[0] < start:
+            self._times.popleft()
+
+
 class RequestStream:
     """One request's outputs, in order. Closing it before the end cancels the request; reading the
-    final output releases it."""
+    final output releases it. `request_id` is the engine's key for it, made by the engine and unique."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
         self.request_id = request_id
@@ -91,6 +110,7 @@ class AsyncEngine:
     ) -> None:
         self.tokenizer = tokenizer
         self.config = config
+        self.prompts = Prompts(tokenizer, config.max_seq_len)
         eos_ids = _eos_ids(model, tokenizer)
         runner = ModelRunner(model, config, eos_ids)
         scheduler_config = SchedulerConfig(
@@ -102,8 +122,8 @@ class AsyncEngine:
         self.steps = 0
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reported = asyncio.Event()
-        self._finish_times: collections.deque[float] = collections.deque()
+        self._changed = asyncio.Event()
+        self.finish_rate = FinishRate()
         self.draining = False
         self.metrics = EngineMetrics(runner.num_slots * config.max_seq_len)
 
@@ -115,6 +135,7 @@ class AsyncEngine:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.engine.stop)
+        self.prompts.close()
 
     @property
     def ready(self) -> bool:
@@ -127,56 +148,42 @@ class AsyncEngine:
             return "the server is draining"
         return None if self.ready else "the model is not ready"
 
-    def encode_text(self, text: str, special_tokens: bool = True) -> list[int]:
-        """Tokenize `text` whole. ValueError for text that is not valid Unicode (a lone surrogate, which
-        JSON can carry)."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ValueError("the text is not valid Unicode (it holds a lone surrogate)") from err
-        return list(self.tokenizer.encode(text, add_special_tokens=special_tokens))
-
-    def encode_prompt(self, prompt: str, cutoff_len: int, params: SamplingParams) -> list[int]:
-        """Tokenize and keep the most recent `cutoff_len` tokens; check the request fits a KV slot."""
-        try:
-            ids = self.encode_text(prompt)[-cutoff_len:]
-        except ValueError as err:
-            raise RequestError("prompt", str(err)) from err
-        if not ids:
-            raise RequestError("prompt", "the prompt encodes to no tokens")
-        room = self.config.max_seq_len - len(ids)
-        if params.max_new_tokens > room:
-            raise RequestError(
-                "max_new_tokens",
-                f"max_new_tokens ({params.max_new_tokens}) plus the prompt's {len(ids)} tokens exceeds "
-                f"the server's max_seq_len ({self.config.max_seq_len})",
-            )
-        return ids
-
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
+        self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
     ) -> RequestStream:
         """Admit a request now and return its stream of outputs (the last one has a finish_reason).
 
         Raises at once, before anything is streamed: EngineUnavailableError when the engine is not
         running or is draining, QueueFullError when the waiting queue is full. `timeout` (seconds)
-        defaults to the engine's request timeout; past it the request ends with `timeout`.
+        defaults to the engine's request timeout; past it the request ends with `timeout`. `label` (the
+        client's request id, say) names the request in logs; it is never a key: two requests with the
+        same label are two requests.
         """
-        if self.unavailable is not None:
-            raise EngineUnavailableError(self.unavailable)
-        if len(self._queues) >= self.engine.runner.num_slots + self.config.max_queue:
-            raise QueueFullError(self.retry_after())
+        self.check_admissible()
+        request_id = uuid.uuid4().hex
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = queue
         seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
         now = time.monotonic()
         deadline = now + (timeout if timeout is not None else self.config.request_timeout)
-        self.engine.submit(AddRequest(request_id, prompt_ids, params, seed, now, deadline))
+        message = AddRequest(request_id, prompt_ids, params, seed, now, deadline, label or request_id)
+        self.engine.submit(message)
         return RequestStream(self, request_id, queue)
 
+    def check_admissible(self) -> None:
+        """EngineUnavailableError when the engine is not running or is draining, QueueFullError when the
+        waiting queue is full: what `generate` would refuse now, asked before the work of tokenizing."""
+        if self.unavailable is not None:
+            raise EngineUnavailableError(self.unavailable)
+        if len(self._queues) >= self.engine.runner.num_slots + self.config.max_queue:
+            raise QueueFullError(self.retry_after())
+
     def _release(self, request_id: str, finished: bool) -> None:
-        if self._queues.pop(request_id, None) is not None and not finished:
+        if self._queues.pop(request_id, None) is None:
+            return
+        if not finished:
             self.engine.submit(AbortRequest(request_id))
+        self._notify()
 
     def alive_within(self, seconds: float) -> bool:
         """The engine thread runs and has turned its loop within `seconds` (a hung step has not)."""
@@ -184,12 +191,9 @@ class AsyncEngine:
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free, from the rate at which requests finished lately."""
-        now = time.monotonic()
-        while self._finish_times and self._finish_times[0] < now - RATE_WINDOW_S:
-            self._finish_times.popleft()
-        if not self._finish_times:
+        rate = self.finish_rate.per_second()
+        if not rate:
             return DEFAULT_RETRY_AFTER_S
-        rate = len(self._finish_times) / RATE_WINDOW_S
         waiting = max(0, len(self._queues) - self.engine.runner.num_slots)
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil((waiting + 1) / rate)))
 
@@ -202,9 +206,14 @@ class AsyncEngine:
         await self.stop()
 
     async def wait_until(self, predicate: Callable[[AsyncEngine], bool]) -> None:
-        """Wait, without polling, until `predicate(self)` holds after some engine report."""
+        """Wait, without polling, until `predicate(self)` holds after an engine report or a released
+        request."""
         while not predicate(self):
-            await self._reported.wait()
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def _on_report(self, report: StepReport) -> None:
         # Engine thread: one hand-over per step, whatever the number of rows.
@@ -218,8 +227,7 @@ class AsyncEngine:
             if queue is not None:
                 queue.put_nowait(output)
             if output.finished:
-                self._finish_times.append(time.monotonic())
+                self.finish_rate.record()
                 self.metrics.record_finished(output)
         self.num_running, self.num_waiting, self.steps = report.num_running, report.num_waiting, report.step
-        self._reported.set()
-        self._reported = asyncio.Event()
+        self._notify()

@@ -132,6 +132,7 @@ class Engine:
             detokenizer,
             arrival_time=message.arrival_time,
             deadline=message.deadline,
+            label=message.label,
         )
         self.scheduler.add(seq)
 
@@ -179,7 +180,7 @@ class Engine:
 
     def _fail(self, rows: list[Sequence], err: Exception) -> None:
         # Called from an `except` block: the traceback goes with the log line.
-        log.exception("engine step failed", request_ids=[seq.request_id for seq in rows])
+        log.exception("engine step failed", request_ids=[seq.log_name for seq in rows])
         for seq in rows:
             if not seq.is_finished:
                 seq.finish(Status.ERROR, error=f"generation failed: {type(err).__name__}")
@@ -205,7 +206,7 @@ class Engine:
     def _final_output(self, seq: Sequence, text: str = "") -> RequestOutput:
         log.info(
             "request finished",
-            request_id=seq.request_id,
+            request_id=seq.log_name,
             finish_reason=seq.finish_reason,
             completion_tokens=seq.num_completion_tokens,
         )

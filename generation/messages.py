@@ -18,6 +18,8 @@ class AddRequest:
     arrival_time: float
     deadline: float | None = None
     """time.monotonic() after which the request ends with finish_reason `timeout`."""
+    label: str = ""
+    """What logs call the request (the client's request id, say); `request_id` is the engine's key."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,12 @@ class Sequence:
     """Tokens the runner has been asked to produce; one more than `output_ids` while a step is in flight."""
     row_index: int = -1
     """The row's index in the last step it was launched in (where its newest token lands)."""
+    label: str = ""
+    """What logs call the request; `request_id` is the engine's key."""
+
+    @property
+    def log_name(self) -> str:
+        return self.label or self.request_id
 
     @property
     def num_prompt_tokens(self) -> int:

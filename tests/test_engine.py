@@ -33,8 +33,8 @@ PROMPTS = [
 async def collect(
     engine: AsyncEngine, request_id: str, prompt: str, params: SamplingParams
 ) -> list[RequestOutput]:
-    ids = engine.encode_prompt(prompt, 256, params)
-    return [out async for out in engine.generate(request_id, ids, params)]
+    ids = engine.prompts.truncated(prompt, 256, params.max_new_tokens)
+    return [out async for out in engine.generate(ids, params, label=request_id)]
 
 
 def reference_tokens(
@@ -188,7 +188,7 @@ async def test_closing_the_stream_cancels_the_request(engine: AsyncEngine) -> No
     survivor = asyncio.create_task(
         collect(engine, "survivor", "The baker", SamplingParams(max_new_tokens=50, min_new_tokens=50))
     )
-    stream = engine.generate("doomed", engine.encode_prompt("café", 256, params), params)
+    stream = engine.generate(engine.prompts.truncated("café", 256, params.max_new_tokens), params)
     await anext(stream)
     await engine.wait_until(lambda e: e.num_running == 2)
     await stream.aclose()
@@ -237,7 +237,7 @@ async def test_stopping_the_engine_ends_live_requests_with_shutdown(tiny: Loaded
     engine = make_engine(tiny)
     await engine.start()
     params = SamplingParams(max_new_tokens=400, min_new_tokens=400)
-    stream = engine.generate("live", engine.encode_prompt("The baker", 256, params), params)
+    stream = engine.generate(engine.prompts.truncated("The baker", 256, params.max_new_tokens), params)
     async with contextlib.aclosing(stream):
         await anext(stream)
         await engine.stop()

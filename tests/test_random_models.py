@@ -32,7 +32,8 @@ async def test_a_random_model_serves_through_the_engine() -> None:
     engine = AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=2, max_seq_len=128))
     await engine.start()
     params = SamplingParams(max_new_tokens=12, min_new_tokens=12, seed=1)
-    outputs = [o async for o in engine.generate("r", engine.encode_prompt("some words", 64, params), params)]
+    ids = engine.prompts.truncated("some words", 64, params.max_new_tokens)
+    outputs = [o async for o in engine.generate(ids, params)]
     await engine.stop()
     assert outputs[-1].usage["completion_tokens"] == 12
     assert "".join(o.text for o in outputs)

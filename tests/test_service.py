@@ -50,8 +50,8 @@ async def test_a_full_queue_answers_503_with_retry_after_and_drops_nothing(
 
 
 async def collect(engine: AsyncEngine, name: str, params: SamplingParams, timeout: float) -> list[Any]:
-    ids = engine.encode_prompt("The baker", 64, params)
-    return [out async for out in engine.generate(name, ids, params, timeout)]
+    ids = engine.prompts.truncated("The baker", 64, params.max_new_tokens)
+    return [out async for out in engine.generate(ids, params, timeout, label=name)]
 
 
 async def test_a_deadline_ends_a_generating_request_with_timeout_and_frees_its_row(
@@ -155,9 +155,7 @@ async def test_sd_notify_ready_watchdog_stuck_engine_and_stopping(
     runner = engine.engine.runner
     real_step = runner.launch
     runner.launch = lambda batch: (release.wait(), real_step(batch))[1]  # type: ignore[method-assign]
-    request = engine.generate(
-        "stuck", engine.encode_prompt("a", 8, SamplingParams()), SamplingParams(max_new_tokens=2)
-    )
+    request = engine.generate(engine.prompts.truncated("a", 8, 2), SamplingParams(max_new_tokens=2))
     loop = asyncio.get_running_loop()
     stuck_at, pings = loop.time(), []
     with contextlib.suppress(TimeoutError):
