@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -21,8 +22,9 @@ from aiohttp.test_utils import TestClient
 
 from config import Settings
 from generation import AsyncEngine, LoadedModel, SamplingParams
+from generation.async_engine import FinishRate
 from notify import Notifier
-from server import ENGINE_KEY, build_engine, create_app, serve
+from server import ENGINE_KEY, build_engine, create_app, open_files_needed, serve
 from tests.conftest import make_engine
 from tests.sse import parse_events
 from tests.test_process import ROOT, free_port
@@ -238,3 +240,90 @@ def test_service_settings_reach_the_engine(model_dir: Path) -> None:
     engine = build_engine(settings)
     assert (engine.config.max_queue, engine.config.request_timeout) == (3, 7.5)
     assert engine.engine.runner.num_slots == 5
+
+
+async def test_drain_ends_as_soon_as_the_last_stream_has_ended_ten_times_out_of_ten(
+    tiny: LoadedModel, settings: Settings, systemd: FakeSystemd
+) -> None:
+    # An idle engine sends no step reports: drain once waited its whole timeout when the last stream's
+    # release came after the last report (2 runs in 6).
+    loop = asyncio.get_running_loop()
+    for _ in range(10):
+        port = free_port()
+        stop = asyncio.Event()
+        served = settings.model_copy(update={"port": port, "drain_timeout": 30.0})
+        server = asyncio.create_task(serve(served, make_engine(tiny), Notifier(systemd.path), stop))
+        await systemd.until("READY=1")
+        body = {"prompt": "a", "max_new_tokens": 6, "min_new_tokens": 6}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/stream", json=body) as response:
+                await response.content.readline()
+                stop.set()
+                events = await read_stream(response)
+            ended = loop.time()
+        assert events[-1].json()["finish_reason"] == "length"
+        await asyncio.wait_for(server, timeout=2.0)
+        assert loop.time() - ended < 2.0
+
+
+async def test_sigterm_with_one_short_stream_exits_within_2s_of_its_end(model_dir: Path) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "server.py"), "--model", str(model_dir), "--port", str(port),
+        "--drain-timeout", "30",
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TRICKLE_LOG_FORMAT": "json"},
+    )  # fmt: skip
+    try:
+        await wait_for_log(proc, "listening")
+        body = {"prompt": "a", "max_new_tokens": 20, "min_new_tokens": 20}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/stream", json=body) as response:
+                await response.content.readline()
+                proc.send_signal(signal.SIGTERM)
+                events = await read_stream(response)
+            ended = asyncio.get_running_loop().time()
+        assert events[-1].json()["finish_reason"] == "length"
+        assert await asyncio.wait_for(proc.wait(), timeout=2.0) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert asyncio.get_running_loop().time() - ended < 2.0
+
+
+def test_the_finish_rate_window_holds_only_its_last_window() -> None:
+    now = [0.0]
+    rate = FinishRate(window_s=30.0, clock=lambda: now[0])
+    for i in range(2000):
+        now[0] = i * 0.1  # one finish every 100 ms, for 200 s
+        rate.record()
+    assert len(rate) == 301  # 169.9 .. 199.9 s
+    assert rate.per_second() == pytest.approx(301 / 30.0)
+    now[0] += 31.0
+    assert rate.per_second() == 0 and len(rate) == 0
+
+
+async def test_after_2000_requests_the_engine_keeps_only_the_last_window_of_finishes(
+    tiny: LoadedModel,
+) -> None:
+    engine = make_engine(tiny, max_queue=2000)
+    ticks = itertools.count()
+    engine.finish_rate = FinishRate(window_s=100.0, clock=lambda: float(next(ticks)))
+    await engine.start()
+    params = SamplingParams(max_new_tokens=1)
+    ids = engine.prompts.truncated("a", 8, 1)
+
+    async def one() -> None:
+        async for _ in engine.generate(ids, params):
+            pass
+
+    await asyncio.gather(*(one() for _ in range(2000)))
+    await engine.stop()
+    assert len(engine.finish_rate) == 101  # one clock tick a finish: the last 100 ticks and the newest
+
+
+def test_the_unit_allows_the_open_files_the_default_settings_need() -> None:
+    unit = (ROOT / "deploy" / "trickle.service").read_text()
+    limit = int(next(line for line in unit.splitlines() if line.startswith("LimitNOFILE=")).split("=")[1])
+    assert limit >= open_files_needed(Settings())
