@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trickle: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format, secrets=settings.all_api_keys())
-    _raise_open_files_limit(open_files_needed(settings))
+    raise_open_files_limit(open_files_needed(settings))
     notifier = Notifier.from_environment()
     notifier.status(f"loading {settings.model}")
     try:
@@ -323,7 +323,7 @@ def open_files_needed(settings: Settings) -> int:
     return settings.max_batch_size + settings.max_queue + FILES_RESERVE
 
 
-def _raise_open_files_limit(needed: int) -> None:
+def raise_open_files_limit(needed: int) -> None:
     """Lift the soft limit on open files to the hard one (1,024 by default, which a burst of clients
     exhausts: then every new connection, /health's included, fails), and warn when even the hard limit
     is short of `needed` (systemd's LimitNOFILE= sets it; deploy/trickle.service does)."""

@@ -22,7 +22,9 @@ TOKENIZE_WORKERS = 2
 # and iota subscript), so behind such a normalizer one token may stand for four times its own length.
 NORMALIZER_FOLD = 4
 # Parts of a tokenizer that never drop input characters (a pre-tokenizer of `Split` may, with `removed`).
-KEEPING_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Replace", "Sequence"})
+KEEPING_NORMALIZERS = frozenset(
+    {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Replace", "ByteLevel", "Sequence"}
+)
 KEEPING_PRE_TOKENIZERS = frozenset(
     {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
 )

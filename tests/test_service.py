@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -24,7 +25,7 @@ from config import Settings
 from generation import AsyncEngine, LoadedModel, SamplingParams
 from generation.async_engine import FinishRate
 from notify import Notifier
-from server import ENGINE_KEY, build_engine, create_app, open_files_needed, serve
+from server import ENGINE_KEY, build_engine, create_app, open_files_needed, raise_open_files_limit, serve
 from tests.conftest import make_engine
 from tests.sse import parse_events
 from tests.test_process import ROOT, free_port
@@ -327,3 +328,11 @@ def test_the_unit_allows_the_open_files_the_default_settings_need() -> None:
     unit = (ROOT / "deploy" / "trickle.service").read_text()
     limit = int(next(line for line in unit.splitlines() if line.startswith("LimitNOFILE=")).split("=")[1])
     assert limit >= open_files_needed(Settings())
+
+
+def test_the_server_lifts_its_soft_open_files_limit_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1024), hard))
+    raise_open_files_limit(open_files_needed(Settings()))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
