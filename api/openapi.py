@@ -47,6 +47,7 @@ ERROR_TEXT = {
     400: "The body is not JSON, or (under /v1/) a field is invalid or asks for what is not supported.",
     401: "An API key is configured and the request did not present it.",
     404: "No such model.",
+    408: "The body did not arrive within the server's read timeout.",
     413: "The body is larger than the server's limit.",
     415: "The body is not application/json.",
     422: "A field is invalid; the error names it.",
@@ -55,8 +56,8 @@ ERROR_TEXT = {
     504: "The request ran past its time limit.",
 }
 
-NATIVE_ERRORS = (400, 401, 413, 415, 422, 503)
-OPENAI_ERRORS = (400, 401, 404, 413, 415, 503, 504)
+NATIVE_ERRORS = (400, 401, 408, 413, 415, 422, 503)
+OPENAI_ERRORS = (400, 401, 404, 408, 413, 415, 503, 504)
 
 
 def _ref(model: type[BaseModel], defs: dict[str, Any]) -> dict[str, Any]:
