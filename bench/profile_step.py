@@ -74,8 +74,8 @@ def modes_agree(runner) -> dict[str, bool]:  # type: ignore[no-untyped-def]
     """On the device, with the model's own bf16 logits: each sampling mode draws what the full sort
     draws for the rows it serves."""
     n = 512
-    hidden = torch.randn(n, runner.lm_head.weight.shape[1], device="cuda", dtype=runner.dtype)
-    logits = runner.lm_head(hidden).float()
+    hidden = torch.randn(n, runner.hidden_size, device="cuda", dtype=runner.dtype)
+    logits = runner.head(hidden).float()
     seeds = torch.arange(n, device="cuda") * 7919
     steps = torch.arange(n, device="cuda") % 7
 
@@ -192,9 +192,7 @@ def main() -> None:
             graph_tokens = runner._decode(rows).tolist()
             for seq, p in zip(rows, saved, strict=True):
                 seq.params = p
-            logits = runner.lm_head(
-                torch.randn(b, runner.lm_head.weight.shape[1], device="cuda", dtype=runner.dtype)
-            )
+            logits = runner.head(torch.randn(b, runner.hidden_size, device="cuda", dtype=runner.dtype))
             runner._static.load(rows)
             sampling = runner._static.sampling(0, b)
             entry = {

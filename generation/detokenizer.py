@@ -28,22 +28,32 @@ class IncrementalDetokenizer:
 
     `DecodeStream` keeps only a small window of ids and returns nothing while the text ends in an
     unfinished UTF-8 sequence, so each token costs O(1) however long the output grows. Text that could
-    still turn into a stop string is held back and released once it cannot.
+    still turn into a stop string is held back and released once it cannot. When the row ends, `flush`
+    gives what is still held, the unfinished tail decoded as the tokenizer decodes it (with U+FFFD), so
+    that the whole text is the tokenizer's decoding of the whole output.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str]) -> None:
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(ids=list(prompt_ids[-CONTEXT_TOKENS:]), skip_special_tokens=True)
+        context = list(prompt_ids[-CONTEXT_TOKENS:])
+        self._stream = DecodeStream(ids=context, skip_special_tokens=True)
         self._stops = tuple(stop)
         self._held = ""
+        # The ids of the last piece of text (the prompt's tail before any) and those fed since, still
+        # undecoded: what `flush` decodes.
+        self._settled, self._pending = context, []
         self.stopped = False
 
     def step(self, token_id: int) -> str:
         """Feed one generated token; return the text that is now safe to emit (may be empty)."""
         piece = self._stream.step(self._tokenizer, token_id)
+        self._pending.append(token_id)
         if not piece:
             return ""
-        text = self._held + piece
+        self._settled, self._pending = self._pending, []
+        return self._release(self._held + piece)
+
+    def _release(self, text: str) -> str:
         if not self._stops:
             self._held = ""
             return text
@@ -57,6 +67,19 @@ class IncrementalDetokenizer:
         return text[: len(text) - keep]
 
     def flush(self) -> str:
-        """The held-back text, once the row has ended for a reason other than a stop string."""
-        text, self._held = self._held, ""
-        return text
+        """Everything not yet emitted, once the row has ended for a reason other than a stop string: the
+        held-back text, and the tail that never made whole characters, decoded with U+FFFD."""
+        text = self._held + self._undecoded()
+        self._held, self._pending = "", []
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        return text if cut < 0 else text[:cut]
+
+    def _undecoded(self) -> str:
+        if not self._pending:
+            return ""
+        known = self._tokenizer.decode(self._settled, skip_special_tokens=True)
+        whole = self._tokenizer.decode(self._settled + self._pending, skip_special_tokens=True)
+        if whole.startswith(known):
+            return whole[len(known) :]
+        # The prompt's last token left a character unfinished and the output finished it.
+        return self._tokenizer.decode(self._pending, skip_special_tokens=True)

@@ -26,7 +26,9 @@ from generation.adapters import (
     restore_layers,
 )
 from generation.engine_config import EngineConfig
+from generation.head import ModelHead
 from generation.kv_cache import PassThroughCache, SlotKVCache
+from generation.masks import AttentionMasks, Mask, alibi_from_4d
 from generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
 from generation.scheduler import ScheduledBatch
 from generation.sequence import Sequence
@@ -77,10 +79,14 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
         self.base = model.base_model
-        self.lm_head = model.get_output_embeddings()
-        self.vocab_size, hidden_size = self.lm_head.weight.shape
+        self.head = ModelHead(model)
+        self.vocab_size, self.hidden_size = model.get_output_embeddings().weight.shape
+        hidden_size = self.hidden_size
         self._cache_arg = _cache_argument(self.base)
-        self._min_value = torch.finfo(self.dtype).min
+        self.masks = AttentionMasks(model.config, self.dtype)
+        model_code = inspect.getmodule(type(self.base))
+        if model_code is not None and hasattr(model_code, "build_alibi_tensor"):
+            alibi_from_4d(model_code)
         # A step prefills at most the token budget, or one prompt of up to max_seq_len past it.
         self.max_prefill_tokens = max(config.prefill_token_budget, config.max_seq_len)
         self.num_slots = self._plan_slots()
@@ -205,9 +211,7 @@ class ModelRunner:
         """Launch and collect one step."""
         return self.collect(self.launch(batch))
 
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: object
-    ) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, cache: object) -> torch.Tensor:
         out = self.base(
             input_ids=ids,
             position_ids=positions,
@@ -217,13 +221,10 @@ class ModelRunner:
         )
         return out.last_hidden_state
 
-    def _causal_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
-        # [n, 1, width, width]: causal, and keys past each row's length hidden
+    def _causal_mask(self, lengths: torch.Tensor, width: int) -> Mask:
+        # [n, 1, width, width] per layer kind: rows from position 0, keys past each row's length hidden
         keys = torch.arange(width, device=self.device)
-        visible = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
-        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
-            ~visible, self._min_value
-        )[:, None]
+        return self.masks.for_queries(keys[None].expand(lengths.shape[0], -1), keys, lengths)
 
     def _prefill_shape(self, rows: int, longest: int) -> tuple[int, int]:
         """The padded [rows, width] that `rows` newcomers, the longest of `longest` tokens, prefill as."""
@@ -286,7 +287,7 @@ class ModelRunner:
         self.seen.index_put_((seen_rows,), self._false)
         self.seen.index_put_((seen_rows[:, None], ids), self._true)  # the prompt counts for the penalty
         # A newcomer's batch row is its slot (padding rows repeat the first newcomer's).
-        return self._sample(self.lm_head(last), self._static.sampling_rows(slots), seen_rows)
+        return self._sample(self.head(last), self._static.sampling_rows(slots), seen_rows)
 
     def _packed(self, decode: list[Sequence], prefill: list[Sequence]) -> list[torch.Tensor]:
         """Decode the running rows and prefill the newcomers in one forward (`packed_forward`), then
@@ -324,7 +325,7 @@ class ModelRunner:
         ids = torch.cat([static.ids[:batch, 0], inputs.ids[: rows * width]])
         positions = torch.cat([static.positions[:batch, 0], static.key_index[:width].repeat(rows)])
         token_slots = torch.cat([static.rows[:batch], slots.repeat_interleave(width)])
-        mask = self._decode_mask(batch, shape.kv_len)
+        mask = cast(torch.Tensor, self._decode_mask(batch, shape.kv_len))  # Falcon: one kind of layer
         base = cast(FalconModel, self.base)
         hidden = packed_forward(base, self._parts, self.cache, ids, positions, token_slots, mask, shape)
         self._hidden[:batch].copy_(hidden[:batch])
@@ -375,7 +376,7 @@ class ModelRunner:
     def _sample_decoded(self, batch: int, mode: int) -> torch.Tensor:
         """Sample rows 0..batch-1 from the decode forward's hidden states (`mode` indexes MODES)."""
         static = self._static
-        logits = self.lm_head(self._hidden[:batch])
+        logits = self.head(self._hidden[:batch])
         return self._sample(logits, static.sampling(0, batch), static.rows[:batch], MODES[mode])
 
     def _decode_hidden(self, batch: int, kv_len: int) -> torch.Tensor:
@@ -386,11 +387,10 @@ class ModelRunner:
         hidden = self._forward(static.ids[:batch], positions, self._decode_mask(batch, kv_len), self.cache)
         return hidden[:, -1]
 
-    def _decode_mask(self, batch: int, kv_len: int) -> torch.Tensor:
-        """[batch, 1, 1, kv_len]: row b sees its cached keys up to its position."""
-        visible = self._static.key_index[:kv_len][None, :] <= self._static.positions[:batch]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        return mask.masked_fill(~visible, self._min_value)[:, None, None, :]
+    def _decode_mask(self, batch: int, kv_len: int) -> Mask:
+        """[batch, 1, 1, kv_len] per layer kind: row b's query at its position, over its cached keys."""
+        positions = self._static.positions[:batch]
+        return self.masks.for_queries(positions, self._static.key_index[:kv_len], positions[:, 0] + 1)
 
     def _graph(self, kind: str, *shape: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured graph of this kind ("decode": batch, KV length; "sample": batch, mode index;

@@ -42,9 +42,10 @@ class ScriptedHead(torch.nn.Module):
         self.positions = torch.zeros(1, 1, dtype=torch.long)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden)
+        logits = self.head(hidden)  # [N, V] or [N, 1, V]: one position a row
         index = (self.positions[:, -1] + 1 - self.prompt_len).clamp(0, len(self.script) - 1)
-        logits[torch.arange(logits.shape[0]), self.script[index]] += 1e4
+        rows = logits.view(-1, logits.shape[-1])
+        rows[torch.arange(rows.shape[0]), self.script[index]] += 1e4
         return logits
 
 

@@ -215,14 +215,14 @@ async def test_min_new_tokens_holds_off_end_of_sequence(tiny: LoadedModel) -> No
     eos = tiny.tokenizer.eos_token_id
     engine = make_engine(tiny)
     runner = engine.engine.runner
-    real_head = runner.lm_head
+    real_head = runner.head
 
     def eos_everywhere(hidden: torch.Tensor) -> torch.Tensor:
         logits = real_head(hidden)
         logits[:, eos] += 1e4
         return logits
 
-    runner.lm_head = eos_everywhere
+    runner.head = eos_everywhere  # type: ignore[assignment]
     await engine.start()
     held = await collect(
         engine, "held", "The baker", SamplingParams(temperature=0.0, max_new_tokens=20, min_new_tokens=7)

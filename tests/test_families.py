@@ -1,0 +1,130 @@
+"""The model matrix: every family greedy-decodes exactly what `generate()` does, alone and with rows
+joining a running batch at different steps; its streamed text is the tokenizer's decoding of its ids; and
+the logits it samples its first token from are the model's own."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from generation import AsyncEngine, EngineConfig, LoadedModel, RequestOutput, SamplingParams
+from tests.families import FAMILIES, WINDOW, build
+
+# Prompts of different lengths, the longest several sliding windows long.
+PROMPTS = [
+    "The oven warms and the dough rests; the baker waits by the window and sings of bread. " * 2,
+    "a",
+    "Bread and water, 日本語 and café",
+    "On the square, the old men sit and talk about the weather",
+]
+NEW_TOKENS = [24, 9, 17, 30]
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, PreTrainedModel]:
+    return {}
+
+
+def model_of(family: str, models: dict[str, PreTrainedModel], tokenizer: PreTrainedTokenizerFast) -> Any:
+    if family not in models:
+        models[family] = build(family, len(tokenizer), tokenizer.eos_token_id)
+    return models[family]
+
+
+def reference(model: PreTrainedModel, ids: list[int], new_tokens: int, eos: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=eos,
+        )
+    generated = out[0, len(ids) :].tolist()
+    return generated[: generated.index(eos) + 1] if eos in generated else generated
+
+
+class Recorded:
+    """An engine whose generated ids and first-token logits the test can read, by request label."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+        config = EngineConfig(max_batch_size=4, max_seq_len=256, prefill_token_budget=4096)
+        self.engine = AsyncEngine(model, tokenizer, config)
+        self.ids: dict[str, list[int]] = {}
+        self.logits: list[torch.Tensor] = []
+        append, head = self.engine.engine._append, self.engine.engine.runner.head
+
+        def recording_append(seq: Any, token: int, now: float) -> str:
+            self.ids.setdefault(seq.label, []).append(token)
+            return append(seq, token, now)
+
+        def recording_head(hidden: torch.Tensor) -> torch.Tensor:
+            logits = head(hidden)
+            self.logits.append(logits.clone())
+            return logits
+
+        self.engine.engine._append = recording_append  # type: ignore[method-assign]
+        self.engine.engine.runner.head = recording_head  # type: ignore[assignment]
+
+    async def run(self, label: str, ids: list[int], new_tokens: int) -> list[RequestOutput]:
+        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+        return [out async for out in self.engine.generate(ids, params, label=label)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_greedy_output_is_generates_alone_and_joining_a_running_batch(
+    family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel
+) -> None:
+    tokenizer = tiny.tokenizer
+    model = model_of(family, models, tokenizer)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    assert len(prompts[0]) > 3 * WINDOW
+    expected = [
+        reference(model, ids, n, tokenizer.eos_token_id) for ids, n in zip(prompts, NEW_TOKENS, strict=True)
+    ]
+    recorded = Recorded(model, tokenizer)
+    engine = recorded.engine
+    await engine.start()
+    try:
+        alone = [
+            await recorded.run(f"alone{i}", ids, n)
+            for i, (ids, n) in enumerate(zip(prompts, NEW_TOKENS, strict=True))
+        ]
+        tasks = []
+        for i, (ids, n) in enumerate(zip(prompts, NEW_TOKENS, strict=True)):
+            tasks.append(asyncio.create_task(recorded.run(f"batched{i}", ids, n)))
+            # The next request comes once this one is generating: rows join at different steps.
+            await engine.wait_until(lambda e, label=f"batched{i}": bool(recorded.ids.get(label)))
+        batched = await asyncio.gather(*tasks)
+    finally:
+        await engine.stop()
+    for i, want in enumerate(expected):
+        for kind, outputs in (("alone", alone[i]), ("batched", batched[i])):
+            assert recorded.ids[f"{kind}{i}"] == want, f"{kind} request {i}: ids"
+            text = "".join(out.text for out in outputs)
+            assert text == tokenizer.decode(want, skip_special_tokens=True), f"{kind} request {i}: text"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_the_first_tokens_logits_are_the_models_own(
+    family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel
+) -> None:
+    tokenizer = tiny.tokenizer
+    model = model_of(family, models, tokenizer)
+    recorded = Recorded(model, tokenizer)
+    await recorded.engine.start()
+    try:
+        for i, prompt in enumerate(PROMPTS[:2]):
+            recorded.logits.clear()
+            ids = tokenizer.encode(prompt)
+            await recorded.run(f"r{i}", ids, 1)
+            with torch.no_grad():
+                want = model(torch.tensor([ids])).logits[:, -1]
+            got = recorded.logits[0][:1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        await recorded.engine.stop()
