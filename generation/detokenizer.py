@@ -41,7 +41,8 @@ class IncrementalDetokenizer:
         self._held = ""
         # The ids of the last piece of text (the prompt's tail before any) and those fed since, still
         # undecoded: what `flush` decodes.
-        self._settled, self._pending = context, []
+        self._settled: list[int] = context
+        self._pending: list[int] = []
         self.stopped = False
 
     def step(self, token_id: int) -> str:
