@@ -1,6 +1,6 @@
 """Model-specific adaptations the engine applies to stock transformers models.
 
-Falcon does not use transformers' attention interface, so two of its habits are fixed here, on the
+Falcon does not use transformers' attention interface, so three of its habits are fixed here, on the
 module instances, with the same arithmetic:
 
 - it picks the shared key and value heads with a list index (`[..., [-2], :]`), which copies a host
@@ -8,7 +8,9 @@ module instances, with the same arithmetic:
 - with one key/value head (multi-query, Falcon-7B) it hands SDPA keys of shape [B, 1, L, D] beside
   queries of [B, 71, 1, D]; SDPA then falls back to a kernel that copies the keys out to every head,
   which makes the decode step's attention cost grow with 71 x the KV cache; and a prefill with a mask
-  runs the unfused float32 attention.
+  runs the unfused float32 attention;
+- with grouped keys and values (Falcon-40B and later) it copies them out to every query head before
+  they are cached: 16x the KV memory for 128 query heads over 8.
 """
 
 from __future__ import annotations
@@ -348,14 +350,38 @@ def restore_layers(layers: list[FalconDecoderLayer]) -> None:
         layer.__dict__.pop("forward", None)
 
 
-def _split_heads_by_slicing(self: FalconAttention, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # The grouped-query layout (Falcon-40B and later): slices instead of list indices, same values.
-    batch, seq_len, _ = fused_qkv.shape
-    groups = self.num_heads // (self.config.num_kv_heads or self.num_heads)
-    qkv = fused_qkv.view(batch, seq_len, -1, groups + 2, self.head_dim)
-    query, key, value = qkv[:, :, :, :-2], qkv[:, :, :, -2:-1], qkv[:, :, :, -1:]
-    key, value = torch.broadcast_to(key, query.shape), torch.broadcast_to(value, query.shape)
-    return tuple(x.flatten(2, 3) for x in (query, key, value))
+def _grouped_query_attention(
+    self: FalconAttention,
+    hidden_states: torch.Tensor,
+    alibi: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The grouped-query layout (Falcon-40B and later) with only its key/value heads in the cache: the
+    stock code copies them out to every query head before caching (16x the KV memory for 128 heads over
+    8), and picks them with list indices, which a CUDA graph cannot capture. Same arithmetic."""
+    if position_embeddings is None:
+        raise ValueError("rotary Falcon attention needs position embeddings")
+    batch, length, _ = hidden_states.shape
+    kv_heads = self.num_kv_heads or self.num_heads
+    groups = self.num_heads // kv_heads
+    # [B, T, kv_heads, groups + 2, D]: each key/value head follows the query heads it serves
+    qkv = self.query_key_value(hidden_states).view(batch, length, kv_heads, groups + 2, self.head_dim)
+    query = qkv[:, :, :, :-2].flatten(2, 3).transpose(1, 2)
+    key, value = qkv[:, :, :, -2].transpose(1, 2), qkv[:, :, :, -1].transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    if getattr(layer_past, "plain_causal", False):
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, enable_gqa=True)
+    return self.dense(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)), None
 
 
 def adapt(model: PreTrainedModel) -> None:
@@ -364,6 +390,6 @@ def adapt(model: PreTrainedModel) -> None:
         if not isinstance(module, FalconAttention) or module.config.alibi:
             continue
         if module.new_decoder_architecture:
-            module._split_heads = types.MethodType(_split_heads_by_slicing, module)  # type: ignore[method-assign]
+            module.forward = types.MethodType(_grouped_query_attention, module)  # type: ignore[method-assign]
         elif module.multi_query:
             module.forward = types.MethodType(_multi_query_attention, module)  # type: ignore[method-assign]

@@ -11,16 +11,19 @@ import time
 import uuid
 from collections.abc import Callable
 
+import structlog
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from generation.engine import Engine
-from generation.engine_config import EngineConfig
+from generation.engine_config import EngineConfig, context_length
 from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
 from generation.metrics import EngineMetrics
 from generation.params import MAX_SEED, SamplingParams
 from generation.prompts import Prompts
 from generation.runner import ModelRunner
 from generation.scheduler import SchedulerConfig
+
+log = structlog.get_logger("generation.engine")
 
 RATE_WINDOW_S = 30.0
 DEFAULT_RETRY_AFTER_S = 5
@@ -109,7 +112,12 @@ class AsyncEngine:
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
     ) -> None:
         self.tokenizer = tokenizer
-        self.config = config
+        asked = config.max_seq_len
+        self.config = config = config.within(context_length(model.config))
+        if config.max_seq_len < asked:
+            log.info(
+                "max_seq_len cut to the model's context length", asked=asked, max_seq_len=config.max_seq_len
+            )
         self.prompts = Prompts(tokenizer, config.max_seq_len)
         eos_ids = _eos_ids(model, tokenizer)
         runner = ModelRunner(model, config, eos_ids)

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
+
+# Where a model's config keeps the longest sequence it was made for, under each family's naming.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+def context_length(model_config: Any) -> int | None:
+    """The longest sequence the model's config says it handles (a learned position table ends there; a
+    rotary model was trained to it), or None where it names none (alibi models)."""
+    for name in CONTEXT_FIELDS:
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,3 +46,9 @@ class EngineConfig:
     layers compile once for all layers (about a minute on Falcon-7B); other models compile the whole
     decode forward (minutes). A part that fails to compile, or a compiled step that fails to capture,
     runs uncompiled."""
+
+    def within(self, context: int | None) -> EngineConfig:
+        """This config with `max_seq_len` cut to the model's context length where it is longer."""
+        if context is None or self.max_seq_len <= context:
+            return self
+        return replace(self, max_seq_len=context)

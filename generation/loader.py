@@ -130,11 +130,11 @@ def _random_model(spec: str, dtype: torch.dtype, device: torch.device, quantize:
 
 
 def demo_model_dir() -> Path:
-    """Where the demo model is cached: $XDG_CACHE_HOME/trickle/demo-v1 (default ~/.cache)."""
+    """Where the demo model is cached: $XDG_CACHE_HOME/trickle/demo-v2 (default ~/.cache)."""
     cache_home = os.environ.get("XDG_CACHE_HOME", "")
     # The XDG spec says a relative value is invalid and must be ignored.
     base = Path(cache_home) if os.path.isabs(cache_home) else Path.home() / ".cache"
-    return base / "trickle" / "demo-v1"
+    return base / "trickle" / "demo-v2"
 
 
 def build_demo_model(directory: Path) -> None:
@@ -396,7 +396,7 @@ def _build_demo_falcon(tokenizer: PreTrainedTokenizerFast) -> FalconForCausalLM:
         alibi=False,
         parallel_attn=True,
         bias=False,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,

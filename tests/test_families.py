@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from config import Settings
 from generation import AsyncEngine, EngineConfig, LoadedModel, RequestOutput, SamplingParams
+from server import create_app
 from tests.families import FAMILIES, WINDOW, build
 
 # Prompts of different lengths, the longest several sliding windows long.
@@ -128,3 +130,43 @@ async def test_the_first_tokens_logits_are_the_models_own(
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     finally:
         await recorded.engine.stop()
+
+
+async def test_a_request_past_the_models_position_limit_is_422_and_a_bystander_is_served(
+    aiohttp_client: Any, models: dict[str, PreTrainedModel], tiny: LoadedModel
+) -> None:
+    tokenizer = tiny.tokenizer
+    gpt2 = model_of("gpt2", models, tokenizer)
+    limit = gpt2.config.n_positions
+    engine = AsyncEngine(gpt2, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=4 * limit))
+    assert engine.config.max_seq_len == limit
+    client = await aiohttp_client(create_app(Settings(model="test"), engine))
+    bystander = asyncio.create_task(
+        client.post("/predict", json={"prompt": "The baker", "max_new_tokens": 60, "min_new_tokens": 60})
+    )
+    prompt = "bread "
+    while len(tokenizer.encode(prompt + "bread ")) < limit - 9:  # just under the limit
+        prompt += "bread "
+    prompt_tokens = len(tokenizer.encode(prompt))
+    refused = await client.post("/stream", json={"prompt": prompt, "max_new_tokens": 24, "cutoff_len": limit})
+    assert refused.status == 422
+    assert (await refused.json())["error"]["field"] == "max_new_tokens"
+    served = await bystander
+    assert served.status == 200 and (await served.json())["usage"]["completion_tokens"] == 60
+    fits = {"prompt": prompt, "max_new_tokens": limit - prompt_tokens, "cutoff_len": limit}
+    assert (await client.post("/predict", json=fits)).status == 200
+
+
+async def test_the_falcon_40b_layout_keeps_only_its_key_value_heads_in_the_cache(
+    models: dict[str, PreTrainedModel], tiny: LoadedModel
+) -> None:
+    model = model_of("falcon-40b-layout", models, tiny.tokenizer)
+    assert (model.config.num_attention_heads, model.config.num_kv_heads) == (8, 2)
+    recorded = Recorded(model, tiny.tokenizer)
+    await recorded.engine.start()
+    try:
+        await recorded.run("r", tiny.tokenizer.encode("The baker"), 4)
+    finally:
+        await recorded.engine.stop()
+    keys, values = recorded.engine.engine.runner.cache.cached(0, 1, 8)
+    assert keys.shape[1] == values.shape[1] == 2

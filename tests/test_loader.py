@@ -116,7 +116,7 @@ def test_tokenizer_pad_token_falls_back_to_eos(demo_dir: Path, tmp_path: Path) -
 
 
 def test_demo_model_dir_follows_xdg_cache_home(cache_home: Path) -> None:
-    assert demo_model_dir() == cache_home / "trickle" / "demo-v1"
+    assert demo_model_dir() == cache_home / "trickle" / "demo-v2"
 
 
 def test_demo_spec_builds_once_then_reuses_the_cache(
@@ -136,7 +136,7 @@ def test_demo_spec_builds_once_then_reuses_the_cache(
         built.st_ino,
         built.st_mtime_ns,
     )
-    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v1"]
+    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v2"]
 
 
 def test_incomplete_demo_cache_is_replaced(cache_home: Path) -> None:
@@ -147,7 +147,7 @@ def test_incomplete_demo_cache_is_replaced(cache_home: Path) -> None:
     load_model("demo")
 
     assert (leftover / "model.safetensors").is_file()
-    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v1"]
+    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v2"]
 
 
 def test_demo_build_copes_with_a_concurrent_builder_winning(
@@ -162,7 +162,7 @@ def test_demo_build_copes_with_a_concurrent_builder_winning(
     loaded = load_model("demo")
 
     assert loaded.name == "demo"
-    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v1"]
+    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v2"]
 
 
 def test_missing_local_directory_is_a_one_line_error(tmp_path: Path) -> None:
