@@ -42,6 +42,7 @@ from generation import (
     AsyncEngine,
     EngineConfig,
     ModelLoadError,
+    ModelRunError,
     RequestError,
     RequestOutput,
     RequestStream,
@@ -310,10 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     notifier.status(f"loading {settings.model}")
     try:
         engine = build_engine(settings)
-    except ModelLoadError as err:
+        asyncio.run(serve(settings, engine, notifier))
+    except (ModelLoadError, ModelRunError) as err:
         print(f"trickle: {err}", file=sys.stderr)
         return 1
-    asyncio.run(serve(settings, engine, notifier))
     return 0
 
 

@@ -11,6 +11,7 @@ from generation.loader import LoadedModel, ModelLoadError, load_model
 from generation.messages import RequestOutput
 from generation.params import SamplingParams
 from generation.prompts import Prompts, RequestError
+from generation.runner import ModelRunError
 
 __all__ = [
     "AsyncEngine",
@@ -18,6 +19,7 @@ __all__ = [
     "EngineUnavailableError",
     "LoadedModel",
     "ModelLoadError",
+    "ModelRunError",
     "Prompts",
     "QueueFullError",
     "RequestError",

@@ -136,7 +136,8 @@ class AsyncEngine:
         self.metrics = EngineMetrics(runner.num_slots * config.max_seq_len)
 
     async def start(self) -> None:
-        """Capture the decode graphs (on a GPU), then start the engine thread."""
+        """Run the model once (ModelRunError if it cannot run), capture the decode graphs (on a GPU), then
+        start the engine thread."""
         await asyncio.to_thread(self.engine.runner.warm_up)
         self._loop = asyncio.get_running_loop()
         self.engine.start()

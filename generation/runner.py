@@ -28,7 +28,7 @@ from generation.adapters import (
 from generation.engine_config import EngineConfig
 from generation.head import ModelHead
 from generation.kv_cache import PassThroughCache, SlotKVCache
-from generation.masks import AttentionMasks, Mask, alibi_from_4d
+from generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
 from generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
 from generation.scheduler import ScheduledBatch
 from generation.sequence import Sequence
@@ -58,6 +58,10 @@ def _bucket(value: int, buckets: tuple[int, ...], cap: int) -> int:
     return min(buckets[index] if index < len(buckets) else cap, cap)
 
 
+class ModelRunError(RuntimeError):
+    """The model cannot run in the engine (found by the forward `warm_up` runs first)."""
+
+
 @dataclass
 class Launched:
     """A step queued on the device: its rows, how many of them decoded, and where its tokens land."""
@@ -83,7 +87,10 @@ class ModelRunner:
         self.vocab_size, self.hidden_size = model.get_output_embeddings().weight.shape
         hidden_size = self.hidden_size
         self._cache_arg = _cache_argument(self.base)
-        self.masks = AttentionMasks(model.config, self.dtype)
+        try:
+            self.masks = AttentionMasks(model.config, self.dtype)
+        except UnsupportedModelError as err:
+            raise ModelRunError(str(err)) from err
         model_code = inspect.getmodule(type(self.base))
         if model_code is not None and hasattr(model_code, "build_alibi_tensor"):
             alibi_from_4d(model_code)
@@ -430,7 +437,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile (with --compile) and capture every graph now, so no request pays for either."""
+        """Run one real forward (every device), then compile (with --compile) and capture every graph, so
+        no request pays for either. ModelRunError when the model cannot run here."""
+        self.check_forward()
         if not self.use_graphs:
             return
         self._static.clear()
@@ -456,6 +465,18 @@ class ModelRunner:
         log.info(
             "step graphs captured", graphs=len(self._graphs), seconds=round(time.perf_counter() - started, 1)
         )
+
+    def check_forward(self) -> None:
+        """A two-token prompt through the model, its masks and its head, as a prefill runs it: a model the
+        engine cannot run fails here, before the server says it is ready, not on every request."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        positions = torch.arange(2, device=self.device)[None]
+        lengths = torch.tensor([2], device=self.device)
+        try:
+            hidden = self._forward(ids, positions, self._causal_mask(lengths, 2), PassThroughCache())
+            self.head(hidden[:, -1])
+        except Exception as err:
+            raise ModelRunError(f"the model failed its first forward: {_brief(err)[:300]}") from err
 
     def _batches_and_lengths(self) -> tuple[list[int], list[int]]:
         batches = sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS})

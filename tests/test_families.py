@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from config import Settings
-from generation import AsyncEngine, EngineConfig, LoadedModel, RequestOutput, SamplingParams
+from generation import AsyncEngine, EngineConfig, LoadedModel, ModelRunError, RequestOutput, SamplingParams
 from server import create_app
 from tests.families import FAMILIES, WINDOW, build
 
@@ -170,3 +170,27 @@ async def test_the_falcon_40b_layout_keeps_only_its_key_value_heads_in_the_cache
         await recorded.engine.stop()
     keys, values = recorded.engine.engine.runner.cache.cached(0, 1, 8)
     assert keys.shape[1] == values.shape[1] == 2
+
+
+async def test_ready_comes_only_after_a_real_forward_and_a_model_that_cannot_run_never_starts(
+    models: dict[str, PreTrainedModel], tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = model_of("llama", models, tiny.tokenizer)
+    forwards: list[int] = []
+    hook = model.base_model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    engine = AsyncEngine(model, tiny.tokenizer, EngineConfig(max_batch_size=2, max_seq_len=64))
+    try:
+        await engine.start()
+        assert forwards and engine.unavailable is None
+        await engine.stop()
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("this model cannot run here")
+
+        broken_engine = AsyncEngine(model, tiny.tokenizer, EngineConfig(max_batch_size=2, max_seq_len=64))
+        monkeypatch.setattr(model.base_model, "forward", broken)
+        with pytest.raises(ModelRunError, match="cannot run here"):
+            await broken_engine.start()
+        assert broken_engine.unavailable == "the model is not ready"
+    finally:
+        hook.remove()
