@@ -14,9 +14,12 @@ from typing import Any, cast
 import structlog
 import torch
 from transformers import PreTrainedModel
-from transformers.models.falcon.modeling_falcon import FalconDecoderLayer, FalconModel
 
-from generation.adapters import (
+from generation.engine_config import EngineConfig
+from generation.head import ModelHead
+from generation.kv_cache import PassThroughCache, SlotKVCache
+from generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
+from generation.models import (
     PLAIN_PARTS,
     PackedShape,
     adapt,
@@ -25,10 +28,6 @@ from generation.adapters import (
     regional_layers,
     restore_layers,
 )
-from generation.engine_config import EngineConfig
-from generation.head import ModelHead
-from generation.kv_cache import PassThroughCache, SlotKVCache
-from generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
 from generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
 from generation.scheduler import ScheduledBatch
 from generation.sequence import Sequence
@@ -99,8 +98,9 @@ class ModelRunner:
         self.num_slots = self._plan_slots()
         self.cache = SlotKVCache(self.num_slots, config.max_seq_len)
         self._prefill_shapes = self._graph_prefill_shapes()
-        # Packed steps (Falcon multi-query): newcomers whose padded shape is one of these are prefilled in
-        # the running rows' decode forward; their last hidden states land in `_prefill_hidden`.
+        # Packed steps (models with regional layers: Falcon multi-query): newcomers whose padded shape is
+        # one of these are prefilled in the running rows' decode forward; their last hidden states land in
+        # `_prefill_hidden`.
         packable = bool(regional_layers(self.base)) and config.packed_prefill_tokens > 0
         self._packed_shapes = [
             (n, w) for n, w in self._prefill_shapes if packable and n * w <= config.packed_prefill_tokens
@@ -130,7 +130,7 @@ class ModelRunner:
         # The decode forward and the sampler of each mode; `warm_up` swaps in compiled ones with --compile.
         self._decode_forward = self._decode_hidden
         self._samplers: dict[str, Callable[..., torch.Tensor]] = dict.fromkeys(MODES, sample_rows)
-        self._regional: list[FalconDecoderLayer] = []  # layers running compiled regions (--compile, Falcon)
+        self._regional: list[torch.nn.Module] = []  # layers running compiled regions (--compile)
         self._parts = PLAIN_PARTS  # the layer parts packed steps run (compiled with the regions)
         self.packed_steps = 0  # steps that prefilled newcomers inside the decode forward
 
@@ -332,9 +332,10 @@ class ModelRunner:
         ids = torch.cat([static.ids[:batch, 0], inputs.ids[: rows * width]])
         positions = torch.cat([static.positions[:batch, 0], static.key_index[:width].repeat(rows)])
         token_slots = torch.cat([static.rows[:batch], slots.repeat_interleave(width)])
-        mask = cast(torch.Tensor, self._decode_mask(batch, shape.kv_len))  # Falcon: one kind of layer
-        base = cast(FalconModel, self.base)
-        hidden = packed_forward(base, self._parts, self.cache, ids, positions, token_slots, mask, shape)
+        mask = cast(
+            torch.Tensor, self._decode_mask(batch, shape.kv_len)
+        )  # regional models: one kind of layer
+        hidden = packed_forward(self.base, self._parts, self.cache, ids, positions, token_slots, mask, shape)
         self._hidden[:batch].copy_(hidden[:batch])
         self._prefill_hidden[:rows].copy_(hidden[batch + static.rows[:rows] * width + lengths - 1])
         return self._hidden

@@ -14,8 +14,8 @@ import torch
 from transformers import FalconForCausalLM, PreTrainedModel
 
 from generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
-from generation.adapters import compile_regions, regional_layers, restore_layers
 from generation.messages import AbortRequest, AddRequest, StepReport
+from generation.models import compile_regions, regional_layers, restore_layers
 from tests.conftest import fail_step, make_engine
 
 PROMPTS = [

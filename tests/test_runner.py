@@ -16,8 +16,8 @@ import structlog
 import torch
 
 from generation import LoadedModel, SamplingParams
-from generation.adapters import compile_regions, regional_layers, restore_layers
 from generation.detokenizer import IncrementalDetokenizer
+from generation.models import compile_regions, regional_layers, restore_layers
 from generation.runner import ModelRunner
 from generation.sampler import FULL, PLAIN, TOP_K, sample_rows
 from generation.sequence import Sequence, Status

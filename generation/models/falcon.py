@@ -1,4 +1,5 @@
-"""Model-specific adaptations the engine applies to stock transformers models.
+"""Falcon: the fixes the engine applies to stock transformers Falcon models, and the compiled regions and
+packed steps of its multi-query layers.
 
 Falcon does not use transformers' attention interface, so three of its habits are fixed here, on the
 module instances, with the same arithmetic:
@@ -253,7 +254,7 @@ class PackedShape:
 
 
 def packed_forward(
-    model: FalconModel,
+    base: torch.nn.Module,
     parts: Parts,
     cache: SlotKVCache,
     ids: torch.Tensor,
@@ -271,6 +272,7 @@ def packed_forward(
     ids, positions, slots: [T], each token's id, position and slot (its keys are
     stored there) -> final hidden states [T, hidden]
     """
+    model = cast(FalconModel, base)
     hidden = model.word_embeddings(ids)[None]
     cos, sin = model.rotary_emb(hidden, position_ids=positions[None])
     cache.for_tokens(slots, positions)
@@ -323,7 +325,7 @@ def regional_layers(model: torch.nn.Module) -> list[FalconDecoderLayer]:
     return layers if fits else []
 
 
-def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> Parts:
+def compile_regions(modules: list[torch.nn.Module], compile: Any) -> Parts:
     """Run each layer as `_regional_layer`, its two tensor functions wrapped by `compile` (torch.compile,
     or any wrapper with its signature); returns them, for `packed_forward`."""
     # Automatic dynamic shapes (not dynamic=True): the sizes that vary between calls (batch rows,
@@ -337,6 +339,7 @@ def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> Parts:
     dynamo.recompile_limit = max(dynamo.recompile_limit, 32)
     parts = (compile(_layer_inputs), compile(_layer_output))
     handoff: dict[str, Any] = {"for": None, "hidden": None, "normed": None}
+    layers = cast(list[FalconDecoderLayer], modules)  # as regional_layers found them
     layers = sorted(layers, key=lambda layer: layer.self_attention.layer_idx)  # the order they run in
     for layer, next_layer in zip(layers, [*layers[1:], None], strict=True):
         forward = functools.partial(_regional_layer, parts=parts, next_layer=next_layer, handoff=handoff)
@@ -344,7 +347,7 @@ def compile_regions(layers: list[FalconDecoderLayer], compile: Any) -> Parts:
     return parts
 
 
-def restore_layers(layers: list[FalconDecoderLayer]) -> None:
+def restore_layers(layers: list[torch.nn.Module]) -> None:
     """Undo `compile_regions`: the layers run transformers' own forward again."""
     for layer in layers:
         layer.__dict__.pop("forward", None)
