@@ -11,7 +11,9 @@ from transformers import FalconForCausalLM
 
 from generation import LoadedModel, load_model
 from tests.conftest import make_engine
+from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
+from tests.test_families import assert_exact
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -34,3 +36,11 @@ async def test_graphs_with_packed_steps_match_generate_token_for_token(
     runner = engine.engine.runner
     assert runner.use_graphs and runner.packed_steps > 0
     assert any(key[0] == "packed" for key in runner._graphs)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_every_family_is_exact_with_cuda_graphs(family: str, tiny: LoadedModel) -> None:
+    """The model matrix on the GPU: masks, alibi and the model's own head inside captured graphs."""
+    model = build(family, len(tiny.tokenizer), tiny.tokenizer.eos_token_id).cuda()
+    await assert_exact(model, tiny.tokenizer)

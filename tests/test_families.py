@@ -40,8 +40,8 @@ def model_of(family: str, models: dict[str, PreTrainedModel], tokenizer: PreTrai
 def reference(model: PreTrainedModel, ids: list[int], new_tokens: int, eos: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            torch.tensor([ids], device=model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             max_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=eos,
@@ -81,8 +81,12 @@ class Recorded:
 async def test_greedy_output_is_generates_alone_and_joining_a_running_batch(
     family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel
 ) -> None:
-    tokenizer = tiny.tokenizer
-    model = model_of(family, models, tokenizer)
+    await assert_exact(model_of(family, models, tiny.tokenizer), tiny.tokenizer)
+
+
+async def assert_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Greedy ids equal generate()'s, alone and joining a running batch, and the text is their decoding
+    (on the model's device: the CUDA tests run it with graphs)."""
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     assert len(prompts[0]) > 3 * WINDOW
     expected = [
