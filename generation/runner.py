@@ -162,15 +162,18 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile(self) -> tuple[int, int]:
         """KV bytes per token, and the peak activation memory of the largest prefill a step may run."""
-        tokens = self.max_prefill_tokens
+        # The step's most prompt tokens, in rows no longer than a request may be (a model's positions end
+        # there: gpt2's table has 1,024).
+        width = min(self.max_prefill_tokens, self.config.max_seq_len)
+        rows = -(-self.max_prefill_tokens // width)
         cache = PassThroughCache()
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        ids = torch.zeros(1, tokens, dtype=torch.long, device=self.device)
-        positions = torch.arange(tokens, device=self.device)[None]
-        lengths = torch.tensor([tokens], device=self.device)
-        self._forward(ids, positions, self._causal_mask(lengths, tokens), cache)
+        ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        positions = torch.arange(width, device=self.device)[None].expand(rows, -1)
+        lengths = torch.full((rows,), width, device=self.device)
+        self._forward(ids, positions, self._causal_mask(lengths, width), cache)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         # Sampling may sort the whole vocabulary for every row, with a few float32 and int64 tensors of
         # that size alive at once; leave room for that too.
@@ -448,24 +451,34 @@ class ModelRunner:
         started = time.perf_counter()
         if self.config.compile:
             self._compile()
+        self._capture_or_fall_back()
+        if self.use_graphs:
+            seconds = round(time.perf_counter() - started, 1)
+            log.info("step graphs captured", graphs=len(self._graphs), seconds=seconds)
+
+    def _capture_or_fall_back(self) -> None:
+        """Capture every graph. A compiled step that cannot be captured runs uncompiled (captured, but
+        unfused); a step that cannot be captured at all runs eagerly (transformers' grouped-GEMM experts
+        copy from the host inside their forward, say), slower but the same tokens."""
         try:
             self._capture_all()
+            return
         except Exception as err:
-            compiled_any = self._regional or self._decode_forward != self._decode_hidden
-            if not compiled_any and set(self._samplers.values()) == {sample_rows}:
-                raise
-            # Captured, but unfused: a compiled step that cannot be captured still runs uncompiled.
-            log.warning(
-                "capturing the compiled step failed; decoding without torch.compile", error=_brief(err)
-            )
-            self._uncompile_forward()
-            self._samplers = dict.fromkeys(MODES, sample_rows)
-            self._uncompile_layers()
             self._graphs.clear()
-            self._capture_all()
-        log.info(
-            "step graphs captured", graphs=len(self._graphs), seconds=round(time.perf_counter() - started, 1)
-        )
+            compiled_any = self._regional or self._decode_forward != self._decode_hidden
+            if compiled_any or set(self._samplers.values()) != {sample_rows}:
+                log.warning(
+                    "capturing the compiled step failed; decoding without torch.compile", error=_brief(err)
+                )
+                self._uncompile_forward()
+                self._samplers = dict.fromkeys(MODES, sample_rows)
+                self._uncompile_layers()
+                self._capture_or_fall_back()
+                return
+            log.warning(
+                "this model's step cannot be captured in CUDA graphs; running it eagerly", error=_brief(err)
+            )
+            self.use_graphs = False
 
     def check_forward(self) -> None:
         """A two-token prompt through the model, its masks and its head, as a prefill runs it: a model the
