@@ -68,6 +68,10 @@ FAMILIES: dict[str, Callable[[int], PretrainedConfig]] = {
         moe_intermediate_size=32,
         shared_expert_intermediate_size=32,
     ),
+    "qwen3-moe": _llama_like(
+        "Qwen3MoeConfig", head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+    ),
+    "smollm3": _llama_like("SmolLM3Config", no_rope_layer_interval=2),
     "gemma": _llama_like("GemmaConfig", head_dim=16),
     "gemma2": _llama_like(
         "Gemma2Config", head_dim=16, sliding_window=WINDOW, final_logit_softcapping=2.0, num_hidden_layers=3

@@ -41,6 +41,17 @@ def test_split_characters_are_held_until_whole(tiny: LoadedModel) -> None:
     assert "" in pieces, "a token that ends inside a character emits nothing yet"
 
 
+def test_an_output_ending_inside_a_character_flushes_its_tail_as_the_tokenizer_decodes_it(
+    tiny: LoadedModel,
+) -> None:
+    ids = tiny.tokenizer.encode("café 日本")
+    cut = next(n for n in range(len(ids), 0, -1) if "\ufffd" in tiny.tokenizer.decode(ids[:n]))
+    detok = IncrementalDetokenizer(tiny.tokenizer.backend_tokenizer, tiny.tokenizer.encode(PROMPT), ["zz"])
+    pieces = [detok.step(token) for token in ids[:cut]]
+    assert pieces[-1] == "", "the last token ends inside a character"
+    assert "".join(pieces) + detok.flush() == tiny.tokenizer.decode(ids[:cut])
+
+
 def test_text_without_stop_strings_is_emitted_at_once(tiny: LoadedModel) -> None:
     pieces, _ = deltas(tiny, PLAIN, [])
     assert pieces == [tiny.tokenizer.decode([t]) for t in tiny.tokenizer.encode(PLAIN)]
