@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import importlib.metadata
 import json
@@ -288,7 +289,13 @@ def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], A
         app[ENGINE_KEY] = running
         await running.start()
         log.info("engine started", model=app[SETTINGS_KEY].model)
+        # What is loaded now lives as long as the server: freeze it out of the cyclic collector, whose
+        # full passes over it (some 440,000 objects of torch, transformers and the model, even for the
+        # demo) held the interpreter lock for 200 ms and stalled every stream.
+        gc.collect()
+        gc.freeze()
         yield
+        gc.unfreeze()
         await running.stop()
         log.info("engine stopped")
 
