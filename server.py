@@ -51,6 +51,7 @@ from generation import (
     load_model,
 )
 from generation.engine import HEARTBEAT_S
+from generation.engine_config import DEFAULT_MAX_SEQ_LEN, context_length
 from notify import Notifier
 
 log = structlog.get_logger("server")
@@ -237,9 +238,10 @@ def build_engine(settings: Settings) -> AsyncEngine:
     loaded = load_model(
         settings.model, dtype=settings.dtype, device=settings.device, quantize=settings.quantize
     )
+    context = context_length(loaded.model.config) or DEFAULT_MAX_SEQ_LEN
     config = EngineConfig(
         max_batch_size=settings.max_batch_size,
-        max_seq_len=settings.max_seq_len,
+        max_seq_len=settings.max_seq_len or context,
         prefill_token_budget=settings.prefill_token_budget,
         packed_prefill_tokens=settings.packed_prefill_tokens,
         max_queue=settings.max_queue,

@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     """Load the weights quantized with bitsandbytes (CUDA only)."""
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most requests generating at once (rows in the batch)."""
-    max_seq_len: int = Field(default=2048, ge=8, le=1_048_576)
-    """Most tokens one request may hold in the KV cache: prompt plus generated."""
+    max_seq_len: int | None = Field(default=None, ge=8, le=1_048_576)
+    """Most tokens one request may hold in the KV cache, prompt plus generated. By default the model's
+    context length (2048 where its config names none); a longer value is cut to the model's."""
     prefill_token_budget: int = Field(default=1024, ge=1)
     """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams."""
     packed_prefill_tokens: int = Field(default=0, ge=0)

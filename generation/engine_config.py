@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+DEFAULT_MAX_SEQ_LEN = 2048  # where neither the settings nor the model's config name one
 # Where a model's config keeps the longest sequence it was made for, under each family's naming.
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 

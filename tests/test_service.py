@@ -336,3 +336,11 @@ def test_the_server_lifts_its_soft_open_files_limit_to_the_hard_one() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1024), hard))
     raise_open_files_limit(open_files_needed(Settings()))
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+
+
+@pytest.mark.parametrize(("asked", "served"), [(None, 8192), (300, 300), (100_000, 8192)])
+def test_max_seq_len_defaults_to_the_models_context_and_is_cut_to_it(
+    model_dir: Path, asked: int | None, served: int
+) -> None:
+    settings = Settings(model=str(model_dir), device="cpu", max_batch_size=2, max_seq_len=asked)
+    assert build_engine(settings).config.max_seq_len == served
