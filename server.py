@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # `python server.py`: --help, --version and a bad setting are answered before torch and transformers
+    # are imported (seconds); valid settings import this file again, as `server`, to serve.
+    import sys
+
+    from config.cli import main
+
+    sys.exit(main())
+
 import asyncio
 import gc
 import hmac
-import importlib.metadata
 import json
 import re
 import resource
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -38,7 +46,8 @@ from api.common import (
 )
 from api.logs import AccessLogger, configure_logging
 from api.schemas import GenerateRequest
-from config import Settings, SettingsError, load_settings
+from config import Settings
+from config.cli import version
 from generation import (
     AsyncEngine,
     EngineConfig,
@@ -272,17 +281,10 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.App
         ]
     )
     openai.add_routes(app)
-    openapi.add_routes(app, "trickle", _version(), settings.model)
+    openapi.add_routes(app, "trickle", version(), settings.model)
     playground.add_routes(app)
     app.cleanup_ctx.append(_engine_context(engine))
     return app
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("trickle")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -307,13 +309,8 @@ def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], A
 # ---------------------------------------------------------------- main
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse settings, load the model, serve until interrupted. Errors a user can fix are one line."""
-    try:
-        settings = load_settings(sys.argv[1:] if argv is None else argv)
-    except SettingsError as err:
-        print(f"trickle: {err}", file=sys.stderr)
-        return 2
+def run(settings: Settings) -> int:
+    """Load the model, serve until interrupted. Errors a user can fix are one line on stderr."""
     configure_logging(settings.log_level, settings.log_format, secrets=settings.all_api_keys())
     raise_open_files_limit(open_files_needed(settings))
     notifier = Notifier.from_environment()
@@ -397,7 +394,3 @@ async def _feed_watchdog(engine: AsyncEngine, notifier: Notifier) -> None:
         if engine.alive_within(threshold):
             notifier.watchdog()
         await asyncio.sleep(interval)  # a timer: there is no event to wait for
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     CliApp,
@@ -97,11 +98,12 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @model_validator(mode="after")
-    def _check_keys_file(self) -> Settings:
-        if self.api_keys_file is not None and not self.api_keys_file.is_file():
-            raise ValueError(f"api_keys_file {str(self.api_keys_file)!r} is not a readable file")
-        return self
+    @field_validator("api_keys_file")
+    @classmethod
+    def _check_keys_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("not a readable file")
+        return value
 
     def all_api_keys(self) -> list[str]:
         """Keys from the setting and from the keys file together."""
@@ -158,9 +160,11 @@ def load_settings(argv: Sequence[str] = ()) -> Settings:
 
     Raises SettingsError with one line naming the setting when a value is wrong.
     """
-    _toml_path["path"] = _config_path(argv)
+    _toml_path["path"] = path = _config_path(argv)
     try:
         return CliApp.run(Settings, cli_args=list(argv))
+    except tomllib.TOMLDecodeError as err:
+        raise SettingsError(f"invalid setting 'config': {str(path)!r} is not valid TOML: {err}") from err
     except ValidationError as err:
         raise SettingsError(_one_line(err)) from err
     except SourceError as err:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from config import SettingsError, load_settings
+from config import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -52,7 +57,11 @@ def test_api_keys_from_a_comma_separated_variable(monkeypatch: pytest.MonkeyPatc
             {},
             "invalid setting 'config': '/no/such.toml' is not a readable file",
         ),
-        (["--api-keys-file", "/no/keys"], {}, "api_keys_file '/no/keys' is not a readable file"),
+        (
+            ["--api-keys-file", "/no/keys"],
+            {},
+            "invalid setting 'api_keys_file': not a readable file (got '/no/keys')",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_setting(
@@ -64,3 +73,34 @@ def test_a_bad_value_is_one_line_naming_the_setting(
         load_settings(argv)
     assert expected in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_broken_toml_file_is_one_line_naming_config(tmp_path: Path) -> None:
+    broken = tmp_path / "trickle.toml"
+    broken.write_text("port = [broken\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(["--config", str(broken)])
+    assert str(caught.value).startswith(f"invalid setting 'config': '{broken}' is not valid TOML: ")
+    assert "\n" not in str(caught.value)
+
+
+def cold_cli(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`python server.py ARGS` in a fresh interpreter, and how long it took."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True, timeout=60
+    )
+    return result, time.perf_counter() - started
+
+
+def test_help_version_and_a_bad_setting_answer_within_two_seconds_from_a_cold_start() -> None:
+    shown, took = cold_cli("--help")
+    assert shown.returncode == 0 and took < 2.0
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in shown.stdout and f"TRICKLE_{name.upper()}" in shown.stdout
+    assert "{Path,null}" not in shown.stdout and "list[str]" not in shown.stdout
+    version, took = cold_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("trickle ") and took < 2.0
+    bad, took = cold_cli("--port", "70000")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and took < 2.0
+    assert "torch" not in bad.stderr
