@@ -21,7 +21,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -36,6 +36,7 @@ from api.common import (
     RETRY_AFTER_NOT_READY,
     SETTINGS_KEY,
     ClientError,
+    EngineSlot,
     admit,
     engine_for,
     gather,
@@ -57,6 +58,7 @@ from generation import (
     RequestOutput,
     RequestStream,
     SamplingParams,
+    check_source,
     load_model,
 )
 from generation.engine import HEARTBEAT_S
@@ -219,7 +221,7 @@ async def predict(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format: the engine's metrics and the HTTP responses by route and status."""
     body = generate_latest(request.app[HTTP_METRICS_KEY].registry)
-    engine = request.app.get(ENGINE_KEY)
+    engine = request.app[ENGINE_KEY].engine
     if engine is not None:
         body += generate_latest(engine.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -230,8 +232,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    engine = request.app.get(ENGINE_KEY)
-    reason = "the model is not ready" if engine is None else engine.unavailable
+    slot = request.app[ENGINE_KEY]
+    engine = slot.engine
+    reason = slot.doing if engine is None else engine.unavailable
     if engine is None or reason is not None:
         return json_error(request.path, 503, reason or "", headers={"Retry-After": RETRY_AFTER_NOT_READY})
     return web.json_response(
@@ -263,12 +266,14 @@ def build_engine(settings: Settings) -> AsyncEngine:
 
 
 def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.Application:
-    """The aiohttp application. Without an engine, one is built from the settings at startup."""
+    """The aiohttp application; a given engine starts and stops with it. Without one, `serve` builds
+    one from the settings once the port is bound, and until then the app answers 503."""
     app = web.Application(
         middlewares=[request_id_middleware, metrics_middleware, error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS_KEY] = settings
+    app[ENGINE_KEY] = EngineSlot()
     app[HTTP_METRICS_KEY] = HttpMetrics()
     app[API_KEYS_KEY] = [key.encode() for key in settings.all_api_keys()]
     app.add_routes(
@@ -288,36 +293,64 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.App
 
 
 def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A given engine starts with the app. Without one, `serve` builds it once the port is bound
+    (`EngineSlot.startup`), and /ready says what is being done until the engine runs. Either way the
+    engine stops with the app."""
+
     async def run_engine(app: web.Application) -> AsyncIterator[None]:
-        running = engine if engine is not None else await asyncio.to_thread(build_engine, app[SETTINGS_KEY])
-        app[ENGINE_KEY] = running
-        await running.start()
-        log.info("engine started", model=app[SETTINGS_KEY].model)
-        # What is loaded now lives as long as the server: freeze it out of the cyclic collector, whose
-        # full passes over it (some 440,000 objects of torch, transformers and the model, even for the
-        # demo) held the interpreter lock for 200 ms and stalled every stream.
-        gc.collect()
-        gc.freeze()
+        if engine is not None:
+            await _start_engine(app, engine)
         yield
-        gc.unfreeze()
-        await running.stop()
-        log.info("engine stopped")
+        startup = app[ENGINE_KEY].startup
+        if startup is not None and not startup.done():
+            startup.cancel()
+        running = app[ENGINE_KEY].engine
+        if running is not None:
+            gc.unfreeze()
+            await running.stop()
+            log.info("engine stopped")
 
     return run_engine
+
+
+async def _build_and_start(app: web.Application) -> None:
+    settings, slot = app[SETTINGS_KEY], app[ENGINE_KEY]
+    slot.doing = f"loading the model {settings.model}"
+    engine = await asyncio.to_thread(build_engine, settings)
+    slot.doing = "warming up the engine"
+    await _start_engine(app, engine)
+
+
+async def _start_engine(app: web.Application, engine: AsyncEngine) -> None:
+    await engine.start()
+    app[ENGINE_KEY].engine = engine
+    log.info("engine started", model=app[SETTINGS_KEY].model)
+    # What is loaded now lives as long as the server: freeze it out of the cyclic collector, whose full
+    # passes over it (some 440,000 objects of torch, transformers and the model, even for the demo)
+    # held the interpreter lock for 200 ms and stalled every stream.
+    gc.collect()
+    gc.freeze()
 
 
 # ---------------------------------------------------------------- main
 
 
+class BindError(OSError):
+    """The server cannot listen where the settings say (a port in use, an address that is not this
+    machine's)."""
+
+
 def run(settings: Settings) -> int:
-    """Load the model, serve until interrupted. Errors a user can fix are one line on stderr."""
+    """Bind, load the model, serve until interrupted. Errors a user can fix are one line on stderr:
+    exit 2 for an address that cannot be bound (before any loading), 1 for a model that cannot load."""
     configure_logging(settings.log_level, settings.log_format, secrets=settings.all_api_keys())
     raise_open_files_limit(open_files_needed(settings))
-    notifier = Notifier.from_environment()
-    notifier.status(f"loading {settings.model}")
     try:
-        engine = build_engine(settings)
-        asyncio.run(serve(settings, engine, notifier))
+        check_source(settings.model)  # seconds at most: a model that cannot be found fails before binding
+        asyncio.run(serve(settings, None, Notifier.from_environment()))
+    except BindError as err:
+        print(f"trickle: {err}", file=sys.stderr)
+        return 2
     except (ModelLoadError, ModelRunError) as err:
         print(f"trickle: {err}", file=sys.stderr)
         return 1
@@ -342,26 +375,35 @@ def raise_open_files_limit(needed: int) -> None:
 
 
 async def serve(
-    settings: Settings, engine: AsyncEngine, notifier: Notifier, stop: asyncio.Event | None = None
+    settings: Settings, engine: AsyncEngine | None, notifier: Notifier, stop: asyncio.Event | None = None
 ) -> None:
     """Serve until `stop` is set (by default: until SIGTERM or SIGINT), then drain and shut down.
 
-    systemd hears READY only once the engine is warmed up and the socket is bound, WATCHDOG while the
-    engine thread keeps turning, and STOPPING when the drain begins.
+    Without an engine, the port is bound first and the model loads behind it (/health answers, /ready
+    says what is being done); BindError when the port cannot be bound. systemd hears READY only once
+    the engine is warmed up and the socket is bound, WATCHDOG while the engine thread keeps turning, and
+    STOPPING when the drain begins.
     """
     stop = stop or _stop_on_signals()
-    notifier.status("warming up the engine")
+    notifier.status("starting")
+    app = create_app(settings, engine)
     runner = web.AppRunner(
-        create_app(settings, engine),
-        handler_cancellation=True,
-        access_log_class=AccessLogger,
-        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        app, handler_cancellation=True, access_log_class=AccessLogger, keepalive_timeout=KEEPALIVE_TIMEOUT_S
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    try:
+        await _listen(runner, settings)
+        if engine is None:
+            notifier.status(f"loading {settings.model}")
+            slot = app[ENGINE_KEY]
+            slot.startup = asyncio.create_task(_build_and_start(app))
+            await slot.startup
+    except BaseException:
+        await runner.cleanup()
+        raise
+    engine = cast(AsyncEngine, app[ENGINE_KEY].engine)  # running: the startup above raised otherwise
     host, port = runner.addresses[0][:2]
-    log.info("listening", url=f"http://{host}:{port}")
+    log.info("ready", url=f"http://{host}:{port}")
     notifier.ready()
     notifier.status(f"serving {settings.model} on {host}:{port}")
     watchdog = asyncio.create_task(_feed_watchdog(engine, notifier))
@@ -373,6 +415,16 @@ async def serve(
     watchdog.cancel()
     await runner.cleanup()
     notifier.close()
+
+
+async def _listen(runner: web.AppRunner, settings: Settings) -> None:
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise BindError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from err
+    host, port = runner.addresses[0][:2]
+    log.info("listening", url=f"http://{host}:{port}")
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -29,7 +30,20 @@ from generation import (
 log = structlog.get_logger("api")
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
-ENGINE_KEY = web.AppKey("engine", AsyncEngine)
+
+
+@dataclass
+class EngineSlot:
+    """The app's engine once it runs, and until then what the server is doing (for /ready). A slot set
+    once the app has started, which aiohttp's frozen app mapping would not allow."""
+
+    engine: AsyncEngine | None = None
+    doing: str = "the model is not ready"
+    startup: asyncio.Task[None] | None = None
+    """The task that builds and starts the engine, where `serve` builds it after binding the port."""
+
+
+ENGINE_KEY = web.AppKey("engine", EngineSlot)
 API_KEYS_KEY = web.AppKey("api_keys", list)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
@@ -148,7 +162,7 @@ def _validated(body: Any, model: type[Body], invalid_status: int) -> Body:
 def engine_for(request: web.Request) -> AsyncEngine:
     """The engine, when it would take a request now; 503 otherwise (not built yet, not running, draining,
     queue full), before the request's prompt costs any work. `admit` asks again."""
-    engine = request.app.get(ENGINE_KEY)
+    engine = request.app[ENGINE_KEY].engine
     if engine is None:
         raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
     with _refusals():

@@ -140,3 +140,7 @@ def _route_transformers_logs() -> None:
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
     hf_logging.disable_progress_bar()
+    # huggingface_hub writes through a handler of its own as well as ours (each line twice), and its
+    # HTTP layer announces every retry: the loader says in one line when the Hub cannot be reached.
+    logging.getLogger("huggingface_hub").handlers.clear()
+    logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)

@@ -7,7 +7,7 @@ from generation.async_engine import (
     QueueFullError,
     RequestStream,
 )
-from generation.loader import LoadedModel, ModelLoadError, load_model
+from generation.loader import LoadedModel, ModelLoadError, check_source, load_model
 from generation.messages import RequestOutput
 from generation.params import SamplingParams
 from generation.prompts import Prompts, RequestError
@@ -26,5 +26,6 @@ __all__ = [
     "RequestOutput",
     "RequestStream",
     "SamplingParams",
+    "check_source",
     "load_model",
 ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -43,6 +47,8 @@ _LOAD_ERRORS = (OSError, ValueError, ImportError, KeyError, RuntimeError, Safete
 
 _DEMO_SPEC = "demo"
 _RANDOM_PREFIX = "random:"
+HUB_PROBE_TIMEOUT_S = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 _EOS = "<|endoftext|>"
 _DEMO_SEED = 20240601
 _DEMO_VOCAB_SIZE = 1000
@@ -112,10 +118,76 @@ def load_model(
         return _random_model(spec, torch_dtype, torch_device, quantize)
     source = _resolve_source(spec)
     hf_logging.disable_progress_bar()
+    options: dict[str, Any] = {"cache_dir": cache_dir}
+    if _is_hub_id(spec):
+        # A hub id: what the local cache holds first, the Hub only for what it lacks, and a Hub that
+        # cannot be reached is one line at once, not minutes of retries.
+        if _in_cache(spec, cache_dir):
+            try:
+                return _load(
+                    spec, source, torch_dtype, torch_device, quantize, {**options, "local_files_only": True}
+                )
+            except ModelLoadError:
+                pass
+        _check_hub_reachable(spec)
+    return _load(spec, source, torch_dtype, torch_device, quantize, options)
+
+
+def check_source(spec: str) -> None:
+    """What can be known in a few seconds without loading anything: ModelLoadError (one line) for a
+    missing directory, an unknown random shape, or a hub id that is neither in the local cache nor
+    reachable. The server asks this before it binds its port."""
+    if spec == _DEMO_SPEC:
+        return
+    if spec.startswith(_RANDOM_PREFIX):
+        if spec.removeprefix(_RANDOM_PREFIX) not in SHAPES:
+            raise _fail(spec, f"unknown shape; known shapes: {', '.join(SHAPES)}")
+        return
+    _resolve_source(spec)  # a local path that is not a model directory fails here
+    if _is_hub_id(spec) and not _in_cache(spec, None):
+        _check_hub_reachable(spec)
+
+
+def _is_hub_id(spec: str) -> bool:
+    return (
+        spec != _DEMO_SPEC
+        and not spec.startswith(_RANDOM_PREFIX)
+        and not Path(spec).expanduser().exists()
+        and not _looks_like_path(spec)
+    )
+
+
+def _load(
+    spec: str, source: str, dtype: torch.dtype, device: torch.device, quantize: str, options: dict[str, Any]
+) -> LoadedModel:
     # The tokenizer is small: load it first so a bad one fails before gigabytes of weights are read.
-    tokenizer = _load_tokenizer(spec, source, cache_dir)
-    model = _load_weights(spec, source, torch_dtype, torch_device, quantize, cache_dir)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, device=torch_device, dtype=torch_dtype)
+    tokenizer = _load_tokenizer(spec, source, options)
+    model = _load_weights(spec, source, dtype, device, quantize, options)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, device=device, dtype=dtype)
+
+
+def _in_cache(spec: str, cache_dir: Path | None) -> bool:
+    found = try_to_load_from_cache(spec, "config.json", cache_dir=cache_dir)
+    return isinstance(found, str)
+
+
+def _check_hub_reachable(spec: str) -> None:
+    if hub_constants.is_offline_mode() or not _hub_reachable():
+        raise _fail(spec, _hub_unreachable_reason())
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """Whether a connection to the Hub opens within a few seconds (asked once a process). Behind a proxy
+    the answer is left to the download itself."""
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return True
+    address = urllib.parse.urlsplit(hub_constants.ENDPOINT)
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
 
 
 def _random_model(spec: str, dtype: torch.dtype, device: torch.device, quantize: str) -> LoadedModel:
@@ -262,9 +334,9 @@ def _discard(directory: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _load_tokenizer(spec: str, source: str, cache_dir: Path | None) -> PreTrainedTokenizerFast:
+def _load_tokenizer(spec: str, source: str, options: dict[str, Any]) -> PreTrainedTokenizerFast:
     with _translate_errors(spec):
-        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
     # Incremental detokenization relies on the Rust tokenizer; slow Python tokenizers lack it.
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         kind = type(tokenizer).__name__
@@ -282,11 +354,11 @@ def _load_weights(
     dtype: torch.dtype,
     device: torch.device,
     quantize: str,
-    cache_dir: Path | None,
+    options: dict[str, Any],
 ) -> PreTrainedModel:
     placement = _quantization_kwargs(quantize, dtype, device)
     with _translate_errors(spec):
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, cache_dir=cache_dir, **placement)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options, **placement)
         if quantize == "none":
             # Quantized weights are placed by device_map and must not be moved again. transformers
             # wraps Module.to with functools.wraps, which hides the bound method's signature from mypy.

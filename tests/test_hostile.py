@@ -101,7 +101,7 @@ async def test_two_streams_with_one_request_id_each_get_exactly_their_own_text(c
     bodies = [seeded(1, 150), seeded(2, 150)]
     alone = [text_of(parse_events(await (await client.post("/stream", json=b)).text())) for b in bodies]
     assert alone[0] != alone[1]
-    engine: AsyncEngine = client.server.app[ENGINE_KEY]
+    engine: AsyncEngine = client.server.app[ENGINE_KEY].engine
     async with asyncio.timeout(60):
         first = await client.post("/stream", json=bodies[0], headers={"X-Request-Id": "retry-7"})
         await first.content.readline()

@@ -144,7 +144,7 @@ async def test_unknown_route_and_wrong_method_are_json(client: TestClient) -> No
 async def test_failed_step_sends_error_then_end_and_the_server_goes_on(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fail_step(monkeypatch, client.server.app[ENGINE_KEY], at_call=2, message="injected")
+    fail_step(monkeypatch, client.server.app[ENGINE_KEY].engine, at_call=2, message="injected")
     _, events = await stream_events(
         client, {"prompt": "The baker", "max_new_tokens": 10, "min_new_tokens": 10}
     )
@@ -216,7 +216,7 @@ async def test_a_queued_stream_gets_ping_comments_while_it_waits(
 ) -> None:
     pinging = settings.model_copy(update={"ping_interval": 0.02})
     client = await aiohttp_client(create_app(pinging, make_engine(tiny, max_batch_size=1)))
-    engine = client.server.app[ENGINE_KEY]
+    engine = client.server.app[ENGINE_KEY].engine
     first = asyncio.create_task(
         client.post("/predict", json={"prompt": "The baker", "max_new_tokens": 400, "min_new_tokens": 400})
     )

@@ -178,8 +178,7 @@ def test_unknown_hub_id_offline_is_a_one_line_error(monkeypatch: pytest.MonkeyPa
 
     error = load_error("trickle-tests/no-such-model")
 
-    assert "HF_HUB_OFFLINE" in str(error)
-    assert isinstance(error.__cause__, OSError)
+    assert "HF_HUB_OFFLINE" in str(error) and "\n" not in str(error)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def is_listening(line: str) -> bool:
     # Only the server's own log lines are JSON; a library may print plain text before them.
-    return line.startswith("{") and json.loads(line).get("event") == "listening"
+    return line.startswith("{") and json.loads(line).get("event") == "ready"
 
 
 @pytest.fixture(scope="module")

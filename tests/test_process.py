@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,8 +80,8 @@ def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
         env={**os.environ, "TRICKLE_LOG_FORMAT": "auto", "TRICKLE_MAX_SEQ_LEN": "512"},
     )
     assert process.stderr is not None
-    for line in process.stderr:  # the process says when it is listening; no polling
-        if json.loads(line)["event"] == "listening":
+    for line in process.stderr:  # the process says when it is ready; no polling
+        if json.loads(line)["event"] == "ready":
             break
     yield f"http://127.0.0.1:{port}", process
     if process.poll() is None:
@@ -112,3 +113,30 @@ def test_served_process_streams_logs_json_with_request_ids_and_exits_0_on_sigint
     assert {rec["logger"] for rec in mine} >= {"generation.engine", "aiohttp.access"}
     access = next(rec for rec in mine if rec["logger"] == "aiohttp.access")
     assert access["status"] == 200 and access["path"] == "/stream"
+
+
+def test_an_unreachable_hub_is_one_line_within_seconds_not_minutes_of_retries(tmp_path: Path) -> None:
+    # An empty cache and a Hub endpoint that refuses connections: nothing local, nothing reachable.
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    started = time.perf_counter()
+    result = run_cli("--port", str(free_port()), env=env)
+    assert time.perf_counter() - started < 20
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "trickle: cannot load model 'tiiuae/falcon-7b-instruct': not found locally and the Hugging Face Hub"
+        " cannot be reached (check the network, or pass a local directory)"
+    ]
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_before_anything_loads(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The demo model is not cached here: building it would take seconds and log; nothing may come
+        # before the refusal.
+        result = run_cli("--model", "demo", "--port", str(port), env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trickle: cannot listen on 127.0.0.1:{port}: ")
+    assert not (tmp_path / "trickle").exists(), "the demo model was built before the port was bound"

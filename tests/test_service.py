@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+import server
 from config import Settings
 from generation import AsyncEngine, LoadedModel, SamplingParams
 from generation.async_engine import FinishRate
@@ -38,7 +39,7 @@ async def test_a_full_queue_answers_503_with_retry_after_and_drops_nothing(
     aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings
 ) -> None:
     client = await aiohttp_client(create_app(settings, make_engine(tiny, max_batch_size=1, max_queue=1)))
-    engine: AsyncEngine = client.server.app[ENGINE_KEY]
+    engine: AsyncEngine = client.server.app[ENGINE_KEY].engine
     accepted = [asyncio.create_task(client.post("/predict", json=LONG)) for _ in range(2)]
     await engine.wait_until(lambda e: e.num_running == 1 and e.num_waiting == 1)
     refused = await client.post("/stream", json=LONG)
@@ -190,7 +191,7 @@ async def process(model_dir: Path) -> AsyncIterator[tuple[str, asyncio.subproces
         env={**os.environ, "TRICKLE_LOG_FORMAT": "json"},
     )  # fmt: skip
     assert proc.stderr is not None
-    await wait_for_log(proc, "listening")
+    await wait_for_log(proc, "ready")
     yield f"http://127.0.0.1:{port}", proc
     if proc.returncode is None:
         proc.kill()
@@ -276,7 +277,7 @@ async def test_sigterm_with_one_short_stream_exits_within_2s_of_its_end(model_di
         env={**os.environ, "TRICKLE_LOG_FORMAT": "json"},
     )  # fmt: skip
     try:
-        await wait_for_log(proc, "listening")
+        await wait_for_log(proc, "ready")
         body = {"prompt": "a", "max_new_tokens": 20, "min_new_tokens": 20}
         async with aiohttp.ClientSession() as session:
             async with session.post(f"http://127.0.0.1:{port}/stream", json=body) as response:
@@ -344,3 +345,33 @@ def test_max_seq_len_defaults_to_the_models_context_and_is_cut_to_it(
 ) -> None:
     settings = Settings(model=str(model_dir), device="cpu", max_batch_size=2, max_seq_len=asked)
     assert build_engine(settings).config.max_seq_len == served
+
+
+async def test_ready_says_what_it_is_doing_while_the_model_loads_behind_a_bound_port(
+    tiny: LoadedModel, settings: Settings, systemd: FakeSystemd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = threading.Event()
+
+    def slow_build(settings: Settings) -> AsyncEngine:
+        loaded.wait(30)
+        return make_engine(tiny)
+
+    monkeypatch.setattr(server, "build_engine", slow_build)
+    port, stop = free_port(), asyncio.Event()
+    served = asyncio.create_task(
+        serve(settings.model_copy(update={"port": port}), None, Notifier(systemd.path), stop)
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        assert await systemd.until("STATUS=loading test")
+        async with session.get(f"{url}/health") as health:
+            assert health.status == 200
+        async with session.get(f"{url}/ready") as loading:
+            assert loading.status == 503 and loading.headers["Retry-After"]
+            assert (await loading.json())["error"]["message"] == "loading the model test"
+        loaded.set()
+        await systemd.until("READY=1")
+        async with session.get(f"{url}/ready") as ready:
+            assert ready.status == 200
+    stop.set()
+    await served
