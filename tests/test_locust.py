@@ -74,7 +74,7 @@ def test_a_healthy_run_records_stream_stats_and_passes_the_slo(host: str, tmp_pa
     assert result.returncode == 0, output
     stream = stats_entry(tmp_path, "POST", "/stream")
     assert stream["num_requests"] > 0 and stream["num_failures"] == 0, output
-    for name in ("ttft", "inter_token", "tokens_per_s"):
+    for name in ("ttft", "inter_token", "ms_per_token"):
         assert stats_entry(tmp_path, "SSE", name)["num_requests"] > 0, name
     for percentile in ("p50", "p95", "p99"):
         assert f"TTFT {percentile}: " in result.stdout

@@ -3,8 +3,13 @@ stream bytes and the refusals the SDK would hide."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -201,3 +206,18 @@ async def test_v1_limits_answer_with_the_openai_error_object(base_url: str) -> N
                 assert response.status == status
                 body = await response.json()
                 assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_the_readmes_sdk_example_prints_the_text_and_then_the_token_count(base_url: str) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    example = example.replace("http://127.0.0.1:8080/v1", f"{base_url}/v1")
+    example = example.replace('"unused-unless-the-server-has-keys"', '"sesame"').replace(
+        'model="demo"', 'model="test"'
+    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        await asyncio.to_thread(exec, example, {})
+    text, _, count = printed.getvalue().rstrip("\n").rpartition("\n")
+    assert text and re.fullmatch(r"\[\d+ tokens\]", count), printed.getvalue()
+    assert "None" not in text and "CompletionUsage" not in text
