@@ -131,15 +131,23 @@ def configure_logging(level: str, fmt: str, stream: Any = None, secrets: Iterabl
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    _route_transformers_logs()
+    _route_transformers_logs(progress=out.isatty())
 
 
-def _route_transformers_logs() -> None:
+def _route_transformers_logs(progress: bool) -> None:
+    """transformers' and huggingface_hub's logs through our renderer; their progress bars (downloads,
+    loading weight shards) only on a terminal, never inside JSON logs."""
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
-    hf_logging.disable_progress_bar()
+    if progress:
+        hf_logging.enable_progress_bar()
+        hub_utils.enable_progress_bars()
+    else:
+        hf_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars()
     # huggingface_hub writes through a handler of its own as well as ours (each line twice), and its
     # HTTP layer announces every retry: the loader says in one line when the Hub cannot be reached.
     logging.getLogger("huggingface_hub").handlers.clear()

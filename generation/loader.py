@@ -32,7 +32,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
-from transformers.utils import logging as hf_logging
 
 from generation.random_models import SHAPES, random_model
 
@@ -117,7 +116,6 @@ def load_model(
     if spec.startswith(_RANDOM_PREFIX):
         return _random_model(spec, torch_dtype, torch_device, quantize)
     source = _resolve_source(spec)
-    hf_logging.disable_progress_bar()
     options: dict[str, Any] = {"cache_dir": cache_dir}
     if _is_hub_id(spec):
         # A hub id: what the local cache holds first, the Hub only for what it lacks, and a Hub that
@@ -217,7 +215,6 @@ def build_demo_model(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_demo_tokenizer()
     model = _build_demo_falcon(tokenizer)
-    hf_logging.disable_progress_bar()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 

@@ -450,7 +450,10 @@ class ModelRunner:
         self._prefill_in.clear()
         started = time.perf_counter()
         if self.config.compile:
+            log.info("compiling the step (torch.compile: minutes on a first start, less with a warm cache)")
             self._compile()
+            log.info("step compiled", seconds=round(time.perf_counter() - started, 1))
+        log.info("capturing step graphs", batch_sizes=len(self._batches_and_lengths()[0]))
         self._capture_or_fall_back()
         if self.use_graphs:
             seconds = round(time.perf_counter() - started, 1)

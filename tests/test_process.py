@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -15,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+
+from api.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,3 +145,63 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_anything_loads(tmp_path: Pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"trickle: cannot listen on 127.0.0.1:{port}: ")
     assert not (tmp_path / "trickle").exists(), "the demo model was built before the port was bound"
+
+
+def test_on_a_terminal_the_logs_are_readable_lines_not_json(model_dir: Path) -> None:
+    import pty
+
+    port = free_port()
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "server.py"),
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stderr=follower,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "TRICKLE_LOG_FORMAT": "auto", "TRICKLE_MAX_SEQ_LEN": "512"},
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        while b"ready" not in seen:
+            chunk = os.read(leader, 65536)
+            assert chunk, "the server closed its terminal before it was ready"
+            seen += chunk
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+        os.close(leader)
+    text = seen.decode(errors="replace")
+    assert "listening" in text and '{"' not in text, "console lines, not JSON, on a terminal"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stream", "bars"), [(_Terminal(), True), (io.StringIO(), False)], ids=["tty", "pipe"]
+)
+def test_download_and_loading_progress_bars_show_on_a_terminal_only(stream: io.StringIO, bars: bool) -> None:
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, structlog.get_config())
+    try:
+        configure_logging("info", "auto", stream)
+        assert hf_logging.is_progress_bar_enabled() is bars
+        assert hub_utils.are_progress_bars_disabled() is not bars
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        structlog.configure(**saved[2])
+        hf_logging.disable_progress_bar()
