@@ -287,7 +287,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.App
     )
     openai.add_routes(app)
     openapi.add_routes(app, "trickle", version(), settings.model)
-    playground.add_routes(app)
+    playground.add_routes(app, settings.model)
     app.cleanup_ctx.append(_engine_context(engine))
     return app
 

@@ -1,18 +1,27 @@
-"""GET /: the playground, one static page that streams from POST /stream in the browser."""
+"""GET /: the playground, one page that streams from POST /stream in the browser. It names the served
+model, and says so when that is the built-in demo model, whose random weights write noise."""
 
 from __future__ import annotations
 
+import html
 from importlib import resources
 
 from aiohttp import web
 
 PAGE_KEY = web.AppKey("playground_page", bytes)
+DEMO_NOTICE = (
+    "This is trickle's built-in demo model: tiny, with random weights, so what it writes is noise. "
+    "Serve a real model with --model (a Hugging Face hub id or a local directory)."
+)
 
 
 async def page(request: web.Request) -> web.Response:
     return web.Response(body=request.app[PAGE_KEY], content_type="text/html", charset="utf-8")
 
 
-def add_routes(app: web.Application) -> None:
-    app[PAGE_KEY] = resources.files("api").joinpath("static/playground.html").read_bytes()
+def add_routes(app: web.Application, model: str) -> None:
+    template = resources.files("api").joinpath("static/playground.html").read_text()
+    notice = DEMO_NOTICE if model == "demo" else ""
+    page_text = template.replace("{{model}}", html.escape(model)).replace("{{notice}}", html.escape(notice))
+    app[PAGE_KEY] = page_text.encode()
     app.add_routes([web.get("/", page)])

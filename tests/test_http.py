@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,15 @@ async def test_a_queued_stream_gets_ping_comments_while_it_waits(
     assert (await first).status == 200
     assert raw.startswith(": ping\n\n")
     assert parse_events(raw)[-1].json()["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(("model", "notice"), [("demo", True), ("org/<b>model</b>", False)])
+async def test_the_playground_names_the_model_and_warns_of_the_demos_noise(
+    aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings, model: str, notice: bool
+) -> None:
+    client = await aiohttp_client(create_app(settings.model_copy(update={"model": model}), make_engine(tiny)))
+    page = await (await client.get("/")).text()
+    assert f'<span id="model">{html.escape(model)}</span>' in page and "<b>model" not in page
+    assert ("random weights" in page) is notice
+    assert 'value="250"' in page and 'value="0.75"' in page  # the API's defaults
+    assert '<link rel="icon" href="data:,">' in page  # no request for /favicon.ico

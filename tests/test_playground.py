@@ -38,7 +38,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 async def url(tiny: LoadedModel, settings: Settings) -> AsyncIterator[str]:
-    runner = web.AppRunner(create_app(settings, make_engine(tiny, max_seq_len=2048, max_batch_size=4)))
+    demo = settings.model_copy(update={"model": "demo"})  # the page names it and warns of its noise
+    runner = web.AppRunner(create_app(demo, make_engine(tiny, max_seq_len=2048, max_batch_size=4)))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -76,6 +77,7 @@ def browse(url: str) -> dict[str, Any]:
     try:
         driver.get(f"{url}/")
         element = lambda name: driver.find_element(By.ID, name)  # noqa: E731
+        seen["model"], seen["notice"] = element("model").text, element("notice").text
 
         def fill(name: str, value: str) -> None:
             element(name).clear()
@@ -118,6 +120,7 @@ def browse(url: str) -> dict[str, Any]:
 @pytest.mark.timeout(120)
 async def test_the_playground_streams_in_a_browser_and_stop_cancels(url: str) -> None:
     seen = await asyncio.to_thread(browse, url)
+    assert seen["model"] == "demo" and "random weights" in seen["notice"]  # in the screenshot too
 
     snapshots = seen["snapshots"]
     assert len(snapshots) >= 3, snapshots  # the text grew in several steps, not all at once
