@@ -66,20 +66,24 @@ def test_console_script_runs_the_same_main() -> None:
     assert result.returncode == 2 and "'port'" in result.stderr
 
 
+def serve_command(model_dir: Path, port: int) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "server.py"),
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+
+
 @pytest.fixture
 def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "server.py"),
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
+        serve_command(model_dir, port),
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "TRICKLE_LOG_FORMAT": "auto", "TRICKLE_MAX_SEQ_LEN": "512"},
@@ -153,16 +157,7 @@ def test_on_a_terminal_the_logs_are_readable_lines_not_json(model_dir: Path) -> 
     port = free_port()
     leader, follower = pty.openpty()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "server.py"),
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
+        serve_command(model_dir, port),
         stderr=follower,
         stdout=subprocess.DEVNULL,
         env={**os.environ, "TRICKLE_LOG_FORMAT": "auto", "TRICKLE_MAX_SEQ_LEN": "512"},
