@@ -84,7 +84,6 @@ class ModelRunner:
         self.base = model.base_model
         self.head = ModelHead(model)
         self.vocab_size, self.hidden_size = model.get_output_embeddings().weight.shape
-        hidden_size = self.hidden_size
         self._cache_arg = _cache_argument(self.base)
         try:
             self.masks = AttentionMasks(model.config, self.dtype)
@@ -112,12 +111,14 @@ class ModelRunner:
         # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
         self._last_tokens = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
         # The decode forward's last hidden states, where the step's sampling (its own graph) reads them.
-        self._hidden = torch.zeros(self.num_slots, hidden_size, dtype=self.dtype, device=self.device)
+        self._hidden = torch.zeros(self.num_slots, self.hidden_size, dtype=self.dtype, device=self.device)
         # seen[slot, token]: the token is in the row's prompt or output (for the repetition penalty); the
         # extra last row takes what padding rows of a captured prefill write
         self.seen = torch.zeros(self.num_slots + 1, self.vocab_size, dtype=torch.bool, device=self.device)
         self._prefill_in = _PrefillInputs(self.num_slots, config.max_seq_len, self.device)
-        self._prefill_hidden = torch.zeros(self.num_slots, hidden_size, dtype=self.dtype, device=self.device)
+        self._prefill_hidden = torch.zeros(
+            self.num_slots, self.hidden_size, dtype=self.dtype, device=self.device
+        )
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
@@ -335,9 +336,8 @@ class ModelRunner:
         ids = torch.cat([static.ids[:batch, 0], inputs.ids[: rows * width]])
         positions = torch.cat([static.positions[:batch, 0], static.key_index[:width].repeat(rows)])
         token_slots = torch.cat([static.rows[:batch], slots.repeat_interleave(width)])
-        mask = cast(
-            torch.Tensor, self._decode_mask(batch, shape.kv_len)
-        )  # regional models: one kind of layer
+        # Models with regional layers have one kind of attention layer: one mask, not a mapping.
+        mask = cast(torch.Tensor, self._decode_mask(batch, shape.kv_len))
         hidden = packed_forward(self.base, self._parts, self.cache, ids, positions, token_slots, mask, shape)
         self._hidden[:batch].copy_(hidden[:batch])
         self._prefill_hidden[:rows].copy_(hidden[batch + static.rows[:rows] * width + lengths - 1])
