@@ -1,5 +1,5 @@
 """GET /: the playground, one page that streams from POST /stream in the browser. It names the served
-model, and says so when that is the built-in demo model, whose random weights write noise."""
+model, and says so when that is the built-in demo model, which knows only a few paragraphs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from aiohttp import web
 
 PAGE_KEY = web.AppKey("playground_page", bytes)
 DEMO_NOTICE = (
-    "This is trickle's built-in demo model: tiny, with random weights, so what it writes is noise. "
-    "Serve a real model with --model (a Hugging Face hub id or a local directory)."
+    "This is trickle's built-in demo model: tiny, and trained for a few seconds on a few paragraphs about "
+    "a bakery, so it can only write their words back. Serve a real model with --model (a Hugging Face hub "
+    "id or a local directory)."
 )
 
 

@@ -236,6 +236,6 @@ async def test_the_playground_names_the_model_and_warns_of_the_demos_noise(
     client = await aiohttp_client(create_app(settings.model_copy(update={"model": model}), make_engine(tiny)))
     page = await (await client.get("/")).text()
     assert f'<span id="model">{html.escape(model)}</span>' in page and "<b>model" not in page
-    assert ("random weights" in page) is notice
+    assert ("built-in demo model" in page) is notice
     assert 'value="250"' in page and 'value="0.75"' in page  # the API's defaults
     assert '<link rel="icon" href="data:,">' in page  # no request for /favicon.ico

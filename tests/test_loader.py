@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,14 @@ import torch
 from transformers import GenerationMixin
 
 from generation import loader
-from generation.loader import LoadedModel, ModelLoadError, build_demo_model, demo_model_dir, load_model
+from generation.loader import (
+    _DEMO_CORPUS,
+    LoadedModel,
+    ModelLoadError,
+    build_demo_model,
+    demo_model_dir,
+    load_model,
+)
 
 MULTIBYTE_TEXT = "café 日本語 🙂"
 
@@ -116,7 +125,7 @@ def test_tokenizer_pad_token_falls_back_to_eos(demo_dir: Path, tmp_path: Path) -
 
 
 def test_demo_model_dir_follows_xdg_cache_home(cache_home: Path) -> None:
-    assert demo_model_dir() == cache_home / "trickle" / "demo-v2"
+    assert demo_model_dir() == cache_home / "trickle" / "demo-v3"
 
 
 def test_demo_spec_builds_once_then_reuses_the_cache(
@@ -136,7 +145,7 @@ def test_demo_spec_builds_once_then_reuses_the_cache(
         built.st_ino,
         built.st_mtime_ns,
     )
-    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v2"]
+    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v3"]
 
 
 def test_incomplete_demo_cache_is_replaced(cache_home: Path) -> None:
@@ -147,7 +156,7 @@ def test_incomplete_demo_cache_is_replaced(cache_home: Path) -> None:
     load_model("demo")
 
     assert (leftover / "model.safetensors").is_file()
-    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v2"]
+    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v3"]
 
 
 def test_demo_build_copes_with_a_concurrent_builder_winning(
@@ -162,7 +171,7 @@ def test_demo_build_copes_with_a_concurrent_builder_winning(
     loaded = load_model("demo")
 
     assert loaded.name == "demo"
-    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v2"]
+    assert [path.name for path in (cache_home / "trickle").iterdir()] == ["demo-v3"]
 
 
 def test_missing_local_directory_is_a_one_line_error(tmp_path: Path) -> None:
@@ -262,3 +271,15 @@ def test_explicit_half_dtype_on_cpu_is_allowed(demo_dir: Path) -> None:
 
     assert loaded.dtype == torch.bfloat16
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_the_demo_model_writes_words_of_its_built_in_text_and_builds_quickly(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    build_demo_model(tmp_path)
+    assert time.perf_counter() - started < 90
+    demo = load_model(str(tmp_path), device="cpu")
+    prompt = demo.tokenizer("The baker lights the oven", return_tensors="pt")  # the README's curl example
+    output = demo.model.generate(**prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    words = re.findall(r"[a-z]+", demo.tokenizer.decode(output[0, prompt["input_ids"].shape[1] :]).lower())
+    known = set(re.findall(r"[a-z]+", _DEMO_CORPUS.lower()))
+    assert len(words) >= 5 and sum(word in known for word in words) / len(words) >= 0.8, words

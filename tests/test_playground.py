@@ -120,7 +120,7 @@ def browse(url: str) -> dict[str, Any]:
 @pytest.mark.timeout(120)
 async def test_the_playground_streams_in_a_browser_and_stop_cancels(url: str) -> None:
     seen = await asyncio.to_thread(browse, url)
-    assert seen["model"] == "demo" and "random weights" in seen["notice"]  # in the screenshot too
+    assert seen["model"] == "demo" and "built-in demo model" in seen["notice"]  # in the screenshot too
 
     snapshots = seen["snapshots"]
     assert len(snapshots) >= 3, snapshots  # the text grew in several steps, not all at once
