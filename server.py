@@ -12,6 +12,7 @@ if __name__ == "__main__":
     sys.exit(main())
 
 import asyncio
+import contextlib
 import gc
 import hmac
 import json
@@ -19,6 +20,7 @@ import re
 import resource
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -316,9 +318,38 @@ def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], A
 async def _build_and_start(app: web.Application) -> None:
     settings, slot = app[SETTINGS_KEY], app[ENGINE_KEY]
     slot.doing = f"loading the model {settings.model}"
-    engine = await asyncio.to_thread(build_engine, settings)
+    engine = await _in_daemon_thread(build_engine, settings)
     slot.doing = "warming up the engine"
     await _start_engine(app, engine)
+
+
+def _in_daemon_thread(
+    work: Callable[[Settings], AsyncEngine], settings: Settings
+) -> asyncio.Future[AsyncEngine]:
+    """`work(settings)` on a daemon thread: a process told to stop while a model loads exits without
+    waiting for the load (a default executor's thread would be joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[AsyncEngine] = loop.create_future()
+
+    def settle(result: AsyncEngine | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(AsyncEngine, result))
+
+    def run() -> None:
+        try:
+            result: AsyncEngine | None = work(settings)
+            error: BaseException | None = None
+        except BaseException as err:
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="trickle-load", daemon=True).start()
+    return future
 
 
 async def _start_engine(app: web.Application, engine: AsyncEngine) -> None:
@@ -393,11 +424,11 @@ async def serve(
     await runner.setup()
     try:
         await _listen(runner, settings)
-        if engine is None:
-            notifier.status(f"loading {settings.model}")
-            slot = app[ENGINE_KEY]
-            slot.startup = asyncio.create_task(_build_and_start(app))
-            await slot.startup
+        if engine is None and not await _loaded_unless_stopped(app, stop, notifier):
+            log.info("stopped while loading")
+            await runner.cleanup()
+            notifier.close()
+            return
     except BaseException:
         await runner.cleanup()
         raise
@@ -415,6 +446,22 @@ async def serve(
     watchdog.cancel()
     await runner.cleanup()
     notifier.close()
+
+
+async def _loaded_unless_stopped(app: web.Application, stop: asyncio.Event, notifier: Notifier) -> bool:
+    """Build and start the app's engine, or give up when `stop` is set first (a SIGTERM while a model
+    downloads must not wait for the download). Load errors are raised."""
+    settings, slot = app[SETTINGS_KEY], app[ENGINE_KEY]
+    notifier.status(f"loading {settings.model}")
+    slot.startup = asyncio.create_task(_build_and_start(app))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({slot.startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not slot.startup.done():
+        notifier.stopping()
+        return False
+    slot.startup.result()
+    return True
 
 
 async def _listen(runner: web.AppRunner, settings: Settings) -> None:

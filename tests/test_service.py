@@ -375,3 +375,25 @@ async def test_ready_says_what_it_is_doing_while_the_model_loads_behind_a_bound_
             assert ready.status == 200
     stop.set()
     await served
+
+
+async def test_a_stop_while_the_model_loads_ends_the_server_without_waiting_for_the_load(
+    tiny: LoadedModel, settings: Settings, systemd: FakeSystemd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = threading.Event()
+
+    def slow_build(settings: Settings) -> AsyncEngine:
+        loaded.wait(30)
+        return make_engine(tiny)
+
+    monkeypatch.setattr(server, "build_engine", slow_build)
+    stop = asyncio.Event()
+    served = asyncio.create_task(
+        serve(settings.model_copy(update={"port": free_port()}), None, Notifier(systemd.path), stop)
+    )
+    seen = await systemd.until(f"STATUS=loading {settings.model}")
+    stop.set()
+    await asyncio.wait_for(served, timeout=2.0)
+    seen += await systemd.until("STOPPING=1")
+    assert "READY=1" not in seen
+    loaded.set()
