@@ -40,28 +40,29 @@ class RequestError(ValueError):
         self.field = field
 
 
-def _types(node: Any) -> set[str]:
-    """Every `type` named in a serialized tokenizer component, nested ones included."""
+def _parts(node: Any) -> list[dict[str, Any]]:
+    """Every typed part of a serialized tokenizer component (a normalizer, a pre-tokenizer), nested ones
+    included."""
     if isinstance(node, dict):
-        found = {node["type"]} if isinstance(node.get("type"), str) else set()
-        return found.union(*(_types(value) for value in node.values()))
+        own = [node] if isinstance(node.get("type"), str) else []
+        return own + [part for value in node.values() for part in _parts(value)]
     if isinstance(node, list):
-        return set().union(*(_types(value) for value in node))
-    return set()
+        return [part for value in node for part in _parts(value)]
+    return []
 
 
 def _drops_characters(spec: dict[str, Any]) -> bool:
-    normalizer, pre_tokenizer, model = spec.get("normalizer"), spec.get("pre_tokenizer"), spec["model"]
-    if normalizer is not None and not _types(normalizer) <= KEEPING_NORMALIZERS:
+    normalizers, pre_tokenizers = _parts(spec.get("normalizer")), _parts(spec.get("pre_tokenizer"))
+    if not {part["type"] for part in normalizers} <= KEEPING_NORMALIZERS:
         return True
-    if normalizer is not None and not all(map(_keeps_length, _nodes(normalizer, "Replace"))):
+    if not all(_keeps_length(part) for part in normalizers if part["type"] == "Replace"):
         return True
-    if pre_tokenizer is not None and (
-        not _types(pre_tokenizer) <= KEEPING_PRE_TOKENIZERS
-        or any(node.get("behavior") == "Removed" for node in _nodes(pre_tokenizer, "Split"))
-    ):
+    if not {part["type"] for part in pre_tokenizers} <= KEEPING_PRE_TOKENIZERS:
+        return True
+    if any(part["type"] == "Split" and part.get("behavior") == "Removed" for part in pre_tokenizers):
         return True
     # A word the model cannot spell becomes one unknown token, however long it is.
+    model = spec["model"]
     return model["type"] == "WordPiece" or (bool(model.get("fuse_unk")) and not model.get("byte_fallback"))
 
 
@@ -69,15 +70,6 @@ def _keeps_length(replace: dict[str, Any]) -> bool:
     """A Replace of a plain string by one at least as long (Llama-2's " " -> "▁"); a regex may shrink."""
     pattern = replace.get("pattern", {}).get("String")
     return isinstance(pattern, str) and len(str(replace.get("content", ""))) >= len(pattern)
-
-
-def _nodes(node: Any, kind: str) -> list[dict[str, Any]]:
-    if isinstance(node, dict):
-        own = [node] if node.get("type") == kind else []
-        return own + [found for value in node.values() for found in _nodes(value, kind)]
-    if isinstance(node, list):
-        return [found for value in node for found in _nodes(value, kind)]
-    return []
 
 
 def chars_per_token(tokenizer: PreTrainedTokenizerFast) -> int | None:
