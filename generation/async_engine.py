@@ -175,8 +175,7 @@ class AsyncEngine:
         seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
         now = time.monotonic()
         deadline = now + (timeout if timeout is not None else self.config.request_timeout)
-        message = AddRequest(request_id, prompt_ids, params, seed, now, deadline, label or request_id)
-        self.engine.submit(message)
+        self.engine.submit(AddRequest(request_id, prompt_ids, params, seed, now, deadline, label))
         return RequestStream(self, request_id, queue)
 
     def check_admissible(self) -> None:

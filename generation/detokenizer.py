@@ -58,7 +58,7 @@ class IncrementalDetokenizer:
         if not self._stops:
             self._held = ""
             return text
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        cut = self._first_stop(text)
         if cut >= 0:
             self.stopped = True
             self._held = ""
@@ -72,8 +72,12 @@ class IncrementalDetokenizer:
         held-back text, and the tail that never made whole characters, decoded with U+FFFD."""
         text = self._held + self._undecoded()
         self._held, self._pending = "", []
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        cut = self._first_stop(text)
         return text if cut < 0 else text[:cut]
+
+    def _first_stop(self, text: str) -> int:
+        """Where the first stop string in `text` begins, or -1."""
+        return min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
 
     def _undecoded(self) -> str:
         if not self._pending:
