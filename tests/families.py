@@ -144,3 +144,17 @@ def build(family: str, vocab: int, eos_id: int) -> PreTrainedModel:
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
     return model.eval()
+
+
+def reference(model: PreTrainedModel, ids: list[int], new_tokens: int, eos: int) -> list[int]:
+    """What `model.generate()` decodes greedily after `ids`: the ids the engine must give."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids], device=model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=eos,
+        )
+    generated = out[0, len(ids) :].tolist()
+    return generated[: generated.index(eos) + 1] if eos in generated else generated

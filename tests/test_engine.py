@@ -17,6 +17,7 @@ from generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
 from generation.messages import AbortRequest, AddRequest, StepReport
 from generation.models import compile_regions, regional_layers, restore_layers
 from tests.conftest import fail_step, make_engine
+from tests.families import reference
 
 PROMPTS = [
     "The baker",
@@ -40,16 +41,7 @@ async def collect(
 def reference_tokens(
     loaded: LoadedModel, model: PreTrainedModel, prompt: str, max_new_tokens: int
 ) -> list[int]:
-    ids = loaded.tokenizer.encode(prompt)
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids], device=model.device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=loaded.tokenizer.pad_token_id,
-        )
-    return out[0, len(ids) :].tolist()
+    return reference(model, loaded.tokenizer.encode(prompt), max_new_tokens, loaded.tokenizer.pad_token_id)
 
 
 @pytest.mark.parametrize("regions", [False, True], ids=["stock layers", "compiled regions"])

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from config import Settings
 from generation import AsyncEngine, EngineConfig, LoadedModel, ModelRunError, RequestOutput, SamplingParams
 from server import create_app
-from tests.families import FAMILIES, WINDOW, build
+from tests.families import FAMILIES, WINDOW, build, reference
 
 # Prompts of different lengths, the longest several sliding windows long.
 PROMPTS = [
@@ -35,19 +35,6 @@ def model_of(family: str, models: dict[str, PreTrainedModel], tokenizer: PreTrai
     if family not in models:
         models[family] = build(family, len(tokenizer), tokenizer.eos_token_id)
     return models[family]
-
-
-def reference(model: PreTrainedModel, ids: list[int], new_tokens: int, eos: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids], device=model.device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=eos,
-        )
-    generated = out[0, len(ids) :].tolist()
-    return generated[: generated.index(eos) + 1] if eos in generated else generated
 
 
 class Recorded:

@@ -347,16 +347,23 @@ def test_max_seq_len_defaults_to_the_models_context_and_is_cut_to_it(
     assert build_engine(settings).config.max_seq_len == served
 
 
-async def test_ready_says_what_it_is_doing_while_the_model_loads_behind_a_bound_port(
-    tiny: LoadedModel, settings: Settings, systemd: FakeSystemd, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    loaded = threading.Event()
+@pytest.fixture
+def loaded(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The server's model load, held until the test sets the event (released at the end either way)."""
+    event = threading.Event()
 
     def slow_build(settings: Settings) -> AsyncEngine:
-        loaded.wait(30)
+        event.wait(30)
         return make_engine(tiny)
 
     monkeypatch.setattr(server, "build_engine", slow_build)
+    yield event
+    event.set()
+
+
+async def test_ready_says_what_it_is_doing_while_the_model_loads_behind_a_bound_port(
+    loaded: threading.Event, settings: Settings, systemd: FakeSystemd
+) -> None:
     port, stop = free_port(), asyncio.Event()
     served = asyncio.create_task(
         serve(settings.model_copy(update={"port": port}), None, Notifier(systemd.path), stop)
@@ -378,15 +385,8 @@ async def test_ready_says_what_it_is_doing_while_the_model_loads_behind_a_bound_
 
 
 async def test_a_stop_while_the_model_loads_ends_the_server_without_waiting_for_the_load(
-    tiny: LoadedModel, settings: Settings, systemd: FakeSystemd, monkeypatch: pytest.MonkeyPatch
+    loaded: threading.Event, settings: Settings, systemd: FakeSystemd
 ) -> None:
-    loaded = threading.Event()
-
-    def slow_build(settings: Settings) -> AsyncEngine:
-        loaded.wait(30)
-        return make_engine(tiny)
-
-    monkeypatch.setattr(server, "build_engine", slow_build)
     stop = asyncio.Event()
     served = asyncio.create_task(
         serve(settings.model_copy(update={"port": free_port()}), None, Notifier(systemd.path), stop)
@@ -396,4 +396,3 @@ async def test_a_stop_while_the_model_loads_ends_the_server_without_waiting_for_
     await asyncio.wait_for(served, timeout=2.0)
     seen += await systemd.until("STOPPING=1")
     assert "READY=1" not in seen
-    loaded.set()
