@@ -16,7 +16,7 @@ from config.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 SUMMARY = "Stream text from a Hugging Face causal LM over Server-Sent Events, from one GPU, to many clients."
 # Defaults that a value cannot say by itself.
-DEFAULT_WORDS = {"max_seq_len": "the model's context length", "config": "none", "api_keys_file": "none"}
+DEFAULT_WORDS = {"max_seq_len": "the model's context length"}
 
 
 def version() -> str:

@@ -171,10 +171,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
-        positions = torch.arange(width, device=self.device)[None].expand(rows, -1)
-        lengths = torch.full((rows,), width, device=self.device)
-        self._forward(ids, positions, self._causal_mask(lengths, width), cache)
+        self._trial_prefill(rows, width, cache)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         # Sampling may sort the whole vocabulary for every row, with a few float32 and int64 tensors of
         # that size alive at once; leave room for that too.
@@ -486,14 +483,18 @@ class ModelRunner:
     def check_forward(self) -> None:
         """A two-token prompt through the model, its masks and its head, as a prefill runs it: a model the
         engine cannot run fails here, before the server says it is ready, not on every request."""
-        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
-        positions = torch.arange(2, device=self.device)[None]
-        lengths = torch.tensor([2], device=self.device)
         try:
-            hidden = self._forward(ids, positions, self._causal_mask(lengths, 2), PassThroughCache())
-            self.head(hidden[:, -1])
+            self.head(self._trial_prefill(1, 2, PassThroughCache())[:, -1])
         except Exception as err:
             raise ModelRunError(f"the model failed its first forward: {_brief(err)[:300]}") from err
+
+    def _trial_prefill(self, rows: int, width: int, cache: PassThroughCache) -> torch.Tensor:
+        """The hidden states of `rows` prompts of `width` tokens from position 0, through a cache that
+        keeps nothing (the slot cache is not touched)."""
+        ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        positions = torch.arange(width, device=self.device)[None].expand(rows, -1)
+        lengths = torch.full((rows,), width, device=self.device)
+        return self._forward(ids, positions, self._causal_mask(lengths, width), cache)
 
     def _batches_and_lengths(self) -> tuple[list[int], list[int]]:
         batches = sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS})
