@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 if __name__ == "__main__":
-    # `python server.py`: --help, --version and a bad setting are answered before torch and transformers
-    # are imported (seconds); valid settings import this file again, as `server`, to serve.
+    # `python server.py` from a checkout: the checkout is the `trickle` package (installed, the same
+    # modules are `trickle.*` by their place in site-packages). --help, --version and a bad setting are
+    # answered before torch and transformers are imported (seconds); valid settings import this file
+    # again, as `trickle.server`, to serve.
+    import importlib.machinery
+    import importlib.util
+    import os
     import sys
 
-    from config.cli import main
+    checkout = importlib.machinery.ModuleSpec("trickle", None, is_package=True)
+    checkout.submodule_search_locations = [os.path.dirname(os.path.abspath(__file__))]
+    sys.modules["trickle"] = importlib.util.module_from_spec(checkout)
+
+    from trickle.config.cli import main
 
     sys.exit(main())
 
@@ -30,8 +39,8 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from api import openai, openapi, playground
-from api.common import (
+from trickle.api import openai, openapi, playground
+from trickle.api.common import (
     API_KEYS_KEY,
     ENGINE_KEY,
     REQUEST_ID_KEY,
@@ -47,11 +56,11 @@ from api.common import (
     request_error,
     stream_events,
 )
-from api.logs import AccessLogger, configure_logging
-from api.schemas import GenerateRequest
-from config import Settings
-from config.cli import version
-from generation import (
+from trickle.api.logs import AccessLogger, configure_logging
+from trickle.api.schemas import GenerateRequest
+from trickle.config import Settings
+from trickle.config.cli import version
+from trickle.generation import (
     AsyncEngine,
     EngineConfig,
     ModelLoadError,
@@ -63,9 +72,9 @@ from generation import (
     check_source,
     load_model,
 )
-from generation.engine import HEARTBEAT_S
-from generation.engine_config import DEFAULT_MAX_SEQ_LEN, context_length
-from notify import Notifier
+from trickle.generation.engine import HEARTBEAT_S
+from trickle.generation.engine_config import DEFAULT_MAX_SEQ_LEN, context_length
+from trickle.notify import Notifier
 
 log = structlog.get_logger("server")
 

@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ValidationError
 
-from config import Settings
-from generation import (
+from trickle.config import Settings
+from trickle.generation import (
     AsyncEngine,
     EngineUnavailableError,
     QueueFullError,

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from api.common import REQUEST_ID_KEY
+from trickle.api.common import REQUEST_ID_KEY
 
 REDACTED = "[redacted]"
 # What a client can make aiohttp's server log: a malformed request, or a connection lost mid-request.

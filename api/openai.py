@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
-from api.common import (
+from trickle.api.common import (
     SETTINGS_KEY,
     ClientError,
     admit,
@@ -27,8 +27,8 @@ from api.common import (
     read_json,
     stream_events,
 )
-from generation import Prompts, RequestOutput, RequestStream, SamplingParams
-from generation.params import MAX_SEED, MAX_STOP_STRINGS, MAX_TOP_K, StopString
+from trickle.generation import Prompts, RequestOutput, RequestStream, SamplingParams
+from trickle.generation.params import MAX_SEED, MAX_STOP_STRINGS, MAX_TOP_K, StopString
 
 OWNER = "trickle"
 STARTED_KEY = web.AppKey("openai_started", int)

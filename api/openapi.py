@@ -9,7 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api import openai, schemas
+from trickle.api import openai, schemas
 
 REF = "#/components/schemas/{model}"
 

@@ -21,7 +21,7 @@ async def page(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application, model: str) -> None:
-    template = resources.files("api").joinpath("static/playground.html").read_text()
+    template = resources.files(__package__).joinpath("static/playground.html").read_text()
     notice = DEMO_NOTICE if model == "demo" else ""
     page_text = template.replace("{{model}}", html.escape(model)).replace("{{notice}}", html.escape(notice))
     app[PAGE_KEY] = page_text.encode()

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from generation import SamplingParams
+from trickle.generation import SamplingParams
 
 FinishReason = Literal["eos", "stop", "length", "cancelled", "timeout", "shutdown", "error"]
 

@@ -3,7 +3,7 @@ measured in one run on one machine. Writes results.json, results.md and results.
 
     python bench/harness.py --model random:falcon-7b --out bench/results/h100
 
-Not part of the test suite: it needs a GPU and minutes of time.
+Not part of the test suite: it needs a GPU and minutes of time, and trickle installed (`pip install -e .`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from typing import Any
 import aiohttp
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from trickle.generation import AsyncEngine, EngineConfig, LoadedModel, SamplingParams, load_model
 
-from generation import AsyncEngine, EngineConfig, LoadedModel, SamplingParams, load_model  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

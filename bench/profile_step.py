@@ -2,6 +2,8 @@
 per-row postprocessing, timed separately at several batch sizes, plus the top GPU kernels.
 
     python bench/profile_step.py --model random:falcon-7b --batch 1,64
+
+with trickle installed (`pip install -e .`).
 """
 
 from __future__ import annotations
@@ -9,20 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from generation import AsyncEngine, EngineConfig, SamplingParams, load_model
-from generation.detokenizer import IncrementalDetokenizer
-from generation.sampler import FULL, PLAIN, TOP_K, sample, sample_rows
-from generation.scheduler import ScheduledBatch
-from generation.sequence import Sequence, Status
+from trickle.generation import AsyncEngine, EngineConfig, SamplingParams, load_model
+from trickle.generation.detokenizer import IncrementalDetokenizer
+from trickle.generation.sampler import FULL, PLAIN, TOP_K, sample, sample_rows
+from trickle.generation.scheduler import ScheduledBatch
+from trickle.generation.sequence import Sequence, Status
 
 
 def timed(fn, repeat: int = 20) -> float:  # type: ignore[no-untyped-def]

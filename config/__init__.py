@@ -1,5 +1,5 @@
 """Settings for the server: CLI flags > environment variables > a TOML file > defaults."""
 
-from config.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+from trickle.config.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "load_settings"]

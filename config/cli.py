@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+from trickle.config.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 SUMMARY = "Stream text from a Hugging Face causal LM over Server-Sent Events, from one GPU, to many clients."
 # Defaults that a value cannot say by itself.
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as err:
         print(f"trickle: {err}", file=sys.stderr)
         return 2
-    from server import run  # the server itself: torch, transformers, the model code
+    from trickle.server import run  # the server itself: torch, transformers, the model code
 
     return run(settings)
 

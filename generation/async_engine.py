@@ -14,14 +14,14 @@ from collections.abc import Callable
 import structlog
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from generation.engine import Engine
-from generation.engine_config import EngineConfig, context_length
-from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
-from generation.metrics import EngineMetrics
-from generation.params import MAX_SEED, SamplingParams
-from generation.prompts import Prompts
-from generation.runner import ModelRunner
-from generation.scheduler import SchedulerConfig
+from trickle.generation.engine import Engine
+from trickle.generation.engine_config import EngineConfig, context_length
+from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
+from trickle.generation.metrics import EngineMetrics
+from trickle.generation.params import MAX_SEED, SamplingParams
+from trickle.generation.prompts import Prompts
+from trickle.generation.runner import ModelRunner
+from trickle.generation.scheduler import SchedulerConfig
 
 log = structlog.get_logger("generation.engine")
 

@@ -10,11 +10,11 @@ from collections.abc import Callable
 import structlog
 from tokenizers import Tokenizer
 
-from generation.detokenizer import IncrementalDetokenizer
-from generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
-from generation.runner import Launched, ModelRunner
-from generation.scheduler import Scheduler, SchedulerConfig
-from generation.sequence import Sequence, Status
+from trickle.generation.detokenizer import IncrementalDetokenizer
+from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
+from trickle.generation.runner import Launched, ModelRunner
+from trickle.generation.scheduler import Scheduler, SchedulerConfig
+from trickle.generation.sequence import Sequence, Status
 
 log = structlog.get_logger("generation.engine")
 

@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from generation.random_models import SHAPES, random_model
+from trickle.generation.random_models import SHAPES, random_model
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_CHOICES = ("auto", *_DTYPES)

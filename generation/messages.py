@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from generation.params import SamplingParams
+from trickle.generation.params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from generation.messages import RequestOutput, StepReport
+from trickle.generation.messages import RequestOutput, StepReport
 
 PREFIX = "trickle:"
 # Bucket bounds in seconds, spread for LLM latencies: tokens every few milliseconds, requests of minutes.

@@ -15,11 +15,11 @@ import structlog
 import torch
 from transformers import PreTrainedModel
 
-from generation.engine_config import EngineConfig
-from generation.head import ModelHead
-from generation.kv_cache import PassThroughCache, SlotKVCache
-from generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
-from generation.models import (
+from trickle.generation.engine_config import EngineConfig
+from trickle.generation.head import ModelHead
+from trickle.generation.kv_cache import PassThroughCache, SlotKVCache
+from trickle.generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
+from trickle.generation.models import (
     PLAIN_PARTS,
     PackedShape,
     adapt,
@@ -28,9 +28,9 @@ from generation.models import (
     regional_layers,
     restore_layers,
 )
-from generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
-from generation.scheduler import ScheduledBatch
-from generation.sequence import Sequence
+from trickle.generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
+from trickle.generation.scheduler import ScheduledBatch
+from trickle.generation.sequence import Sequence
 
 log = structlog.get_logger("generation.runner")
 

@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from generation.sequence import Sequence, Status
+from trickle.generation.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)

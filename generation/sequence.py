@@ -6,8 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from generation.detokenizer import IncrementalDetokenizer
-from generation.params import SamplingParams
+from trickle.generation.detokenizer import IncrementalDetokenizer
+from trickle.generation.params import SamplingParams
 
 
 class Status(enum.Enum):

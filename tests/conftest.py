@@ -10,9 +10,17 @@ import pytest
 import torch
 from transformers import FalconForCausalLM
 
-from config import Settings
-from generation import AsyncEngine, EngineConfig, LoadedModel, load_model
-from generation.loader import build_demo_model
+import trickle
+from trickle.config import Settings
+from trickle.generation import AsyncEngine, EngineConfig, LoadedModel, load_model
+from trickle.generation.loader import build_demo_model
+
+ROOT = Path(__file__).resolve().parent.parent
+if ROOT not in {Path(part).resolve() for part in trickle.__path__}:
+    # Another copy of trickle (an installed release) would be the one under test.
+    raise pytest.UsageError(
+        f"`import trickle` finds {list(trickle.__path__)}, not this checkout: `pip install -e .` here"
+    )
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from config import Settings, SettingsError, load_settings
+from trickle.config import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

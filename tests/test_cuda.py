@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import FalconForCausalLM
 
-from generation import LoadedModel, load_model
 from tests.conftest import make_engine
 from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
 from tests.test_families import assert_exact
+from trickle.generation import LoadedModel, load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import FalconForCausalLM, PreTrainedModel
 
-from generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
-from generation.messages import AbortRequest, AddRequest, StepReport
-from generation.models import compile_regions, regional_layers, restore_layers
 from tests.conftest import fail_step, make_engine
 from tests.families import reference
+from trickle.generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
+from trickle.generation.messages import AbortRequest, AddRequest, StepReport
+from trickle.generation.models import compile_regions, regional_layers, restore_layers
 
 PROMPTS = [
     "The baker",

@@ -11,10 +11,17 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from config import Settings
-from generation import AsyncEngine, EngineConfig, LoadedModel, ModelRunError, RequestOutput, SamplingParams
-from server import create_app
 from tests.families import FAMILIES, WINDOW, build, reference
+from trickle.config import Settings
+from trickle.generation import (
+    AsyncEngine,
+    EngineConfig,
+    LoadedModel,
+    ModelRunError,
+    RequestOutput,
+    SamplingParams,
+)
+from trickle.server import create_app
 
 # Prompts of different lengths, the longest several sliding windows long.
 PROMPTS = [

@@ -20,14 +20,14 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-import server
-from api.logs import AccessLogger, ClientFaults, configure_logging
-from config import Settings
-from generation import AsyncEngine, LoadedModel
-from server import ENGINE_KEY, KEEPALIVE_TIMEOUT_S, create_app
 from tests.conftest import fail_step, make_engine
 from tests.sse import parse_events, text_of
 from tests.test_http import ClientFactory
+from trickle import server
+from trickle.api.logs import AccessLogger, ClientFaults, configure_logging
+from trickle.config import Settings
+from trickle.generation import AsyncEngine, LoadedModel
+from trickle.server import ENGINE_KEY, KEEPALIVE_TIMEOUT_S, create_app
 
 KEY, OTHER_KEY, WRONG_KEY = "sk-live-Zq81kXw7Lm", "sk-team-Pb44Ty0Rs", "sk-guess-Hh52Vn3Ua"
 PROMPT = "the secret recipe is saffron and cardamom"

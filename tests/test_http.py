@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from config import Settings
-from generation import LoadedModel
-from server import ENGINE_KEY, create_app
 from tests.conftest import fail_step, make_engine
 from tests.sse import parse_events, text_of
+from trickle.config import Settings
+from trickle.generation import LoadedModel
+from trickle.server import ENGINE_KEY, create_app
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import GenerationMixin
 
-from generation import loader
-from generation.loader import (
+from trickle.generation import loader
+from trickle.generation.loader import (
     _DEMO_CORPUS,
     LoadedModel,
     ModelLoadError,

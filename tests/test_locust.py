@@ -1,4 +1,4 @@
-"""locustfile.py against a real `python server.py --model demo`, both as subprocesses: locust's gevent
+"""bench/locustfile.py against a real `python server.py --model demo`, both as subprocesses: locust's gevent
 monkey-patching must never reach the pytest process."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def host() -> Iterator[str]:
 
 def run_locust(host: str, tmp_path: Path, run_time: str, *extra: str) -> subprocess.CompletedProcess[str]:
     command = [
-        *(sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless"),
+        *(sys.executable, "-m", "locust", "-f", str(ROOT / "bench" / "locustfile.py"), "--headless"),
         *("-u", "4", "-r", "4", "-t", run_time, "--host", host, "--only-summary"),
         *("--max-new-tokens", "8,16", "--min-new-tokens", "8", "--prompt-words", "4,32"),
         # Unlike --csv, which is rewritten every few seconds, the JSON file is written once at the end.

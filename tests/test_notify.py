@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import notify
-from notify import Notifier
+from trickle import notify
+from trickle.notify import Notifier
 
 
 @pytest.fixture

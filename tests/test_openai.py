@@ -17,10 +17,10 @@ import openai
 import pytest
 from aiohttp import web
 
-from config import Settings
-from generation import LoadedModel
-from server import create_app
 from tests.conftest import make_engine
+from trickle.config import Settings
+from trickle.generation import LoadedModel
+from trickle.server import create_app
 
 CHAT = [
     {"role": "system", "content": "You are a baker."},

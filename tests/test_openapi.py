@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from config import Settings
-from generation import LoadedModel
-from server import create_app
 from tests.conftest import make_engine
+from trickle.config import Settings
+from trickle.generation import LoadedModel
+from trickle.server import create_app
 
 # Checks about the responses only: schemathesis's other checks judge whether the API accepts what the
 # schema allows, which is not what this test is about (cross-field limits such as min <= max tokens,

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from config import Settings
-from generation import LoadedModel
-from server import create_app
 from tests.conftest import make_engine
+from trickle.config import Settings
+from trickle.generation import LoadedModel
+from trickle.server import create_app
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 REQUIRED = os.environ.get("TRICKLE_REQUIRE_BROWSER") == "1"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import structlog
 
-from api.logs import configure_logging
+from trickle.api.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 

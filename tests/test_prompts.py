@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from generation import LoadedModel, Prompts, RequestError
-from generation.prompts import NORMALIZER_FOLD, chars_per_token
+from trickle.generation import LoadedModel, Prompts, RequestError
+from trickle.generation.prompts import NORMALIZER_FOLD, chars_per_token
 
 TEXTS = ["The baker lights the oven", "café ☕ 日本語 🍞🍞", "a", "  spaces\tand\nlines  ", "x" * 300]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from generation import AsyncEngine, EngineConfig, ModelLoadError, SamplingParams, load_model
-from generation.random_models import synthetic_tokenizer
+from trickle.generation import AsyncEngine, EngineConfig, ModelLoadError, SamplingParams, load_model
+from trickle.generation.random_models import synthetic_tokenizer
 
 
 def test_synthetic_tokenizer_has_exactly_the_vocabulary_and_round_trips() -> None:
@@ -19,7 +19,7 @@ def test_synthetic_tokenizer_has_exactly_the_vocabulary_and_round_trips() -> Non
 
 
 def test_the_falcon_7b_shape_is_falcon_7b() -> None:
-    from generation.random_models import SHAPES
+    from trickle.generation.random_models import SHAPES
 
     config = SHAPES["falcon-7b"]()
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (4544, 32, 71)

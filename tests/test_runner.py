@@ -15,13 +15,13 @@ import pytest
 import structlog
 import torch
 
-from generation import LoadedModel, SamplingParams
-from generation.detokenizer import IncrementalDetokenizer
-from generation.models import compile_regions, regional_layers, restore_layers
-from generation.runner import ModelRunner
-from generation.sampler import FULL, PLAIN, TOP_K, sample_rows
-from generation.sequence import Sequence, Status
 from tests.conftest import make_engine
+from trickle.generation import LoadedModel, SamplingParams
+from trickle.generation.detokenizer import IncrementalDetokenizer
+from trickle.generation.models import compile_regions, regional_layers, restore_layers
+from trickle.generation.runner import ModelRunner
+from trickle.generation.sampler import FULL, PLAIN, TOP_K, sample_rows
+from trickle.generation.sequence import Sequence, Status
 
 
 def newcomers(loaded: LoadedModel, prompts: list[str]) -> list[Sequence]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from generation.sampler import (
+from trickle.generation.sampler import (
     FULL,
     PLAIN,
     TOP_K,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from generation.params import SamplingParams
-from generation.scheduler import Scheduler, SchedulerConfig
-from generation.sequence import Sequence, Status
+from trickle.generation.params import SamplingParams
+from trickle.generation.scheduler import Scheduler, SchedulerConfig
+from trickle.generation.sequence import Sequence, Status
 
 
 class NoText:

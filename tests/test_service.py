@@ -21,15 +21,22 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-import server
-from config import Settings
-from generation import AsyncEngine, LoadedModel, SamplingParams
-from generation.async_engine import FinishRate
-from notify import Notifier
-from server import ENGINE_KEY, build_engine, create_app, open_files_needed, raise_open_files_limit, serve
 from tests.conftest import make_engine
 from tests.sse import parse_events
 from tests.test_process import ROOT, free_port
+from trickle import server
+from trickle.config import Settings
+from trickle.generation import AsyncEngine, LoadedModel, SamplingParams
+from trickle.generation.async_engine import FinishRate
+from trickle.notify import Notifier
+from trickle.server import (
+    ENGINE_KEY,
+    build_engine,
+    create_app,
+    open_files_needed,
+    raise_open_files_limit,
+    serve,
+)
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 LONG = {"prompt": "The baker", "max_new_tokens": 300, "min_new_tokens": 300}

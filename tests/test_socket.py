@@ -12,11 +12,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from config import Settings
-from generation import AsyncEngine, LoadedModel
-from server import AccessLogger, create_app
 from tests.conftest import make_engine
 from tests.sse import parse_events
+from trickle.config import Settings
+from trickle.generation import AsyncEngine, LoadedModel
+from trickle.server import AccessLogger, create_app
 
 
 @pytest.fixture(params=[True, False], ids=["handler_cancellation", "no_handler_cancellation"])

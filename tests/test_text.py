@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from config import Settings
-from generation import LoadedModel
-from generation.detokenizer import IncrementalDetokenizer
-from server import create_app
 from tests.conftest import make_engine, scripted_model
 from tests.sse import parse_events, text_of
+from trickle.config import Settings
+from trickle.generation import LoadedModel
+from trickle.generation.detokenizer import IncrementalDetokenizer
+from trickle.server import create_app
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 PROMPT = "The baker"

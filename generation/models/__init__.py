@@ -18,8 +18,8 @@ from types import ModuleType
 import torch
 from transformers import PreTrainedModel
 
-from generation.models import falcon
-from generation.models.falcon import (
+from trickle.generation.models import falcon
+from trickle.generation.models.falcon import (
     PLAIN_PARTS,
     PackedShape,
     Parts,

@@ -32,7 +32,7 @@ from transformers.models.falcon.modeling_falcon import (
     apply_rotary_pos_emb,
 )
 
-from generation.kv_cache import KVTarget, SlotKVCache, store
+from trickle.generation.kv_cache import KVTarget, SlotKVCache, store
 
 
 def _multi_query_attention(

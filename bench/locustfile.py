@@ -2,7 +2,7 @@
 the gaps between tokens and the time per output token, each as its own locust statistic (all in ms),
 plus an SLO gate that sets the exit code.
 
-    locust -f locustfile.py --headless -u 8 -r 8 -t 60s --host http://127.0.0.1:8000 --only-summary
+    locust -f bench/locustfile.py --headless -u 8 -r 8 -t 60s --host http://127.0.0.1:8000 --only-summary
 """
 
 from __future__ import annotations
