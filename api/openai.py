@@ -186,10 +186,15 @@ class ChatCompletionRequest(_SamplingFields):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(BaseModel):
@@ -449,7 +454,12 @@ def _json(model: BaseModel) -> web.Response:
 
 def _usage(output: RequestOutput) -> Usage:
     prompt, completion = output.usage["prompt_tokens"], output.usage["completion_tokens"]
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=output.usage.get("cached_tokens", 0)),
+    )
 
 
 async def _finished(request: web.Request, outputs: RequestStream) -> tuple[str, RequestOutput, Finish]:

@@ -27,6 +27,9 @@ class GenerateRequest(SamplingParams):
 class TokenUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(
+        default=0, description="Prompt tokens whose KV the prefix cache held: they were not computed again."
+    )
 
 
 class Timings(BaseModel):

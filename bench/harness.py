@@ -180,7 +180,6 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
         sys.executable, str(ROOT / "server.py"), "--model", args.model, "--port", str(port),
         "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
         "--prefill-token-budget", str(args.prefill_token_budget),
-        "--packed-prefill-tokens", str(args.packed_prefill_tokens),
         "--log-format", "json", *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -188,7 +187,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
     seen = []
     for line in process.stderr:
         seen.append(line)
-        if '"listening"' in line:
+        if '"ready"' in line:
             break
     if process.poll() is not None:
         raise RuntimeError("the server did not start:\n" + "".join(seen[-30:]))
@@ -245,13 +244,13 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
             max_batch_size=max(args.concurrency),
             max_seq_len=args.max_seq_len,
             prefill_token_budget=args.prefill_token_budget,
-            packed_prefill_tokens=args.packed_prefill_tokens,
             compile=args.compile,
         ),
     )
     started = time.perf_counter()
     await engine.start()
-    info = {"warm_up_s": round(time.perf_counter() - started, 2), "kv_slots": engine.engine.runner.num_slots}
+    runner = engine.engine.runner
+    info = {"warm_up_s": round(time.perf_counter() - started, 2), "kv_blocks": runner.num_blocks}
     rng = random.Random(2)
     params = SamplingParams(
         temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
@@ -265,21 +264,64 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
 
     await one(-1, prompt(-1))
     results = []
-    runner = engine.engine.runner
-    info["packed_steps"] = {}  # per concurrency: steps that prefilled newcomers inside the decode step
     for c in args.concurrency:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        packed_before = runner.packed_steps
+        preempted = engine.engine.scheduler.preemptions
         timings, seconds = await drive(c, args.rounds, prompt, one)
-        info["packed_steps"][c] = runner.packed_steps - packed_before
         result = collect("engine alone", c, timings, seconds)
+        result.extra["preemptions"] = engine.engine.scheduler.preemptions - preempted
         if torch.cuda.is_available():
             result.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         results.append(result)
         print(json.dumps(result.summary()), flush=True)
     await engine.stop()
     return results, info
+
+
+async def bench_prefix(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]:
+    """A shared system prompt (~1,460 tokens) before every request's own ~100-token turn, 64 streams of
+    128 new tokens, with the prefix cache on and off."""
+    results = []
+    for cache in (True, False):
+        engine = AsyncEngine(
+            loaded.model,
+            loaded.tokenizer,
+            EngineConfig(
+                max_batch_size=64,
+                max_seq_len=args.max_seq_len,
+                prefill_token_budget=args.prefill_token_budget,
+                # Sized as 64 rows of max_seq_len: earlier stages' engines may still hold GPU memory.
+                kv_cache_tokens=64 * args.max_seq_len,
+                prefix_caching=cache,
+            ),
+        )
+        await engine.start()
+        rng = random.Random(6)
+        system = engine.prompts.truncated(prompt_text(rng, 2000), 1460, 128)
+        params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=128, min_new_tokens=128)
+
+        def prompt(i: int, system: list[int] = system, engine: AsyncEngine = engine) -> list[int]:
+            return system + engine.prompts.truncated(prompt_text(rng, 200), 100, 128)
+
+        def one(i: int, ids: list[int], engine: AsyncEngine = engine) -> Any:
+            return engine_request(engine, f"p{i}", ids, params)
+
+        scheduler = engine.engine.scheduler
+        before = (scheduler.prefix_queries, scheduler.prefix_hits)
+        timings, seconds = await drive(64, args.rounds, prompt, one)
+        result = collect(f"engine, shared prefix, cache {'on' if cache else 'off'}", 64, timings, seconds)
+        result.extra.update(
+            {
+                "prefix_queries": scheduler.prefix_queries - before[0],
+                "prefix_hits": scheduler.prefix_hits - before[1],
+                "preemptions": scheduler.preemptions,
+            }
+        )
+        results.append(result)
+        print(json.dumps(result.summary()), flush=True)
+        await engine.stop()
+    return results
 
 
 def bench_classic(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]:
@@ -332,28 +374,35 @@ def bench_classic(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]
 
 
 async def bench_fit(args: argparse.Namespace) -> Result:
-    """The seed's GPU: Falcon-7B in bf16 with 64 concurrent 2,048-token sequences inside 24 GB."""
+    """The reference GPU's 24 GB: a Llama-3-8B shape (8 KV heads, 8,192 positions) in bf16, with 48
+    concurrent conversations of 1,000 tokens (744 in, 256 out)."""
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(24 * 2**30 / total)
-    loaded = load_model(args.model, dtype="bfloat16", device="cuda")
-    engine = AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=64, max_seq_len=2048))
+    loaded = load_model(args.fit_model, dtype="bfloat16", device="cuda")
+    config = EngineConfig(max_batch_size=64, max_seq_len=8192, prefill_token_budget=args.prefill_token_budget)
+    engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
     await engine.start()
-    slots = engine.engine.runner.num_slots
-    params = SamplingParams(temperature=0.8, max_new_tokens=1024, min_new_tokens=1024)
+    scheduler = engine.engine.scheduler
+    params = SamplingParams(temperature=0.8, max_new_tokens=256, min_new_tokens=256)
     rng = random.Random(4)
 
     def prompt(i: int) -> list[int]:
-        return engine.prompts.truncated(prompt_text(rng, 3000), 1024, params.max_new_tokens)
+        return engine.prompts.truncated(prompt_text(rng, 3000), 744, params.max_new_tokens)
 
     def one(i: int, ids: list[int]) -> Any:
         return engine_request(engine, f"fit{i}", ids, params)
 
     torch.cuda.reset_peak_memory_stats()
-    timings, seconds = await drive(64, 1, prompt, one)
-    result = collect("engine, 24 GB cap, 64 x 2048 tokens", 64, timings, seconds)
+    timings, seconds = await drive(48, 1, prompt, one)
+    result = collect(f"engine, 24 GB cap, {args.fit_model}, 48 x 1,000 tokens", 48, timings, seconds)
     result.peak_gib = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     result.extra.update(
-        {"kv_slots": slots, "cap_gib": 24, "all_completed": all(t.tokens == 1024 for t in timings)}
+        {
+            "kv_cache_tokens": scheduler.kv_capacity,
+            "preemptions": scheduler.preemptions,
+            "cap_gib": 24,
+            "all_completed": all(t.tokens == 256 for t in timings),
+        }
     )
     await engine.stop()
     torch.cuda.set_per_process_memory_fraction(1.0)
@@ -511,8 +560,8 @@ def main() -> None:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128]
     )
     parser.add_argument("--prefill-token-budget", type=int, default=EngineConfig.prefill_token_budget)
-    parser.add_argument("--packed-prefill-tokens", type=int, default=EngineConfig.packed_prefill_tokens)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    parser.add_argument("--fit-model", default="random:llama-3-8b", help="the model of the `fit` stage")
     parser.add_argument("--stages", default="server,engine,classic")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compile", action="store_true", help="serve and run the engine with --compile")
@@ -541,6 +590,8 @@ def main() -> None:
         engine_results, info = asyncio.run(bench_engine(args, loaded))
         results += engine_results
         report["setup"].update(info)
+    if "prefix" in stages:
+        results += asyncio.run(bench_prefix(args, loaded))
     if "classic" in stages:
         # A fresh copy: the recipe runs stock transformers code, without the engine's adaptations.
         results += bench_classic(args, load_model(args.model, dtype=args.dtype, device="auto"))

@@ -106,54 +106,20 @@ def make_rows(  # type: ignore[no-untyped-def]
     generated: int = 0,
     first: int = 0,
 ) -> list[Sequence]:
-    """`count` running sequences with random `prompt`-token prompts, in slots first..first+count-1;
-    `generated` > 0 gives each that many output tokens already (rows to decode)."""
+    """`count` running sequences with random `prompt`-token prompts, in rows first..first+count-1, each
+    with blocks of its own for 256 more tokens; `generated` > 0 gives each that many output tokens
+    already (rows to decode)."""
     rows = []
+    per_row = -(-(prompt + generated + 256) // 16)
     for i in range(first, first + count):
-        ids = [int(x) for x in torch.randint(300, 60000, (prompt,))]
+        ids = [int(x) for x in torch.randint(300, 30000, (prompt,))]
         seq = Sequence(f"{name}{i}", ids, params, i, IncrementalDetokenizer(tokenizer, ids, []))
         seq.slot, seq.status = i, Status.RUNNING
         seq.output_ids = [5] * generated
+        seq.launched = generated
+        seq.blocks = list(range(1 + i * per_row, 1 + (i + 1) * per_row))
         rows.append(seq)
     return rows
-
-
-@torch.inference_mode()
-def packed_vs_separate(runner, tokenizer, spec: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    """One step of `spec` ("64:2x128": 64 running rows, 2 newcomers of 128 tokens) timed packed and as
-    separate decode and prefill steps, and how far apart the two leave the running rows' hidden states
-    and the greedy tokens of all rows."""
-    running, shape = spec.split(":")
-    b, (n, width) = int(running), (int(x) for x in shape.split("x"))
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=256)
-    decode = make_rows(tokenizer, greedy, b, "k", generated=100)
-    batch = ScheduledBatch(decode=decode, prefill=make_rows(tokenizer, greedy, n, "n", prompt=width, first=b))
-    before = runner.packed_steps
-    packed_ms = timed(lambda: runner.step(batch))
-    packed_tokens = runner.step(batch)
-    packed_hidden = runner._hidden[:b].float().clone()
-    packed = runner.packed_steps > before
-    shapes, runner._packed_shapes = runner._packed_shapes, []
-    try:
-        separate_ms = timed(lambda: runner.step(batch))
-        separate_tokens = runner.step(batch)
-    finally:
-        runner._packed_shapes = shapes
-    separate_hidden = runner._hidden[:b].float()
-    same = sum(x == y for x, y in zip(packed_tokens, separate_tokens, strict=True))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            runner.step(batch)
-        torch.cuda.synchronize()
-    return {
-        "packed": packed,
-        "packed_ms": round(packed_ms, 3),
-        "separate_ms": round(separate_ms, 3),
-        "hidden_max_abs_diff": round(float((packed_hidden - separate_hidden).abs().max()), 4),
-        "hidden_max_abs": round(float(separate_hidden.abs().max()), 4),
-        "greedy_tokens_equal": f"{same}/{len(packed_tokens)}",
-        "packed_kernels_per_step": kernel_breakdown(prof, steps=3),
-    }
 
 
 def main() -> None:
@@ -161,15 +127,11 @@ def main() -> None:
     parser.add_argument("--model", default="random:falcon-7b")
     parser.add_argument("--batch", default="1,8,64,128")
     parser.add_argument("--prefill", default="1,8,32", help="prefill steps of this many 128-token prompts")
-    parser.add_argument(
-        "--packed",
-        default="16:1x128,64:1x128,64:2x64,120:1x128",
-        help="packed steps to time against separate decode and prefill steps: running rows:newcomers x width",
-    )
     parser.add_argument("--compile", action="store_true", help="as the server's --compile")
+    parser.add_argument("--max-seq-len", type=int, default=2048)
     args = parser.parse_args()
     loaded = load_model(args.model, dtype="bfloat16", device="cuda")
-    config = EngineConfig(max_batch_size=128, max_seq_len=2048, compile=args.compile)
+    config = EngineConfig(max_batch_size=128, max_seq_len=args.max_seq_len, compile=args.compile)
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
     runner = engine.engine.runner
     runner.warm_up()
@@ -180,6 +142,7 @@ def main() -> None:
     for b in [int(x) for x in args.batch.split(",")]:
         rows = make_rows(tokenizer, params, b, "s", generated=100)
         batch = ScheduledBatch(decode=rows)
+        runner._tables.update(batch)
         with torch.inference_mode():
             saved = [seq.params for seq in rows]
             for seq in rows:
@@ -252,9 +215,6 @@ def main() -> None:
         report[f"prefill_{n}x128"] = entry
         print(f"prefill {n}x128", json.dumps({k: v for k, v in entry.items() if k != "top"}), flush=True)
         print(entry["top"], flush=True)
-    for spec in [x for x in args.packed.split(",") if x]:
-        report[f"packed_{spec}"] = packed_vs_separate(runner, tokenizer, spec)
-        print(f"packed {spec}", json.dumps(report[f"packed_{spec}"], indent=1), flush=True)
     out = Path(os.environ.get("OUT", "."))
     (out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
 

@@ -58,9 +58,13 @@ class Settings(BaseSettings):
     context length (2048 where its config names none); a longer value is cut to the model's."""
     prefill_token_budget: int = Field(default=1024, ge=1)
     """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams."""
-    packed_prefill_tokens: int = Field(default=0, ge=0)
-    """Short prompts (up to this many tokens in all, padded) are prefilled inside the running streams'
-    decode step instead of a step of their own (Falcon multi-query models; 0, the default: never)."""
+    kv_cache_tokens: int | None = Field(default=None, ge=16)
+    """Positions the KV cache holds, all requests together. By default, on a GPU, what memory leaves
+    after the weights and activations; on the CPU, max batch size x max sequence length, up to a quarter
+    of the memory available."""
+    prefix_cache: bool = True
+    """Reuse the KV cache of prompts' shared leading tokens (a system prompt, the turns of a chat)
+    instead of computing it again; --no-prefix-cache turns it off."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     """Share of the GPU's memory that weights, activations and the KV cache may fill together."""
     cuda_graphs: bool = True

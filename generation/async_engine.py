@@ -122,7 +122,11 @@ class AsyncEngine:
         eos_ids = _eos_ids(model, tokenizer)
         runner = ModelRunner(model, config, eos_ids)
         scheduler_config = SchedulerConfig(
-            runner.num_slots, config.prefill_token_budget, runner.packable if runner.packs else None
+            runner.max_rows,
+            config.prefill_token_budget,
+            runner.num_blocks,
+            config.kv_block_size,
+            config.prefix_caching,
         )
         self.engine = Engine(runner, tokenizer.backend_tokenizer, scheduler_config, eos_ids, self._on_report)
         self.num_running = 0
@@ -133,7 +137,7 @@ class AsyncEngine:
         self._changed = asyncio.Event()
         self.finish_rate = FinishRate()
         self.draining = False
-        self.metrics = EngineMetrics(runner.num_slots * config.max_seq_len)
+        self.metrics = EngineMetrics(self.engine.scheduler.kv_capacity)
 
     async def start(self) -> None:
         """Run the model once (ModelRunError if it cannot run), capture the decode graphs (on a GPU), then
@@ -183,7 +187,7 @@ class AsyncEngine:
         waiting queue is full: what `generate` would refuse now, asked before the work of tokenizing."""
         if self.unavailable is not None:
             raise EngineUnavailableError(self.unavailable)
-        if len(self._queues) >= self.engine.runner.num_slots + self.config.max_queue:
+        if len(self._queues) >= self.engine.runner.max_rows + self.config.max_queue:
             raise QueueFullError(self.retry_after())
 
     def _release(self, request_id: str, finished: bool) -> None:
@@ -202,7 +206,7 @@ class AsyncEngine:
         rate = self.finish_rate.per_second()
         if not rate:
             return DEFAULT_RETRY_AFTER_S
-        waiting = max(0, len(self._queues) - self.engine.runner.num_slots)
+        waiting = max(0, len(self._queues) - self.engine.runner.max_rows)
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil((waiting + 1) / rate)))
 
     async def drain(self, timeout: float) -> None:

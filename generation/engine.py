@@ -140,6 +140,8 @@ class Engine:
         """Schedule and queue the next step. Rows whose token from the step in flight is still unseen
         take it on the device; a row that turns out to have finished with it wastes one row of a step."""
         batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            log.info("request preempted", request_id=seq.log_name, tokens=seq.num_tokens)
         if batch.is_empty:
             return None
         now = time.monotonic()
@@ -182,6 +184,7 @@ class Engine:
         # Called from an `except` block: the traceback goes with the log line.
         log.exception("engine step failed", request_ids=[seq.log_name for seq in rows])
         for seq in rows:
+            self.scheduler.forget(seq)
             if not seq.is_finished:
                 seq.finish(Status.ERROR, error=f"generation failed: {type(err).__name__}")
                 self._pending.append(self._final_output(seq))
@@ -215,7 +218,11 @@ class Engine:
             text,
             finish_reason=seq.finish_reason,
             error=seq.error,
-            usage={"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": seq.num_completion_tokens},
+            usage={
+                "prompt_tokens": seq.num_prompt_tokens,
+                "completion_tokens": seq.num_completion_tokens,
+                "cached_tokens": seq.cached_prompt_tokens,
+            },
             timings=seq.timings_ms(),
         )
 
@@ -240,5 +247,8 @@ class Engine:
                 decoded_rows=decoded,
                 step_seconds=seconds,
                 kv_tokens=self.scheduler.kv_tokens,
+                prefix_queries=self.scheduler.prefix_queries,
+                prefix_hits=self.scheduler.prefix_hits,
+                preemptions=self.scheduler.preemptions,
             )
         )

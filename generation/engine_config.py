@@ -23,17 +23,20 @@ def context_length(model_config: Any) -> int | None:
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 64
-    """Most rows running at once; the KV cache holds this many slots, or fewer where memory is short."""
+    """Most rows running at once (as many as the KV pool's blocks hold, up to this)."""
     max_seq_len: int = 2048
     """Most tokens one row holds: prompt plus generated."""
     prefill_token_budget: int = 1024
     """Most prompt tokens prefilled in one step, padding to the longest newcomer included (the first
     admission of a step always goes through)."""
-    packed_prefill_tokens: int = 0
-    """Newcomers of up to this many prompt tokens in all (padded) join the running rows' decode step and
-    are prefilled in its forward, which reads the weights once for both (Falcon multi-query models): a
-    short prompt then costs the running streams a fraction of a step, not a prefill step of its own,
-    but waits for a step with room for it. 0 (the default) keeps prefill in steps of its own."""
+    kv_cache_tokens: int | None = None
+    """Positions the KV pool holds, all rows together. None: on a GPU, what memory leaves after the
+    weights and the largest step's activations; on the CPU, max_batch_size x max_seq_len up to a
+    quarter of the memory available."""
+    kv_block_size: int = 16
+    """Positions one KV block holds."""
+    prefix_caching: bool = True
+    """Reuse the KV blocks of prompts' shared leading tokens instead of prefilling them again."""
     max_queue: int = 256
     """Requests that may wait for a row; past it new requests are refused."""
     request_timeout: float = 600.0

@@ -58,4 +58,10 @@ class StepReport:
     step_seconds: float = 0.0
     """Time since the previous step ended (or since this one began, after an idle spell)."""
     kv_tokens: int = 0
-    """Tokens held in the KV cache by running rows."""
+    """Positions of KV blocks that running rows hold."""
+    prefix_queries: int = 0
+    """Tokens looked up in the prefix cache so far (a running total)."""
+    prefix_hits: int = 0
+    """Of those, tokens found (a running total)."""
+    preemptions: int = 0
+    """Rows preempted for lack of KV blocks so far (a running total)."""

@@ -88,11 +88,27 @@ class EngineMetrics:
         self.kv_usage = Gauge(
             f"{PREFIX}kv_cache_usage_perc", "Share of KV cache token capacity in use (0-1).", registry=r
         )
+        self.prefix_queries = Counter(
+            f"{PREFIX}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_hits = Counter(
+            f"{PREFIX}prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
+        )
+        self.preemptions = Counter(
+            f"{PREFIX}num_preemptions", "Requests preempted for lack of KV cache blocks.", registry=r
+        )
+        self._totals = (0, 0, 0)  # the running totals of the last report
 
     def record_step(self, report: StepReport) -> None:
         self.running.set(report.num_running)
         self.waiting.set(report.num_waiting)
         self.kv_usage.set(report.kv_tokens / self.kv_capacity_tokens)
+        totals = (report.prefix_queries, report.prefix_hits, report.preemptions)
+        for counter, now, before in zip(
+            (self.prefix_queries, self.prefix_hits, self.preemptions), totals, self._totals, strict=True
+        ):
+            counter.inc(now - before)
+        self._totals = totals
         if report.decoded_rows:
             self.step.observe(report.step_seconds)
             self.itl.observe(report.step_seconds, report.decoded_rows)

@@ -35,6 +35,16 @@ SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
         num_key_value_heads=32,
         max_position_embeddings=4096,
     ),
+    "llama-3-8b": lambda: LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
     "tiny-falcon": lambda: FalconConfig(
         vocab_size=2048,
         hidden_size=64,

@@ -1,4 +1,5 @@
-"""ModelRunner: prefill, batched decode (CUDA graphs on a GPU) and sampling; the only code that runs on it."""
+"""ModelRunner: prefill, batched decode (CUDA graphs on a GPU) over the paged KV cache, and sampling;
+the only code that runs on the device."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import bisect
 import contextlib
 import functools
 import inspect
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import structlog
 import torch
@@ -17,17 +19,10 @@ from transformers import PreTrainedModel
 
 from trickle.generation.engine_config import EngineConfig
 from trickle.generation.head import ModelHead
-from trickle.generation.kv_cache import PassThroughCache, SlotKVCache
+from trickle.generation.kv.blocks import NULL_BLOCK
+from trickle.generation.kv.cache import PagedKVCache, PassThroughCache
 from trickle.generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
-from trickle.generation.models import (
-    PLAIN_PARTS,
-    PackedShape,
-    adapt,
-    compile_regions,
-    packed_forward,
-    regional_layers,
-    restore_layers,
-)
+from trickle.generation.models import adapt, compile_regions, regional_layers, restore_layers
 from trickle.generation.sampler import FULL, MODES, PLAIN, TOP_K, SamplingTensors, sample_rows, sampling_mode
 from trickle.generation.scheduler import ScheduledBatch
 from trickle.generation.sequence import Sequence
@@ -42,9 +37,8 @@ KV_LEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
 PREFILL_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_WIDTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-# A packed step's running rows are padded to these: beside the newcomers' tokens a few padding rows cost
-# little, and coarse buckets keep the graphs few (one per batch, KV length and newcomers' shape).
-PACKED_BATCH_BUCKETS = (16, 32, 64, 128, 256)
+# On the CPU, by default, the KV pool takes at most this share of the memory available.
+CPU_KV_SHARE = 0.25
 
 
 def _cache_argument(module: torch.nn.Module) -> str:
@@ -72,9 +66,10 @@ class Launched:
 
 
 class ModelRunner:
-    """Runs one engine step: moves slots, decodes the running rows, prefills newcomers, samples every row,
-    and copies the new tokens back to the host with one device-to-host copy. `launch` queues a step and
-    `collect` waits for it, so the engine prepares the next step while this one runs."""
+    """Runs one engine step: moves rows, decodes the running rows, prefills newcomers (past the leading
+    blocks the prefix cache holds for them), samples every row, and copies the new tokens back to the
+    host with one device-to-host copy. `launch` queues a step and `collect` waits for it, so the engine
+    prepares the next step while this one runs."""
 
     def __init__(self, model: PreTrainedModel, config: EngineConfig, eos_ids: set[int]) -> None:
         adapt(model)
@@ -94,35 +89,28 @@ class ModelRunner:
             alibi_from_4d(model_code)
         # A step prefills at most the token budget, or one prompt of up to max_seq_len past it.
         self.max_prefill_tokens = max(config.prefill_token_budget, config.max_seq_len)
-        self.num_slots = self._plan_slots()
-        self.cache = SlotKVCache(self.num_slots, config.max_seq_len)
-        self._prefill_shapes = self._graph_prefill_shapes()
-        # Packed steps (models with regional layers: Falcon multi-query): newcomers whose padded shape is
-        # one of these are prefilled in the running rows' decode forward; their last hidden states land in
-        # `_prefill_hidden`.
-        packable = bool(regional_layers(self.base)) and config.packed_prefill_tokens > 0
-        self._packed_shapes = [
-            (n, w) for n, w in self._prefill_shapes if packable and n * w <= config.packed_prefill_tokens
-        ]
-        # A graph's padding rows run at position 0, or, where newcomers may write the first positions of
-        # the same slots in the same forward (packed steps, rotary models only), at the last one.
-        padding_position = config.max_seq_len - 1 if self._packed_shapes else 0
-        self._static = _StaticInputs(self.num_slots, config.max_seq_len, self.device, padding_position)
-        # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
-        self._last_tokens = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
-        # The decode forward's last hidden states, where the step's sampling (its own graph) reads them.
-        self._hidden = torch.zeros(self.num_slots, self.hidden_size, dtype=self.dtype, device=self.device)
-        # seen[slot, token]: the token is in the row's prompt or output (for the repetition penalty); the
-        # extra last row takes what padding rows of a captured prefill write
-        self.seen = torch.zeros(self.num_slots + 1, self.vocab_size, dtype=torch.bool, device=self.device)
-        self._prefill_in = _PrefillInputs(self.num_slots, config.max_seq_len, self.device)
-        self._prefill_hidden = torch.zeros(
-            self.num_slots, self.hidden_size, dtype=self.dtype, device=self.device
+        self.max_rows = config.max_batch_size
+        self.spare_row = self.max_rows  # the per-row tables' extra row: padding rows read and write it
+        self.block_size = config.kv_block_size
+        self.num_blocks = self._plan_blocks()
+        self.table_width = -(-config.max_seq_len // self.block_size)
+        self.cache = PagedKVCache(
+            self.num_blocks, self.block_size, self.max_rows + 1, self.table_width, self.device
         )
+        self._tables = _BlockTables(self.cache.tables)
+        self._prefill_shapes = self._graph_prefill_shapes()
+        self._static = _StaticInputs(self.max_rows + 1, config.max_seq_len, self.device)
+        # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
+        self._last_tokens = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+        # The decode forward's last hidden states, where the step's sampling (its own graph) reads them.
+        self._hidden = torch.zeros(self.max_rows, self.hidden_size, dtype=self.dtype, device=self.device)
+        # seen[row, token]: the token is in the row's prompt or output (for the repetition penalty); the
+        # spare row takes what padding rows write
+        self.seen = torch.zeros(self.max_rows + 1, self.vocab_size, dtype=torch.bool, device=self.device)
+        self._prefill_in = _PrefillInputs(self.max_prefill_tokens, self.max_rows, self.spare_row, self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
-        self._false = torch.zeros((), dtype=torch.bool, device=self.device)
         self._graphs: dict[tuple[str | int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool: Any = None  # one memory pool shared by every captured graph
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
@@ -132,33 +120,50 @@ class ModelRunner:
         self._decode_forward = self._decode_hidden
         self._samplers: dict[str, Callable[..., torch.Tensor]] = dict.fromkeys(MODES, sample_rows)
         self._regional: list[torch.nn.Module] = []  # layers running compiled regions (--compile)
-        self._parts = PLAIN_PARTS  # the layer parts packed steps run (compiled with the regions)
-        self.packed_steps = 0  # steps that prefilled newcomers inside the decode forward
 
     # ------------------------------------------------------------ planning
 
-    def _plan_slots(self) -> int:
-        """Rows the KV cache can hold: max_batch_size, or fewer where GPU memory is short."""
-        if self.device.type != "cuda":
-            return self.config.max_batch_size
-        per_token, activations = self._profile()
-        per_slot = per_token * self.config.max_seq_len
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        allowed = total * self.config.memory_utilization * _memory_cap(self.device)
-        free = allowed - torch.cuda.memory_allocated(self.device) - activations
-        slots = min(self.config.max_batch_size, int(free // per_slot))
-        if slots < 1:
+    def _plan_blocks(self) -> int:
+        """Blocks in the KV pool (the null block included): as many as the settings say, or as the
+        device's memory leaves room for; at least one request of max_seq_len must fit."""
+        config = self.config
+        if config.kv_cache_tokens is not None:
+            tokens = config.kv_cache_tokens
+            per_token = 0
+        elif self.device.type == "cuda":
+            per_token, activations = self._profile()
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            allowed = total * config.memory_utilization * _memory_cap(self.device)
+            free = allowed - torch.cuda.memory_allocated(self.device) - activations
+            tokens = max(0, int(free // per_token))
+        else:
+            per_token = self._kv_bytes_per_token()
+            tokens = self.max_rows * config.max_seq_len
+            available = _available_memory()
+            if available is not None and per_token:
+                tokens = min(tokens, int(available * CPU_KV_SHARE // per_token))
+        blocks = tokens // self.block_size
+        if blocks * self.block_size < config.max_seq_len:
             raise MemoryError(
-                f"no room for one {self.config.max_seq_len}-token KV slot ({per_slot / 2**30:.2f} GiB) "
-                f"after weights and activations; lower max_seq_len or raise memory_utilization"
+                f"the KV cache holds {blocks * self.block_size} positions, fewer than one request of"
+                f" max_seq_len ({config.max_seq_len}); lower max_seq_len"
+                + (" or raise gpu_memory_utilization" if config.kv_cache_tokens is None else "")
             )
         log.info(
             "kv cache planned",
-            slots=slots,
-            gib=round(slots * per_slot / 2**30, 2),
-            requested=self.config.max_batch_size,
+            tokens=blocks * self.block_size,
+            blocks=blocks,
+            block_size=self.block_size,
+            gib=round(blocks * self.block_size * per_token / 2**30, 2) if per_token else None,
+            rows_at_max_seq_len=blocks * self.block_size // config.max_seq_len,
         )
-        return slots
+        return blocks + 1  # and the null block
+
+    @torch.inference_mode()
+    def _kv_bytes_per_token(self) -> int:
+        cache = PassThroughCache()
+        self._trial_prefill(1, 2, cache)
+        return cache.bytes_per_token
 
     @torch.inference_mode()
     def _profile(self) -> tuple[int, int]:
@@ -174,8 +179,11 @@ class ModelRunner:
         self._trial_prefill(rows, width, cache)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         # Sampling may sort the whole vocabulary for every row, with a few float32 and int64 tensors of
-        # that size alive at once; leave room for that too.
+        # that size alive at once; leave room for that too. A decode step gathers each row's keys and
+        # values of one layer at a time.
         activations += 48 * self.config.max_batch_size * self.vocab_size
+        layers = getattr(self.base.config, "num_hidden_layers", None) or 1
+        activations += 2 * self.max_rows * self.config.max_seq_len * cache.bytes_per_token // layers
         return cache.bytes_per_token, activations
 
     # ------------------------------------------------------------ the step
@@ -188,16 +196,13 @@ class ModelRunner:
         from the previous step's output, so the host never waits between two steps.
         """
         for src, dst in batch.moves:
-            self.cache.move(src, dst)
             self.seen[dst] = self.seen[src]
+        self._tables.update(batch)
         # One pair of host-to-device copies carries every row's inputs and sampling parameters.
         self._static.load(batch.rows)
-        if batch.decode and batch.prefill and self.packable(len(batch.prefill), _longest(batch.prefill)):
-            tokens = self._packed(batch.decode, batch.prefill)
-        else:
-            tokens = [self._decode(batch.decode)] if batch.decode else []
-            if batch.prefill:
-                tokens.append(self._prefill(batch.prefill))
+        tokens = [self._decode(batch.decode)] if batch.decode else []
+        if batch.prefill:
+            tokens.append(self._prefill(batch.prefill))
         out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         self._last_tokens[: out.shape[0]].copy_(out)
         if self.device.type != "cuda":
@@ -237,23 +242,21 @@ class ModelRunner:
     def _prefill_shape(self, rows: int, longest: int) -> tuple[int, int]:
         """The padded [rows, width] that `rows` newcomers, the longest of `longest` tokens, prefill as."""
         return (
-            _bucket(rows, PREFILL_ROW_BUCKETS, self.num_slots),
+            _bucket(rows, PREFILL_ROW_BUCKETS, self.max_rows),
             _bucket(longest, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len),
         )
 
-    def packable(self, rows: int, longest: int) -> bool:
-        """Whether `rows` newcomers, the longest of `longest` tokens, can join running rows in a packed
-        step (the scheduler asks this too)."""
-        return self._prefill_shape(rows, longest) in self._packed_shapes
-
-    @property
-    def packs(self) -> bool:
-        """Whether this model runs packed steps at all."""
-        return bool(self._packed_shapes)
-
     def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
-        """Prefill and sample the newcomers; returns their first tokens, [len(rows)]."""
-        n, width = len(rows), _longest(rows)
+        """Prefill and sample the newcomers; returns their first tokens, [len(rows)].
+
+        Newcomers with no cached prefix prefill from position 0 (captured per padded shape); where any
+        has one, they prefill eagerly from their own first uncached position, attending to the cached
+        blocks too."""
+        self._mark_seen(rows)
+        n, width = len(rows), max(seq.num_tokens - seq.num_cached for seq in rows)
+        if any(seq.num_cached for seq in rows):
+            self._prefill_in.load(rows, n, width)
+            return self._prefill_static(n, width, max(seq.num_tokens for seq in rows))
         shape = self._prefill_shape(n, width)
         if not self.use_graphs or shape not in self._prefill_shapes:
             self._prefill_in.load(rows, n, width)
@@ -263,93 +266,55 @@ class ModelRunner:
         graph.replay()
         return tokens[:n]
 
+    def _mark_seen(self, rows: list[Sequence]) -> None:
+        """The newcomers' rows of `seen` say exactly which tokens they hold (the prompt counts for the
+        repetition penalty, and a resumed row's output too)."""
+        index = torch.tensor([seq.slot for seq in rows])
+        self.seen.index_fill_(0, index.to(self.device, non_blocking=True), False)
+        tokens = [seq.tokens for seq in rows]
+        where = torch.tensor([seq.slot for seq, held in zip(rows, tokens, strict=True) for _ in held])
+        what = torch.tensor([token for held in tokens for token in held])
+        self.seen.index_put_((where.to(self.device), what.to(self.device)), self._true)
+
     def _graph_prefill_shapes(self) -> list[tuple[int, int]]:
         """The padded [rows, width] shapes that get a CUDA graph."""
-        rows = sorted({_bucket(b, PREFILL_ROW_BUCKETS, self.num_slots) for b in PREFILL_ROW_BUCKETS})
+        rows = sorted({_bucket(b, PREFILL_ROW_BUCKETS, self.max_rows) for b in PREFILL_ROW_BUCKETS})
         widths = sorted(
             {_bucket(b, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len) for b in PREFILL_WIDTH_BUCKETS}
         )
         return [(n, w) for n in rows for w in widths if n * w <= self.max_prefill_tokens]
 
-    def _prefill_static(self, n: int, width: int) -> torch.Tensor:
-        """Prefill [n, width] from the static buffers only, so it can be captured.
+    def _prefill_static(self, n: int, width: int, read_len: int | None = None) -> torch.Tensor:
+        """Prefill [n, width] from the static buffers only, so it can be captured (`read_len` None: every
+        row from position 0, attending to its new keys alone; else from its first uncached position,
+        attending to its positions 0..read_len-1).
 
-        Each row writes its own slot from position 0. Short prompts are padded with their first token: it
-        adds nothing to the tokens the row has seen, and the keys it writes past the prompt are
-        overwritten by decode before they are ever read. Padding rows repeat the first newcomer (same
-        tokens into the same slot, the same keys) and keep their `seen` marks in the spare row.
-        """
+        Short rows are padded with their first token and padding rows repeat the first newcomer; what
+        padding writes goes to the null block, and padding rows sample into the spare row."""
         inputs = self._prefill_in
         ids = inputs.ids[: n * width].view(n, width)
-        lengths, slots, _ = inputs.rows[:n].unbind(1)
-        self.cache.for_prefill(slots)
-        positions = self._static.key_index[:width][None].expand(n, -1)
-        hidden = self._forward(ids, positions, self._causal_mask(lengths, width), self.cache)
-        return self._first_tokens(n, width, hidden[self._static.rows[:n], lengths - 1])
-
-    def _first_tokens(self, n: int, width: int, last: torch.Tensor) -> torch.Tensor:
-        """Sample the newcomers' first tokens from their prompts' last hidden states, [n, hidden]."""
-        inputs = self._prefill_in
-        ids = inputs.ids[: n * width].view(n, width)
-        slots, seen_rows = inputs.rows[:n, 1], inputs.rows[:n, 2]
-        self.seen.index_put_((seen_rows,), self._false)
-        self.seen.index_put_((seen_rows[:, None], ids), self._true)  # the prompt counts for the penalty
-        # A newcomer's batch row is its slot (padding rows repeat the first newcomer's).
-        return self._sample(self.head(last), self._static.sampling_rows(slots), seen_rows)
-
-    def _packed(self, decode: list[Sequence], prefill: list[Sequence]) -> list[torch.Tensor]:
-        """Decode the running rows and prefill the newcomers in one forward (`packed_forward`), then
-        sample both; returns [running rows' tokens, newcomers' first tokens].
-
-        The running rows sample first: their padding rows mark `seen` rows that may be newcomers',
-        which the newcomers' sampling then resets."""
-        self.packed_steps += 1
-        n, longest = len(decode), _longest(prefill)
-        kv_len = self._kv_len(decode)
-        mode = MODES.index(self._mode(decode))
-        if not self.use_graphs:
-            shape = PackedShape(n, kv_len, len(prefill), longest)
-            self._prefill_in.load(prefill, shape.rows, shape.width)
-            self._packed_static(shape)
-            last = self._prefill_hidden[: shape.rows]
-            return [self._sample_decoded(n, mode), self._first_tokens(shape.rows, shape.width, last)]
-        rows, width = self._prefill_shape(len(prefill), longest)
-        shape = PackedShape(_bucket(n, PACKED_BATCH_BUCKETS, self.num_slots), kv_len, rows, width)
-        self._prefill_in.load(prefill, rows, width)
-        self._graph("packed", shape.decode, kv_len, rows, width)[0].replay()
-        graph, decoded = self._graph("sample", shape.decode, mode)
-        graph.replay()
-        graph, first = self._graph("first", rows, width)
-        graph.replay()
-        return [decoded[:n], first[: len(prefill)]]
-
-    def _packed_static(self, shape: PackedShape) -> torch.Tensor:
-        """The forward of a packed step from the static buffers only, so it can be captured: the running
-        rows' last hidden states land in `_hidden`, the newcomers' in `_prefill_hidden`."""
-        static, inputs = self._static, self._prefill_in
-        static.feed_previous(self._last_tokens)
-        batch, rows, width = shape.decode, shape.rows, shape.width
-        lengths, slots = inputs.rows[:rows, 0], inputs.rows[:rows, 1]
-        ids = torch.cat([static.ids[:batch, 0], inputs.ids[: rows * width]])
-        positions = torch.cat([static.positions[:batch, 0], static.key_index[:width].repeat(rows)])
-        token_slots = torch.cat([static.rows[:batch], slots.repeat_interleave(width)])
-        # Models with regional layers have one kind of attention layer: one mask, not a mapping.
-        mask = cast(torch.Tensor, self._decode_mask(batch, shape.kv_len))
-        hidden = packed_forward(self.base, self._parts, self.cache, ids, positions, token_slots, mask, shape)
-        self._hidden[:batch].copy_(hidden[:batch])
-        self._prefill_hidden[:rows].copy_(hidden[batch + static.rows[:rows] * width + lengths - 1])
-        return self._hidden
+        lengths, rows, cached = inputs.rows[:n].unbind(1)
+        offsets = self._static.key_index[:width][None]
+        positions = cached[:, None] + offsets
+        self.cache.for_forward(rows, positions, offsets < lengths[:, None], read_len)
+        if read_len is None:
+            mask = self._causal_mask(lengths, width)
+        else:
+            mask = self.masks.for_queries(positions, self._static.key_index[:read_len], cached + lengths)
+        hidden = self._forward(ids, positions, mask, self.cache)
+        last = hidden[self._static.rows[:n], lengths - 1]
+        return self._sample(self.head(last), self._static.sampling_rows(rows), rows)
 
     def _sample(
-        self, logits: torch.Tensor, params: SamplingTensors, slots: torch.Tensor, mode: str = FULL
+        self, logits: torch.Tensor, params: SamplingTensors, rows: torch.Tensor, mode: str = FULL
     ) -> torch.Tensor:
-        tokens = self._samplers[mode](logits, params, self.seen[slots], self.eos_mask, mode)
+        tokens = self._samplers[mode](logits, params, self.seen[rows], self.eos_mask, mode)
         # A device-side True: a Python scalar would be a host-to-device copy inside the captured step.
-        self.seen.index_put_((slots, tokens), self._true)
+        self.seen.index_put_((rows, tokens), self._true)
         return tokens
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
-        """Decode and sample the running rows (slots 0..n-1); returns their new tokens, [n].
+        """Decode and sample the running rows (rows 0..n-1); returns their new tokens, [n].
 
         The forward is captured per (batch, KV length) and the sampling per (batch, sampling mode): the
         mode is the cheapest way of ranking the vocabulary that serves every row (see the sampler)."""
@@ -359,7 +324,7 @@ class ModelRunner:
         if not self.use_graphs:
             self._decode_static(n, kv_len)
             return self._sample_decoded(n, MODES.index(mode))
-        batch = _bucket(n, BATCH_BUCKETS, self.num_slots)
+        batch = _bucket(n, BATCH_BUCKETS, self.max_rows)
         self._graph("decode", batch, kv_len)[0].replay()
         graph, tokens = self._graph("sample", batch, MODES.index(mode))
         graph.replay()
@@ -391,7 +356,7 @@ class ModelRunner:
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
         static = self._static
         positions = static.positions[:batch]
-        self.cache.for_decode(static.rows[:batch], positions[:, 0], kv_len)
+        self.cache.for_forward(static.rows[:batch], positions, None, kv_len)
         hidden = self._forward(static.ids[:batch], positions, self._decode_mask(batch, kv_len), self.cache)
         return hidden[:, -1]
 
@@ -402,25 +367,19 @@ class ModelRunner:
 
     def _graph(self, kind: str, *shape: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured graph of this kind ("decode": batch, KV length; "sample": batch, mode index;
-        "prefill" and "first": rows, width; "packed": batch, KV length, rows, width) and the tensor it
-        writes (hidden states for "decode" and "packed", else tokens)."""
+        "prefill": rows, width) and the tensor it writes (hidden states for "decode", else tokens)."""
         key: tuple[str | int, ...] = (kind, *shape)
         if key not in self._graphs:
             self._graphs[key] = self._capture(kind, shape)
         return self._graphs[key]
 
     def _capture(self, kind: str, shape: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Decode padding rows (past the live rows) run at position 0 of slots that are free or about to
-        # be prefilled; decode runs before prefill in a step, so what they write is overwritten.
+        # Decode padding rows (past the live rows) read and write the null block: their table rows are
+        # empty.
         if kind == "decode":
             run = lambda: self._decode_static(*shape)  # noqa: E731
         elif kind == "sample":
             run = lambda: self._sample_decoded(*shape)  # noqa: E731
-        elif kind == "packed":
-            run = lambda: self._packed_static(PackedShape(*shape))  # noqa: E731
-        elif kind == "first":
-            rows, width = shape
-            run = lambda: self._first_tokens(rows, width, self._prefill_hidden[:rows])  # noqa: E731
         else:
             run = lambda: self._prefill_static(*shape)  # noqa: E731
         side = torch.cuda.Stream(self.device)
@@ -490,14 +449,14 @@ class ModelRunner:
 
     def _trial_prefill(self, rows: int, width: int, cache: PassThroughCache) -> torch.Tensor:
         """The hidden states of `rows` prompts of `width` tokens from position 0, through a cache that
-        keeps nothing (the slot cache is not touched)."""
+        keeps nothing (the KV pool is not touched)."""
         ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         positions = torch.arange(width, device=self.device)[None].expand(rows, -1)
         lengths = torch.full((rows,), width, device=self.device)
         return self._forward(ids, positions, self._causal_mask(lengths, width), cache)
 
     def _batches_and_lengths(self) -> tuple[list[int], list[int]]:
-        batches = sorted({_bucket(b, BATCH_BUCKETS, self.num_slots) for b in BATCH_BUCKETS})
+        batches = sorted({_bucket(b, BATCH_BUCKETS, self.max_rows) for b in BATCH_BUCKETS})
         kv_lens = sorted({_bucket(b, KV_LEN_BUCKETS, self.config.max_seq_len) for b in KV_LEN_BUCKETS})
         return batches, kv_lens
 
@@ -517,15 +476,12 @@ class ModelRunner:
         if self._regional:
             # Falcon multi-query: the layer's two tensor-only parts compile once for every layer, decode
             # and prefill alike, instead of tracing the whole model.
-            self._parts = compile_regions(self._regional, torch.compile)
+            compile_regions(self._regional, torch.compile)
             with self._or_uncompiled("the model's layers; they run uncompiled", self._uncompile_layers):
                 for batch, kv_len in decode_shapes:
                     self._decode_static(batch, kv_len)
                 for rows, width in self._prefill_shapes[:1] + self._prefill_shapes[-1:]:
                     self._prefill_static(rows, width)
-                for rows, width in self._packed_shapes[:1] + self._packed_shapes[-1:]:
-                    for batch in (batches[0], batches[-1]):
-                        self._packed_static(PackedShape(batch, kv_lens[0], rows, width))
         else:
             self._decode_forward = torch.compile(self._decode_hidden, dynamic=True)
             with self._or_uncompiled("the decode forward; it runs uncompiled", self._uncompile_forward):
@@ -556,7 +512,6 @@ class ModelRunner:
     def _uncompile_layers(self) -> None:
         restore_layers(self._regional)
         self._regional = []
-        self._parts = PLAIN_PARTS
 
     def _capture_all(self) -> None:
         batches, kv_lens = self._batches_and_lengths()
@@ -568,18 +523,50 @@ class ModelRunner:
                 self._graph("sample", batch, mode)
         for shape in self._prefill_shapes:
             self._graph("prefill", *shape)
-        packed_batches = {_bucket(b, PACKED_BATCH_BUCKETS, self.num_slots) for b in PACKED_BATCH_BUCKETS}
-        for rows, width in self._packed_shapes:
-            self._graph("first", rows, width)
-            for kv_len in kv_lens:
-                for batch in packed_batches:
-                    self._graph("packed", batch, kv_len, rows, width)
         torch.cuda.synchronize(self.device)
 
 
 def _brief(err: Exception) -> str:
     # Enough of a compiler's error to see which kernel failed and why, not its whole generated source.
     return f"{type(err).__name__}: {err}"[:4000]
+
+
+class _BlockTables:
+    """The host's copy of the per-row block tables, updated for the rows that changed, and sent to the
+    cache's device tables once a step (rows 0..n-1, and rows left empty since the last step)."""
+
+    def __init__(self, device_tables: torch.Tensor) -> None:
+        pinned = device_tables.device.type == "cuda"
+        self.device_tables = device_tables
+        self.host = torch.zeros(device_tables.shape, dtype=torch.long)
+        self._staging = torch.zeros((2, *device_tables.shape), dtype=torch.long, pin_memory=pinned)
+        self._turn = 0
+        self._owners: list[list[int] | None] = [None] * device_tables.shape[0]  # each row's block list
+        self._lengths = [0] * device_tables.shape[0]  # how much of it the host table has
+        self._used = 0  # rows the device tables may have non-empty
+
+    def update(self, batch: ScheduledBatch) -> None:
+        for src, dst in batch.moves:
+            self.host[dst] = self.host[src]
+            self._owners[dst], self._lengths[dst] = self._owners[src], self._lengths[src]
+        rows = batch.rows
+        for row, seq in enumerate(rows):
+            blocks = seq.blocks
+            if self._owners[row] is not blocks:
+                self._owners[row], self._lengths[row] = blocks, 0
+                self.host[row].fill_(NULL_BLOCK)
+            known = self._lengths[row]
+            if len(blocks) > known:
+                self.host[row, known : len(blocks)] = torch.tensor(blocks[known:])
+                self._lengths[row] = len(blocks)
+        for row in range(len(rows), self._used):
+            self._owners[row], self._lengths[row] = None, 0
+            self.host[row].fill_(NULL_BLOCK)
+        count, self._used = max(len(rows), self._used), len(rows)
+        self._turn ^= 1
+        staging = self._staging[self._turn, :count]
+        staging.copy_(self.host[:count])
+        self.device_tables[:count].copy_(staging, non_blocking=True)
 
 
 class _StaticInputs:
@@ -593,26 +580,24 @@ class _StaticInputs:
     # index in the previous step's output when its token comes from there (else -1).
     LONGS = 7
 
-    def __init__(self, slots: int, max_len: int, device: torch.device, padding_position: int = 0) -> None:
+    def __init__(self, rows: int, max_len: int, device: torch.device) -> None:
         pinned = device.type == "cuda"
-        self._host_longs = torch.zeros(2, slots, self.LONGS, dtype=torch.long, pin_memory=pinned)
-        self._host_floats = torch.zeros(2, slots, 3, dtype=torch.float32, pin_memory=pinned)
-        self._host_tokens = torch.zeros(2, slots, dtype=torch.long, pin_memory=pinned)
+        self._host_longs = torch.zeros(2, rows, self.LONGS, dtype=torch.long, pin_memory=pinned)
+        self._host_floats = torch.zeros(2, rows, 3, dtype=torch.float32, pin_memory=pinned)
+        self._host_tokens = torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned)
         self._turn = 0
         self.longs = torch.zeros_like(self._host_longs[0], device=device)
         self.floats = torch.zeros_like(self._host_floats[0], device=device)
         self.ids, self.positions = self.longs[:, 0:1], self.longs[:, 1:2]
-        self.rows = torch.arange(slots, device=device)
+        self.rows = torch.arange(rows, device=device)
         self.key_index = torch.arange(max_len, device=device)
-        self._padding = torch.tensor([0, padding_position, 0, 0, 0, 0, -1])
+        self._padding = torch.tensor([0, 0, 0, 0, 0, 0, -1])
 
     def load(self, rows: list[Sequence]) -> None:
         """Two small host-to-device copies per step carry every row's inputs and sampling parameters.
 
-        Rows past the live ones (a graph's padding) are greedy, token 0 at `padding_position`: the keys
-        they write are never read (a row writes a position before it attends to it). At the last
-        position they cannot clash with newcomers writing the first positions of the same slots in a
-        packed step; at position 0 a decode step's are overwritten by its prefill, which runs after."""
+        Rows past the live ones (a graph's padding, and the spare row) are greedy, token 0 at position 0:
+        their block tables are empty, so they write and read only the null block."""
         self._turn ^= 1
         longs, floats = self._host_longs[self._turn], self._host_floats[self._turn]
         n = len(rows)
@@ -661,40 +646,40 @@ class _StaticInputs:
 
 
 class _PrefillInputs:
-    """Fixed-address inputs of a prefill: the newcomers' prompt tokens as [rows, width], laid out flat
-    so every padded shape is a contiguous prefix, and per row its prompt length, its slot (also its
-    batch row) and its row of `seen`. Pinned host tables are double-buffered like `_StaticInputs`."""
+    """Fixed-address inputs of a prefill: the newcomers' uncached tokens as [rows, width], laid out flat
+    so every padded shape is a contiguous prefix, and per row how many tokens it prefills, its batch row
+    (the spare row for padding rows) and how many leading tokens it found cached. Pinned host tables
+    are double-buffered like `_StaticInputs`."""
 
-    def __init__(self, slots: int, max_len: int, device: torch.device) -> None:
+    def __init__(self, max_tokens: int, max_rows: int, spare_row: int, device: torch.device) -> None:
         pinned = device.type == "cuda"
-        self._host_ids = torch.zeros(2, slots * max_len, dtype=torch.long, pin_memory=pinned)
-        self._host_rows = torch.zeros(2, slots, 3, dtype=torch.long, pin_memory=pinned)
+        self._host_ids = torch.zeros(2, max_tokens, dtype=torch.long, pin_memory=pinned)
+        self._host_rows = torch.zeros(2, max_rows, 3, dtype=torch.long, pin_memory=pinned)
         self._turn = 0
         self.ids = torch.zeros_like(self._host_ids[0], device=device)
         self.rows = torch.zeros_like(self._host_rows[0], device=device)
-        self.spare_row = slots  # the extra row of `seen`
+        self.spare_row = spare_row
 
     def load(self, rows: list[Sequence], n: int, width: int) -> None:
-        """Fill `n` rows of `width` tokens: the newcomers, then copies of the first one."""
+        """Fill `n` rows of `width` tokens: the newcomers, then padding rows (copies of the first one,
+        in the spare row)."""
         self._turn ^= 1
         ids, table = self._host_ids[self._turn, : n * width].view(n, width), self._host_rows[self._turn]
-        padded = [seq.prompt_ids + seq.prompt_ids[:1] * (width - seq.num_prompt_tokens) for seq in rows]
-        ids[: len(rows)] = torch.tensor(padded)
+        tails = [seq.tokens[seq.num_cached :] for seq in rows]
+        ids[: len(rows)] = torch.tensor([tail + tail[:1] * (width - len(tail)) for tail in tails])
         ids[len(rows) :] = ids[0]
-        table[: len(rows)] = torch.tensor([[seq.num_prompt_tokens, seq.slot, seq.slot] for seq in rows])
+        table[: len(rows)] = torch.tensor(
+            [[len(tail), seq.slot, seq.num_cached] for seq, tail in zip(rows, tails, strict=True)]
+        )
         table[len(rows) : n] = table[0]
-        table[len(rows) : n, 2] = self.spare_row
+        table[len(rows) : n, 1] = self.spare_row
         self.ids[: n * width].copy_(ids.view(-1), non_blocking=True)
         self.rows[:n].copy_(table[:n], non_blocking=True)
 
     def clear(self) -> None:
-        """Inputs that are safe to capture with: one-token prompts into slot 0, marks in the spare row."""
+        """Inputs that are safe to capture with: one-token prompts from position 0 in the spare row."""
         self.ids.zero_()
-        self.rows[:] = torch.tensor([1, 0, self.spare_row])
-
-
-def _longest(rows: list[Sequence]) -> int:
-    return max(seq.num_prompt_tokens for seq in rows)
+        self.rows[:] = torch.tensor([1, self.spare_row, 0])
 
 
 def _long_inputs(seq: Sequence) -> list[int]:
@@ -709,3 +694,11 @@ def _long_inputs(seq: Sequence) -> list[int]:
 def _memory_cap(device: torch.device) -> float:
     """The share of the device this process may use (torch.cuda.set_per_process_memory_fraction)."""
     return float(torch.cuda.get_per_process_memory_fraction(device))
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to allocate on this machine (Linux), or None where it cannot tell."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

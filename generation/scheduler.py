@@ -1,43 +1,49 @@
-"""Scheduler: the waiting and running queues, admission limits, and slot bookkeeping. No tensors here."""
+"""Scheduler: the waiting and running queues, admission by rows, prefill budget and KV blocks, the
+prefix cache's lookups, and preemption when blocks run out. No tensors here."""
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from trickle.generation.kv.blocks import BlockPool, block_keys
 from trickle.generation.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_size: int
-    """Most rows running at once; also the number of KV cache slots."""
+    """Most rows running at once."""
     prefill_token_budget: int
     """Most prompt tokens prefilled in one step, counting the padding up to the longest newcomer (the
     first admission of a step always goes through)."""
-    packable: Callable[[int, int], bool] | None = None
-    """Whether n newcomers, the longest of so many tokens, can join the running rows' decode step (a
-    packed step); None where the model cannot pack."""
+    num_blocks: int
+    """KV blocks in the pool, the null block included."""
+    block_size: int = 16
+    """Positions a KV block holds."""
+    prefix_caching: bool = True
+    """Reuse cached blocks of a prompt's leading tokens instead of prefilling them again."""
 
 
 @dataclass
 class ScheduledBatch:
     """What one engine step runs.
 
-    `moves` are (src, dst) slot copies the KV cache must make before running, to keep the running rows
-    in slots 0..n-1. `decode` rows hold slots 0..len(decode)-1 in order; `prefill` rows take the
-    following slots in order. Every running row is in exactly one of the two lists.
+    `moves` are (src, dst) row moves the runner's per-row tables must make before running, to keep the
+    running rows in rows 0..n-1. `decode` rows hold rows 0..len(decode)-1 in order; `prefill` rows take
+    the following rows in order. Every running row is in exactly one of the two lists. `preempted` rows
+    gave their blocks back this step and wait again.
     """
 
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[Sequence] = field(default_factory=list)
     moves: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def rows(self) -> list[Sequence]:
-        """All rows of the step in slot order: the order of the step's logits."""
+        """All rows of the step in row order: the order of the step's logits."""
         return self.decode + self.prefill
 
     @property
@@ -49,15 +55,28 @@ class Scheduler:
     """Decides, each step, which requests run.
 
     Only the engine thread calls it. `add` queues a new sequence; `abort` marks one cancelled (it leaves
-    at the next `schedule`). `schedule` drops every finished row and every row whose last token is already
-    launched, compacts slots, and admits waiting sequences in arrival order while there are free rows and
-    prefill budget.
+    at the next `schedule`). `schedule` drops every finished row and every row whose last token is
+    already launched (their blocks go back to the pool, their full blocks into the prefix cache), gives
+    each running row the block its next position needs (preempting the most recently admitted rows
+    when the pool has none left), compacts rows, and admits waiting sequences in arrival order while
+    there are free rows, prefill budget and blocks.
+
+    A preempted row goes back to the head of the queue with every token it has streamed; re-admitted,
+    it prefills its prompt and those tokens again (mostly from the prefix cache) and goes on from there.
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
+        self.pool = BlockPool(config.num_blocks, config.block_size, config.prefix_caching)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
+        self.preemptions = 0
+        self._admissions = 0
+        # Prompt blocks of the last step's newcomers: findable from the next step on, once the step
+        # that writes them is queued (a block is never shared while it is being written).
+        self._fresh: list[tuple[Sequence, list[int], list[bytes]]] = []
 
     def __iter__(self) -> Iterator[Sequence]:
         yield from self.running
@@ -65,12 +84,21 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        """Rows generating now; a row that finished this step still holds its slot until the next."""
+        """Rows generating now; a row that finished this step still holds its row until the next."""
         return sum(not seq.is_finished for seq in self.running)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Positions in blocks that rows hold (cached blocks nobody holds not counted)."""
+        return self.pool.num_held * self.config.block_size
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.pool.num_usable * self.config.block_size
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -95,61 +123,125 @@ class Scheduler:
             seq.finish(Status.TIMEOUT)
         return expired
 
-    @property
-    def kv_tokens(self) -> int:
-        return sum(seq.num_tokens for seq in self.running if not seq.is_finished)
-
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        for _, blocks, keys in self._fresh:
+            self.pool.register(blocks, keys)
+        self._fresh = []
         self.waiting = deque(seq for seq in self.waiting if not seq.is_finished)
-        self._drop_finished_running(batch.moves)
+        leaving = [seq for seq in self.running if seq.is_finished or seq.fully_launched]
+        for seq in leaving:
+            self._release(seq)
+        live = [seq for seq in self.running if not (seq.is_finished or seq.fully_launched)]
+        batch.preempted = self._grow(live)
+        self._compact(live, leaving + batch.preempted, batch.moves)
         batch.decode = list(self.running)
         batch.prefill = self._admit()
         return batch
 
-    def _drop_finished_running(self, moves: list[tuple[int, int]]) -> None:
-        """Remove rows that are finished or need no further step (their last token is in flight); live
-        rows beyond the new count move into the holes, so slots stay 0..n-1."""
-        finished = [seq for seq in self.running if seq.is_finished or seq.fully_launched]
-        if not finished:
-            return
-        live = [seq for seq in self.running if not (seq.is_finished or seq.fully_launched)]
-        holes = sorted(seq.slot for seq in finished if seq.slot < len(live))
+    # ------------------------------------------------------------ blocks
+
+    def _blocks_for(self, positions: int) -> int:
+        return -(-positions // self.config.block_size)
+
+    def _grow(self, live: list[Sequence]) -> list[Sequence]:
+        """Give every live row the blocks for the position its next step writes, oldest rows first;
+        when none are left, the most recently admitted rows give theirs back (possibly the row asking).
+        Returns the rows preempted; `live` keeps the others."""
+        preempted: list[Sequence] = []
+        by_age = sorted(live, key=lambda seq: seq.admission)
+        index = 0
+        while index < len(by_age):
+            seq = by_age[index]
+            # The next step writes position context_len - 1 (the token it feeds).
+            missing = self._blocks_for(seq.context_len) - len(seq.blocks)
+            if missing <= 0:
+                index += 1
+            elif self.pool.can_allocate(missing):
+                seq.blocks += self.pool.allocate(missing)
+                index += 1
+            else:
+                youngest = by_age.pop()
+                self._preempt(youngest)
+                preempted.append(youngest)
+                live.remove(youngest)
+        return preempted
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)  # the youngest goes first, so older rows end up ahead of it
+
+    def _release(self, seq: Sequence) -> None:
+        """The row's blocks go back to the pool; its full blocks of written tokens stay findable in the
+        prefix cache (a preempted row finds its own there when it comes back)."""
+        size = self.config.block_size
+        # Once its launched steps run, a row's cache holds its prompt and every token fed since (each
+        # step feeds the token the one before made; the host knows them all, the newest one aside).
+        written = seq.num_prompt_tokens + seq.launched - 1 if seq.launched else 0
+        full = 0 if seq.status is Status.ERROR else written // size
+        seq.block_keys = block_keys(seq.tokens[: full * size], size, seq.block_keys[:full])
+        self.pool.register(seq.blocks[:full], seq.block_keys)
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+
+    def forget(self, seq: Sequence) -> None:
+        """The row's step failed: the blocks it was to write (not those it found cached) leave the prefix
+        cache, so no later request reads what was never written."""
+        self._fresh = [fresh for fresh in self._fresh if fresh[0] is not seq]
+        self.pool.forget(seq.blocks[seq.num_cached // self.config.block_size :])
+
+    # ------------------------------------------------------------ rows
+
+    def _compact(self, live: list[Sequence], gone: list[Sequence], moves: list[tuple[int, int]]) -> None:
+        """Live rows past the new count move into the rows that `gone` left, so rows stay 0..n-1."""
+        holes = sorted(seq.slot for seq in gone if 0 <= seq.slot < len(live))
         movers = sorted((seq for seq in live if seq.slot >= len(live)), key=lambda seq: seq.slot)
         for seq, hole in zip(movers, holes, strict=True):
             moves.append((seq.slot, hole))
             seq.slot = hole
+        for seq in gone:
+            seq.slot = -1
         self.running = sorted(live, key=lambda seq: seq.slot)
 
     def _admit(self) -> list[Sequence]:
         # Newcomers are prefilled together, padded to the longest: they cost rows x longest tokens.
         admitted: list[Sequence] = []
         longest = 0
-        fits = self._packed_limit() or self._within_budget
+        size = self.config.block_size
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
-            if admitted and not fits(len(admitted) + 1, max(longest, seq.num_prompt_tokens)):
+            if seq.in_flight:  # preempted with a token on its way: it comes back once that is seen
+                break
+            tokens = seq.tokens
+            seq.block_keys = block_keys(tokens, size, seq.block_keys)
+            # At least one token is prefilled: its hidden state gives the next token.
+            found = self.pool.match(seq.block_keys, (len(tokens) - 1) // size)
+            cached = len(found) * size
+            width = max(longest, len(tokens) - cached)
+            needed = self._blocks_for(len(tokens)) - len(found)
+            # Room for running rows to grow into: a block each, up to 1% of the pool.
+            reserve = min(len(self.running), self.pool.num_usable // 100)
+            fits_budget = not admitted or (len(admitted) + 1) * width <= self.config.prefill_token_budget
+            if not fits_budget or not self.pool.can_allocate(needed, reserve):
+                self.pool.release(found)
                 break
             self.waiting.popleft()
-            longest = max(longest, seq.num_prompt_tokens)
+            self._admissions += 1
+            seq.admission = self._admissions
+            seq.blocks = found + self.pool.allocate(needed)
+            full = len(tokens) // size
+            self._fresh.append((seq, seq.blocks[:full], seq.block_keys[:full]))
+            seq.num_cached = cached
+            if seq.preemptions == 0:
+                seq.cached_prompt_tokens = cached
+            self.prefix_queries += len(tokens)
+            self.prefix_hits += cached
+            longest = width
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
         return admitted
-
-    def _within_budget(self, rows: int, longest: int) -> bool:
-        return rows * longest <= self.config.prefill_token_budget
-
-    def _packed_limit(self) -> Callable[[int, int], bool] | None:
-        """While rows are decoding, the newcomers that could join now (one per free row) join them in a
-        packed step, if they all fit in one. When they do not, a prefill step of their own takes them
-        in together: one packed step after another would keep the last of them waiting."""
-        packable = self.config.packable
-        if packable is None or not self.running or not self.waiting:
-            return None
-        joining = list(itertools.islice(self.waiting, self.config.max_batch_size - len(self.running)))
-        if not joining:
-            return None
-        longest = max(seq.num_prompt_tokens for seq in joining)
-        return packable if packable(len(joining), longest) else None

@@ -37,7 +37,7 @@ FINISH_REASONS: dict[Status, str] = {
 
 @dataclass(eq=False)
 class Sequence:
-    """A request as the engine sees it: its tokens, its slot in the KV cache, and its timings."""
+    """A request as the engine sees it: its tokens, its row and KV blocks, and its timings."""
 
     request_id: str
     prompt_ids: list[int]
@@ -48,6 +48,19 @@ class Sequence:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     slot: int = -1
+    """The row's place in the running batch (and in the runner's per-row tables); -1 while waiting."""
+    blocks: list[int] = field(default_factory=list)
+    """The KV blocks holding the row's positions, in order (shared ones read-only)."""
+    block_keys: list[bytes] = field(default_factory=list)
+    """Prefix-cache keys of the row's full blocks of known tokens, as far as computed."""
+    num_cached: int = 0
+    """Leading tokens found in the prefix cache at the row's last admission: its prefill skips them."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens found in the prefix cache at the first admission (what usage reports)."""
+    preemptions: int = 0
+    """Times the row gave its blocks back for lack of room and went back to the queue."""
+    admission: int = 0
+    """The scheduler's count of admissions at the row's last one: the most recent are preempted first."""
     deadline: float | None = None
     admitted_time: float | None = None
     first_token_time: float | None = None
@@ -75,6 +88,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return self.num_prompt_tokens + self.num_completion_tokens
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every known token: the prompt, then what was generated."""
+        return self.prompt_ids + self.output_ids
 
     @property
     def last_token(self) -> int:

@@ -146,13 +146,16 @@ def build(family: str, vocab: int, eos_id: int) -> PreTrainedModel:
     return model.eval()
 
 
-def reference(model: PreTrainedModel, ids: list[int], new_tokens: int, eos: int) -> list[int]:
+def reference(
+    model: PreTrainedModel, ids: list[int], new_tokens: int, eos: int, min_new_tokens: int = 0
+) -> list[int]:
     """What `model.generate()` decodes greedily after `ids`: the ids the engine must give."""
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids], device=model.device),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             max_new_tokens=new_tokens,
+            min_new_tokens=min_new_tokens,
             do_sample=False,
             pad_token_id=eos,
         )

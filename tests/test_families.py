@@ -47,8 +47,12 @@ def model_of(family: str, models: dict[str, PreTrainedModel], tokenizer: PreTrai
 class Recorded:
     """An engine whose generated ids and first-token logits the test can read, by request label."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
-        config = EngineConfig(max_batch_size=4, max_seq_len=256, prefill_token_budget=4096)
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig | None = None
+    ) -> None:
+        config = config or EngineConfig(
+            max_batch_size=4, max_seq_len=256, prefill_token_budget=4096, kv_cache_tokens=1024
+        )
         self.engine = AsyncEngine(model, tokenizer, config)
         self.ids: dict[str, list[int]] = {}
         self.logits: list[torch.Tensor] = []
@@ -66,8 +70,10 @@ class Recorded:
         self.engine.engine._append = recording_append  # type: ignore[method-assign]
         self.engine.engine.runner.head = recording_head  # type: ignore[assignment]
 
-    async def run(self, label: str, ids: list[int], new_tokens: int) -> list[RequestOutput]:
-        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    async def run(
+        self, label: str, ids: list[int], new_tokens: int, min_new_tokens: int = 0
+    ) -> list[RequestOutput]:
+        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=min_new_tokens)
         return [out async for out in self.engine.generate(ids, params, label=label)]
 
 
@@ -107,6 +113,40 @@ async def assert_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
             assert recorded.ids[f"{kind}{i}"] == want, f"{kind} request {i}: ids"
             text = "".join(out.text for out in outputs)
             assert text == tokenizer.decode(want, skip_special_tokens=True), f"{kind} request {i}: text"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_rows_preempted_for_lack_of_kv_blocks_resume_exactly(
+    family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel
+) -> None:
+    """A pool of 6 blocks of 16 positions for requests that need 18 together, none ending early: the
+    newest rows give their blocks back, wait, prefill what they had again and go on, token for token."""
+    tokenizer = tiny.tokenizer
+    model = model_of(family, models, tokenizer)
+    # The short prompts first: they run together and outgrow the pool; the long one waits for room.
+    prompts = [tokenizer.encode(PROMPTS[i]) for i in (1, 2, 3, 0)]
+    new_tokens = [40, 40, 40, 24]
+    expected = [
+        reference(model, ids, n, tokenizer.eos_token_id, min_new_tokens=n)
+        for ids, n in zip(prompts, new_tokens, strict=True)
+    ]
+    config = EngineConfig(max_batch_size=4, max_seq_len=96, prefill_token_budget=4096, kv_cache_tokens=96)
+    recorded = Recorded(model, tokenizer, config)
+    await recorded.engine.start()
+    try:
+        outputs = await asyncio.gather(
+            *(
+                recorded.run(f"r{i}", ids, n, min_new_tokens=n)
+                for i, (ids, n) in enumerate(zip(prompts, new_tokens, strict=True))
+            )
+        )
+    finally:
+        await recorded.engine.stop()
+    assert recorded.engine.engine.scheduler.preemptions > 0
+    for i, want in enumerate(expected):
+        assert recorded.ids[f"r{i}"] == want, f"request {i}: ids"
+        text = "".join(out.text for out in outputs[i])
+        assert text == tokenizer.decode(want, skip_special_tokens=True), f"request {i}: text"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -166,7 +206,7 @@ async def test_the_falcon_40b_layout_keeps_only_its_key_value_heads_in_the_cache
         await recorded.run("r", tiny.tokenizer.encode("The baker"), 4)
     finally:
         await recorded.engine.stop()
-    keys, values = recorded.engine.engine.runner.cache.cached(0, 1, 8)
+    keys, values = recorded.engine.engine.runner.cache.pools(0)
     assert keys.shape[1] == values.shape[1] == 2
 
 

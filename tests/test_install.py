@@ -163,7 +163,7 @@ def served(installed: Path, unrelated: Path, model_dir: Path) -> Iterator[str]:
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
+        process.communicate()  # and closes its pipe
 
 
 def test_the_console_script_serves_from_an_unrelated_folder(served: str) -> None:

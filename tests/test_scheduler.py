@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from trickle.generation.params import SamplingParams
-from trickle.generation.scheduler import Scheduler, SchedulerConfig
+from trickle.generation.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from trickle.generation.sequence import Sequence, Status
 
 
@@ -13,12 +11,29 @@ class NoText:
     stopped = False
 
 
-def seq(name: str, prompt_len: int = 4) -> Sequence:
-    return Sequence(name, list(range(prompt_len)), SamplingParams(), 0, NoText())  # type: ignore[arg-type]
+def seq(name: str, prompt_len: int = 4, first: int = 0, max_new_tokens: int = 256) -> Sequence:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    prompt = list(range(first, first + prompt_len))
+    return Sequence(name, prompt, params, 0, NoText())  # type: ignore[arg-type]
+
+
+def config(
+    max_batch_size: int, prefill_token_budget: int, num_blocks: int = 1024, **rest: int
+) -> SchedulerConfig:
+    return SchedulerConfig(max_batch_size, prefill_token_budget, num_blocks, **rest)
+
+
+def run_step(scheduler: Scheduler, token: int = 7) -> ScheduledBatch:
+    """Schedule a step and play the engine's part: every row is launched and its token seen at once."""
+    batch = scheduler.schedule()
+    for row in batch.rows:
+        row.launched += 1
+        row.output_ids.append(token)
+    return batch
 
 
 def test_admits_in_arrival_order_up_to_the_row_limit() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=2, prefill_token_budget=100))
+    scheduler = Scheduler(config(max_batch_size=2, prefill_token_budget=100))
     a, b, c = seq("a"), seq("b"), seq("c")
     for s in (a, b, c):
         scheduler.add(s)
@@ -30,7 +45,7 @@ def test_admits_in_arrival_order_up_to_the_row_limit() -> None:
 
 
 def test_prefill_budget_spreads_long_prompts_over_steps() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=16))
+    scheduler = Scheduler(config(max_batch_size=8, prefill_token_budget=16))
     first, second, third, fourth = seq("first", 10), seq("second", 6), seq("third", 2), seq("fourth", 3)
     for s in (first, second, third, fourth):
         scheduler.add(s)
@@ -42,14 +57,14 @@ def test_prefill_budget_spreads_long_prompts_over_steps() -> None:
 
 
 def test_a_prompt_over_the_budget_still_runs_alone() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=4))
+    scheduler = Scheduler(config(max_batch_size=8, prefill_token_budget=4))
     big = seq("big", 50)
     scheduler.add(big)
     assert scheduler.schedule().prefill == [big]
 
 
 def test_finished_rows_leave_and_the_last_rows_fill_their_slots() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=100))
+    scheduler = Scheduler(config(max_batch_size=8, prefill_token_budget=100))
     rows = [seq(str(i)) for i in range(5)]
     for s in rows:
         scheduler.add(s)
@@ -63,7 +78,7 @@ def test_finished_rows_leave_and_the_last_rows_fill_their_slots() -> None:
 
 
 def test_abort_cancels_waiting_and_running_sequences() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=1, prefill_token_budget=100))
+    scheduler = Scheduler(config(max_batch_size=1, prefill_token_budget=100))
     running, waiting = seq("running"), seq("waiting")
     scheduler.add(running)
     scheduler.add(waiting)
@@ -78,63 +93,105 @@ def test_abort_cancels_waiting_and_running_sequences() -> None:
     assert batch.is_empty and not scheduler.has_work
 
 
-def packs_up_to(tokens: int) -> Callable[[int, int], bool]:
-    return lambda rows, longest: rows * longest <= tokens
+# ---------------------------------------------------------------- KV blocks
 
 
-def decoding(scheduler: Scheduler) -> Sequence:
-    running = seq("running")
-    scheduler.add(running)
-    assert scheduler.schedule().prefill == [running]  # nothing decodes yet: a prefill step of its own
-    return running
+def test_admission_asks_for_blocks_not_rows() -> None:
+    # 8 usable blocks of 4 positions: three 8-token prompts take 2 blocks each, the fourth needs 2 more
+    # than the 2 left once the first three may grow.
+    scheduler = Scheduler(config(max_batch_size=8, prefill_token_budget=100, num_blocks=9, block_size=4))
+    rows = [seq(str(i), 8, first=10 * i) for i in range(5)]
+    for s in rows:
+        scheduler.add(s)
+    batch = scheduler.schedule()
+    assert batch.prefill == rows[:4]
+    assert [len(s.blocks) for s in rows[:4]] == [2, 2, 2, 2]
+    assert len({b for s in rows[:4] for b in s.blocks}) == 8 and 0 not in rows[0].blocks
+    assert list(scheduler.waiting) == [rows[4]]
 
 
-def test_while_rows_decode_newcomers_that_fit_join_in_a_packed_step() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=64, packable=packs_up_to(8)))
-    running = decoding(scheduler)
-    a, b = seq("a"), seq("b")
+def test_out_of_blocks_the_newest_row_is_preempted_and_comes_back_with_its_tokens() -> None:
+    scheduler = Scheduler(config(max_batch_size=4, prefill_token_budget=100, num_blocks=5, block_size=4))
+    old, new = seq("old", 4, first=0), seq("new", 4, first=50)
+    scheduler.add(old)
+    run_step(scheduler)
+    scheduler.add(new)
+    run_step(scheduler)  # both hold one block; their next positions need a second each
+    for _ in range(3):
+        batch = run_step(scheduler)
+        assert not batch.preempted and batch.decode == [old, new]
+    # 4 usable blocks, 2 each: the next step needs a third block for both; the newest gives way.
+    batch = scheduler.schedule()
+    assert batch.preempted == [new] and batch.decode == [old] and new.status.value == "waiting"
+    assert new.blocks == [] and list(scheduler.waiting) == [new] and new.preemptions == 1
+    assert scheduler.preemptions == 1
+    old.launched += 1
+    old.output_ids.append(7)
+    # Back in: it prefills its prompt and the 4 tokens it already has, mostly from the prefix cache.
+    old.finish(Status.FINISHED_LENGTH)
+    batch = scheduler.schedule()
+    assert batch.prefill == [new] and new.num_cached == 4 and len(new.blocks) == 2
+    assert new.cached_prompt_tokens == 0, "usage counts the prompt's hits at the first admission"
+
+
+def test_a_preempted_row_with_a_token_in_flight_waits_for_it() -> None:
+    scheduler = Scheduler(config(max_batch_size=4, prefill_token_budget=100, num_blocks=3, block_size=4))
+    a, b = seq("a", 3), seq("b", 3, first=20)
     scheduler.add(a)
     scheduler.add(b)
-    batch = scheduler.schedule()
-    assert batch.decode == [running] and batch.prefill == [a, b]
-    c, d = seq("c", 3), seq("d", 6)
-    scheduler.add(c)
-    scheduler.add(d)
-    # 2 x 6 does not pack: they could pack one at a time, but take one prefill step together instead.
-    assert scheduler.schedule().prefill == [c, d]
+    run_step(scheduler)
+    batch = scheduler.schedule()  # both write position 3 of their only block
+    for row in batch.rows:
+        row.launched += 1  # launched, not seen yet
+    batch = scheduler.schedule()  # position 4 needs a new block each: b gives way
+    assert batch.preempted == [b] and b.in_flight
+    assert scheduler.schedule().prefill == [], "b's in-flight token is not seen yet"
 
 
-def test_newcomers_that_do_not_fit_one_packed_step_take_full_prefill_steps() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=16, packable=packs_up_to(8)))
-    decoding(scheduler)
-    burst = [seq(f"b{i}") for i in range(5)]
-    for s in burst:
-        scheduler.add(s)
-    assert scheduler.schedule().prefill == burst[:4]  # the budget: 4 x 4
-    assert scheduler.schedule().prefill == burst[4:]
+def test_a_shared_prefix_is_found_in_the_cache_and_shared_read_only() -> None:
+    scheduler = Scheduler(config(max_batch_size=4, prefill_token_budget=100, num_blocks=64, block_size=4))
+    first = seq("first", 10)
+    scheduler.add(first)
+    run_step(scheduler)
+    second = Sequence("second", [*range(8), 99, 98], SamplingParams(), 0, NoText())  # type: ignore[arg-type]
+    scheduler.add(second)
+    batch = run_step(scheduler)
+    assert batch.prefill == [second]
+    assert second.num_cached == 8 and second.cached_prompt_tokens == 8
+    assert second.blocks[:2] == first.blocks[:2] and second.blocks[2] != first.blocks[2]
+    assert [scheduler.pool.refs(b) for b in first.blocks[:2]] == [2, 2]
+    assert (scheduler.prefix_queries, scheduler.prefix_hits) == (20, 8)
 
 
-def test_only_newcomers_with_a_free_row_count_for_packing() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=3, prefill_token_budget=4, packable=packs_up_to(8)))
-    decoding(scheduler)
-    queue = [seq(f"q{i}") for i in range(5)]  # 20 tokens wait, but only two rows are free: 8 tokens
-    for s in queue:
-        scheduler.add(s)
-    assert scheduler.schedule().prefill == queue[:2]  # packed: the budget alone would take one
+def test_at_least_one_token_is_prefilled_even_when_all_are_cached() -> None:
+    scheduler = Scheduler(config(max_batch_size=4, prefill_token_budget=100, num_blocks=64, block_size=4))
+    first, again = seq("first", 8), seq("again", 8)
+    scheduler.add(first)
+    run_step(scheduler)
+    scheduler.add(again)
+    run_step(scheduler)
+    assert again.num_cached == 4, "the last block is prefilled again, for the last token's hidden state"
 
 
-def test_a_prompt_too_long_to_pack_takes_a_full_prefill_step() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=8, prefill_token_budget=32, packable=packs_up_to(8)))
-    decoding(scheduler)
-    long, short = seq("long", 12), seq("short", 4)
-    scheduler.add(long)
-    scheduler.add(short)
-    assert scheduler.schedule().prefill == [long, short]  # 2 x 12 within the budget
+def test_blocks_of_a_failed_step_leave_the_prefix_cache() -> None:
+    scheduler = Scheduler(config(max_batch_size=4, prefill_token_budget=100, num_blocks=64, block_size=4))
+    broken = seq("broken", 8)
+    scheduler.add(broken)
+    scheduler.schedule()
+    scheduler.forget(broken)
+    broken.finish(Status.ERROR)
+    after = seq("after", 9)
+    scheduler.add(after)
+    scheduler.schedule()
+    assert after.num_cached == 0
 
 
-def test_with_no_free_row_nobody_joins() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=1, prefill_token_budget=16, packable=packs_up_to(8)))
-    running = decoding(scheduler)
-    scheduler.add(seq("waiting"))
-    batch = scheduler.schedule()
-    assert batch.decode == [running] and batch.prefill == []
+def test_kv_usage_counts_blocks_rows_hold() -> None:
+    scheduler = Scheduler(config(max_batch_size=4, prefill_token_budget=100, num_blocks=11, block_size=4))
+    a = seq("a", 9)
+    scheduler.add(a)
+    run_step(scheduler)
+    assert scheduler.kv_tokens == 12 and scheduler.kv_capacity == 40
+    a.finish(Status.FINISHED_EOS)
+    scheduler.schedule()
+    assert scheduler.kv_tokens == 0

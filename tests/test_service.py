@@ -244,11 +244,20 @@ async def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_0(
 
 def test_service_settings_reach_the_engine(model_dir: Path) -> None:
     settings = Settings(
-        model=str(model_dir), device="cpu", max_queue=3, request_timeout=7.5, max_batch_size=5
+        model=str(model_dir),
+        device="cpu",
+        max_queue=3,
+        request_timeout=7.5,
+        max_batch_size=5,
+        max_seq_len=1024,
+        kv_cache_tokens=3000,
+        prefix_cache=False,
     )
     engine = build_engine(settings)
     assert (engine.config.max_queue, engine.config.request_timeout) == (3, 7.5)
-    assert engine.engine.runner.num_slots == 5
+    assert engine.engine.runner.max_rows == 5
+    scheduler = engine.engine.scheduler
+    assert scheduler.kv_capacity == 2992 and not scheduler.pool.prefix_caching
 
 
 async def test_sigterm_ends_the_drain_as_soon_as_the_last_stream_has_ended_ten_times_out_of_ten(

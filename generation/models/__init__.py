@@ -6,9 +6,9 @@ adding a module here and its line in `FAMILIES`.
 
 A family module has `adapt(model)`: fixes applied to the model's module instances, with the same
 arithmetic (what a CUDA graph cannot capture, what costs memory or time for nothing). It may also have
-`regional_layers(model)`: layers the runner can compile as shared regions and run packed steps with; the
-functions that act on those layers (`compile_regions`, `restore_layers`, `packed_forward`) are that
-family's, named here once (Falcon multi-query is the only such family today).
+`regional_layers(model)`: layers the runner can compile as shared regions; the functions that act on
+those layers (`compile_regions`, `restore_layers`) are that family's, named here once (Falcon
+multi-query is the only such family today).
 """
 
 from __future__ import annotations
@@ -19,25 +19,15 @@ import torch
 from transformers import PreTrainedModel
 
 from trickle.generation.models import falcon
-from trickle.generation.models.falcon import (
-    PLAIN_PARTS,
-    PackedShape,
-    Parts,
-    compile_regions,
-    packed_forward,
-    restore_layers,
-)
+from trickle.generation.models.falcon import Parts, compile_regions, restore_layers
 
 FAMILIES: dict[str, ModuleType] = {"falcon": falcon}
 
 __all__ = [
     "FAMILIES",
-    "PLAIN_PARTS",
-    "PackedShape",
     "Parts",
     "adapt",
     "compile_regions",
-    "packed_forward",
     "regional_layers",
     "restore_layers",
 ]
@@ -55,7 +45,7 @@ def adapt(model: PreTrainedModel) -> None:
 
 
 def regional_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The layers of `model` that can run as compiled regions and packed steps ([] for most models)."""
+    """The layers of `model` that can run as compiled regions ([] for most models)."""
     family = _family(model)
     found = getattr(family, "regional_layers", None)
     return list(found(model)) if found is not None else []

@@ -1,5 +1,5 @@
-"""Falcon: the fixes the engine applies to stock transformers Falcon models, and the compiled regions and
-packed steps of its multi-query layers.
+"""Falcon: the fixes the engine applies to stock transformers Falcon models, and the compiled regions of
+its multi-query layers.
 
 Falcon does not use transformers' attention interface, so three of its habits are fixed here, on the
 module instances, with the same arithmetic:
@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -28,11 +27,10 @@ from transformers import PreTrainedModel
 from transformers.models.falcon.modeling_falcon import (
     FalconAttention,
     FalconDecoderLayer,
-    FalconModel,
     apply_rotary_pos_emb,
 )
 
-from trickle.generation.kv_cache import KVTarget, SlotKVCache, store
+from trickle.generation.kv.cache import KVTarget, PagedKVCache, store
 
 
 def _multi_query_attention(
@@ -101,7 +99,9 @@ def _attention(
             1, 2
         )
     else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, enable_gqa=True
+        ).transpose(1, 2)
     # out: [B, T, H, D] -> [B, T, H * D]
     return out.reshape(batch, length, heads * dim)
 
@@ -119,7 +119,7 @@ def _layer_inputs(
     target: KVTarget | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Falcon layer up to attention: layer norm (`norm` None: `hidden` is normed already), the fused
-    query/key/value projection, rotary, and the new keys and values stored in the slot cache's
+    query/key/value projection, rotary, and the new keys and values stored in the paged cache's
     `target` (when there is one)."""
     normed = hidden if norm is None else F.layer_norm(hidden, (hidden.shape[-1],), *norm)
     query, key, value = _split_rotate(F.linear(normed, *qkv), heads, cos, sin)
@@ -221,7 +221,7 @@ def _regional_layer(
     inputs, output = parts
     layer_idx = attention.layer_idx
     target = None
-    if isinstance(layer_past, SlotKVCache):
+    if isinstance(layer_past, PagedKVCache):
         # The buffers are allocated before the compiled part writes them.
         like = hidden_states.new_empty(0, 1, 0, attention.head_dim)
         target = layer_past.target(layer_idx, like)
@@ -239,76 +239,6 @@ def _regional_layer(
 
 
 Parts = tuple[Callable[..., Any], Callable[..., Any]]  # (_layer_inputs, _layer_output), maybe compiled
-PLAIN_PARTS: Parts = (_layer_inputs, _layer_output)
-
-
-@dataclass(frozen=True)
-class PackedShape:
-    """The layout of a packed step's tokens: `decode` running rows, one token each, then `rows`
-    newcomers of `width` tokens each (right-padded)."""
-
-    decode: int
-    kv_len: int  # how much of their cache the running rows read
-    rows: int
-    width: int
-
-
-def packed_forward(
-    base: torch.nn.Module,
-    parts: Parts,
-    cache: SlotKVCache,
-    ids: torch.Tensor,
-    positions: torch.Tensor,
-    slots: torch.Tensor,
-    decode_mask: torch.Tensor,
-    shape: PackedShape,
-) -> torch.Tensor:
-    """Decode the running rows and prefill the newcomers in one forward, over their tokens packed as one
-    [1, T] sequence: each layer's norms, projections and MLP run once for all of them (one read of the
-    weights), and only attention is split: running rows attend to their cached keys (`decode_mask`,
-    [decode, 1, 1, kv_len]), each newcomer causally to its own. Falcon multi-query layers only
-    (`regional_layers`).
-
-    ids, positions, slots: [T], each token's id, position and slot (its keys are
-    stored there) -> final hidden states [T, hidden]
-    """
-    model = cast(FalconModel, base)
-    hidden = model.word_embeddings(ids)[None]
-    cos, sin = model.rotary_emb(hidden, position_ids=positions[None])
-    cache.for_tokens(slots, positions)
-    inputs, output = parts
-    layers = cast(list[FalconDecoderLayer], list(model.h))
-    normed: torch.Tensor | None = None  # this layer's normed input, made by the layer before
-    for layer, next_layer in zip(layers, [*layers[1:], None], strict=True):
-        attention = layer.self_attention
-        target = cache.target(attention.layer_idx, hidden.new_empty(0, 1, 0, attention.head_dim))
-        normed, query, key, value = _run_inputs(inputs, layer, hidden, normed, cos, sin, target)
-        cached = cache.cached(attention.layer_idx, shape.decode, shape.kv_len)
-        out = _packed_attention(query, key, value, cached, decode_mask, shape)
-        hidden, normed = _run_output(output, layer, next_layer, hidden, normed, out)
-    return model.ln_f(hidden)[0]
-
-
-def _packed_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cached: tuple[torch.Tensor, torch.Tensor],
-    decode_mask: torch.Tensor,
-    shape: PackedShape,
-) -> torch.Tensor:
-    """query [1, H, T, D], key and value [1, 1, T, D] of a packed step -> [1, T, H * D]."""
-    heads, dim = query.shape[1], query.shape[3]
-    running, rows, width = shape.decode, shape.rows, shape.width
-    # Running rows: as in a decode step, the heads stand in for query positions. [B, 1, H, D]
-    keys, values = cached
-    out = F.scaled_dot_product_attention(
-        query[0, :, :running].transpose(0, 1)[:, None], keys, values, attn_mask=decode_mask
-    )
-    # Newcomers: [rows, H, width, D] against their own [rows, 1, width, D], causal.
-    q, k, v = (x[0, :, running:].unflatten(1, (rows, width)).transpose(0, 1) for x in (query, key, value))
-    prefilled = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-    return torch.cat([out.reshape(running, heads * dim), prefilled.reshape(rows * width, heads * dim)])[None]
 
 
 def regional_layers(model: torch.nn.Module) -> list[FalconDecoderLayer]:
@@ -327,7 +257,7 @@ def regional_layers(model: torch.nn.Module) -> list[FalconDecoderLayer]:
 
 def compile_regions(modules: list[torch.nn.Module], compile: Any) -> Parts:
     """Run each layer as `_regional_layer`, its two tensor functions wrapped by `compile` (torch.compile,
-    or any wrapper with its signature); returns them, for `packed_forward`."""
+    or any wrapper with its signature); returns them."""
     # Automatic dynamic shapes (not dynamic=True): the sizes that vary between calls (batch rows,
     # tokens) turn symbolic on the first recompile, while the weights' sizes stay constants, so the
     # generated kernels index with fixed strides. On the H100 that made the prefill of 8 x 128 tokens
