@@ -127,6 +127,7 @@ class AsyncEngine:
             runner.num_blocks,
             config.kv_block_size,
             config.prefix_caching,
+            runner.prefill_read_budget,
         )
         self.engine = Engine(runner, tokenizer.backend_tokenizer, scheduler_config, eos_ids, self._on_report)
         self.num_running = 0

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from trickle.generation.engine_config import EngineConfig
 from trickle.generation.head import ModelHead
+from trickle.generation.kv import attention as paged_attention
 from trickle.generation.kv.blocks import NULL_BLOCK
 from trickle.generation.kv.cache import PagedKVCache, PassThroughCache
 from trickle.generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
@@ -39,6 +40,9 @@ PREFILL_WIDTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 # On the CPU, by default, the KV pool takes at most this share of the memory available.
 CPU_KV_SHARE = 0.25
+# A prefill step's newcomers, times the longest one's positions (its cached prefix included), at most
+# this many times the prefill token budget: what it gathers to attend to the cached blocks is bounded.
+PREFILL_READ_FACTOR = 16
 
 
 def _cache_argument(module: torch.nn.Module) -> str:
@@ -75,6 +79,9 @@ class ModelRunner:
         adapt(model)
         self.config = config
         self.device = next(model.parameters()).device
+        if paged_attention.available(self.device):
+            # Decode attention that reads the blocks in place, for models that take it (`check_forward`).
+            paged_attention.install(model)
         self.dtype = model.dtype
         self.base = model.base_model
         self.head = ModelHead(model)
@@ -87,8 +94,11 @@ class ModelRunner:
         model_code = inspect.getmodule(type(self.base))
         if model_code is not None and hasattr(model_code, "build_alibi_tensor"):
             alibi_from_4d(model_code)
-        # A step prefills at most the token budget, or one prompt of up to max_seq_len past it.
+        # A step prefills at most the token budget, or one prompt of up to max_seq_len past it, and reads
+        # (newcomers x the longest one's positions, cached ones included) at most the read budget.
         self.max_prefill_tokens = max(config.prefill_token_budget, config.max_seq_len)
+        self.prefill_read_budget = max(PREFILL_READ_FACTOR * config.prefill_token_budget, config.max_seq_len)
+        self.kernel_reads = False
         self.max_rows = config.max_batch_size
         self.spare_row = self.max_rows  # the per-row tables' extra row: padding rows read and write it
         self.block_size = config.kv_block_size
@@ -179,11 +189,15 @@ class ModelRunner:
         self._trial_prefill(rows, width, cache)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         # Sampling may sort the whole vocabulary for every row, with a few float32 and int64 tensors of
-        # that size alive at once; leave room for that too. A decode step gathers each row's keys and
-        # values of one layer at a time.
+        # that size alive at once; leave room for that too. A prefill past a cached prefix gathers the
+        # keys and values it reads, one layer at a time, and so does a decode step the kernel does not
+        # read.
         activations += 48 * self.config.max_batch_size * self.vocab_size
         layers = getattr(self.base.config, "num_hidden_layers", None) or 1
-        activations += 2 * self.max_rows * self.config.max_seq_len * cache.bytes_per_token // layers
+        gathered = self.prefill_read_budget
+        if not self.kernel_reads:
+            gathered = max(gathered, self.max_rows * self.config.max_seq_len)
+        activations += 2 * gathered * cache.bytes_per_token // layers
         return cache.bytes_per_token, activations
 
     # ------------------------------------------------------------ the step
@@ -446,14 +460,23 @@ class ModelRunner:
             self.head(self._trial_prefill(1, 2, PassThroughCache())[:, -1])
         except Exception as err:
             raise ModelRunError(f"the model failed its first forward: {_brief(err)[:300]}") from err
+        self.cache.kernel_reads = self.kernel_reads
+        log.info("decode attention", reads="paged kernel" if self.kernel_reads else "gathered blocks")
 
     def _trial_prefill(self, rows: int, width: int, cache: PassThroughCache) -> torch.Tensor:
         """The hidden states of `rows` prompts of `width` tokens from position 0, through a cache that
-        keeps nothing (the KV pool is not touched)."""
+        keeps nothing (the KV pool is not touched). It also finds whether every layer's attention came
+        through the paged-attention entry points, so that decode steps can hand it the pools and block
+        tables instead of gathered copies (`kernel_reads`)."""
         ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         positions = torch.arange(width, device=self.device)[None].expand(rows, -1)
         lengths = torch.full((rows,), width, device=self.device)
-        return self._forward(ids, positions, self._causal_mask(lengths, width), cache)
+        paged_attention.context.calls = 0
+        hidden = self._forward(ids, positions, self._causal_mask(lengths, width), cache)
+        layers = getattr(self.base.config, "num_hidden_layers", None)
+        taken = paged_attention.context.calls == layers
+        self.kernel_reads = paged_attention.available(self.device) and taken
+        return hidden
 
     def _batches_and_lengths(self) -> tuple[list[int], list[int]]:
         batches = sorted({_bucket(b, BATCH_BUCKETS, self.max_rows) for b in BATCH_BUCKETS})

@@ -24,6 +24,9 @@ class SchedulerConfig:
     """Positions a KV block holds."""
     prefix_caching: bool = True
     """Reuse cached blocks of a prompt's leading tokens instead of prefilling them again."""
+    prefill_read_budget: int | None = None
+    """Most positions one prefill step reads: newcomers x the longest one's tokens, cached ones included
+    (the first admission of a step always goes through); None: no limit."""
 
 
 @dataclass
@@ -209,8 +212,9 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         # Newcomers are prefilled together, padded to the longest: they cost rows x longest tokens.
         admitted: list[Sequence] = []
-        longest = 0
+        longest = longest_read = 0
         size = self.config.block_size
+        read_budget = self.config.prefill_read_budget
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
             if seq.in_flight:  # preempted with a token on its way: it comes back once that is seen
@@ -224,7 +228,11 @@ class Scheduler:
             needed = self._blocks_for(len(tokens)) - len(found)
             # Room for running rows to grow into: a block each, up to 1% of the pool.
             reserve = min(len(self.running), self.pool.num_usable // 100)
-            fits_budget = not admitted or (len(admitted) + 1) * width <= self.config.prefill_token_budget
+            reads = max(longest_read, len(tokens))
+            fits_budget = not admitted or (
+                (len(admitted) + 1) * width <= self.config.prefill_token_budget
+                and (read_budget is None or (len(admitted) + 1) * reads <= read_budget)
+            )
             if not fits_budget or not self.pool.can_allocate(needed, reserve):
                 self.pool.release(found)
                 break
@@ -239,7 +247,7 @@ class Scheduler:
                 seq.cached_prompt_tokens = cached
             self.prefix_queries += len(tokens)
             self.prefix_hits += cached
-            longest = width
+            longest, longest_read = width, reads
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -1,5 +1,5 @@
 """CUDA-only paths, skipped without a GPU: the step graphs (decode, sampling, prefill) over the paged
-KV cache against stock transformers, with and without torch.compile."""
+KV cache against stock transformers, with and without torch.compile, and the paged decode kernel."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
 from tests.test_families import assert_exact
 from trickle.generation import LoadedModel, load_model
+from trickle.generation.kv.attention import DecodeTables, paged_decode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,3 +45,42 @@ async def test_every_family_is_exact_with_cuda_graphs(family: str, tiny: LoadedM
     """The model matrix on the GPU: masks, alibi and the model's own head inside captured graphs."""
     model = build(family, len(tiny.tokenizer), tiny.tokenizer.eos_token_id).cuda()
     await assert_exact(model, tiny.tokenizer)
+
+
+@pytest.mark.parametrize("rows", [5, 200], ids=["split keys", "one program a row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "window", "softcap"),
+    [(8, 8, None, None), (8, 2, None, None), (71, 1, None, None), (8, 2, 24, None), (4, 4, None, 30.0)],
+    ids=["mha", "gqa", "mqa", "sliding", "softcap"],
+)
+def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
+    rows: int, dtype: torch.dtype, heads: int, kv_heads: int, window: int | None, softcap: float | None
+) -> None:
+    """Rows of different lengths with their blocks scattered over the pool: the kernel's attention
+    equals attention over each row's positions gathered in order (few rows split their keys over
+    several programs)."""
+    torch.manual_seed(0)
+    block, dim = 16, 64
+    lengths = torch.tensor([1, 17, 64, 100, 300] * (rows // 5), device="cuda")
+    width = 32
+    pool_blocks = rows * width + 1
+    keys = torch.randn(pool_blocks * block, kv_heads, dim, device="cuda", dtype=dtype)
+    values = torch.randn_like(keys)
+    tables = torch.randperm(pool_blocks - 1, device="cuda")[: rows * width].view(rows, width) + 1
+    query = torch.randn(rows, heads, 1, dim, device="cuda", dtype=dtype)
+    decode = DecodeTables(tables, lengths, block, max_len=512)
+    got = paged_decode(query, keys, values, decode, dim**-0.5, window, softcap)[:, 0]
+    for row, length in enumerate(lengths.tolist()):
+        positions = torch.arange(length, device="cuda")
+        slots = tables[row, positions // block] * block + positions % block
+        k = keys[slots].float().repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
+        v = values[slots].float().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,lhd->hl", query[row, :, 0].float(), k) * dim**-0.5
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        if window:
+            scores[:, : max(0, length - window)] = float("-inf")
+        want = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[row].float(), want, rtol=tolerance, atol=tolerance)

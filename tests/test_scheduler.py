@@ -195,3 +195,19 @@ def test_kv_usage_counts_blocks_rows_hold() -> None:
     a.finish(Status.FINISHED_EOS)
     scheduler.schedule()
     assert scheduler.kv_tokens == 0
+
+
+def test_a_prefill_step_reads_at_most_its_read_budget_of_positions() -> None:
+    # Newcomers that find a long prefix cached prefill little but attend to all of it: two read 2 x 40
+    # positions, within a read budget of 100; a third would read 120.
+    scheduler = Scheduler(
+        config(max_batch_size=8, prefill_token_budget=100, block_size=4, prefill_read_budget=100)
+    )
+    first = seq("first", 40)
+    scheduler.add(first)
+    run_step(scheduler)
+    later = [seq(f"later{i}", 40) for i in range(3)]
+    for s in later:
+        scheduler.add(s)
+    assert scheduler.schedule().prefill == later[:2]
+    assert later[0].num_cached == 36

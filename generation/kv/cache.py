@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from trickle.generation.kv.attention import DecodeTables, context
+
 # A layer's key pool, value pool, and the pool rows this forward's tokens write ([B * T], row-major).
 KVTarget = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -49,6 +51,10 @@ class PagedKVCache(Cache):
         self._slots = torch.zeros(0, dtype=torch.long, device=device)
         self._read: torch.Tensor | None = None
         self._read_len = 0
+        self.kernel_reads = False
+        """Decode steps hand attention the pools and block tables (`generation.kv.attention`), not
+        gathered copies: set once the engine knows the model's attention takes them."""
+        self._paged = False
 
     def slots_of(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Pool rows of `positions` ([B, T]) of table rows `rows` ([B]); positions past the table read
@@ -71,17 +77,24 @@ class PagedKVCache(Cache):
             slots = torch.where(valid, slots, torch.zeros_like(slots))
         self._slots = slots.flatten()
         self._read_len = read_len or 0
+        self._read, self._paged, context.decode = None, False, None
         if read_len is None:
-            self._read = None
-        else:
-            keys = torch.arange(read_len, device=positions.device)
-            self._read = self.slots_of(rows, keys[None].expand(rows.shape[0], -1))
+            return
+        if self.kernel_reads and positions.shape[1] == 1:
+            # A decode step: the kernel reads each row's blocks up to its own position.
+            self._paged = True
+            context.decode = DecodeTables(
+                self.tables.index_select(0, rows), positions[:, 0] + 1, self.block_size, read_len
+            )
+            return
+        keys = torch.arange(read_len, device=positions.device)
+        self._read = self.slots_of(rows, keys[None].expand(rows.shape[0], -1))
 
     @property
     def plain_causal(self) -> bool:
         """Rows start at position 0 and are right-padded, so causal attention over the new keys alone is
         exact for every real token (what a prefill is; attention may skip the mask)."""
-        return self._read is None
+        return self._read is None and not self._paged
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -102,8 +115,11 @@ class PagedKVCache(Cache):
     def visible(
         self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What attention reads after `store`: the new keys (plain causal), or each row's positions
+        """What attention reads after `store`: the new keys (plain causal), the layer's pools
+        [N * block_size, kv_heads, head_dim] (a decode step read by the kernel), or each row's positions
         0..read_len-1, [B, kv_heads, read_len, head_dim]."""
+        if self._paged:
+            return self._keys[layer_idx], self._values[layer_idx]
         if self._read is None:
             return key_states, value_states
         keys, values = self._keys[layer_idx][self._read], self._values[layer_idx][self._read]

@@ -30,6 +30,7 @@ from transformers.models.falcon.modeling_falcon import (
     apply_rotary_pos_emb,
 )
 
+from trickle.generation.kv.attention import context, paged_decode
 from trickle.generation.kv.cache import KVTarget, PagedKVCache, store
 
 
@@ -86,9 +87,12 @@ def _attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plain_causal: bool, attention_mask: Any
 ) -> torch.Tensor:
     """Multi-query attention over keys and values already stored: query [B, H, T, D], key and value
-    [B, 1, L, D] -> [B, T, H * D]."""
+    [B, 1, L, D] (or, for a decode step the kernel reads, the cache's pools) -> [B, T, H * D]."""
     batch, heads, length, dim = query.shape
-    if length == 1:
+    context.calls += 1
+    if key.dim() == 3 and context.decode is not None:
+        out = paged_decode(query, key, value, context.decode, dim**-0.5)
+    elif length == 1:
         # One query per head and a single key head: let the heads stand in for query positions, so
         # the keys are read once, not once per head. mask [B, 1, 1, L] broadcasts over them.
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, attn_mask=attention_mask)
@@ -310,7 +314,10 @@ def _grouped_query_attention(
     query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    if getattr(layer_past, "plain_causal", False):
+    context.calls += 1
+    if key.dim() == 3 and context.decode is not None:
+        out = paged_decode(query, key, value, context.decode, self.head_dim**-0.5).transpose(1, 2)
+    elif getattr(layer_past, "plain_causal", False):
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, enable_gqa=True)

@@ -1,0 +1,319 @@
+"""Decode attention that reads the paged KV cache in place, on a GPU: a Triton kernel that walks each
+row's block table up to the row's own length (no gathered copy, no padding to a length bucket).
+
+Models that call attention through transformers' attention interface get it by name (`PAGED`): the
+engine switches their implementation to `attention` below, which runs the kernel for a decode step the
+cache marks as paged and hands every other call (prefill, a CPU) to the implementation the model had.
+Families with attention of their own (Falcon) call `paged_decode` themselves. Where Triton or a GPU is
+missing, or a model's attention never comes through here, the cache gathers each row's positions and
+attention runs as the model defines it (the reference path the CPU tests check).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch comes without Triton
+    triton = None
+
+PAGED = "trickle_paged"
+TILE = 64  # positions one loop iteration of the kernel reads
+# Few rows leave most of the GPU idle, each walking its keys alone: their keys are then split over
+# this many programs in all (at most one split per tile of the longest row), merged by a second kernel.
+SPLIT_PROGRAMS = 128
+
+
+@dataclass
+class DecodeTables:
+    """What the kernel reads besides the pools: each row's block table [B, W] and length [B] (keys
+    0..length-1 are visible)."""
+
+    tables: torch.Tensor
+    lengths: torch.Tensor
+    block_size: int
+    max_len: int
+    """No row is longer (the step's KV-length bucket): it bounds how finely keys are split."""
+
+
+class _Context(threading.local):
+    """The decode step the engine thread is running now (None outside one), and a count of the calls
+    that came through `attention` (the engine's probe for whether a model uses the interface)."""
+
+    decode: DecodeTables | None = None
+    calls: int = 0
+
+
+context = _Context()
+
+
+def available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+def paged_decode(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    decode: DecodeTables,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """query [B, H, 1, D]; pools [N * block_size, KV, D] -> [B, 1, H, D]."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key_pool.shape[1]
+    group = heads // kv_heads
+    q = query.reshape(batch, heads, dim)
+    out = torch.empty_like(q)
+    group_pad, dim_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(dim))
+    splits = max(1, min(SPLIT_PROGRAMS // (batch * kv_heads), -(-decode.max_len // TILE)))
+    if splits > 1:
+        best = torch.empty(batch, kv_heads, splits, group_pad, device=q.device, dtype=torch.float32)
+        total = torch.empty_like(best)
+        partial = torch.empty(*best.shape, dim_pad, device=q.device, dtype=torch.float32)
+    else:
+        best = total = partial = out  # unused
+    _decode_kernel[(batch, kv_heads, splits)](
+        q,
+        key_pool,
+        value_pool,
+        out,
+        best,
+        total,
+        partial,
+        decode.tables,
+        decode.lengths,
+        q.stride(0),
+        q.stride(1),
+        key_pool.stride(0),
+        key_pool.stride(1),
+        out.stride(0),
+        out.stride(1),
+        decode.tables.stride(0),
+        scale,
+        float(softcap or 0.0),
+        int(window or 0),
+        splits,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        DIM=dim,
+        DIM_PAD=dim_pad,
+        BLOCK=decode.block_size,
+        TILE=TILE,
+        HAS_WINDOW=bool(window),
+        HAS_SOFTCAP=bool(softcap),
+        IEEE=q.dtype == torch.float32,
+        SPLIT=splits > 1,
+    )
+    if splits > 1:
+        _merge_kernel[(batch, kv_heads)](
+            best,
+            total,
+            partial,
+            out,
+            out.stride(0),
+            out.stride(1),
+            splits,
+            GROUP=group,
+            GROUP_PAD=group_pad,
+            DIM=dim,
+            DIM_PAD=dim_pad,
+        )
+    return out[:, None]
+
+
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: the kernel for a paged decode step (the cache then
+    hands over its pools, [N * block_size, KV, D]), else the model's own implementation."""
+    context.calls += 1
+    decode = context.decode
+    if decode is not None and key.dim() == 3:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        out = paged_decode(query, key, value, decode, scale, window, kwargs.get("softcap"))
+        return out, None
+    original = getattr(module, "_trickle_attention", None) or _original(module)
+    return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _original(module: torch.nn.Module) -> Callable[..., Any]:
+    """The attention function the model was loaded with (its own eager one where it had no other)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = getattr(module.config, "_trickle_attention", "eager")
+    found = ALL_ATTENTION_FUNCTIONS.get(name) if name != "eager" else None
+    if found is None:
+        found = inspect.getmodule(type(module)).eager_attention_forward  # type: ignore[union-attr]
+    module._trickle_attention = found
+    return found
+
+
+def install(model: torch.nn.Module) -> bool:
+    """Route the model's attention through `attention` (its own implementation stays for all but paged
+    decode steps). False where the model cannot switch implementations."""
+    from transformers import AttentionInterface
+
+    if not getattr(model, "_supports_attention_backend", False):
+        return False
+    AttentionInterface.register(PAGED, attention)
+    config = model.config
+    before = getattr(config, "_attn_implementation", None) or "eager"
+    if before == PAGED:
+        return True
+    try:
+        model.set_attn_implementation(PAGED)  # type: ignore[operator]
+    except Exception:
+        return False
+    for sub in (config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}) or {})):
+        if sub is not None:
+            sub._trickle_attention = before
+    return True
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(  # type: ignore[no-untyped-def]
+        Q,
+        K,
+        V,
+        Out,
+        Best,
+        Total,
+        Partial,
+        Tables,
+        Lengths,
+        stride_qb,
+        stride_qh,
+        stride_kn,
+        stride_kh,
+        stride_ob,
+        stride_oh,
+        stride_tb,
+        scale,
+        softcap,
+        window,
+        splits,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+        TILE: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        IEEE: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):
+        # One program per (row, key/value head, split): the query heads of its group against its share
+        # of the row's keys.
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(Lengths + row)
+        heads = tl.arange(0, GROUP_PAD)
+        dims = tl.arange(0, DIM_PAD)
+        head_ok = heads < GROUP
+        dim_ok = dims < DIM
+        q_ptrs = Q + row * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptrs, mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
+        best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
+        first = 0
+        if HAS_WINDOW:
+            first = tl.maximum(length - window, 0) // TILE * TILE
+        share = tl.cdiv(tl.cdiv(length - first, splits), TILE) * TILE
+        begin = first + split * share
+        end = tl.minimum(begin + share, length)
+        for start in range(begin, end, TILE):
+            positions = start + tl.arange(0, TILE)
+            visible = positions < length
+            if HAS_WINDOW:
+                visible = visible & (positions >= length - window)
+            blocks = tl.load(Tables + row * stride_tb + positions // BLOCK, mask=positions < length, other=0)
+            slots = blocks * BLOCK + positions % BLOCK
+            kv_offsets = slots[:, None] * stride_kn + kv_head * stride_kh + dims[None, :]
+            k = tl.load(K + kv_offsets, mask=visible[:, None] & dim_ok[None, :], other=0.0)
+            if IEEE:  # float32 models: full-precision products, not TF32
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            if HAS_SOFTCAP:
+                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+            scores = tl.where(visible[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            weights = tl.exp(scores - new_best[:, None])
+            rescale = tl.exp(best - new_best)
+            total = total * rescale + tl.sum(weights, axis=1)
+            v = tl.load(V + kv_offsets, mask=visible[:, None] & dim_ok[None, :], other=0.0)
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
+            best = new_best
+        if SPLIT:
+            at = (row * tl.num_programs(1) + kv_head) * splits + split
+            tl.store(Best + at * GROUP_PAD + heads, best)
+            tl.store(Total + at * GROUP_PAD + heads, total)
+            tl.store(Partial + (at * GROUP_PAD + heads)[:, None] * DIM_PAD + dims[None, :], acc)
+        else:
+            out = acc / tl.where(total > 0, total, 1.0)[:, None]
+            o_ptrs = Out + row * stride_ob + (kv_head * GROUP + heads)[:, None] * stride_oh + dims[None, :]
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=head_ok[:, None] & dim_ok[None, :])
+
+    @triton.jit
+    def _merge_kernel(  # type: ignore[no-untyped-def]
+        Best,
+        Total,
+        Partial,
+        Out,
+        stride_ob,
+        stride_oh,
+        splits,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
+    ):
+        # The splits of one (row, key/value head), merged as the softmax over all its keys.
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        heads = tl.arange(0, GROUP_PAD)
+        dims = tl.arange(0, DIM_PAD)
+        best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
+        for split in range(0, splits):
+            at = (row * tl.num_programs(1) + kv_head) * splits + split
+            part_best = tl.load(Best + at * GROUP_PAD + heads)
+            part_total = tl.load(Total + at * GROUP_PAD + heads)
+            part = tl.load(Partial + (at * GROUP_PAD + heads)[:, None] * DIM_PAD + dims[None, :])
+            new_best = tl.maximum(best, part_best)
+            # A split that saw no key has best -inf: it weighs nothing.
+            keep = tl.where(best == float("-inf"), 0.0, tl.exp(best - new_best))
+            take = tl.where(part_best == float("-inf"), 0.0, tl.exp(part_best - new_best))
+            total = total * keep + part_total * take
+            acc = acc * keep[:, None] + part * take[:, None]
+            best = new_best
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        o_ptrs = Out + row * stride_ob + (kv_head * GROUP + heads)[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(heads < GROUP)[:, None] & (dims < DIM)[None, :])
