@@ -17,10 +17,10 @@ import torch
 
 from tests.conftest import make_engine
 from trickle.generation import LoadedModel, SamplingParams
-from trickle.generation import runner as runner_module
 from trickle.generation.detokenizer import IncrementalDetokenizer
 from trickle.generation.models import compile_regions, regional_layers, restore_layers
 from trickle.generation.runner import ModelRunner
+from trickle.generation.runner import compiled as compiled_module
 from trickle.generation.sampler import FULL, PLAIN, TOP_K, sample_rows
 from trickle.generation.scheduler import ScheduledBatch
 from trickle.generation.sequence import Sequence, Status
@@ -151,14 +151,15 @@ def test_with_compile_a_part_that_fails_to_compile_runs_uncompiled(
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     # A fresh logger: the module's may be bound already, to whatever an earlier test configured.
-    monkeypatch.setattr(runner_module, "log", structlog.get_logger("generation.runner"))
+    monkeypatch.setattr(compiled_module, "log", structlog.get_logger("generation.runner"))
     with structlog.testing.capture_logs() as logs, torch.inference_mode():
         runner._compile()
     assert compiled == ["_layer_inputs", "_layer_output", "sample_rows"]
-    assert runner._regional == [], "the layers run uncompiled"
+    assert runner.compiled.regional == [], "the layers run uncompiled"
     assert not any("forward" in vars(layer) for layer in regional_layers(tiny.model)), "transformers' forward"
-    assert runner._samplers[PLAIN] is runner._samplers[TOP_K] is not sample_rows, "the samplers stay compiled"
-    assert runner._samplers[FULL] is sample_rows
+    samplers = runner.compiled.samplers
+    assert samplers[PLAIN] is samplers[TOP_K] is not sample_rows, "the samplers stay compiled"
+    assert samplers[FULL] is sample_rows
     assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
         "torch.compile failed on the model's layers; they run uncompiled"
     ]

@@ -1,0 +1,176 @@
+"""The runner's fixed-address inputs, refilled each step with few host-to-device copies: the decode
+step's per-row inputs and sampling parameters, a prefill's tokens, and the rows' block tables."""
+
+from __future__ import annotations
+
+import torch
+
+from trickle.generation.kv.blocks import NULL_BLOCK
+from trickle.generation.sampler import SamplingTensors
+from trickle.generation.scheduler import ScheduledBatch
+from trickle.generation.sequence import Sequence
+
+
+class BlockTables:
+    """The host's copy of the per-row block tables, updated for the rows that changed, and sent to the
+    cache's device tables once a step (rows 0..n-1, and rows left empty since the last step)."""
+
+    def __init__(self, device_tables: torch.Tensor) -> None:
+        pinned = device_tables.device.type == "cuda"
+        self.device_tables = device_tables
+        self.host = torch.zeros(device_tables.shape, dtype=torch.long)
+        self._staging = torch.zeros((2, *device_tables.shape), dtype=torch.long, pin_memory=pinned)
+        self._turn = 0
+        self._owners: list[list[int] | None] = [None] * device_tables.shape[0]  # each row's block list
+        self._lengths = [0] * device_tables.shape[0]  # how much of it the host table has
+        self._used = 0  # rows the device tables may have non-empty
+
+    def update(self, batch: ScheduledBatch) -> None:
+        for src, dst in batch.moves:
+            self.host[dst] = self.host[src]
+            self._owners[dst], self._lengths[dst] = self._owners[src], self._lengths[src]
+        rows = batch.rows
+        for row, seq in enumerate(rows):
+            blocks = seq.blocks
+            if self._owners[row] is not blocks:
+                self._owners[row], self._lengths[row] = blocks, 0
+                self.host[row].fill_(NULL_BLOCK)
+            known = self._lengths[row]
+            if len(blocks) > known:
+                self.host[row, known : len(blocks)] = torch.tensor(blocks[known:])
+                self._lengths[row] = len(blocks)
+        for row in range(len(rows), self._used):
+            self._owners[row], self._lengths[row] = None, 0
+            self.host[row].fill_(NULL_BLOCK)
+        count, self._used = max(len(rows), self._used), len(rows)
+        self._turn ^= 1
+        staging = self._staging[self._turn, :count]
+        staging.copy_(self.host[:count])
+        self.device_tables[:count].copy_(staging, non_blocking=True)
+
+
+class StepInputs:
+    """Fixed-address input buffers of the decode step, refilled before each (graph) run.
+
+    The pinned host tables are double-buffered: while one step's copies may still be queued on the
+    device, the next step fills the other pair.
+    """
+
+    # Columns of the integer table, by name: the token in, its position, top_k, seed, step, EOS banned,
+    # and the row's index in the previous step's output when its token comes from there (else -1).
+    TOKEN, POSITION, TOP_K, SEED, STEP, BAN_EOS, SOURCE = range(7)
+    LONGS = 7
+    # Columns of the float table.
+    TEMPERATURE, TOP_P, PENALTY = range(3)
+
+    def __init__(self, rows: int, max_len: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self._host_longs = torch.zeros(2, rows, self.LONGS, dtype=torch.long, pin_memory=pinned)
+        self._host_floats = torch.zeros(2, rows, 3, dtype=torch.float32, pin_memory=pinned)
+        self._host_tokens = torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned)
+        self._turn = 0
+        self.longs = torch.zeros_like(self._host_longs[0], device=device)
+        self.floats = torch.zeros_like(self._host_floats[0], device=device)
+        self.ids = self.longs[:, self.TOKEN : self.TOKEN + 1]
+        self.positions = self.longs[:, self.POSITION : self.POSITION + 1]
+        self.rows = torch.arange(rows, device=device)
+        self.key_index = torch.arange(max_len, device=device)
+        self._padding = torch.tensor([0, 0, 0, 0, 0, 0, -1])
+
+    def load(self, rows: list[Sequence]) -> None:
+        """Two small host-to-device copies per step carry every row's inputs and sampling parameters.
+
+        Rows past the live ones (a graph's padding, and the spare row) are greedy, token 0 at position 0:
+        their block tables are empty, so they write and read only the null block."""
+        self._turn ^= 1
+        longs, floats = self._host_longs[self._turn], self._host_floats[self._turn]
+        n = len(rows)
+        longs[n:] = self._padding
+        floats[n:] = 0
+        longs[:n] = torch.tensor([_long_inputs(seq) for seq in rows])
+        floats[:n] = torch.tensor(
+            [[seq.params.temperature, seq.params.top_p, seq.params.repetition_penalty] for seq in rows]
+        )
+        self.longs.copy_(longs, non_blocking=True)
+        self.floats.copy_(floats, non_blocking=True)
+
+    def host_tokens(self) -> torch.Tensor:
+        """The pinned buffer this step's tokens are copied back into."""
+        return self._host_tokens[self._turn]
+
+    def feed_previous(self, last_tokens: torch.Tensor) -> None:
+        """On the device: rows whose token is still in flight take it from the previous step's output."""
+        source = self.longs[:, self.SOURCE]
+        fed = last_tokens[source.clamp(min=0)]
+        self.longs[:, self.TOKEN] = torch.where(source >= 0, fed, self.longs[:, self.TOKEN])
+
+    def sampling(self, start: int, stop: int) -> SamplingTensors:
+        """Sampling parameters of batch rows start..stop-1."""
+        return self._sampling(self.longs[start:stop], self.floats[start:stop])
+
+    def sampling_rows(self, rows: torch.Tensor) -> SamplingTensors:
+        """Sampling parameters of the given batch rows (a device tensor of row indices)."""
+        return self._sampling(self.longs[rows], self.floats[rows])
+
+    @classmethod
+    def _sampling(cls, longs: torch.Tensor, floats: torch.Tensor) -> SamplingTensors:
+        return SamplingTensors(
+            temperature=floats[:, cls.TEMPERATURE],
+            top_p=floats[:, cls.TOP_P],
+            penalty=floats[:, cls.PENALTY],
+            top_k=longs[:, cls.TOP_K],
+            seeds=longs[:, cls.SEED],
+            steps=longs[:, cls.STEP],
+            ban_eos=longs[:, cls.BAN_EOS].bool(),
+        )
+
+    def clear(self) -> None:
+        self.longs[:] = self._padding
+        self.floats.zero_()
+
+
+class PrefillInputs:
+    """Fixed-address inputs of a prefill: the newcomers' uncached tokens as [rows, width], laid out flat
+    so every padded shape is a contiguous prefix, and per row how many tokens it prefills, its batch row
+    (the spare row for padding rows) and how many leading tokens it found cached. Pinned host tables
+    are double-buffered like `StepInputs`."""
+
+    def __init__(self, max_tokens: int, max_rows: int, spare_row: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self._host_ids = torch.zeros(2, max_tokens, dtype=torch.long, pin_memory=pinned)
+        self._host_rows = torch.zeros(2, max_rows, 3, dtype=torch.long, pin_memory=pinned)
+        self._turn = 0
+        self.ids = torch.zeros_like(self._host_ids[0], device=device)
+        self.rows = torch.zeros_like(self._host_rows[0], device=device)
+        self.spare_row = spare_row
+
+    def load(self, rows: list[Sequence], n: int, width: int) -> None:
+        """Fill `n` rows of `width` tokens: the newcomers, then padding rows (copies of the first one,
+        in the spare row)."""
+        self._turn ^= 1
+        ids, table = self._host_ids[self._turn, : n * width].view(n, width), self._host_rows[self._turn]
+        tails = [seq.tokens[seq.num_cached :] for seq in rows]
+        ids[: len(rows)] = torch.tensor([tail + tail[:1] * (width - len(tail)) for tail in tails])
+        ids[len(rows) :] = ids[0]
+        table[: len(rows)] = torch.tensor(
+            [[len(tail), seq.slot, seq.num_cached] for seq, tail in zip(rows, tails, strict=True)]
+        )
+        table[len(rows) : n] = table[0]
+        table[len(rows) : n, 1] = self.spare_row
+        self.ids[: n * width].copy_(ids.view(-1), non_blocking=True)
+        self.rows[:n].copy_(table[:n], non_blocking=True)
+
+    def clear(self) -> None:
+        """Inputs that are safe to capture with: one-token prompts from position 0 in the spare row."""
+        self.ids.zero_()
+        self.rows[:] = torch.tensor([1, self.spare_row, 0])
+
+
+def _long_inputs(seq: Sequence) -> list[int]:
+    # Counted from what has been launched, so a row with a token in flight is described one step on.
+    made = seq.launched
+    banned = made < seq.params.min_new_tokens
+    source = seq.row_index if seq.in_flight else -1
+    position = seq.num_prompt_tokens + made - 1
+    # In StepInputs' column order.
+    return [seq.last_token, position, seq.params.top_k, seq.seed, made, banned, source]

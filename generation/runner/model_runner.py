@@ -1,0 +1,412 @@
+"""ModelRunner: one engine step on the device: prefill, batched decode (CUDA graphs on a GPU) over the
+paged KV cache, and sampling. Its inputs (`inputs`), KV planning (`memory`), graphs (`graphs`) and
+--compile (`compiled`) are modules of their own."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import structlog
+import torch
+from transformers import PreTrainedModel
+
+from trickle.generation.engine_config import EngineConfig
+from trickle.generation.head import ModelHead
+from trickle.generation.kv import attention as paged_attention
+from trickle.generation.kv.cache import PagedKVCache, PassThroughCache
+from trickle.generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
+from trickle.generation.models import adapt
+from trickle.generation.runner.compiled import CompiledParts, brief
+from trickle.generation.runner.graphs import (
+    BATCH_BUCKETS,
+    KV_LEN_BUCKETS,
+    PREFILL_ROW_BUCKETS,
+    PREFILL_WIDTH_BUCKETS,
+    Part,
+    StepGraphs,
+    bucket,
+    buckets_up_to,
+)
+from trickle.generation.runner.inputs import BlockTables, PrefillInputs, StepInputs
+from trickle.generation.runner.memory import PREFILL_READ_FACTOR, StepLimits, plan_blocks
+from trickle.generation.sampler import FULL, MODES, SamplingTensors, sampling_mode
+from trickle.generation.scheduler import ScheduledBatch
+from trickle.generation.sequence import Sequence
+
+log = structlog.get_logger("generation.runner")
+
+
+def _cache_argument(module: torch.nn.Module) -> str:
+    # transformers renamed `past_key_values` to `cache` in 5.x; pass whichever this version takes.
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+class ModelRunError(RuntimeError):
+    """The model cannot run in the engine (found by the forward `warm_up` runs first)."""
+
+
+@dataclass
+class Launched:
+    """A step queued on the device: its rows, how many of them decoded, and where its tokens land."""
+
+    rows: list[Sequence]
+    num_decode: int
+    tokens: torch.Tensor
+    done: torch.cuda.Event | None  # recorded after the copy to `tokens`; None where the step ran inline
+
+
+class ModelRunner:
+    """Runs one engine step: moves rows, decodes the running rows, prefills newcomers (past the leading
+    blocks the prefix cache holds for them), samples every row, and copies the new tokens back to the
+    host with one device-to-host copy. `launch` queues a step and `collect` waits for it, so the engine
+    prepares the next step while this one runs."""
+
+    def __init__(self, model: PreTrainedModel, config: EngineConfig, eos_ids: set[int]) -> None:
+        adapt(model)
+        self.config = config
+        self.device = next(model.parameters()).device
+        if paged_attention.available(self.device):
+            # Decode attention that reads the blocks in place, for models that take it (`check_forward`).
+            paged_attention.install(model)
+        self.dtype = model.dtype
+        self.base = model.base_model
+        self.head = ModelHead(model)
+        self.vocab_size, self.hidden_size = model.get_output_embeddings().weight.shape
+        self._cache_arg = _cache_argument(self.base)
+        try:
+            self.masks = AttentionMasks(model.config, self.dtype)
+        except UnsupportedModelError as err:
+            raise ModelRunError(str(err)) from err
+        model_code = inspect.getmodule(type(self.base))
+        if model_code is not None and hasattr(model_code, "build_alibi_tensor"):
+            alibi_from_4d(model_code)
+        # A step prefills at most the token budget, or one prompt of up to max_seq_len past it, and reads
+        # (newcomers x the longest one's positions, cached ones included) at most the read budget.
+        self.max_prefill_tokens = max(config.prefill_token_budget, config.max_seq_len)
+        self.prefill_read_budget = max(PREFILL_READ_FACTOR * config.prefill_token_budget, config.max_seq_len)
+        self.kernel_reads = False
+        self.max_rows = config.max_batch_size
+        self.spare_row = self.max_rows  # the per-row tables' extra row: padding rows read and write it
+        self.block_size = config.kv_block_size
+        self.num_blocks = self._plan_blocks()
+        self.table_width = -(-config.max_seq_len // self.block_size)
+        self.cache = PagedKVCache(
+            self.num_blocks, self.block_size, self.max_rows + 1, self.table_width, self.device
+        )
+        self._tables = BlockTables(self.cache.tables)
+        self._prefill_shapes = self._graph_prefill_shapes()
+        self._static = StepInputs(self.max_rows + 1, config.max_seq_len, self.device)
+        # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
+        self._last_tokens = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+        # The decode forward's last hidden states, where the step's sampling (its own graph) reads them.
+        self._hidden = torch.zeros(self.max_rows, self.hidden_size, dtype=self.dtype, device=self.device)
+        # seen[row, token]: the token is in the row's prompt or output (for the repetition penalty); the
+        # spare row takes what padding rows write
+        self.seen = torch.zeros(self.max_rows + 1, self.vocab_size, dtype=torch.bool, device=self.device)
+        self._prefill_in = PrefillInputs(self.max_prefill_tokens, self.max_rows, self.spare_row, self.device)
+        self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        self.graphs = StepGraphs(self.device, self._run_part)
+        # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
+        quantized = getattr(model, "is_quantized", False)
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
+        # The decode forward, layers and samplers as they run; `warm_up` compiles them with --compile.
+        self.compiled = CompiledParts(self.base, self._decode_hidden)
+
+    # ------------------------------------------------------------ planning
+
+    def _plan_blocks(self) -> int:
+        limits = StepLimits(
+            max_rows=self.max_rows,
+            max_prefill_tokens=self.max_prefill_tokens,
+            prefill_read_budget=self.prefill_read_budget,
+            vocab_size=self.vocab_size,
+            layers=getattr(self.base.config, "num_hidden_layers", None) or 1,
+        )
+        return plan_blocks(
+            self.config, self.device, limits, self._trial_prefill, lambda: not self.kernel_reads
+        )
+
+    # ------------------------------------------------------------ the step
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> Launched:
+        """Queue the batch's step on the device and return at once; `collect` waits for its tokens.
+
+        A row whose previous token is still in flight (`seq.in_flight`) is fed that token on the device,
+        from the previous step's output, so the host never waits between two steps.
+        """
+        for src, dst in batch.moves:
+            self.seen[dst] = self.seen[src]
+        self._tables.update(batch)
+        # One pair of host-to-device copies carries every row's inputs and sampling parameters.
+        self._static.load(batch.rows)
+        tokens = [self._decode(batch.decode)] if batch.decode else []
+        if batch.prefill:
+            tokens.append(self._prefill(batch.prefill))
+        out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
+        self._last_tokens[: out.shape[0]].copy_(out)
+        if self.device.type != "cuda":
+            return Launched(batch.rows, len(batch.decode), out, None)
+        host = self._static.host_tokens()[: out.shape[0]]
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(batch.rows, len(batch.decode), host, done)
+
+    @staticmethod
+    def collect(launched: Launched) -> list[int]:
+        """The step's sampled tokens, one per row in `launched.rows` order."""
+        if launched.done is not None:
+            launched.done.synchronize()  # waits with the GIL released: the event loop keeps serving
+        return launched.tokens.tolist()
+
+    def step(self, batch: ScheduledBatch) -> list[int]:
+        """Launch and collect one step."""
+        return self.collect(self.launch(batch))
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, cache: object) -> torch.Tensor:
+        out = self.base(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            **{self._cache_arg: cache},
+        )
+        return out.last_hidden_state
+
+    def _causal_mask(self, lengths: torch.Tensor, width: int) -> Mask:
+        # [n, 1, width, width] per layer kind: rows from position 0, keys past each row's length hidden
+        keys = torch.arange(width, device=self.device)
+        return self.masks.for_queries(keys[None].expand(lengths.shape[0], -1), keys, lengths)
+
+    def _prefill_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """The padded [rows, width] that `rows` newcomers, the longest of `longest` tokens, prefill as."""
+        return (
+            bucket(rows, PREFILL_ROW_BUCKETS, self.max_rows),
+            bucket(longest, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len),
+        )
+
+    def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
+        """Prefill and sample the newcomers; returns their first tokens, [len(rows)].
+
+        Newcomers with no cached prefix prefill from position 0 (captured per padded shape); where any
+        has one, they prefill eagerly from their own first uncached position, attending to the cached
+        blocks too."""
+        self._mark_seen(rows)
+        n, width = len(rows), max(seq.num_tokens - seq.num_cached for seq in rows)
+        if any(seq.num_cached for seq in rows):
+            self._prefill_in.load(rows, n, width)
+            return self._prefill_static(n, width, max(seq.num_tokens for seq in rows))
+        shape = self._prefill_shape(n, width)
+        if not self.use_graphs or shape not in self._prefill_shapes:
+            self._prefill_in.load(rows, n, width)
+            return self._prefill_static(n, width)
+        graph, tokens = self.graphs.get(Part.PREFILL, *shape)
+        self._prefill_in.load(rows, *shape)
+        graph.replay()
+        return tokens[:n]
+
+    def _mark_seen(self, rows: list[Sequence]) -> None:
+        """The newcomers' rows of `seen` say exactly which tokens they hold (the prompt counts for the
+        repetition penalty, and a resumed row's output too)."""
+        index = torch.tensor([seq.slot for seq in rows])
+        self.seen.index_fill_(0, index.to(self.device, non_blocking=True), False)
+        tokens = [seq.tokens for seq in rows]
+        where = torch.tensor([seq.slot for seq, held in zip(rows, tokens, strict=True) for _ in held])
+        what = torch.tensor([token for held in tokens for token in held])
+        self.seen.index_put_((where.to(self.device), what.to(self.device)), self._true)
+
+    def _graph_prefill_shapes(self) -> list[tuple[int, int]]:
+        """The padded [rows, width] shapes that get a CUDA graph."""
+        rows = buckets_up_to(PREFILL_ROW_BUCKETS, self.max_rows)
+        widths = buckets_up_to(PREFILL_WIDTH_BUCKETS, self.config.max_seq_len)
+        return [(n, w) for n in rows for w in widths if n * w <= self.max_prefill_tokens]
+
+    def _prefill_static(self, n: int, width: int, read_len: int | None = None) -> torch.Tensor:
+        """Prefill [n, width] from the static buffers only, so it can be captured (`read_len` None: every
+        row from position 0, attending to its new keys alone; else from its first uncached position,
+        attending to its positions 0..read_len-1).
+
+        Short rows are padded with their first token and padding rows repeat the first newcomer; what
+        padding writes goes to the null block, and padding rows sample into the spare row."""
+        inputs = self._prefill_in
+        ids = inputs.ids[: n * width].view(n, width)
+        lengths, rows, cached = inputs.rows[:n].unbind(1)
+        offsets = self._static.key_index[:width][None]
+        positions = cached[:, None] + offsets
+        self.cache.for_forward(rows, positions, offsets < lengths[:, None], read_len)
+        if read_len is None:
+            mask = self._causal_mask(lengths, width)
+        else:
+            mask = self.masks.for_queries(positions, self._static.key_index[:read_len], cached + lengths)
+        hidden = self._forward(ids, positions, mask, self.cache)
+        last = hidden[self._static.rows[:n], lengths - 1]
+        return self._sample(self.head(last), self._static.sampling_rows(rows), rows)
+
+    def _sample(
+        self, logits: torch.Tensor, params: SamplingTensors, rows: torch.Tensor, mode: str = FULL
+    ) -> torch.Tensor:
+        tokens = self.compiled.samplers[mode](logits, params, self.seen[rows], self.eos_mask, mode)
+        # A device-side True: a Python scalar would be a host-to-device copy inside the captured step.
+        self.seen.index_put_((rows, tokens), self._true)
+        return tokens
+
+    def _decode(self, rows: list[Sequence]) -> torch.Tensor:
+        """Decode and sample the running rows (rows 0..n-1); returns their new tokens, [n].
+
+        The forward is captured per (batch, KV length) and the sampling per (batch, sampling mode): the
+        mode is the cheapest way of ranking the vocabulary that serves every row (see the sampler)."""
+        n = len(rows)
+        kv_len = self._kv_len(rows)
+        mode = self._mode(rows)
+        if not self.use_graphs:
+            self._decode_static(n, kv_len)
+            return self._sample_decoded(n, MODES.index(mode))
+        batch = bucket(n, BATCH_BUCKETS, self.max_rows)
+        self.graphs.get(Part.DECODE, batch, kv_len)[0].replay()
+        graph, tokens = self.graphs.get(Part.SAMPLE, batch, MODES.index(mode))
+        graph.replay()
+        return tokens[:n]
+
+    def _kv_len(self, rows: list[Sequence]) -> int:
+        """How much of the cache a decode of `rows` reads: the longest context, bucketed."""
+        return bucket(max(seq.context_len for seq in rows), KV_LEN_BUCKETS, self.config.max_seq_len)
+
+    def _mode(self, rows: list[Sequence]) -> str:
+        params = (seq.params for seq in rows)
+        return sampling_mode(((p.temperature, p.top_k, p.top_p) for p in params), self.vocab_size)
+
+    def _decode_static(self, batch: int, kv_len: int) -> torch.Tensor:
+        """Decode rows 0..batch-1 from the static input buffers only, so it can be captured; their last
+        hidden states land in `_hidden`."""
+        self._static.feed_previous(self._last_tokens)
+        hidden = self._hidden[:batch]
+        hidden.copy_(self.compiled.decode_forward(batch, kv_len))
+        return hidden
+
+    def _sample_decoded(self, batch: int, mode: int) -> torch.Tensor:
+        """Sample rows 0..batch-1 from the decode forward's hidden states (`mode` indexes MODES)."""
+        static = self._static
+        logits = self.head(self._hidden[:batch])
+        return self._sample(logits, static.sampling(0, batch), static.rows[:batch], MODES[mode])
+
+    def _decode_hidden(self, batch: int, kv_len: int) -> torch.Tensor:
+        # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
+        static = self._static
+        positions = static.positions[:batch]
+        self.cache.for_forward(static.rows[:batch], positions, None, kv_len)
+        hidden = self._forward(static.ids[:batch], positions, self._decode_mask(batch, kv_len), self.cache)
+        return hidden[:, -1]
+
+    def _decode_mask(self, batch: int, kv_len: int) -> Mask:
+        """[batch, 1, 1, kv_len] per layer kind: row b's query at its position, over its cached keys."""
+        positions = self._static.positions[:batch]
+        return self.masks.for_queries(positions, self._static.key_index[:kv_len], positions[:, 0] + 1)
+
+    def _run_part(self, part: Part, shape: tuple[int, ...]) -> torch.Tensor:
+        """A captured part, from the static inputs only (what its graph replays). Decode padding rows
+        (past the live rows) read and write the null block: their table rows are empty."""
+        if part is Part.DECODE:
+            return self._decode_static(*shape)
+        if part is Part.SAMPLE:
+            return self._sample_decoded(*shape)
+        return self._prefill_static(*shape)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run one real forward (every device), then compile (with --compile) and capture every graph, so
+        no request pays for either. ModelRunError when the model cannot run here."""
+        self.check_forward()
+        if not self.use_graphs:
+            return
+        self._static.clear()
+        self._prefill_in.clear()
+        started = time.perf_counter()
+        if self.config.compile:
+            log.info("compiling the step (torch.compile: minutes on a first start, less with a warm cache)")
+            self._compile()
+            log.info("step compiled", seconds=round(time.perf_counter() - started, 1))
+        log.info("capturing step graphs", batch_sizes=len(self._batches_and_lengths()[0]))
+        self._capture_or_fall_back()
+        if self.use_graphs:
+            seconds = round(time.perf_counter() - started, 1)
+            log.info("step graphs captured", graphs=len(self.graphs), seconds=seconds)
+
+    def _capture_or_fall_back(self) -> None:
+        """Capture every graph. A compiled step that cannot be captured runs uncompiled (captured, but
+        unfused); a step that cannot be captured at all runs eagerly (transformers' grouped-GEMM experts
+        copy from the host inside their forward, say), slower but the same tokens."""
+        try:
+            self._capture_all()
+            return
+        except Exception as err:
+            self.graphs.clear()
+            if self.compiled.any:
+                log.warning(
+                    "capturing the compiled step failed; decoding without torch.compile", error=brief(err)
+                )
+                self.compiled.undo()
+                self._capture_or_fall_back()
+                return
+            log.warning(
+                "this model's step cannot be captured in CUDA graphs; running it eagerly", error=brief(err)
+            )
+            self.use_graphs = False
+
+    def check_forward(self) -> None:
+        """A two-token prompt through the model, its masks and its head, as a prefill runs it: a model the
+        engine cannot run fails here, before the server says it is ready, not on every request."""
+        try:
+            self.head(self._trial_prefill(1, 2, PassThroughCache())[:, -1])
+        except Exception as err:
+            raise ModelRunError(f"the model failed its first forward: {brief(err)[:300]}") from err
+        self.cache.kernel_reads = self.kernel_reads
+        log.info("decode attention", reads="paged kernel" if self.kernel_reads else "gathered blocks")
+
+    def _trial_prefill(self, rows: int, width: int, cache: PassThroughCache) -> torch.Tensor:
+        """The hidden states of `rows` prompts of `width` tokens from position 0, through a cache that
+        keeps nothing (the KV pool is not touched). It also finds whether every layer's attention came
+        through the paged-attention entry points, so that decode steps can hand it the pools and block
+        tables instead of gathered copies (`kernel_reads`)."""
+        ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        positions = torch.arange(width, device=self.device)[None].expand(rows, -1)
+        lengths = torch.full((rows,), width, device=self.device)
+        paged_attention.context.calls = 0
+        hidden = self._forward(ids, positions, self._causal_mask(lengths, width), cache)
+        layers = getattr(self.base.config, "num_hidden_layers", None)
+        taken = paged_attention.context.calls == layers
+        self.kernel_reads = paged_attention.available(self.device) and taken
+        return hidden
+
+    def _batches_and_lengths(self) -> tuple[list[int], list[int]]:
+        return buckets_up_to(BATCH_BUCKETS, self.max_rows), buckets_up_to(
+            KV_LEN_BUCKETS, self.config.max_seq_len
+        )
+
+    def _compile(self) -> None:
+        batches, kv_lens = self._batches_and_lengths()
+        self.compiled.compile(
+            self.device,
+            self._decode_static,
+            {(batches[0], kv_lens[0]), (batches[-1], kv_lens[0]), (batches[-1], kv_lens[-1])},
+            self._prefill_static,
+            self._prefill_shapes[:1] + self._prefill_shapes[-1:],
+            self._sample_decoded,
+            {batches[0], batches[-1]},
+        )
+
+    def _capture_all(self) -> None:
+        batches, kv_lens = self._batches_and_lengths()
+        for kv_len in kv_lens:
+            for batch in batches:
+                self.graphs.get(Part.DECODE, batch, kv_len)
+        for mode in range(len(MODES)):
+            for batch in batches:
+                self.graphs.get(Part.SAMPLE, batch, mode)
+        for shape in self._prefill_shapes:
+            self.graphs.get(Part.PREFILL, *shape)
+        torch.cuda.synchronize(self.device)
