@@ -16,7 +16,7 @@ from trickle.config.settings import ENV_PREFIX, Settings, SettingsError, load_se
 
 SUMMARY = "Stream text from a Hugging Face causal LM over Server-Sent Events, from one GPU, to many clients."
 # Defaults that a value cannot say by itself.
-DEFAULT_WORDS = {"max_seq_len": "the model's context length"}
+DEFAULT_WORDS = {"max_seq_len": "the model's context length", "kv_cache_tokens": "what memory leaves"}
 
 
 def version() -> str:
