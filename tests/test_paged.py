@@ -55,8 +55,9 @@ async def test_a_4096_token_pool_runs_24_of_32_hundred_token_requests_at_once(ti
     assert engine.engine.scheduler.preemptions == 0
 
 
-async def stream(client: TestClient, prompt: str) -> dict[str, Any]:
-    body = {
+async def stream(client: TestClient, prompt: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One /stream request's text and end event; its events' ids count up from 0 with no gap."""
+    body = body or {
         "prompt": prompt,
         "max_new_tokens": 12,
         "min_new_tokens": 12,
@@ -131,3 +132,23 @@ async def test_a_shared_1000_token_prefix_is_prefilled_once_for_the_same_text(
         == second["usage"]["prompt_tokens"] + third["usage"]["prompt_tokens"]
     )
     assert written_while_shared == []
+
+
+async def test_preempted_streams_go_on_without_gap_or_repeat_and_say_what_they_said_alone(
+    aiohttp_client: ClientFactory, tiny: LoadedModel
+) -> None:
+    """Four streams through a pool of six 16-position blocks outgrow it: the newest are preempted and
+    resumed, and every stream's SSE events still count up one by one and spell its solo text."""
+    engine = make_engine(tiny, max_batch_size=4, max_seq_len=96, kv_cache_tokens=96)
+    client = await aiohttp_client(create_app(Settings(model="test"), engine))
+    prompts = ["The baker", "Every morning the little bakery", "Bread and water", "On the square"]
+
+    async def one(prompt: str) -> dict[str, Any]:
+        body = {"prompt": prompt, "max_new_tokens": 40, "min_new_tokens": 40, "temperature": 0}
+        return await stream(client, prompt, body)
+
+    together = await asyncio.gather(*(one(p) for p in prompts))
+    assert engine.engine.scheduler.preemptions > 0
+    alone = [await one(p) for p in prompts]
+    assert [r["text"] for r in together] == [r["text"] for r in alone]
+    assert all(r["usage"]["completion_tokens"] == 40 for r in together)
