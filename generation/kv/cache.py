@@ -8,9 +8,10 @@ past a row's blocks reads the null block (0), which masks hide.
 Before each forward the runner says which batch rows run, at which positions (`for_forward`): the new
 keys are written there, and attention reads either the new keys alone (a prefill from position 0:
 plain causal attention is exact) or every row's positions 0..read_len-1, gathered from its blocks in
-position order, so the masks see the layout they would see in one contiguous cache. Every layer
-writes all of a forward's new keys before any of its rows attends, so a row may read blocks that
-another row of the same forward writes (a prefix found in the cache the step it is first prefilled).
+position order, so the masks see the layout they would see in one contiguous cache; or, for a decode
+step on a GPU, the pools themselves, which the paged kernel reads through the block tables
+(`generation.kv.attention`). A block several rows share was written by an earlier step: the scheduler
+makes a newcomer's blocks findable only once the step that writes them is queued.
 """
 
 from __future__ import annotations
