@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from trickle.config import Settings, SettingsError, load_settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

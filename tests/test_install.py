@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.sse import parse_events, text_of
-from tests.test_process import ROOT, free_port
+from tests.test_process import serving
 
 # What the checkout holds that a wheel is built from; the rest (virtual environments, build outputs,
 # results) is left behind so that the wheel is built from the sources alone.
@@ -130,40 +131,12 @@ def test_the_installed_package_is_imported_from_site_packages_not_the_folder(
 
 @pytest.fixture
 def served(installed: Path, unrelated: Path, model_dir: Path) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            str(installed / "bin" / "trickle"),
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
-        cwd=unrelated,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(unrelated),
-            "TRICKLE_LOG_FORMAT": "json",
-            "TRICKLE_MAX_SEQ_LEN": "512",
-        },
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    try:
-        for line in process.stderr:  # the process says when it is ready; no polling
-            if json.loads(line)["event"] == "ready":
-                break
-        yield f"http://127.0.0.1:{port}"
+    program = [str(installed / "bin" / "trickle")]
+    with serving(model_dir, program, env={"PYTHONPATH": str(unrelated)}, cwd=unrelated) as (url, process):
+        yield url
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
         assert process.returncode == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()  # and closes its pipe
 
 
 def test_the_console_script_serves_from_an_unrelated_folder(served: str) -> None:

@@ -4,7 +4,6 @@ tokens are cached prefilled only past them (exactly the same text), over HTTP.""
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,6 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import make_engine
 from tests.sse import parse_events, text_of
+from tests.test_service import metric
 from trickle.config import Settings
 from trickle.generation import AsyncEngine, LoadedModel, SamplingParams
 from trickle.generation.kv.blocks import NULL_BLOCK
@@ -72,12 +72,6 @@ async def stream(client: TestClient, prompt: str, body: dict[str, Any] | None = 
     return {"text": text_of(events), **events[-1].json()}
 
 
-def counter(metrics: str, name: str) -> float:
-    match = re.search(rf"^trickle:{name} (\S+)$", metrics, re.MULTILINE)
-    assert match is not None, name
-    return float(match.group(1))
-
-
 async def three_requests(
     aiohttp_client: ClientFactory, tiny: LoadedModel, prefix: str, cache: bool
 ) -> tuple[list[dict[str, Any]], dict[str, float], list[int]]:
@@ -103,7 +97,7 @@ async def three_requests(
     )
     after = await (await client.get("/metrics")).text()
     moved = {
-        name: counter(after, name) - counter(before, name)
+        name: metric(after, f"trickle:{name}") - metric(before, f"trickle:{name}")
         for name in ("prefix_cache_hits_total", "prefix_cache_queries_total")
     }
     return [first, second, third], moved, written_while_shared

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -19,9 +20,8 @@ from typing import Any
 import pytest
 import structlog
 
+from tests.conftest import ROOT
 from trickle.api.logs import configure_logging
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -66,36 +66,44 @@ def test_console_script_runs_the_same_main() -> None:
     assert result.returncode == 2 and "'port'" in result.stderr
 
 
-def serve_command(model_dir: Path, port: int) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "server.py"),
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-    ]
+PROGRAM = [sys.executable, str(ROOT / "server.py")]
+
+
+def serve_command(model_dir: Path, port: int, program: list[str] = PROGRAM) -> list[str]:
+    return [*program, "--model", str(model_dir), "--port", str(port), "--device", "cpu"]
+
+
+@contextlib.contextmanager
+def serving(
+    model_dir: Path, program: list[str] = PROGRAM, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`program` serving the model on a free port, from the moment it logs that it is ready (JSON logs,
+    on a pipe): its URL and process, killed afterwards if it still runs."""
+    port = free_port()
+    process = subprocess.Popen(
+        serve_command(model_dir, port, program),
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "TRICKLE_LOG_FORMAT": "auto", "TRICKLE_MAX_SEQ_LEN": "512", **(env or {})},
+    )
+    assert process.stderr is not None
+    try:
+        for line in process.stderr:  # the process says when it is ready; no polling
+            if json.loads(line)["event"] == "ready":
+                break
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stderr.close()
 
 
 @pytest.fixture
 def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    port = free_port()
-    process = subprocess.Popen(
-        serve_command(model_dir, port),
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TRICKLE_LOG_FORMAT": "auto", "TRICKLE_MAX_SEQ_LEN": "512"},
-    )
-    assert process.stderr is not None
-    for line in process.stderr:  # the process says when it is ready; no polling
-        if json.loads(line)["event"] == "ready":
-            break
-    yield f"http://127.0.0.1:{port}", process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with serving(model_dir) as served:
+        yield served
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

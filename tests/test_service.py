@@ -21,9 +21,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import make_engine
+from tests.conftest import ROOT, make_engine
 from tests.sse import parse_events
-from tests.test_process import ROOT, free_port
+from tests.test_process import free_port
 from trickle import server
 from trickle.config import Settings
 from trickle.generation import AsyncEngine, LoadedModel, SamplingParams
