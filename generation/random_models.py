@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -23,27 +24,30 @@ from transformers import (
 EOS = "<|endoftext|>"
 SEED = 1234
 
+_LLAMA_7B: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+}
+
 SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
     # transformers' FalconConfig defaults are the Falcon-7B shape: 32 layers, 4544 wide, multi-query.
     "falcon-7b": FalconConfig,
-    "llama-7b": lambda: LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    ),
+    "llama-7b": lambda: LlamaConfig(**_LLAMA_7B),
+    # Grouped-query attention (8 key/value heads), a wider MLP, a 128k vocabulary and 8k positions.
     "llama-3-8b": lambda: LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        **{
+            **_LLAMA_7B,
+            "vocab_size": 128256,
+            "intermediate_size": 14336,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+        }
     ),
     "tiny-falcon": lambda: FalconConfig(
         vocab_size=2048,

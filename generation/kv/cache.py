@@ -52,9 +52,6 @@ class PagedKVCache(Cache):
         self._slots = torch.zeros(0, dtype=torch.long, device=device)
         self._read: torch.Tensor | None = None
         self._read_len = 0
-        self.kernel_reads = False
-        """Decode steps hand attention the pools and block tables (`generation.kv.attention`), not
-        gathered copies: set once the engine knows the model's attention takes them."""
         self._paged = False
 
     def slots_of(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -69,10 +66,13 @@ class PagedKVCache(Cache):
         positions: torch.Tensor,
         valid: torch.Tensor | None = None,
         read_len: int | None = None,
+        kernel: bool = False,
     ) -> None:
         """The next forward runs table rows `rows` ([B]) at `positions` ([B, T]); where `valid` ([B, T])
         is False (padding), its keys go to the null block. `read_len` None: attention reads the new keys
-        alone (a prefill from position 0); else positions 0..read_len-1 of every row."""
+        alone (a prefill from position 0); else positions 0..read_len-1 of every row, which a decode
+        step hands the paged kernel as the pools and block tables where `kernel` says it takes them
+        (`generation.kv.attention`)."""
         slots = self.slots_of(rows, positions)
         if valid is not None:
             slots = torch.where(valid, slots, torch.zeros_like(slots))
@@ -81,7 +81,7 @@ class PagedKVCache(Cache):
         self._read, self._paged, context.decode = None, False, None
         if read_len is None:
             return
-        if self.kernel_reads and positions.shape[1] == 1:
+        if kernel and positions.shape[1] == 1:
             # A decode step: the kernel reads each row's blocks up to its own position.
             self._paged = True
             context.decode = DecodeTables(

@@ -13,7 +13,8 @@ from trickle.generation.sequence import Sequence
 
 class BlockTables:
     """The host's copy of the per-row block tables, updated for the rows that changed, and sent to the
-    cache's device tables once a step (rows 0..n-1, and rows left empty since the last step)."""
+    cache's device tables in a step where any did (rows 0..n-1, and rows left empty since the last
+    step). Most decode steps change nothing: a row takes a new block every `block_size` tokens."""
 
     def __init__(self, device_tables: torch.Tensor) -> None:
         pinned = device_tables.device.type == "cuda"
@@ -26,6 +27,7 @@ class BlockTables:
         self._used = 0  # rows the device tables may have non-empty
 
     def update(self, batch: ScheduledBatch) -> None:
+        changed = bool(batch.moves)
         for src, dst in batch.moves:
             self.host[dst] = self.host[src]
             self._owners[dst], self._lengths[dst] = self._owners[src], self._lengths[src]
@@ -35,14 +37,19 @@ class BlockTables:
             if self._owners[row] is not blocks:
                 self._owners[row], self._lengths[row] = blocks, 0
                 self.host[row].fill_(NULL_BLOCK)
+                changed = True
             known = self._lengths[row]
             if len(blocks) > known:
                 self.host[row, known : len(blocks)] = torch.tensor(blocks[known:])
                 self._lengths[row] = len(blocks)
+                changed = True
         for row in range(len(rows), self._used):
             self._owners[row], self._lengths[row] = None, 0
             self.host[row].fill_(NULL_BLOCK)
+            changed = True
         count, self._used = max(len(rows), self._used), len(rows)
+        if not changed:
+            return
         self._turn ^= 1
         staging = self._staging[self._turn, :count]
         staging.copy_(self.host[:count])

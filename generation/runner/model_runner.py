@@ -86,6 +86,7 @@ class ModelRunner:
         # (newcomers x the longest one's positions, cached ones included) at most the read budget.
         self.max_prefill_tokens = max(config.prefill_token_budget, config.max_seq_len)
         self.prefill_read_budget = max(PREFILL_READ_FACTOR * config.prefill_token_budget, config.max_seq_len)
+        # Decode attention reads the blocks in place: found by each trial prefill (`_trial_prefill`).
         self.kernel_reads = False
         self.max_rows = config.max_batch_size
         self.spare_row = self.max_rows  # the per-row tables' extra row: padding rows read and write it
@@ -298,7 +299,7 @@ class ModelRunner:
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
         static = self._static
         positions = static.positions[:batch]
-        self.cache.for_forward(static.rows[:batch], positions, None, kv_len)
+        self.cache.for_forward(static.rows[:batch], positions, None, kv_len, self.kernel_reads)
         hidden = self._forward(static.ids[:batch], positions, self._decode_mask(batch, kv_len), self.cache)
         return hidden[:, -1]
 
@@ -364,7 +365,6 @@ class ModelRunner:
             self.head(self._trial_prefill(1, 2, PassThroughCache())[:, -1])
         except Exception as err:
             raise ModelRunError(f"the model failed its first forward: {brief(err)[:300]}") from err
-        self.cache.kernel_reads = self.kernel_reads
         log.info("decode attention", reads="paged kernel" if self.kernel_reads else "gathered blocks")
 
     def _trial_prefill(self, rows: int, width: int, cache: PassThroughCache) -> torch.Tensor:
