@@ -69,10 +69,10 @@ class Settings(BaseSettings):
     """Share of the GPU's memory that weights, activations and the KV cache may fill together."""
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (on a GPU); --no-cuda-graphs runs it eagerly."""
-    compile: bool = False
-    """torch.compile the model and the sampler (GPU only): faster decoding and prefill, about a minute
-    more to start on Falcon-7B (whose layers compile once for all; other models compile whole, which
-    takes minutes); a part that fails to compile runs uncompiled."""
+    compile: bool = True
+    """torch.compile the decoder layers and the sampler where the step runs in CUDA graphs (a GPU):
+    fused kernels between the weight GEMMs. One layer compiles for all, cached on disk across starts;
+    --no-compile skips it. A part that fails to compile runs uncompiled."""
     max_queue: int = Field(default=256, ge=0)
     """Requests that may wait for a free row; past that, new requests get 503 with Retry-After."""
     request_timeout: float = Field(default=600.0, gt=0)

@@ -45,11 +45,10 @@ class EngineConfig:
     """Share of the GPU's memory (or of the process's cap) that weights, activations and KV may fill."""
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (GPU only)."""
-    compile: bool = False
-    """torch.compile the model and the sampler (CUDA graphs only): fused kernels. Falcon multi-query
-    layers compile once for all layers (about a minute on Falcon-7B); other models compile the whole
-    decode forward (minutes). A part that fails to compile, or a compiled step that fails to capture,
-    runs uncompiled."""
+    compile: bool = True
+    """torch.compile the decoder layers (for paged decode steps) and the sampler, where the step runs in
+    CUDA graphs: one compiled function serves every layer of a class. A part that fails to compile, or a
+    compiled step that fails to capture, runs uncompiled."""
 
     def within(self, context: int | None) -> EngineConfig:
         """This config with `max_seq_len` cut to the model's context length where it is longer."""

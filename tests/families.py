@@ -136,7 +136,11 @@ FAMILIES: dict[str, Callable[[int], PretrainedConfig]] = {
 def build(family: str, vocab: int, eos_id: int) -> PreTrainedModel:
     """The family's tiny model with fixed random weights, in float32 and eval mode, its end-of-text
     token the tokenizer's."""
-    config = FAMILIES[family](vocab)
+    return build_from(FAMILIES[family](vocab), eos_id)
+
+
+def build_from(config: PretrainedConfig, eos_id: int) -> PreTrainedModel:
+    """`build`, from a config of one's own."""
     config.bos_token_id = config.eos_token_id = config.pad_token_id = eos_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

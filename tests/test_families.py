@@ -5,13 +5,15 @@ the logits it samples its first token from are the model's own."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from tests.families import FAMILIES, WINDOW, build, reference
+from tests.families import FAMILIES, WINDOW, build, build_from, reference
 from trickle.config import Settings
 from trickle.generation import (
     AsyncEngine,
@@ -21,6 +23,9 @@ from trickle.generation import (
     RequestOutput,
     SamplingParams,
 )
+from trickle.generation.kv import attention as paged_attention
+from trickle.generation.models import decoder_layers
+from trickle.generation.runner.compiled import compile_layers, restore_layers
 from trickle.server import create_app
 
 # Prompts of different lengths, the longest several sliding windows long.
@@ -84,7 +89,7 @@ async def test_greedy_output_is_generates_alone_and_joining_a_running_batch(
     await assert_exact(model_of(family, models, tiny.tokenizer), tiny.tokenizer)
 
 
-async def assert_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+async def assert_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Recorded:
     """Greedy ids equal generate()'s, alone and joining a running batch, and the text is their decoding
     (on the model's device: the CUDA tests run it with graphs)."""
     prompts = [tokenizer.encode(p) for p in PROMPTS]
@@ -113,6 +118,7 @@ async def assert_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
             assert recorded.ids[f"{kind}{i}"] == want, f"{kind} request {i}: ids"
             text = "".join(out.text for out in outputs)
             assert text == tokenizer.decode(want, skip_special_tokens=True), f"{kind} request {i}: text"
+    return recorded
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -232,3 +238,50 @@ async def test_ready_comes_only_after_a_real_forward_and_a_model_that_cannot_run
         assert broken_engine.unavailable == "the model is not ready"
     finally:
         hook.remove()
+
+
+# Families whose decode steps read gathered blocks with their own attention: alibi positions, and
+# StableLM, whose attention does not come through transformers' attention interface.
+GATHERED = {"bloom-alibi", "mpt-alibi", "falcon-alibi", "stablelm"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_the_paged_decode_operator_is_exact_for_every_family(
+    family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a GPU runs: each layer's decode attention is `decode_layer`, which stores the new keys and
+    reads the blocks in place (here its plain-torch reference stands in for the Triton kernel)."""
+    monkeypatch.setattr(paged_attention, "available", lambda device: True)
+    model = model_of(family, models, tiny.tokenizer)
+    recorded = await assert_exact(model, tiny.tokenizer)
+    assert recorded.engine.engine.runner.kernel_reads == (family not in GATHERED)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "falcon-mqa", "gpt2"])
+async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
+    family: str, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoder layers compile as one function a class (torch.compile's tracing for real, with its
+    plain `eager` backend, as the CPU has no CUDA graphs): six layers make no more graphs than the
+    shapes and layer kinds they run (batch 1 and more; gemma2's sliding and global layers), and the
+    output stays exact."""
+    monkeypatch.setattr(paged_attention, "available", lambda device: True)
+    tokenizer = tiny.tokenizer
+    config = FAMILIES[family](len(tokenizer))
+    for name in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, name):
+            setattr(config, name, 6)
+    if family == "gemma2":
+        config.layer_types = ["sliding_attention", "full_attention"] * 3
+    model = build_from(config, tokenizer.eos_token_id)
+    layers = decoder_layers(model.base_model)
+    assert len(layers) == 6
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(layers, functools.partial(torch.compile, backend="eager"))
+    try:
+        await assert_exact(model, tokenizer)
+    finally:
+        restore_layers(layers)
+    kinds = 2 if family == "gemma2" else 1
+    assert 0 < counters["stats"]["unique_graphs"] <= 2 * kinds

@@ -4,7 +4,7 @@ Padded prefill: CUDA graphs are captured for a few [rows, width] shapes, so on a
 prompts are padded up to the next width and the newcomers up to the next row count (padding writes the
 null block). This runs the same padded step eagerly on the CPU and checks it against the unpadded one.
 
---compile: each compiled part falls back on its own (torch.compile faked, as it runs on GPUs only)."""
+Compiling the step: each compiled part falls back on its own (torch.compile faked)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 from tests.conftest import make_engine
 from trickle.generation import LoadedModel, SamplingParams
 from trickle.generation.detokenizer import IncrementalDetokenizer
-from trickle.generation.models import compile_regions, regional_layers, restore_layers
+from trickle.generation.kv import attention as paged_attention
+from trickle.generation.models import decoder_layers
 from trickle.generation.runner import ModelRunner
 from trickle.generation.runner import compiled as compiled_module
 from trickle.generation.sampler import FULL, PLAIN, TOP_K, sample_rows
@@ -84,69 +85,27 @@ def test_padded_prefill_matches_and_leaves_other_blocks_alone(tiny: LoadedModel)
             assert bool((pool[block_rows.flatten()] == 7.0).all())
 
 
-@torch.inference_mode()
-def test_falcon_layers_as_compiled_regions_compute_what_transformers_computes(tiny: LoadedModel) -> None:
-    """--compile on a multi-query Falcon runs each layer as two tensor-only functions around the
-    attention (compiled once for all layers); here they run uncompiled against the stock layer."""
-    model = tiny.model
-    ids = torch.tensor([tiny.tokenizer.encode("Every morning the little bakery at the corner")])
-    layers = regional_layers(model)
-    assert len(layers) == model.config.num_hidden_layers
-    # Each layer norm its own weights (a fresh model's are all ones and zeros), so a layer normed with
-    # another layer's norm shows.
-    norms = [layer.input_layernorm for layer in layers]
-    saved = [(norm.weight.clone(), norm.bias.clone()) for norm in norms]
-    for i, norm in enumerate(norms):
-        norm.weight.fill_(1.0 + 0.25 * i)
-        norm.bias.fill_(0.1 * i)
-    try:
-        compare_regions_with_stock(model, ids, layers)
-    finally:
-        for norm, (weight, bias) in zip(norms, saved, strict=True):
-            norm.weight.copy_(weight)
-            norm.bias.copy_(bias)
-
-
-def compare_regions_with_stock(model: Any, ids: torch.Tensor, layers: list[Any]) -> None:
-    stock = model.base_model(input_ids=ids).last_hidden_state
-    calls: list[tuple[str, bool]] = []
-
-    def counting(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
-        # records each call and whether it was given a layer norm (inputs: its own; output: the next's)
-        norm_arg = 1 if fn.__name__ == "_layer_inputs" else -1
-        return lambda *args: calls.append((fn.__name__, args[norm_arg] is not None)) or fn(*args)
-
-    compile_regions(layers, counting)
-    try:
-        regional = model.base_model(input_ids=ids).last_hidden_state
-    finally:
-        restore_layers(layers)
-    # Only the first layer norms its own input; each layer norms the next one's with its residual add.
-    n = len(layers)
-    assert [name for name, _ in calls] == ["_layer_inputs", "_layer_output"] * n
-    assert [given for name, given in calls if name == "_layer_inputs"] == [True] + [False] * (n - 1)
-    assert [given for name, given in calls if name == "_layer_output"] == [True] * (n - 1) + [False]
-    assert torch.allclose(regional, stock, atol=1e-5)
-    assert torch.equal(model.base_model(input_ids=ids).last_hidden_state, stock), "restored"
-
-
 def test_with_compile_a_part_that_fails_to_compile_runs_uncompiled(
     tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--compile compiles the model's layers and the sampler apart: one failing leaves the other
-    compiled, and the failure is logged. (torch.compile itself runs on GPUs only; here it is faked.)"""
+    """The decoder layers and the sampler compile apart: one failing leaves the other compiled, and the
+    failure is logged. (The step compiles on GPUs only; here the paged operator runs its reference and
+    torch.compile is faked.)"""
+    monkeypatch.setattr(paged_attention, "available", lambda device: True)
     runner = make_engine(tiny, max_batch_size=4).engine.runner
+    runner.check_forward()
+    assert runner.kernel_reads
     compiled: list[str] = []
 
-    def fake_compile(fn: Callable[..., torch.Tensor], **options: Any) -> Callable[..., torch.Tensor]:
+    def fake_compile(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         compiled.append(fn.__name__)
-        if fn.__name__ == "_layer_output":
+        if fn.__name__ == "sample_rows":
+            return lambda *args: fn(*args)
 
-            def broken(*args: Any) -> torch.Tensor:
-                raise RuntimeError("inductor could not generate a kernel")
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("inductor could not generate a kernel")
 
-            return broken
-        return lambda *args: fn(*args)
+        return broken
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -154,9 +113,10 @@ def test_with_compile_a_part_that_fails_to_compile_runs_uncompiled(
     monkeypatch.setattr(compiled_module, "log", structlog.get_logger("generation.runner"))
     with structlog.testing.capture_logs() as logs, torch.inference_mode():
         runner._compile()
-    assert compiled == ["_layer_inputs", "_layer_output", "sample_rows"]
-    assert runner.compiled.regional == [], "the layers run uncompiled"
-    assert not any("forward" in vars(layer) for layer in regional_layers(tiny.model)), "transformers' forward"
+    layers = decoder_layers(tiny.model)
+    assert compiled == [type(layers[0]).forward.__name__, "sample_rows"], "one layer compiles for all"
+    assert runner.compiled.layers == [], "the layers run uncompiled"
+    assert not any("forward" in vars(layer) for layer in layers), "their own forward again"
     samplers = runner.compiled.samplers
     assert samplers[PLAIN] is samplers[TOP_K] is not sample_rows, "the samplers stay compiled"
     assert samplers[FULL] is sample_rows

@@ -2,18 +2,23 @@
 row's block table up to the row's own length (no gathered copy, no padding to a length bucket).
 
 Models that call attention through transformers' attention interface get it by name (`PAGED`): the
-engine switches their implementation to `attention` below, which runs the kernel for a decode step the
-cache marks as paged and hands every other call (prefill, a CPU) to the implementation the model had.
-Families with attention of their own (Falcon) call `paged_decode` themselves. Where Triton or a GPU is
-missing, or a model's attention never comes through here, the cache gathers each row's positions and
-attention runs as the model defines it (the reference path the CPU tests check).
+engine switches their implementation to `attention` below, which runs `decode_layer` for a decode step
+the cache marks as paged and hands every other call (prefill, a CPU) to the implementation the model
+had. Families with attention of their own (Falcon) call `decode_layer` themselves. Where Triton or a
+GPU is missing, or a model's attention never comes through here, the cache gathers each row's positions
+and attention runs as the model defines it (the reference path the CPU tests check).
+
+`decode_layer` is one opaque operator (`torch.ops.trickle.decode_layer`) that stores a layer's new keys
+and values and attends: torch.compile sees a layer's attention as one call that names no layer, so one
+compiled layer serves every layer (`generation.runner.compiled`), and it never traces the pools or the
+kernel launch.
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,14 +47,25 @@ class DecodeTables:
     block_size: int
     max_len: int
     """No row is longer (the step's KV-length bucket): it bounds how finely keys are split."""
+    slots: torch.Tensor | None = None
+    """The pool rows the step's new keys go to, [B] (for `decode_layer`)."""
+    keys: Sequence[torch.Tensor] = ()
+    values: Sequence[torch.Tensor] = ()
+    """Every layer's key and value pools, [N * block_size, KV, D] (for `decode_layer`)."""
+    next_layer: int = 0
+    """The layer whose attention `decode_layer` runs next: layers call it in their order."""
 
 
 class _Context(threading.local):
-    """The decode step the engine thread is running now (None outside one), and a count of the calls
-    that came through `attention` (the engine's probe for whether a model uses the interface)."""
+    """The decode step the engine thread is running now (None outside one), and the layer index of each
+    other call that came through `attention`, in order (the engine's probe for whether every layer's
+    attention comes through, one after another)."""
 
     decode: DecodeTables | None = None
-    calls: int = 0
+    layers: list[int | None]
+
+    def __init__(self) -> None:
+        self.layers = []
 
 
 context = _Context()
@@ -68,7 +84,10 @@ def paged_decode(
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """query [B, H, 1, D]; pools [N * block_size, KV, D] -> [B, 1, H, D]."""
+    """query [B, H, 1, D]; pools [N * block_size, KV, D] -> [B, 1, H, D]. The Triton kernel on a GPU,
+    else `reference_decode`."""
+    if triton is None or not query.is_cuda:
+        return reference_decode(query, key_pool, value_pool, decode, scale, window, softcap)
     batch, heads, _, dim = query.shape
     kv_heads = key_pool.shape[1]
     group = heads // kv_heads
@@ -131,6 +150,76 @@ def paged_decode(
     return out[:, None]
 
 
+def reference_decode(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    decode: DecodeTables,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """What the kernel computes, in plain torch (float32 scores): each row's positions gathered from its
+    blocks up to `decode.max_len`, those at or past its length (or behind its window) hidden."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key_pool.shape[1]
+    positions = torch.arange(decode.max_len, device=query.device)
+    index = (positions // decode.block_size).clamp(max=decode.tables.shape[1] - 1)
+    slots = decode.tables[:, index] * decode.block_size + positions % decode.block_size  # [B, L]
+    keys = key_pool[slots].permute(0, 2, 3, 1).float()  # [B, KV, D, L]
+    values = value_pool[slots].transpose(1, 2).float()  # [B, KV, L, D]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()
+    scores = (q @ keys) * scale  # [B, KV, group, L]
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    lengths = decode.lengths[:, None]
+    visible = positions[None] < lengths
+    if window:
+        visible = visible & (positions[None] >= lengths - window)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ values  # [B, KV, group, D]
+    return out.reshape(batch, 1, heads, dim).to(query.dtype)
+
+
+@torch.library.custom_op("trickle::decode_layer", mutates_args=())
+def _decode_layer(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int, softcap: float
+) -> torch.Tensor:
+    decode = context.decode
+    if decode is None or decode.slots is None:
+        raise RuntimeError("decode_layer runs inside a paged decode step only")
+    layer = decode.next_layer
+    decode.next_layer += 1
+    keys, values = decode.keys[layer], decode.values[layer]
+    # key, value [B, KV, 1, D] -> the pools' rows of the step's positions
+    keys[decode.slots] = key[:, :, 0]
+    values[decode.slots] = value[:, :, 0]
+    return paged_decode(query, keys, values, decode, scale, window or None, softcap or None)
+
+
+@_decode_layer.register_fake
+def _(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int, softcap: float
+) -> torch.Tensor:
+    batch, heads, _, dim = query.shape
+    return query.new_empty(batch, 1, heads, dim)
+
+
+def decode_layer(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """A paged decode step's attention in its next layer (layers call it in the order of their index,
+    which the engine's probe checks): the new keys and values (key, value [B, KV, 1, D]) are stored at
+    the step's slots, then query [B, H, 1, D] attends to each row's positions -> [B, 1, H, D]. It takes
+    no layer index, so torch.compile has none to compile each layer apart for."""
+    return _decode_layer(query, key, value, scale, int(window or 0), float(softcap or 0.0))
+
+
 def attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -141,15 +230,14 @@ def attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: the kernel for a paged decode step (the cache then
-    hands over its pools, [N * block_size, KV, D]), else the model's own implementation."""
-    context.calls += 1
-    decode = context.decode
-    if decode is not None and key.dim() == 3:
+    """transformers' attention-function signature: `decode_layer` for a paged decode step (the cache
+    then stores nothing itself and hands over the new keys and values), else the model's own
+    implementation."""
+    if context.decode is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        out = paged_decode(query, key, value, decode, scale, window, kwargs.get("softcap"))
-        return out, None
+        return decode_layer(query, key, value, scale, window, kwargs.get("softcap")), None
+    context.layers.append(getattr(module, "layer_idx", None))
     original = getattr(module, "_trickle_attention", None) or _original(module)
     return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -9,9 +9,9 @@ Before each forward the runner says which batch rows run, at which positions (`f
 keys are written there, and attention reads either the new keys alone (a prefill from position 0:
 plain causal attention is exact) or every row's positions 0..read_len-1, gathered from its blocks in
 position order, so the masks see the layout they would see in one contiguous cache; or, for a decode
-step on a GPU, the pools themselves, which the paged kernel reads through the block tables
-(`generation.kv.attention`). A block several rows share was written by an earlier step: the scheduler
-makes a newcomer's blocks findable only once the step that writes them is queued.
+step on a GPU, `decode_layer` stores the new keys and the paged kernel reads the pools through the
+block tables (`generation.kv.attention`). A block several rows share was written by an earlier step:
+the scheduler makes a newcomer's blocks findable only once the step that writes them is queued.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from trickle.generation.kv.attention import DecodeTables, context
 
 # A layer's key pool, value pool, and the pool rows this forward's tokens write ([B * T], row-major).
 KVTarget = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# A layer's key/value heads, head size, dtype and device.
+LayerShape = tuple[int, int, torch.dtype, torch.device]
 
 
 def store(target: KVTarget, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -84,8 +86,9 @@ class PagedKVCache(Cache):
         if kernel and positions.shape[1] == 1:
             # A decode step: the kernel reads each row's blocks up to its own position.
             self._paged = True
+            tables = self.tables.index_select(0, rows)
             context.decode = DecodeTables(
-                self.tables.index_select(0, rows), positions[:, 0] + 1, self.block_size, read_len
+                tables, positions[:, 0] + 1, self.block_size, read_len, self._slots, self._keys, self._values
             )
             return
         keys = torch.arange(read_len, device=positions.device)
@@ -101,26 +104,36 @@ class PagedKVCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [B, kv_heads, T, head_dim]
+        if self._paged:
+            # decode_layer stores them, beside its attention (the pools are allocated: `allocate`). Not
+            # a word about `layer_idx` here: compiled layers take it as an input.
+            return key_states, value_states
         store(self.target(layer_idx, key_states), key_states, value_states)
         return self.visible(layer_idx, key_states, value_states)
+
+    def allocate(self, layers: dict[int, LayerShape]) -> None:
+        """Allocate the pools of layers not written yet, shaped as a trial forward found them."""
+        for layer_idx in range(len(self._keys), len(layers)):
+            self._allocate(*layers[layer_idx])
+
+    def _allocate(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (self.num_blocks * self.block_size, kv_heads, head_dim)
+        self._keys.append(torch.zeros(shape, dtype=dtype, device=device))
+        self._values.append(torch.zeros(shape, dtype=dtype, device=device))
 
     def target(self, layer_idx: int, like: torch.Tensor) -> KVTarget:
         """Where this forward's new keys and values go in layer `layer_idx` (its pools are allocated at
         the first write, shaped for `like`: [B, kv_heads, T, head_dim])."""
         if layer_idx == len(self._keys):
-            shape = (self.num_blocks * self.block_size, like.shape[1], like.shape[3])
-            self._keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
-            self._values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+            self._allocate(like.shape[1], like.shape[3], like.dtype, like.device)
         return self._keys[layer_idx], self._values[layer_idx], self._slots
 
     def visible(
         self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What attention reads after `store`: the new keys (plain causal), the layer's pools
-        [N * block_size, kv_heads, head_dim] (a decode step read by the kernel), or each row's positions
-        0..read_len-1, [B, kv_heads, read_len, head_dim]."""
-        if self._paged:
-            return self._keys[layer_idx], self._values[layer_idx]
+        """What attention reads after `store`: the new keys (plain causal, or a decode step the kernel
+        reads: `decode_layer` takes them with the pools), or each row's positions 0..read_len-1,
+        [B, kv_heads, read_len, head_dim]."""
         if self._read is None:
             return key_states, value_states
         keys, values = self._keys[layer_idx][self._read], self._values[layer_idx][self._read]
@@ -136,15 +149,18 @@ class PagedKVCache(Cache):
 
 class PassThroughCache(Cache):
     """A cache that stores nothing: prefill from position 0 needs no past. It measures the model's KV
-    bytes per token, so the pool can be sized before it is allocated."""
+    bytes per token and each layer's shape, so the pools can be sized and allocated."""
 
     def __init__(self) -> None:
         super().__init__(layers=[])
         self.bytes_per_token = 0
+        self.shapes: dict[int, LayerShape] = {}  # each layer's, for `PagedKVCache.allocate`
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, heads, _, dim = key_states.shape
+        self.shapes[layer_idx] = (heads, dim, key_states.dtype, key_states.device)
         for states in (key_states, value_states):
             self.bytes_per_token += states.shape[1] * states.shape[3] * states.element_size()
         return key_states, value_states

@@ -5,10 +5,10 @@ KV cache, and takes its logits from the model's own head (`generation.head`). Ad
 adding a module here and its line in `FAMILIES`.
 
 A family module has `adapt(model)`: fixes applied to the model's module instances, with the same
-arithmetic (what a CUDA graph cannot capture, what costs memory or time for nothing). It may also have
-`regional_layers(model)`: layers the runner can compile as shared regions; the functions that act on
-those layers (`compile_regions`, `restore_layers`) are that family's, named here once (Falcon
-multi-query is the only such family today).
+arithmetic (what a CUDA graph cannot capture, what costs memory or time for nothing).
+
+`decoder_layers(model)` finds any model's repeated layers, by the class names transformers lists in
+`_no_split_modules`: the runner compiles them as shared regions (`generation.runner.compiled`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,10 @@ import torch
 from transformers import PreTrainedModel
 
 from trickle.generation.models import falcon
-from trickle.generation.models.falcon import Parts, compile_regions, restore_layers
 
 FAMILIES: dict[str, ModuleType] = {"falcon": falcon}
 
-__all__ = [
-    "FAMILIES",
-    "Parts",
-    "adapt",
-    "compile_regions",
-    "regional_layers",
-    "restore_layers",
-]
+__all__ = ["FAMILIES", "adapt", "decoder_layers"]
 
 
 def _family(model: torch.nn.Module) -> ModuleType | None:
@@ -44,8 +36,13 @@ def adapt(model: PreTrainedModel) -> None:
         family.adapt(model)
 
 
-def regional_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The layers of `model` that can run as compiled regions ([] for most models)."""
-    family = _family(model)
-    found = getattr(family, "regional_layers", None)
-    return list(found(model)) if found is not None else []
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, in the order they run ([] where transformers names none): the
+    modules of the classes in its `_no_split_modules`, outermost only."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found: dict[str, torch.nn.Module] = {}
+    for path, module in model.named_modules():
+        inside = any(path.startswith(outer + ".") for outer in found)
+        if type(module).__name__ in names and not inside:
+            found[path] = module
+    return list(found.values())

@@ -1,19 +1,76 @@
-"""--compile: the step's parts torch.compile may replace, each on its own; a part that fails to
-compile, or a compiled step that fails to be captured, runs uncompiled."""
+"""torch.compile (on by default where the step runs in CUDA graphs): the step's parts it may replace,
+each on its own; a part that fails to compile, or a compiled step that fails to be captured, runs
+uncompiled.
+
+The model compiles as regions: one compiled function per decoder-layer class, shared by all its layers
+(a layer's weights and its index are inputs, not constants), which runs in paged decode steps. Its
+attention is one opaque operator (`generation.kv.attention.decode_layer`), so each layer is one graph:
+inductor fuses what runs between the weight GEMMs (norms, rotary, activations, residual adds). Compiling
+one layer instead of the whole model keeps start-up short, and inductor's on-disk caches
+(`cache_dir`) make a second start shorter still."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import types
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
 
-from trickle.generation.models import compile_regions, regional_layers, restore_layers
+from trickle.generation.kv.attention import context
+from trickle.generation.models import decoder_layers
 from trickle.generation.sampler import MODES, PLAIN, TOP_K, sample_rows
 
 log = structlog.get_logger("generation.runner")
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps what it compiled, across starts: $TORCHINDUCTOR_CACHE_DIR where set, else
+    $XDG_CACHE_HOME/trickle/torchinductor (default ~/.cache), set for this process here."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given:
+        return Path(given)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "trickle" / "torchinductor"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+def compile_layers(layers: list[torch.nn.Module], compile: Callable[..., Any]) -> None:
+    """Each layer runs `compile(type(layer).forward)` in paged decode steps (one compiled function per
+    layer class) and its own forward otherwise."""
+    # The layer index, an int attribute of a layer's attention, becomes an input of the compiled code,
+    # not a constant each layer would compile again for.
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    dynamo = torch._dynamo.config
+    # A few graphs a class: batch 1 and more, and layers of a model with several kinds (sliding window
+    # or not).
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 32)
+    compiled: dict[type, Callable[..., Any]] = {}
+    for layer in layers:
+        cls = type(layer)
+        if cls not in compiled:
+            compiled[cls] = compile(cls.forward)
+        forward = functools.partial(_layer_forward, compiled=compiled[cls], plain=cls.forward)
+        layer.forward = types.MethodType(forward, layer)
+
+
+def _layer_forward(
+    layer: torch.nn.Module, *args: Any, compiled: Callable[..., Any], plain: Callable[..., Any], **kwargs: Any
+) -> Any:
+    run = compiled if context.decode is not None else plain
+    return run(layer, *args, **kwargs)
+
+
+def restore_layers(layers: list[torch.nn.Module]) -> None:
+    """Undo `compile_layers`: the layers run their class's forward again."""
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
 
 
 def brief(err: Exception) -> str:
@@ -22,53 +79,42 @@ def brief(err: Exception) -> str:
 
 
 class CompiledParts:
-    """The decode forward, the layers' regions and the sampler of each mode, as the step runs them:
-    plain until `compile` swaps in compiled ones."""
+    """The model's decoder layers and the sampler of each mode, as the step runs them: plain until
+    `compile` swaps in compiled ones."""
 
-    def __init__(self, base: torch.nn.Module, decode_forward: Callable[[int, int], torch.Tensor]) -> None:
+    def __init__(self, base: torch.nn.Module) -> None:
         self.base = base
-        self.plain_decode = decode_forward
-        self.decode_forward = decode_forward
         self.samplers: dict[str, Callable[..., torch.Tensor]] = dict.fromkeys(MODES, sample_rows)
-        self.regional: list[torch.nn.Module] = []  # layers running compiled regions
+        self.layers: list[torch.nn.Module] = []  # layers running compiled in decode steps
 
     @property
     def any(self) -> bool:
-        return (
-            bool(self.regional)
-            or self.decode_forward != self.plain_decode
-            or any(sampler is not sample_rows for sampler in self.samplers.values())
-        )
+        return bool(self.layers) or any(sampler is not sample_rows for sampler in self.samplers.values())
 
     def compile(
         self,
         device: torch.device,
-        decode: Callable[[int, int], object],
+        decode: Callable[[int, int], object] | None,
         decode_shapes: Iterable[tuple[int, int]],
-        prefill: Callable[[int, int], object],
-        prefill_shapes: Iterable[tuple[int, int]],
         sample: Callable[[int, int], object],
         sample_batches: Iterable[int],
     ) -> None:
-        """torch.compile the model and the sampler, compiling each by running it (`decode`, `prefill`,
+        """torch.compile the decoder layers and the sampler, compiling each by running it (`decode` and
         `sample` at the given shapes: the smallest and largest, so the ones between find a graph with
-        those sizes symbolic). On the default stream, outside any capture.
+        those sizes symbolic). On the default stream, outside any capture. `decode` None: decode steps
+        do not run the paged operator (the model's attention does not come through transformers'
+        interface), so its layers stay uncompiled.
 
-        The model: layers its family can run as regions (Falcon multi-query) compile two tensor-only
-        parts once for every layer, prefill too; any other model's whole decode forward compiles (one
-        layer after another: minutes). The full-sort sampler stays uncompiled: inductor (torch 2.11)
-        fails to generate its cumsum over a dynamic vocabulary, and the sort dominates it anyway."""
-        self.regional = regional_layers(self.base)
-        if self.regional:
-            compile_regions(self.regional, torch.compile)
-            with self._or_uncompiled(device, "the model's layers; they run uncompiled", self.undo_layers):
-                for shape in decode_shapes:
-                    decode(*shape)
-                for shape in prefill_shapes:
-                    prefill(*shape)
+        The full-sort sampler stays uncompiled: inductor (torch 2.11) fails to generate its cumsum over
+        a dynamic vocabulary, and the sort dominates it anyway."""
+        layers = decoder_layers(self.base)
+        if decode is None or not layers:
+            why = "its decode steps do not take the paged kernel" if layers else "no decoder layers found"
+            log.info("the model's layers run uncompiled", why=why)
         else:
-            self.decode_forward = torch.compile(self.plain_decode, dynamic=True)
-            with self._or_uncompiled(device, "the decode forward; it runs uncompiled", self.undo_forward):
+            compile_layers(layers, torch.compile)
+            self.layers = layers
+            with self._or_uncompiled(device, "the model's layers; they run uncompiled", self.undo_layers):
                 for shape in decode_shapes:
                     decode(*shape)
         compiled = torch.compile(sample_rows, dynamic=True)
@@ -81,16 +127,12 @@ class CompiledParts:
 
     def undo(self) -> None:
         """Everything runs uncompiled again."""
-        self.undo_forward()
         self.samplers = dict.fromkeys(MODES, sample_rows)
         self.undo_layers()
 
-    def undo_forward(self) -> None:
-        self.decode_forward = self.plain_decode
-
     def undo_layers(self) -> None:
-        restore_layers(self.regional)
-        self.regional = []
+        restore_layers(self.layers)
+        self.layers = []
 
     @staticmethod
     @contextlib.contextmanager

@@ -18,7 +18,7 @@ from trickle.generation.kv import attention as paged_attention
 from trickle.generation.kv.cache import PagedKVCache, PassThroughCache
 from trickle.generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
 from trickle.generation.models import adapt
-from trickle.generation.runner.compiled import CompiledParts, brief
+from trickle.generation.runner.compiled import CompiledParts, brief, cache_dir
 from trickle.generation.runner.graphs import (
     BATCH_BUCKETS,
     KV_LEN_BUCKETS,
@@ -114,8 +114,8 @@ class ModelRunner:
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
-        # The decode forward, layers and samplers as they run; `warm_up` compiles them with --compile.
-        self.compiled = CompiledParts(self.base, self._decode_hidden)
+        # The layers and samplers as they run; `warm_up` compiles them (unless --no-compile).
+        self.compiled = CompiledParts(self.base)
 
     # ------------------------------------------------------------ planning
 
@@ -286,7 +286,7 @@ class ModelRunner:
         hidden states land in `_hidden`."""
         self._static.feed_previous(self._last_tokens)
         hidden = self._hidden[:batch]
-        hidden.copy_(self.compiled.decode_forward(batch, kv_len))
+        hidden.copy_(self._decode_hidden(batch, kv_len))
         return hidden
 
     def _sample_decoded(self, batch: int, mode: int) -> torch.Tensor:
@@ -300,7 +300,11 @@ class ModelRunner:
         static = self._static
         positions = static.positions[:batch]
         self.cache.for_forward(static.rows[:batch], positions, None, kv_len, self.kernel_reads)
-        hidden = self._forward(static.ids[:batch], positions, self._decode_mask(batch, kv_len), self.cache)
+        mask = self._decode_mask(batch, kv_len)
+        try:
+            hidden = self._forward(static.ids[:batch], positions, mask, self.cache)
+        finally:
+            paged_attention.context.decode = None  # the step is over: no later forward takes it for one
         return hidden[:, -1]
 
     def _decode_mask(self, batch: int, kv_len: int) -> Mask:
@@ -319,7 +323,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Run one real forward (every device), then compile (with --compile) and capture every graph, so
+        """Run one real forward (every device), then compile (unless --no-compile) and capture every graph, so
         no request pays for either. ModelRunError when the model cannot run here."""
         self.check_forward()
         if not self.use_graphs:
@@ -328,9 +332,14 @@ class ModelRunner:
         self._prefill_in.clear()
         started = time.perf_counter()
         if self.config.compile:
-            log.info("compiling the step (torch.compile: minutes on a first start, less with a warm cache)")
+            log.info(
+                "compiling the decoder layers and the sampler (torch.compile: up to a few minutes on a "
+                "first start, much less once inductor's cache holds them)",
+                cache=str(cache_dir()),
+            )
             self._compile()
-            log.info("step compiled", seconds=round(time.perf_counter() - started, 1))
+            seconds = round(time.perf_counter() - started, 1)
+            log.info("compiled", seconds=seconds, layers=len(self.compiled.layers))
         log.info("capturing step graphs", batch_sizes=len(self._batches_and_lengths()[0]))
         self._capture_or_fall_back()
         if self.use_graphs:
@@ -361,10 +370,12 @@ class ModelRunner:
     def check_forward(self) -> None:
         """A two-token prompt through the model, its masks and its head, as a prefill runs it: a model the
         engine cannot run fails here, before the server says it is ready, not on every request."""
+        trial = PassThroughCache()
         try:
-            self.head(self._trial_prefill(1, 2, PassThroughCache())[:, -1])
+            self.head(self._trial_prefill(1, 2, trial)[:, -1])
         except Exception as err:
             raise ModelRunError(f"the model failed its first forward: {brief(err)[:300]}") from err
+        self.cache.allocate(trial.shapes)
         log.info("decode attention", reads="paged kernel" if self.kernel_reads else "gathered blocks")
 
     def _trial_prefill(self, rows: int, width: int, cache: PassThroughCache) -> torch.Tensor:
@@ -375,10 +386,11 @@ class ModelRunner:
         ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         positions = torch.arange(width, device=self.device)[None].expand(rows, -1)
         lengths = torch.full((rows,), width, device=self.device)
-        paged_attention.context.calls = 0
+        paged_attention.context.layers = []
         hidden = self._forward(ids, positions, self._causal_mask(lengths, width), cache)
-        layers = getattr(self.base.config, "num_hidden_layers", None)
-        taken = paged_attention.context.calls == layers
+        layers = getattr(self.base.config, "num_hidden_layers", None) or 0
+        # decode_layer serves layer after layer: every layer's attention must come through, in order.
+        taken = paged_attention.context.layers == list(range(layers))
         self.kernel_reads = paged_attention.available(self.device) and taken
         return hidden
 
@@ -391,10 +403,8 @@ class ModelRunner:
         batches, kv_lens = self._batches_and_lengths()
         self.compiled.compile(
             self.device,
-            self._decode_static,
+            self._decode_static if self.kernel_reads else None,
             {(batches[0], kv_lens[0]), (batches[-1], kv_lens[0]), (batches[-1], kv_lens[-1])},
-            self._prefill_static,
-            self._prefill_shapes[:1] + self._prefill_shapes[-1:],
             self._sample_decoded,
             {batches[0], batches[-1]},
         )
