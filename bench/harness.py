@@ -180,8 +180,9 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
         sys.executable, str(ROOT / "server.py"), "--model", args.model, "--port", str(port),
         "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
         "--prefill-token-budget", str(args.prefill_token_budget),
-        "--log-format", "json", *(["--compile"] if args.compile else []),
+        "--log-format", "json", *(["--no-compile"] if args.no_compile else []),
     ]  # fmt: skip
+    started = time.perf_counter()
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     seen = []
@@ -191,6 +192,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
             break
     if process.poll() is not None:
         raise RuntimeError("the server did not start:\n" + "".join(seen[-30:]))
+    args.server_ready_s = round(time.perf_counter() - started, 1)  # from the command to "ready"
     # Keep the server's log (warnings such as a torch.compile fallback show there), and the pipe drained.
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = (args.out / "server.log").open("w")
@@ -244,7 +246,7 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
             max_batch_size=max(args.concurrency),
             max_seq_len=args.max_seq_len,
             prefill_token_budget=args.prefill_token_budget,
-            compile=args.compile,
+            compile=not args.no_compile,
         ),
     )
     started = time.perf_counter()
@@ -564,7 +566,7 @@ def main() -> None:
     parser.add_argument("--fit-model", default="random:llama-3-8b", help="the model of the `fit` stage")
     parser.add_argument("--stages", default="server,engine,classic")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--compile", action="store_true", help="serve and run the engine with --compile")
+    parser.add_argument("--no-compile", action="store_true", help="serve and run the engine uncompiled")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results/latest")))
     args = parser.parse_args()
     stages = set(args.stages.split(","))
@@ -579,6 +581,7 @@ def main() -> None:
     results: list[Result] = []
     if "server" in stages:
         results += asyncio.run(bench_server(args))
+        report["setup"]["server_ready_s"] = args.server_ready_s
     if "fit" in stages:
         results.append(asyncio.run(bench_fit(args)))
     if "quantized" in stages:

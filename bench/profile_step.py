@@ -127,11 +127,11 @@ def main() -> None:
     parser.add_argument("--model", default="random:falcon-7b")
     parser.add_argument("--batch", default="1,8,64,128")
     parser.add_argument("--prefill", default="1,8,32", help="prefill steps of this many 128-token prompts")
-    parser.add_argument("--compile", action="store_true", help="as the server's --compile")
+    parser.add_argument("--no-compile", action="store_true", help="as the server's --no-compile")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     args = parser.parse_args()
     loaded = load_model(args.model, dtype="bfloat16", device="cuda")
-    config = EngineConfig(max_batch_size=128, max_seq_len=args.max_seq_len, compile=args.compile)
+    config = EngineConfig(max_batch_size=128, max_seq_len=args.max_seq_len, compile=not args.no_compile)
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
     runner = engine.engine.runner
     runner.warm_up()
