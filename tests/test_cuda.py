@@ -12,7 +12,7 @@ from transformers import FalconForCausalLM
 from tests.conftest import make_engine
 from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
-from tests.test_families import assert_exact
+from tests.test_families import GATHERED, assert_exact
 from trickle.generation import LoadedModel, load_model
 from trickle.generation.kv.attention import DecodeTables, paged_decode
 from trickle.generation.runner.graphs import Part
@@ -43,9 +43,12 @@ async def test_graphs_match_generate_token_for_token(
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", list(FAMILIES))
 async def test_every_family_is_exact_with_cuda_graphs(family: str, tiny: LoadedModel) -> None:
-    """The model matrix on the GPU: masks, alibi and the model's own head inside captured graphs."""
+    """The model matrix on the GPU: masks, alibi and the model's own head inside captured graphs; the
+    decoder layers compiled, where decode steps take the paged kernel."""
     model = build(family, len(tiny.tokenizer), tiny.tokenizer.eos_token_id).cuda()
-    await assert_exact(model, tiny.tokenizer)
+    runner = (await assert_exact(model, tiny.tokenizer)).engine.engine.runner
+    assert runner.use_graphs
+    assert bool(runner.compiled.layers) == runner.kernel_reads == (family not in GATHERED)
 
 
 @pytest.mark.parametrize("rows", [5, 200], ids=["split keys", "one program a row"])
