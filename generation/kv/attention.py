@@ -11,7 +11,9 @@ and attention runs as the model defines it (the reference path the CPU tests che
 `decode_layer` is one opaque operator (`torch.ops.trickle.decode_layer`) that stores a layer's new keys
 and values and attends: torch.compile sees a layer's attention as one call that names no layer, so one
 compiled layer serves every layer (`generation.runner.compiled`), and it never traces the pools or the
-kernel launch.
+kernel launch. What tells a compiled layer it runs a paged decode step is the rank of the keys the
+cache hands it (3: one new position a row), never the thread-local `context`, which only eager code
+reads.
 """
 
 from __future__ import annotations
@@ -191,9 +193,8 @@ def _decode_layer(
     layer = decode.next_layer
     decode.next_layer += 1
     keys, values = decode.keys[layer], decode.values[layer]
-    # key, value [B, KV, 1, D] -> the pools' rows of the step's positions
-    keys[decode.slots] = key[:, :, 0]
-    values[decode.slots] = value[:, :, 0]
+    keys[decode.slots] = key  # [B, KV, D] -> the pools' rows of the step's positions
+    values[decode.slots] = value
     return paged_decode(query, keys, values, decode, scale, window or None, softcap or None)
 
 
@@ -214,9 +215,10 @@ def decode_layer(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """A paged decode step's attention in its next layer (layers call it in the order of their index,
-    which the engine's probe checks): the new keys and values (key, value [B, KV, 1, D]) are stored at
-    the step's slots, then query [B, H, 1, D] attends to each row's positions -> [B, 1, H, D]. It takes
-    no layer index, so torch.compile has none to compile each layer apart for."""
+    which the engine's probe checks): the new keys and values (key, value [B, KV, D], as the cache's
+    `update` hands them over) are stored at the step's slots, then query [B, H, 1, D] attends to each
+    row's positions -> [B, 1, H, D]. It takes no layer index, so torch.compile has none to compile each
+    layer apart for."""
     return _decode_layer(query, key, value, scale, int(window or 0), float(softcap or 0.0))
 
 
@@ -233,7 +235,7 @@ def attention(
     """transformers' attention-function signature: `decode_layer` for a paged decode step (the cache
     then stores nothing itself and hands over the new keys and values), else the model's own
     implementation."""
-    if context.decode is not None:
+    if key.dim() == 3:  # a paged decode step's new keys (see `PagedKVCache.update`)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         return decode_layer(query, key, value, scale, window, kwargs.get("softcap")), None

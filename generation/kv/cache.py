@@ -105,9 +105,10 @@ class PagedKVCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [B, kv_heads, T, head_dim]
         if self._paged:
-            # decode_layer stores them, beside its attention (the pools are allocated: `allocate`). Not
-            # a word about `layer_idx` here: compiled layers take it as an input.
-            return key_states, value_states
+            # decode_layer stores them, beside its attention (the pools are allocated: `allocate`):
+            # handed over as [B, kv_heads, head_dim], a rank that tells attention which step this is.
+            # Nothing here reads `layer_idx`, or a compiled layer would compile for each value.
+            return key_states[:, :, 0], value_states[:, :, 0]
         store(self.target(layer_idx, key_states), key_states, value_states)
         return self.visible(layer_idx, key_states, value_states)
 
@@ -131,9 +132,8 @@ class PagedKVCache(Cache):
     def visible(
         self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What attention reads after `store`: the new keys (plain causal, or a decode step the kernel
-        reads: `decode_layer` takes them with the pools), or each row's positions 0..read_len-1,
-        [B, kv_heads, read_len, head_dim]."""
+        """What attention reads after `store`: the new keys (plain causal), or each row's positions
+        0..read_len-1, [B, kv_heads, read_len, head_dim]."""
         if self._read is None:
             return key_states, value_states
         keys, values = self._keys[layer_idx][self._read], self._values[layer_idx][self._read]

@@ -75,9 +75,9 @@ def _attention(
     attention_mask: Any,
 ) -> torch.Tensor:
     """Multi-query attention: query [B, H, T, D], key and value [B, 1, L, D] -> [B, T, H * D]. In a
-    paged decode step, key and value are the new ones, which `decode_layer` stores."""
+    paged decode step, key and value are the new ones, [B, 1, D], which `decode_layer` stores."""
     batch, heads, length, dim = query.shape
-    if context.decode is not None:
+    if key.dim() == 3:  # a paged decode step's new keys, [B, 1, D]
         out = decode_layer(query, key, value, dim**-0.5)
         return out.reshape(batch, length, heads * dim)
     context.layers.append(layer_idx)
@@ -126,7 +126,7 @@ def _grouped_query_attention(
     query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    if context.decode is not None:
+    if key.dim() == 3:  # a paged decode step's new keys, [B, KV, D]
         out = decode_layer(query, key, value, self.head_dim**-0.5).transpose(1, 2)
     else:
         context.layers.append(self.layer_idx)
