@@ -1,6 +1,10 @@
 """The GPU benchmark harness: the real server over HTTP/SSE, the engine alone, and the classic recipe,
 measured in one run on one machine. Writes results.json, results.md and results.png under --out.
 
+Each row has the share of the bandwidth limit its throughput reaches (`bw_util`); engine rows also the
+medians over the steps that decoded every stream: the interval between steps (`step_ms`), the decode
+forward and sampling on the GPU (`decode_device_ms`), and the engine thread's own work (`host_ms`).
+
     python bench/harness.py --model random:falcon-7b --out bench/results/h100
 
 Not part of the test suite: it needs a GPU and minutes of time, and trickle installed (`pip install -e .`).
@@ -15,6 +19,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -28,6 +33,7 @@ import aiohttp
 import torch
 
 from trickle.generation import AsyncEngine, EngineConfig, LoadedModel, SamplingParams, load_model
+from trickle.generation.messages import StepReport
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -249,6 +255,14 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
             compile=not args.no_compile,
         ),
     )
+    reports: list[StepReport] = []
+    deliver = engine.engine.report
+
+    def recording(report: StepReport) -> None:  # the engine thread's hand-over of each step
+        reports.append(report)
+        deliver(report)
+
+    engine.engine.report = recording
     started = time.perf_counter()
     await engine.start()
     runner = engine.engine.runner
@@ -270,15 +284,35 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         preempted = engine.engine.scheduler.preemptions
+        reports.clear()
         timings, seconds = await drive(c, args.rounds, prompt, one)
         result = collect("engine alone", c, timings, seconds)
         result.extra["preemptions"] = engine.engine.scheduler.preemptions - preempted
+        result.extra.update(step_profile(reports, c))
         if torch.cuda.is_available():
             result.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         results.append(result)
         print(json.dumps(result.summary()), flush=True)
     await engine.stop()
     return results, info
+
+
+def step_profile(reports: list[StepReport], rows: int) -> dict[str, Any]:
+    """Medians over the steps that decoded all `rows` rows: the interval between steps, the decode
+    forward and sampling on the GPU, and the engine thread's own work (the interval less its wait)."""
+    full = [r for r in reports if r.decoded_rows == rows]
+    if not full:
+        return {}
+
+    def median_ms(values: list[float]) -> float:
+        return round(statistics.median(values) * 1000, 3)
+
+    return {
+        "full_steps": len(full),
+        "step_ms": median_ms([r.step_seconds for r in full]),
+        "decode_device_ms": median_ms([r.decode_device_seconds for r in full]),
+        "host_ms": median_ms([r.step_seconds - r.wait_seconds for r in full]),
+    }
 
 
 async def bench_prefix(args: argparse.Namespace, loaded: LoadedModel) -> list[Result]:
@@ -516,6 +550,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "e2e_p50_ms",
         "peak_gib",
         "bw_util",
+        "step_ms",
+        "decode_device_ms",
+        "host_ms",
     ]
     lines = [f"# {report['title']}", "", "```", json.dumps(report["setup"], indent=1), "```", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]

@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 from tokenizers import Tokenizer
@@ -21,6 +22,16 @@ log = structlog.get_logger("generation.engine")
 Message = AddRequest | AbortRequest | None  # None wakes the thread to stop
 HEARTBEAT_S = 0.5
 Reporter = Callable[[StepReport], None]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """A collected step's figures for its report (see StepReport)."""
+
+    decoded_rows: int = 0
+    step_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    decode_device_seconds: float = 0.0
 
 
 class Engine:
@@ -47,7 +58,7 @@ class Engine:
         self.steps = 0
         self.heartbeat = time.monotonic()
         self._previous_step_end = 0.0
-        self._step_stats = (0, 0.0)  # (rows decoded, seconds since the previous step) of the last step
+        self._step_stats = StepStats()  # of the last step collected
         self._pending: list[RequestOutput] = []
         self._in_flight: Launched | None = None
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
@@ -158,6 +169,7 @@ class Engine:
         return launched
 
     def _collect(self, launched: Launched) -> list[RequestOutput]:
+        waited = time.monotonic()
         try:
             tokens = self.runner.collect(launched)
         except Exception as err:
@@ -167,7 +179,7 @@ class Engine:
         now = time.monotonic()
         # A decoded row got its previous token when the previous step was collected.
         since = self._previous_step_end if launched.num_decode else now
-        self._step_stats = (launched.num_decode, now - since)
+        self._step_stats = StepStats(launched.num_decode, now - since, now - waited, launched.decode_seconds)
         self._previous_step_end = now
         outputs = []
         for seq, token in zip(launched.rows, tokens, strict=True):
@@ -236,16 +248,17 @@ class Engine:
         return outputs
 
     def _report(self, outputs: list[RequestOutput]) -> None:
-        decoded, seconds = self._step_stats
-        self._step_stats = (0, 0.0)
+        stats, self._step_stats = self._step_stats, StepStats()
         self.report(
             StepReport(
                 self.steps,
                 outputs,
                 self.scheduler.num_running,
                 len(self.scheduler.waiting),
-                decoded_rows=decoded,
-                step_seconds=seconds,
+                decoded_rows=stats.decoded_rows,
+                step_seconds=stats.step_seconds,
+                wait_seconds=stats.wait_seconds,
+                decode_device_seconds=stats.decode_device_seconds,
                 kv_tokens=self.scheduler.kv_tokens,
                 prefix_queries=self.scheduler.prefix_queries,
                 prefix_hits=self.scheduler.prefix_hits,

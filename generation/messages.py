@@ -57,6 +57,11 @@ class StepReport:
     """Rows that got their next token this step (not their first): one inter-token interval each."""
     step_seconds: float = 0.0
     """Time since the previous step ended (or since this one began, after an idle spell)."""
+    wait_seconds: float = 0.0
+    """Of that, the time the engine thread waited for the device to finish the step; the rest is the
+    host's work (scheduling, inputs, launching, detokenizing)."""
+    decode_device_seconds: float = 0.0
+    """The step's decode forward and sampling on the device (GPU only; 0 elsewhere)."""
     kv_tokens: int = 0
     """Positions of KV blocks that running rows hold."""
     prefix_queries: int = 0

@@ -21,6 +21,8 @@ ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
                960.0)
 STEP_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+# The parts of a step: the host's share is a fraction of a millisecond when all goes well.
+PART_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.05, 0.1, 0.5)
 # fmt: on
 
 
@@ -74,6 +76,18 @@ class EngineMetrics:
             buckets=STEP_BUCKETS,
             registry=r,
         )
+        self.step_host = Histogram(
+            f"{PREFIX}engine_step_host_seconds",
+            "Of a decoding step's interval, the engine thread's own work (not waiting for the device).",
+            buckets=PART_BUCKETS,
+            registry=r,
+        )
+        self.decode_device = Histogram(
+            f"{PREFIX}engine_decode_device_seconds",
+            "A decoding step's forward and sampling on the GPU.",
+            buckets=PART_BUCKETS,
+            registry=r,
+        )
         self.itl = WeightedHistogram(
             f"{PREFIX}inter_token_latency_seconds", "Time between a request's tokens.", ITL_BUCKETS
         )
@@ -111,6 +125,9 @@ class EngineMetrics:
         self._totals = totals
         if report.decoded_rows:
             self.step.observe(report.step_seconds)
+            self.step_host.observe(max(0.0, report.step_seconds - report.wait_seconds))
+            if report.decode_device_seconds:
+                self.decode_device.observe(report.decode_device_seconds)
             self.itl.observe(report.step_seconds, report.decoded_rows)
 
     def record_finished(self, output: RequestOutput) -> None:

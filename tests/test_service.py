@@ -116,6 +116,16 @@ async def test_metrics_move_with_the_requests_sent(
     assert metric(text, 'trickle:http_responses_total{route="/stream",status="200"}') == 3
     assert metric(text, 'trickle:http_responses_total{route="/predict",status="422"}') == 1
     assert metric(text, "trickle:num_requests_running") == 0
+    # Each decoding step's interval, and the engine thread's own share of it (on the CPU the step runs
+    # inline: the thread never waits for a device, and no GPU time is recorded).
+    steps = metric(text, "trickle:engine_step_seconds_count")
+    assert steps >= 12 and metric(text, "trickle:engine_step_host_seconds_count") == steps
+    assert (
+        0
+        < metric(text, "trickle:engine_step_host_seconds_sum")
+        <= metric(text, "trickle:engine_step_seconds_sum")
+    )
+    assert metric(text, "trickle:engine_decode_device_seconds_count") == 0
     assert "request_id" not in text
 
 

@@ -55,6 +55,10 @@ class Launched:
     num_decode: int
     tokens: torch.Tensor
     done: torch.cuda.Event | None  # recorded after the copy to `tokens`; None where the step ran inline
+    # Recorded around the decode forward and its sampling, on a GPU where the step decoded rows.
+    decode_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+    decode_seconds: float = 0.0
+    """The decode part's device time, known once `collect` returned."""
 
 
 class ModelRunner:
@@ -145,7 +149,13 @@ class ModelRunner:
         self._tables.update(batch)
         # One pair of host-to-device copies carries every row's inputs and sampling parameters.
         self._static.load(batch.rows)
+        events = None
+        if batch.decode and self.device.type == "cuda":
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
         tokens = [self._decode(batch.decode)] if batch.decode else []
+        if events is not None:
+            events[1].record()
         if batch.prefill:
             tokens.append(self._prefill(batch.prefill))
         out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
@@ -156,13 +166,16 @@ class ModelRunner:
         host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return Launched(batch.rows, len(batch.decode), host, done)
+        return Launched(batch.rows, len(batch.decode), host, done, events)
 
     @staticmethod
     def collect(launched: Launched) -> list[int]:
         """The step's sampled tokens, one per row in `launched.rows` order."""
         if launched.done is not None:
             launched.done.synchronize()  # waits with the GIL released: the event loop keeps serving
+        if launched.decode_events is not None:
+            start, end = launched.decode_events
+            launched.decode_seconds = start.elapsed_time(end) / 1000
         return launched.tokens.tolist()
 
     def step(self, batch: ScheduledBatch) -> list[int]:
