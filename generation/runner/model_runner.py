@@ -1,6 +1,6 @@
 """ModelRunner: one engine step on the device: prefill, batched decode (CUDA graphs on a GPU) over the
 paged KV cache, and sampling. Its inputs (`inputs`), KV planning (`memory`), graphs (`graphs`) and
---compile (`compiled`) are modules of their own."""
+torch.compile (`compiled`) are modules of their own."""
 
 from __future__ import annotations
 
