@@ -241,7 +241,8 @@ async def test_ready_comes_only_after_a_real_forward_and_a_model_that_cannot_run
 
 
 # Families whose decode steps read gathered blocks with their own attention: alibi positions, and
-# StableLM, whose attention does not come through transformers' attention interface.
+# StableLM, which transformers marks as taking no registered attention function
+# (`_supports_attention_backend` False), so the engine does not switch it to the paged one.
 GATHERED = {"bloom-alibi", "mpt-alibi", "falcon-alibi", "stablelm"}
 
 
