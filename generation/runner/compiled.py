@@ -44,9 +44,8 @@ def cache_dir() -> Path:
 def compile_layers(layers: list[torch.nn.Module], compile: Callable[..., Any]) -> None:
     """Each layer runs `compile(type(layer).forward)` in paged decode steps (one compiled function per
     layer class) and its own forward otherwise."""
-    # The layer index, an int attribute of a layer's attention, becomes an input of the compiled code,
-    # not a constant each layer would compile again for.
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    # Nothing a layer's traced code reads names the layer: the cache's `update` leaves its index alone in
+    # a paged decode step, and `decode_layer` takes none.
     dynamo = torch._dynamo.config
     # A few graphs a class: batch 1 and more, and layers of a model with several kinds (sliding window
     # or not).
