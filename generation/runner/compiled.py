@@ -3,7 +3,8 @@ each on its own; a part that fails to compile, or a compiled step that fails to 
 uncompiled.
 
 The model compiles as regions: one compiled function per decoder-layer class, shared by all its layers
-(a layer's weights and its index are inputs, not constants), which runs in paged decode steps. Its
+(a layer's weights are inputs, not constants, and nothing it reads names the layer), which runs in
+paged decode steps. Its
 attention is one opaque operator (`generation.kv.attention.decode_layer`), so each layer is one graph:
 inductor fuses what runs between the weight GEMMs (norms, rotary, activations, residual adds). Compiling
 one layer instead of the whole model keeps start-up short, and inductor's on-disk caches
