@@ -59,15 +59,17 @@ class DecodeTables:
 
 
 class _Context(threading.local):
-    """The decode step the engine thread is running now (None outside one), and the layer index of each
-    other call that came through `attention`, in order (the engine's probe for whether every layer's
-    attention comes through, one after another)."""
+    """The decode step the engine thread is running now (None outside one), and, while the engine
+    probes a model (`probe` a list), the layer index of each other call that came through `attention`,
+    in order: whether every layer's attention comes through, one after another."""
 
     decode: DecodeTables | None = None
-    layers: list[int | None]
+    probe: list[int | None] | None = None
 
-    def __init__(self) -> None:
-        self.layers = []
+    def saw(self, layer: int | None) -> None:
+        """An attention call outside a paged decode step, by layer `layer`."""
+        if self.probe is not None:
+            self.probe.append(layer)
 
 
 context = _Context()
@@ -239,7 +241,7 @@ def attention(
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         return decode_layer(query, key, value, scale, window, kwargs.get("softcap")), None
-    context.layers.append(getattr(module, "layer_idx", None))
+    context.saw(getattr(module, "layer_idx", None))
     original = getattr(module, "_trickle_attention", None) or _original(module)
     return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -153,7 +153,6 @@ class PassThroughCache(Cache):
 
     def __init__(self) -> None:
         super().__init__(layers=[])
-        self.bytes_per_token = 0
         self.shapes: dict[int, LayerShape] = {}  # each layer's, for `PagedKVCache.allocate`
 
     def update(
@@ -161,9 +160,12 @@ class PassThroughCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _, heads, _, dim = key_states.shape
         self.shapes[layer_idx] = (heads, dim, key_states.dtype, key_states.device)
-        for states in (key_states, value_states):
-            self.bytes_per_token += states.shape[1] * states.shape[3] * states.element_size()
         return key_states, value_states
+
+    @property
+    def bytes_per_token(self) -> int:
+        """A position's keys and values in every layer."""
+        return sum(2 * heads * dim * dtype.itemsize for heads, dim, dtype, _ in self.shapes.values())
 
     plain_causal = True  # a prefill from position 0
 

@@ -80,7 +80,7 @@ def _attention(
     if key.dim() == 3:  # a paged decode step's new keys, [B, 1, D]
         out = decode_layer(query, key, value, dim**-0.5)
         return out.reshape(batch, length, heads * dim)
-    context.layers.append(layer_idx)
+    context.saw(layer_idx)
     if length == 1:
         # One query per head and a single key head: let the heads stand in for query positions, so
         # the keys are read once, not once per head. mask [B, 1, 1, L] broadcasts over them.
@@ -129,7 +129,7 @@ def _grouped_query_attention(
     if key.dim() == 3:  # a paged decode step's new keys, [B, KV, D]
         out = decode_layer(query, key, value, self.head_dim**-0.5).transpose(1, 2)
     else:
-        context.layers.append(self.layer_idx)
+        context.saw(self.layer_idx)
         causal = getattr(layer_past, "plain_causal", False)
         mask = None if causal else attention_mask
         out = F.scaled_dot_product_attention(query, key, value, mask, is_causal=causal, enable_gqa=True)

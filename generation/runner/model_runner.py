@@ -399,11 +399,14 @@ class ModelRunner:
         ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         positions = torch.arange(width, device=self.device)[None].expand(rows, -1)
         lengths = torch.full((rows,), width, device=self.device)
-        paged_attention.context.layers = []
-        hidden = self._forward(ids, positions, self._causal_mask(lengths, width), cache)
+        probe = paged_attention.context.probe = []
+        try:
+            hidden = self._forward(ids, positions, self._causal_mask(lengths, width), cache)
+        finally:
+            paged_attention.context.probe = None
         layers = getattr(self.base.config, "num_hidden_layers", None) or 0
         # decode_layer serves layer after layer: every layer's attention must come through, in order.
-        taken = paged_attention.context.layers == list(range(layers))
+        taken = probe == list(range(layers))
         self.kernel_reads = paged_attention.available(self.device) and taken
         return hidden
 
