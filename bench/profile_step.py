@@ -122,11 +122,42 @@ def make_rows(  # type: ignore[no-untyped-def]
     return rows
 
 
+def profile_prefix(runner, tokenizer, params: SamplingParams, n: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """A prefill of `n` 104-token tails past a cached 1,456-token prefix (the shared-prefix workload's
+    newcomers), against the same tails with no prefix and the whole prompts from position 0."""
+    prefix, tail = 1456, 104
+    entry: dict[str, object] = {}
+    shapes = [("past_prefix", prefix + tail, prefix), ("tails_alone", tail, 0)]
+    if n * (prefix + tail) <= runner.max_prefill_tokens:
+        shapes.append(("whole", prefix + tail, 0))
+    for name, prompt, cached in shapes:
+        rows = make_rows(tokenizer, params, n, "x", prompt=prompt)
+        for seq in rows:
+            seq.num_cached = cached
+        batch = ScheduledBatch(prefill=rows)
+        with torch.inference_mode():
+            entry[f"{name}_ms"] = round(timed(lambda: runner.step(batch), 5), 3)
+            if name == "past_prefix":
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    runner.step(batch)
+                    torch.cuda.synchronize()
+                entry["kernels"] = kernel_breakdown(prof, steps=1)
+                entry["top"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    print(f"prefix {n}x104", json.dumps({k: v for k, v in entry.items() if k.endswith("_ms")}), flush=True)
+    print(json.dumps(entry["kernels"], indent=1), entry["top"], flush=True)
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random:falcon-7b")
     parser.add_argument("--batch", default="1,8,64,128")
     parser.add_argument("--prefill", default="1,8,32", help="prefill steps of this many 128-token prompts")
+    parser.add_argument(
+        "--prefix",
+        default="",
+        help="prefill steps of this many 104-token tails past a cached 1,456-token prefix",
+    )
     parser.add_argument("--no-compile", action="store_true", help="as the server's --no-compile")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     args = parser.parse_args()
@@ -215,6 +246,8 @@ def main() -> None:
         report[f"prefill_{n}x128"] = entry
         print(f"prefill {n}x128", json.dumps({k: v for k, v in entry.items() if k != "top"}), flush=True)
         print(entry["top"], flush=True)
+    for n in [int(x) for x in args.prefix.split(",") if x]:
+        report[f"prefix_{n}x104"] = profile_prefix(runner, tokenizer, params, n)
     out = Path(os.environ.get("OUT", "."))
     (out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
 

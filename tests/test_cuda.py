@@ -1,5 +1,6 @@
 """CUDA-only paths, skipped without a GPU: the step graphs (decode, sampling, prefill) over the paged
-KV cache against stock transformers, with and without torch.compile, and the paged decode kernel."""
+KV cache against stock transformers, with and without torch.compile, and the paged decode and prefill
+kernels."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
 from tests.test_families import GATHERED, assert_exact
 from trickle.generation import LoadedModel, load_model
-from trickle.generation.kv.attention import DecodeTables, paged_decode
+from trickle.generation.kv.attention import (
+    DecodeTables,
+    PrefillTables,
+    paged_decode,
+    paged_prefill,
+    reference_prefill,
+)
 from trickle.generation.runner.graphs import Part
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -96,3 +103,41 @@ def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
         want = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got[row].float(), want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "window", "softcap"),
+    [
+        (8, 8, 64, None, None),
+        (8, 2, 128, None, None),
+        (71, 1, 64, None, None),
+        (8, 2, 64, 24, None),
+        (4, 4, 256, None, 30.0),
+    ],
+    ids=["mha", "gqa", "mqa", "sliding", "softcap-256"],
+)
+def test_the_paged_prefill_kernel_reads_what_its_reference_reads(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, window: int | None, softcap: float | None
+) -> None:
+    """Rows that found 0 to 250 positions cached prefill up to 40 new ones each (shorter rows padded),
+    their blocks scattered over the pool: each real query's attention equals the plain-torch
+    reference's (the one the CPU tests hold to generate())."""
+    torch.manual_seed(0)
+    block, width, new = 16, 24, 40
+    starts = torch.tensor([0, 16, 37, 100, 250, 3], device="cuda")
+    real = torch.tensor([40, 1, 23, 40, 17, 9], device="cuda")
+    rows = starts.shape[0]
+    pool_blocks = rows * width + 1
+    keys = torch.randn(pool_blocks * block, kv_heads, dim, device="cuda", dtype=dtype)
+    values = torch.randn_like(keys)
+    tables = torch.randperm(pool_blocks - 1, device="cuda")[: rows * width].view(rows, width) + 1
+    query = torch.randn(rows, heads, new, dim, device="cuda", dtype=dtype)
+    prefill = PrefillTables(tables, starts, starts + real, block)
+    got = paged_prefill(query, keys, values, prefill, dim**-0.5, window, softcap)
+    want = reference_prefill(query, keys, values, prefill, dim**-0.5, window, softcap)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for row, count in enumerate(real.tolist()):
+        torch.testing.assert_close(
+            got[row, :count].float(), want[row, :count].float(), rtol=tolerance, atol=tolerance
+        )

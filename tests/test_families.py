@@ -127,8 +127,21 @@ async def test_rows_preempted_for_lack_of_kv_blocks_resume_exactly(
 ) -> None:
     """A pool of 6 blocks of 16 positions for requests that need 18 together, none ending early: the
     newest rows give their blocks back, wait, prefill what they had again and go on, token for token."""
+    await assert_resumes_exactly(model_of(family, models, tiny.tokenizer), tiny)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding", "gemma2", "falcon-mqa", "falcon-40b-layout"])
+async def test_preempted_rows_resume_exactly_reading_their_cached_blocks_in_place(
+    family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a GPU runs it: a resumed row prefills past the blocks it left in the prefix cache through the
+    paged prefill (its reference here), sliding windows and softcaps included."""
+    monkeypatch.setattr(paged_attention, "available", lambda device: True)
+    await assert_resumes_exactly(model_of(family, models, tiny.tokenizer), tiny)
+
+
+async def assert_resumes_exactly(model: PreTrainedModel, tiny: LoadedModel) -> None:
     tokenizer = tiny.tokenizer
-    model = model_of(family, models, tokenizer)
     # The short prompts first: they run together and outgrow the pool; the long one waits for room.
     prompts = [tokenizer.encode(PROMPTS[i]) for i in (1, 2, 3, 0)]
     new_tokens = [40, 40, 40, 24]
@@ -247,15 +260,27 @@ GATHERED = {"bloom-alibi", "mpt-alibi", "falcon-alibi", "stablelm"}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-async def test_the_paged_decode_operator_is_exact_for_every_family(
+async def test_the_paged_attention_operators_are_exact_for_every_family(
     family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a GPU runs: each layer's decode attention is `decode_layer`, which stores the new keys and
-    reads the blocks in place (here its plain-torch reference stands in for the Triton kernel)."""
+    reads the blocks in place, and a prefill past a cached prefix (the batched requests find their
+    prompts cached) reads them in place too (`prefill_layer`); here the plain-torch references stand
+    in for the Triton kernels."""
     monkeypatch.setattr(paged_attention, "available", lambda device: True)
+    prefills: list[int] = []
+    reference_prefill = paged_attention.reference_prefill
+
+    def counted(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        prefills.append(query.shape[2])
+        return reference_prefill(query, *args, **kwargs)
+
+    monkeypatch.setattr(paged_attention, "reference_prefill", counted)
     model = model_of(family, models, tiny.tokenizer)
     recorded = await assert_exact(model, tiny.tokenizer)
-    assert recorded.engine.engine.runner.kernel_reads == (family not in GATHERED)
+    paged = family not in GATHERED
+    assert recorded.engine.engine.runner.kernel_reads == paged
+    assert bool(prefills) == paged, "prefills past the cached prompts read the blocks in place"
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "falcon-mqa", "gpt2"])

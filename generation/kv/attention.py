@@ -37,6 +37,7 @@ TILE = 64  # positions one loop iteration of the kernel reads
 # Few rows leave most of the GPU idle, each walking its keys alone: their keys are then split over
 # this many programs in all (at most one split per tile of the longest row), merged by a second kernel.
 SPLIT_PROGRAMS = 128
+PREFILL_M = 64  # (query position, head) pairs one program of the prefill kernel takes
 
 
 @dataclass
@@ -58,12 +59,31 @@ class DecodeTables:
     """The layer whose attention `decode_layer` runs next: layers call it in their order."""
 
 
+@dataclass
+class PrefillTables:
+    """A prefill past cached positions, for `prefill_layer`: each row's block table [B, W], its first
+    new position [B] (how many it found cached) and its length once the new tokens are in [B]; the
+    query at position p sees keys 0..p."""
+
+    tables: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    block_size: int
+    keys: Sequence[torch.Tensor] = ()
+    values: Sequence[torch.Tensor] = ()
+    """Every layer's key and value pools (the new keys are stored before attention reads them)."""
+    next_layer: int = 0
+    """The layer whose attention `prefill_layer` runs next (layers call it in their order)."""
+
+
 class _Context(threading.local):
-    """The decode step the engine thread is running now (None outside one), and, while the engine
-    probes a model (`probe` a list), the layer index of each other call that came through `attention`,
-    in order: whether every layer's attention comes through, one after another."""
+    """The decode step (or prefill past cached positions) the engine thread is running now (None
+    outside one), and, while the engine probes a model (`probe` a list), the layer index of each other
+    call that came through `attention`, in order: whether every layer's attention comes through, one
+    after another. Only eager code reads it: a prefill never runs compiled layers."""
 
     decode: DecodeTables | None = None
+    prefill: PrefillTables | None = None
     probe: list[int | None] | None = None
 
     def saw(self, layer: int | None) -> None:
@@ -185,6 +205,111 @@ def reference_decode(
     return out.reshape(batch, 1, heads, dim).to(query.dtype)
 
 
+def paged_prefill(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    prefill: PrefillTables,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """query [B, H, T, D] at positions starts..starts+T-1; pools [N * block_size, KV, D] holding each
+    row's positions 0..length-1 -> [B, T, H, D], causal. The Triton kernel on a GPU, else
+    `reference_prefill`. Queries past a row's length (padding) see its keys too; nothing reads them."""
+    if triton is None or not query.is_cuda:
+        return reference_prefill(query, key_pool, value_pool, prefill, scale, window, softcap)
+    batch, heads, length, dim = query.shape
+    kv_heads = key_pool.shape[1]
+    group = heads // kv_heads
+    out = query.new_empty(batch, length, heads, dim)
+    dim_pad = max(16, triton.next_power_of_2(dim))
+    # A program takes PREFILL_M (query position, head of the group) pairs: several positions of one head
+    # under multi-head attention, one position's many heads under multi-query.
+    grid = (batch, kv_heads, triton.cdiv(length * group, PREFILL_M))
+    _prefill_kernel[grid](
+        query,
+        key_pool,
+        value_pool,
+        out,
+        prefill.tables,
+        prefill.starts,
+        prefill.lengths,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        key_pool.stride(0),
+        key_pool.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        prefill.tables.stride(0),
+        length,
+        scale,
+        float(softcap or 0.0),
+        int(window or 0),
+        GROUP=group,
+        DIM=dim,
+        DIM_PAD=dim_pad,
+        BLOCK=prefill.block_size,
+        M=PREFILL_M,
+        TILE=TILE,
+        HAS_WINDOW=bool(window),
+        HAS_SOFTCAP=bool(softcap),
+        IEEE=query.dtype == torch.float32,
+        num_warps=8 if dim_pad > 128 else 4,
+    )
+    return out
+
+
+def reference_prefill(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    prefill: PrefillTables,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """What the prefill kernel computes, in plain torch (float32 scores)."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key_pool.shape[1]
+    span = prefill.tables.shape[1] * prefill.block_size
+    keys_at = torch.arange(span, device=query.device)
+    slots = (
+        prefill.tables[:, keys_at // prefill.block_size] * prefill.block_size + keys_at % prefill.block_size
+    )
+    keys = key_pool[slots].permute(0, 2, 3, 1).float()  # [B, KV, D, L]
+    values = value_pool[slots].transpose(1, 2).float()  # [B, KV, L, D]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, length, dim).float()
+    scores = (q @ keys[:, :, None]) * scale  # [B, KV, group, T, L]
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    at = prefill.starts[:, None] + torch.arange(length, device=query.device)  # [B, T]
+    visible = (keys_at[None, None] <= at[..., None]) & (keys_at[None, None] < prefill.lengths[:, None, None])
+    if window:
+        visible = visible & (at[..., None] - keys_at[None, None] < window)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding query may see no key
+    out = weights @ values[:, :, None]  # [B, KV, group, T, D]
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).to(query.dtype)
+
+
+def prefill_layer(
+    query: torch.Tensor, scale: float, window: int | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """A prefill past cached positions, in its next layer (layers call it in the order of their index,
+    which the engine's probe checks; the cache has stored the layer's new keys and values): query
+    [B, H, T, D] attends to each row's blocks -> [B, T, H, D]."""
+    prefill = context.prefill
+    if prefill is None:
+        raise RuntimeError("prefill_layer runs inside a paged prefill only")
+    layer = prefill.next_layer
+    prefill.next_layer += 1
+    keys, values = prefill.keys[layer], prefill.values[layer]
+    return paged_prefill(query, keys, values, prefill, scale, window, softcap)
+
+
 @torch.library.custom_op("trickle::decode_layer", mutates_args=())
 def _decode_layer(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int, softcap: float
@@ -237,10 +362,12 @@ def attention(
     """transformers' attention-function signature: `decode_layer` for a paged decode step (the cache
     then stores nothing itself and hands over the new keys and values), else the model's own
     implementation."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if key.dim() == 3:  # a paged decode step's new keys (see `PagedKVCache.update`)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         return decode_layer(query, key, value, scale, window, kwargs.get("softcap")), None
+    if context.prefill is not None:  # a prefill past cached positions (eager code only)
+        return prefill_layer(query, scale, window, kwargs.get("softcap")), None
     context.saw(getattr(module, "layer_idx", None))
     original = getattr(module, "_trickle_attention", None) or _original(module)
     return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -409,3 +536,96 @@ if triton is not None:
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
         o_ptrs = Out + row * stride_ob + (kv_head * GROUP + heads)[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(heads < GROUP)[:, None] & (dims < DIM)[None, :])
+
+    @triton.jit
+    def _prefill_kernel(  # type: ignore[no-untyped-def]
+        Q,
+        K,
+        V,
+        Out,
+        Tables,
+        Starts,
+        Lengths,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_kn,
+        stride_kh,
+        stride_ob,
+        stride_ot,
+        stride_oh,
+        stride_tb,
+        length,
+        scale,
+        softcap,
+        window,
+        GROUP: tl.constexpr,
+        DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+        M: tl.constexpr,
+        TILE: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        # One program per (row, key/value head, M consecutive (query position, group head) pairs): the
+        # pairs' queries against the keys up to the last one's position, read through the block table.
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        pairs = tl.program_id(2) * M + tl.arange(0, M)
+        query_at = pairs // GROUP
+        heads = kv_head * GROUP + pairs % GROUP
+        dims = tl.arange(0, DIM_PAD)
+        dim_ok = dims < DIM
+        pair_ok = query_at < length
+        start = tl.load(Starts + row)
+        end = tl.load(Lengths + row)
+        q_ptrs = (
+            Q + row * stride_qb + heads[:, None] * stride_qh + query_at[:, None] * stride_qt + dims[None, :]
+        )
+        q = tl.load(q_ptrs, mask=pair_ok[:, None] & dim_ok[None, :], other=0.0)
+        positions_q = start + query_at
+        first_q = start + (tl.program_id(2) * M) // GROUP
+        last_q = start + tl.minimum((tl.program_id(2) * M + M - 1) // GROUP, length - 1)
+        best = tl.full([M], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([M], dtype=tl.float32)
+        acc = tl.zeros([M, DIM_PAD], dtype=tl.float32)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(first_q - window + 1, 0) // TILE * TILE
+        hi = tl.minimum(last_q + 1, end)
+        for begin in range(lo, hi, TILE):
+            keys_at = begin + tl.arange(0, TILE)
+            present = keys_at < end
+            visible = present[None, :] & (keys_at[None, :] <= positions_q[:, None])
+            if HAS_WINDOW:
+                visible = visible & (positions_q[:, None] - keys_at[None, :] < window)
+            blocks = tl.load(Tables + row * stride_tb + keys_at // BLOCK, mask=present, other=0)
+            slots = blocks * BLOCK + keys_at % BLOCK
+            kv_offsets = slots[:, None] * stride_kn + kv_head * stride_kh + dims[None, :]
+            k = tl.load(K + kv_offsets, mask=present[:, None] & dim_ok[None, :], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            if HAS_SOFTCAP:
+                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+            scores = tl.where(visible, scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            # A pair that has seen no visible key yet keeps best -inf: shift by 0 so nothing is NaN.
+            shift = tl.where(new_best == float("-inf"), 0.0, new_best)
+            weights = tl.exp(scores - shift[:, None])
+            rescale = tl.exp(best - shift)
+            total = total * rescale + tl.sum(weights, axis=1)
+            v = tl.load(V + kv_offsets, mask=present[:, None] & dim_ok[None, :], other=0.0)
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
+            best = new_best
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        o_ptrs = (
+            Out + row * stride_ob + query_at[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        )
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=pair_ok[:, None] & dim_ok[None, :])

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from trickle.generation.kv.attention import DecodeTables, context
+from trickle.generation.kv.attention import DecodeTables, PrefillTables, context
 
 # A layer's key pool, value pool, and the pool rows this forward's tokens write ([B * T], row-major).
 KVTarget = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -55,6 +55,7 @@ class PagedKVCache(Cache):
         self._read: torch.Tensor | None = None
         self._read_len = 0
         self._paged = False
+        self._prefix = False
 
     def slots_of(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Pool rows of `positions` ([B, T]) of table rows `rows` ([B]); positions past the table read
@@ -72,24 +73,36 @@ class PagedKVCache(Cache):
     ) -> None:
         """The next forward runs table rows `rows` ([B]) at `positions` ([B, T]); where `valid` ([B, T])
         is False (padding), its keys go to the null block. `read_len` None: attention reads the new keys
-        alone (a prefill from position 0); else positions 0..read_len-1 of every row, which a decode
-        step hands the paged kernel as the pools and block tables where `kernel` says it takes them
-        (`generation.kv.attention`)."""
+        alone (a prefill from position 0); else positions 0..read_len-1 of every row, gathered. Where
+        `kernel` says the model's attention takes the paged kernels, a decode step hands them the pools
+        and block tables instead (`DecodeTables`), and so does a prefill past cached positions
+        (`PrefillTables`; each row reads up to its own length, whatever `read_len` says)."""
         slots = self.slots_of(rows, positions)
         if valid is not None:
             slots = torch.where(valid, slots, torch.zeros_like(slots))
         self._slots = slots.flatten()
         self._read_len = read_len or 0
-        self._read, self._paged, context.decode = None, False, None
-        if read_len is None:
-            return
-        if kernel and positions.shape[1] == 1:
+        self._read, self._paged, self._prefix = None, False, False
+        context.decode = context.prefill = None
+        if kernel and positions.shape[1] == 1 and read_len is not None:
             # A decode step: the kernel reads each row's blocks up to its own position.
             self._paged = True
             tables = self.tables.index_select(0, rows)
             context.decode = DecodeTables(
                 tables, positions[:, 0] + 1, self.block_size, read_len, self._slots, self._keys, self._values
             )
+            return
+        if kernel:
+            # A prefill past cached positions: the new keys are stored (`update`), then the kernel reads
+            # each row's blocks up to its length.
+            self._prefix = True
+            new = valid.sum(1) if valid is not None else positions.shape[1]
+            tables = self.tables.index_select(0, rows)
+            context.prefill = PrefillTables(
+                tables, positions[:, 0], positions[:, 0] + new, self.block_size, self._keys, self._values
+            )
+            return
+        if read_len is None:
             return
         keys = torch.arange(read_len, device=positions.device)
         self._read = self.slots_of(rows, keys[None].expand(rows.shape[0], -1))
@@ -98,7 +111,7 @@ class PagedKVCache(Cache):
     def plain_causal(self) -> bool:
         """Rows start at position 0 and are right-padded, so causal attention over the new keys alone is
         exact for every real token (what a prefill is; attention may skip the mask)."""
-        return self._read is None and not self._paged
+        return self._read is None and not self._paged and not self._prefix
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any

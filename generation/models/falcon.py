@@ -26,7 +26,7 @@ from transformers.models.falcon.modeling_falcon import (
     apply_rotary_pos_emb,
 )
 
-from trickle.generation.kv.attention import context, decode_layer
+from trickle.generation.kv.attention import context, decode_layer, prefill_layer
 
 
 def _multi_query_attention(
@@ -80,6 +80,8 @@ def _attention(
     if key.dim() == 3:  # a paged decode step's new keys, [B, 1, D]
         out = decode_layer(query, key, value, dim**-0.5)
         return out.reshape(batch, length, heads * dim)
+    if context.prefill is not None:  # a prefill past cached positions: the pools hold the new keys
+        return prefill_layer(query, dim**-0.5).reshape(batch, length, heads * dim)
     context.saw(layer_idx)
     if length == 1:
         # One query per head and a single key head: let the heads stand in for query positions, so
@@ -128,6 +130,8 @@ def _grouped_query_attention(
         key, value = layer_past.update(key, value, self.layer_idx)
     if key.dim() == 3:  # a paged decode step's new keys, [B, KV, D]
         out = decode_layer(query, key, value, self.head_dim**-0.5).transpose(1, 2)
+    elif context.prefill is not None:  # a prefill past cached positions
+        out = prefill_layer(query, self.head_dim**-0.5).transpose(1, 2)
     else:
         context.saw(self.layer_idx)
         causal = getattr(layer_past, "plain_causal", False)

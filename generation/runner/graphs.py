@@ -35,11 +35,13 @@ def buckets_up_to(buckets: tuple[int, ...], cap: int) -> list[int]:
 
 class Part(enum.Enum):
     """The parts of a step captured apart: their shapes are (batch, KV length), (batch, sampling mode
-    index) and (rows, width)."""
+    index) and (rows, width), for a prefill from position 0 and one past cached positions (`PREFIX`:
+    where the model's attention takes the paged kernels, which read each row's blocks in place)."""
 
     DECODE = "decode"
     SAMPLE = "sample"
     PREFILL = "prefill"
+    PREFIX = "prefix"
 
 
 Graph = tuple[torch.cuda.CUDAGraph, torch.Tensor]  # and the tensor its last kernel writes

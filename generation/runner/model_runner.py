@@ -183,13 +183,17 @@ class ModelRunner:
         return self.collect(self.launch(batch))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, cache: object) -> torch.Tensor:
-        out = self.base(
-            input_ids=ids,
-            position_ids=positions,
-            attention_mask=mask,
-            use_cache=True,
-            **{self._cache_arg: cache},
-        )
+        try:
+            out = self.base(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=mask,
+                use_cache=True,
+                **{self._cache_arg: cache},
+            )
+        finally:
+            # The forward is over: no later one takes its paged step (`PagedKVCache.for_forward`) for its own.
+            paged_attention.context.decode = paged_attention.context.prefill = None
         return out.last_hidden_state
 
     def _causal_mask(self, lengths: torch.Tensor, width: int) -> Mask:
@@ -207,19 +211,21 @@ class ModelRunner:
     def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
         """Prefill and sample the newcomers; returns their first tokens, [len(rows)].
 
-        Newcomers with no cached prefix prefill from position 0 (captured per padded shape); where any
-        has one, they prefill eagerly from their own first uncached position, attending to the cached
-        blocks too."""
+        Newcomers prefill from their own first uncached position (0 where the prefix cache held none of
+        their tokens), captured per padded shape. Past cached positions, attention reads the blocks in
+        place (the paged kernels); a model that does not take them prefills eagerly over its rows'
+        gathered positions."""
         self._mark_seen(rows)
         n, width = len(rows), max(seq.num_tokens - seq.num_cached for seq in rows)
-        if any(seq.num_cached for seq in rows):
+        past = any(seq.num_cached for seq in rows)
+        if past and not self.kernel_reads:
             self._prefill_in.load(rows, n, width)
             return self._prefill_static(n, width, max(seq.num_tokens for seq in rows))
         shape = self._prefill_shape(n, width)
         if not self.use_graphs or shape not in self._prefill_shapes:
             self._prefill_in.load(rows, n, width)
-            return self._prefill_static(n, width)
-        graph, tokens = self.graphs.get(Part.PREFILL, *shape)
+            return self._prefill_static(n, width, paged=past)
+        graph, tokens = self.graphs.get(Part.PREFIX if past else Part.PREFILL, *shape)
         self._prefill_in.load(rows, *shape)
         graph.replay()
         return tokens[:n]
@@ -240,10 +246,13 @@ class ModelRunner:
         widths = buckets_up_to(PREFILL_WIDTH_BUCKETS, self.config.max_seq_len)
         return [(n, w) for n in rows for w in widths if n * w <= self.max_prefill_tokens]
 
-    def _prefill_static(self, n: int, width: int, read_len: int | None = None) -> torch.Tensor:
-        """Prefill [n, width] from the static buffers only, so it can be captured (`read_len` None: every
-        row from position 0, attending to its new keys alone; else from its first uncached position,
-        attending to its positions 0..read_len-1).
+    def _prefill_static(
+        self, n: int, width: int, read_len: int | None = None, paged: bool = False
+    ) -> torch.Tensor:
+        """Prefill [n, width] from the static buffers only, so it can be captured. Every row from its
+        first uncached position: `paged`, attending to its blocks through the paged kernels; else with
+        `read_len`, to its positions 0..read_len-1 gathered; else (all from position 0) to its new keys
+        alone.
 
         Short rows are padded with their first token and padding rows repeat the first newcomer; what
         padding writes goes to the null block, and padding rows sample into the spare row."""
@@ -252,8 +261,8 @@ class ModelRunner:
         lengths, rows, cached = inputs.rows[:n].unbind(1)
         offsets = self._static.key_index[:width][None]
         positions = cached[:, None] + offsets
-        self.cache.for_forward(rows, positions, offsets < lengths[:, None], read_len)
-        if read_len is None:
+        self.cache.for_forward(rows, positions, offsets < lengths[:, None], read_len, paged)
+        if read_len is None:  # the paged kernels need no mask: the model gets the plain causal one
             mask = self._causal_mask(lengths, width)
         else:
             mask = self.masks.for_queries(positions, self._static.key_index[:read_len], cached + lengths)
@@ -314,11 +323,7 @@ class ModelRunner:
         positions = static.positions[:batch]
         self.cache.for_forward(static.rows[:batch], positions, None, kv_len, self.kernel_reads)
         mask = self._decode_mask(batch, kv_len)
-        try:
-            hidden = self._forward(static.ids[:batch], positions, mask, self.cache)
-        finally:
-            paged_attention.context.decode = None  # the step is over: no later forward takes it for one
-        return hidden[:, -1]
+        return self._forward(static.ids[:batch], positions, mask, self.cache)[:, -1]
 
     def _decode_mask(self, batch: int, kv_len: int) -> Mask:
         """[batch, 1, 1, kv_len] per layer kind: row b's query at its position, over its cached keys."""
@@ -332,7 +337,7 @@ class ModelRunner:
             return self._decode_static(*shape)
         if part is Part.SAMPLE:
             return self._sample_decoded(*shape)
-        return self._prefill_static(*shape)
+        return self._prefill_static(*shape, paged=part is Part.PREFIX)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -435,4 +440,6 @@ class ModelRunner:
                 self.graphs.get(Part.SAMPLE, batch, mode)
         for shape in self._prefill_shapes:
             self.graphs.get(Part.PREFILL, *shape)
+            if self.kernel_reads:
+                self.graphs.get(Part.PREFIX, *shape)
         torch.cuda.synchronize(self.device)
