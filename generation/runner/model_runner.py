@@ -337,7 +337,8 @@ class ModelRunner:
             return self._decode_static(*shape)
         if part is Part.SAMPLE:
             return self._sample_decoded(*shape)
-        return self._prefill_static(*shape, paged=part is Part.PREFIX)
+        rows, width = shape
+        return self._prefill_static(rows, width, paged=part is Part.PREFIX)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
