@@ -128,6 +128,7 @@ class AsyncEngine:
             config.kv_block_size,
             config.prefix_caching,
             runner.prefill_read_budget,
+            runner.prefill_size,
         )
         self.engine = Engine(runner, tokenizer.backend_tokenizer, scheduler_config, eos_ids, self._on_report)
         self.num_running = 0

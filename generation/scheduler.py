@@ -4,7 +4,7 @@ prefix cache's lookups, and preemption when blocks run out. No tensors here."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from trickle.generation.kv.blocks import BlockPool, block_keys
@@ -16,8 +16,8 @@ class SchedulerConfig:
     max_batch_size: int
     """Most rows running at once."""
     prefill_token_budget: int
-    """Most prompt tokens prefilled in one step, counting the padding up to the longest newcomer (the
-    first admission of a step always goes through)."""
+    """Most prompt tokens prefilled in one step, counting the padding the runner adds (`prefill_size`;
+    the first admission of a step always goes through)."""
     num_blocks: int
     """KV blocks in the pool, the null block included."""
     block_size: int = 16
@@ -27,6 +27,9 @@ class SchedulerConfig:
     prefill_read_budget: int | None = None
     """Most positions one prefill step reads: newcomers x the longest one's tokens, cached ones included
     (the first admission of a step always goes through); None: no limit."""
+    prefill_size: Callable[[int, int], int] | None = None
+    """The tokens a prefill of (newcomers, the longest one's uncached tokens) runs as, padding included
+    (the runner pads to the shapes it captured); None: newcomers x longest."""
 
 
 @dataclass
@@ -215,6 +218,7 @@ class Scheduler:
         longest = longest_read = 0
         size = self.config.block_size
         read_budget = self.config.prefill_read_budget
+        prefill_size = self.config.prefill_size or (lambda rows, width: rows * width)
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
             if seq.in_flight:  # preempted with a token on its way: it comes back once that is seen
@@ -230,7 +234,7 @@ class Scheduler:
             reserve = min(len(self.running), self.pool.num_usable // 100)
             reads = max(longest_read, len(tokens))
             fits_budget = not admitted or (
-                (len(admitted) + 1) * width <= self.config.prefill_token_budget
+                prefill_size(len(admitted) + 1, width) <= self.config.prefill_token_budget
                 and (read_budget is None or (len(admitted) + 1) * reads <= read_budget)
             )
             if not fits_budget or not self.pool.can_allocate(needed, reserve):

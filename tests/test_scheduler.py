@@ -56,6 +56,23 @@ def test_prefill_budget_spreads_long_prompts_over_steps() -> None:
     assert scheduler.schedule().prefill == [fourth]
 
 
+def test_the_budget_counts_the_padding_the_runner_runs_a_prefill_with() -> None:
+    """Padded to power-of-two rows and widths (as the runner's captured shapes): three newcomers of 5
+    tokens run as 4 x 8 = 32, over a budget of 24, so only two (2 x 8) go in one step."""
+
+    def padded(rows: int, width: int) -> int:
+        return (1 << (rows - 1).bit_length()) * (1 << (width - 1).bit_length())
+
+    scheduler = Scheduler(
+        SchedulerConfig(max_batch_size=8, prefill_token_budget=24, num_blocks=64, prefill_size=padded)
+    )
+    a, b, c = seq("a", 5), seq("b", 5, first=10), seq("c", 5, first=20)
+    for s in (a, b, c):
+        scheduler.add(s)
+    assert scheduler.schedule().prefill == [a, b]
+    assert scheduler.schedule().prefill == [c]
+
+
 def test_a_prompt_over_the_budget_still_runs_alone() -> None:
     scheduler = Scheduler(config(max_batch_size=8, prefill_token_budget=4))
     big = seq("big", 50)

@@ -213,10 +213,12 @@ def paged_prefill(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    launch: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """query [B, H, T, D] at positions starts..starts+T-1; pools [N * block_size, KV, D] holding each
     row's positions 0..length-1 -> [B, T, H, D], causal. The Triton kernel on a GPU, else
-    `reference_prefill`. Queries past a row's length (padding) see its keys too; nothing reads them."""
+    `reference_prefill`. Queries past a row's length (padding) see its keys too; nothing reads them.
+    `launch` overrides the kernel's tile sizes (M, TILE) and num_warps / num_stages (to measure)."""
     if triton is None or not query.is_cuda:
         return reference_prefill(query, key_pool, value_pool, prefill, scale, window, softcap)
     batch, heads, length, dim = query.shape
@@ -224,9 +226,10 @@ def paged_prefill(
     group = heads // kv_heads
     out = query.new_empty(batch, length, heads, dim)
     dim_pad = max(16, triton.next_power_of_2(dim))
+    settings = {"M": PREFILL_M, "TILE": TILE, "num_warps": 8 if dim_pad > 128 else 4, **(launch or {})}
     # A program takes PREFILL_M (query position, head of the group) pairs: several positions of one head
     # under multi-head attention, one position's many heads under multi-query.
-    grid = (batch, kv_heads, triton.cdiv(length * group, PREFILL_M))
+    grid = (batch, kv_heads, triton.cdiv(length * group, settings["M"]))
     _prefill_kernel[grid](
         query,
         key_pool,
@@ -252,12 +255,10 @@ def paged_prefill(
         DIM=dim,
         DIM_PAD=dim_pad,
         BLOCK=prefill.block_size,
-        M=PREFILL_M,
-        TILE=TILE,
         HAS_WINDOW=bool(window),
         HAS_SOFTCAP=bool(softcap),
         IEEE=query.dtype == torch.float32,
-        num_warps=8 if dim_pad > 128 else 4,
+        **settings,
     )
     return out
 

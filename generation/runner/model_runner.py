@@ -208,6 +208,15 @@ class ModelRunner:
             bucket(longest, PREFILL_WIDTH_BUCKETS, self.config.max_seq_len),
         )
 
+    def prefill_size(self, rows: int, longest: int) -> int:
+        """The tokens a prefill of `rows` newcomers, the longest of `longest` uncached tokens, runs as:
+        its graph's padded shape, or rows x longest where it runs eagerly (what the scheduler's
+        prefill budget counts)."""
+        shape = self._prefill_shape(rows, longest)
+        if self.use_graphs and shape in self._prefill_shapes:
+            return shape[0] * shape[1]
+        return rows * longest
+
     def _prefill(self, rows: list[Sequence]) -> torch.Tensor:
         """Prefill and sample the newcomers; returns their first tokens, [len(rows)].
 
