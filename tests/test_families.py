@@ -253,10 +253,16 @@ async def test_ready_comes_only_after_a_real_forward_and_a_model_that_cannot_run
         hook.remove()
 
 
-# Families whose decode steps read gathered blocks with their own attention: alibi positions, and
-# StableLM, which transformers marks as taking no registered attention function
-# (`_supports_attention_backend` False), so the engine does not switch it to the paged one.
-GATHERED = {"bloom-alibi", "mpt-alibi", "falcon-alibi", "stablelm"}
+ALIBI = {"bloom-alibi", "mpt-alibi", "falcon-alibi"}
+
+
+def reads_in_place(family: str, model: PreTrainedModel) -> bool:
+    """Whether the family's attention takes the paged kernels: not with alibi positions, and only where
+    its attention goes through transformers' attention interface (`_supports_attention_backend`: not
+    StableLM's, nor GPT-J's before transformers 5.2x) or is Falcon's, which the engine adapts."""
+    if family in ALIBI:
+        return False
+    return family.startswith("falcon") or bool(getattr(model, "_supports_attention_backend", False))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -278,7 +284,7 @@ async def test_the_paged_attention_operators_are_exact_for_every_family(
     monkeypatch.setattr(paged_attention, "reference_prefill", counted)
     model = model_of(family, models, tiny.tokenizer)
     recorded = await assert_exact(model, tiny.tokenizer)
-    paged = family not in GATHERED
+    paged = reads_in_place(family, model)
     assert recorded.engine.engine.runner.kernel_reads == paged
     assert bool(prefills) == paged, "prefills past the cached prompts read the blocks in place"
 
