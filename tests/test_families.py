@@ -265,6 +265,23 @@ def reads_in_place(family: str, model: PreTrainedModel) -> bool:
     return family.startswith("falcon") or bool(getattr(model, "_supports_attention_backend", False))
 
 
+@pytest.mark.parametrize("family", ["mistral-sliding", "gemma2"])
+def test_a_model_switched_to_paged_attention_still_masks_its_own_forward(
+    family: str, tiny: LoadedModel
+) -> None:
+    """Called directly (not by the engine, which hands it masks), a model the engine switched to the paged
+    attention gets the masks its own implementation makes: its sliding window holds."""
+    tokenizer = tiny.tokenizer
+    model = build(family, len(tokenizer), tokenizer.eos_token_id)
+    ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
+    assert ids.shape[1] > 3 * WINDOW
+    with torch.no_grad():
+        before = model(ids).logits
+        assert paged_attention.install(model)
+        after = model(ids).logits
+    torch.testing.assert_close(after, before)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 async def test_the_paged_attention_operators_are_exact_for_every_family(
     family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch

@@ -1,19 +1,21 @@
-"""Decode attention that reads the paged KV cache in place, on a GPU: a Triton kernel that walks each
-row's block table up to the row's own length (no gathered copy, no padding to a length bucket).
+"""Attention that reads the paged KV cache in place, on a GPU: Triton kernels that walk each row's block
+table up to the row's own length (no gathered copy, no padding to a length bucket), for a decode step
+(`decode_layer`) and for a prefill past cached positions (`prefill_layer`).
 
-Models that call attention through transformers' attention interface get it by name (`PAGED`): the
+Models that call attention through transformers' attention interface get them by name (`PAGED`): the
 engine switches their implementation to `attention` below, which runs `decode_layer` for a decode step
-the cache marks as paged and hands every other call (prefill, a CPU) to the implementation the model
-had. Families with attention of their own (Falcon) call `decode_layer` themselves. Where Triton or a
-GPU is missing, or a model's attention never comes through here, the cache gathers each row's positions
-and attention runs as the model defines it (the reference path the CPU tests check).
+the cache marks as paged, `prefill_layer` for a prefill past cached positions, and hands every other
+call (a prefill from position 0, a CPU) to the implementation the model had. Families with attention of
+their own (Falcon) call them themselves. Where Triton or a GPU is missing, or a model's attention never
+comes through here, the cache gathers each row's positions and attention runs as the model defines it
+(the reference path the CPU tests check; the kernels' plain-torch references are checked there too).
 
 `decode_layer` is one opaque operator (`torch.ops.trickle.decode_layer`) that stores a layer's new keys
 and values and attends: torch.compile sees a layer's attention as one call that names no layer, so one
 compiled layer serves every layer (`generation.runner.compiled`), and it never traces the pools or the
 kernel launch. What tells a compiled layer it runs a paged decode step is the rank of the keys the
 cache hands it (3: one new position a row), never the thread-local `context`, which only eager code
-reads.
+reads (prefills run uncompiled).
 """
 
 from __future__ import annotations
@@ -386,14 +388,27 @@ def _original(module: torch.nn.Module) -> Callable[..., Any]:
     return found
 
 
+def _mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+    """The mask the model's own implementation makes, where transformers makes it: a forward the engine
+    does not run (the engine hands every forward its own masks). Without a mask function under the
+    switched name transformers would make none, and a sliding window would be lost."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = getattr(config, "_trickle_attention", "eager")
+    made = ALL_MASK_ATTENTION_FUNCTIONS.get(name) or ALL_MASK_ATTENTION_FUNCTIONS["eager"]
+    return made(*args, config=config, **kwargs)
+
+
 def install(model: torch.nn.Module) -> bool:
     """Route the model's attention through `attention` (its own implementation stays for all but paged
     decode steps). False where the model cannot switch implementations."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     if not getattr(model, "_supports_attention_backend", False):
         return False
     AttentionInterface.register(PAGED, attention)
+    AttentionMaskInterface.register(PAGED, _mask)
     config = model.config
     before = getattr(config, "_attn_implementation", None) or "eager"
     if before == PAGED:

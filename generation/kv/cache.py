@@ -8,10 +8,12 @@ past a row's blocks reads the null block (0), which masks hide.
 Before each forward the runner says which batch rows run, at which positions (`for_forward`): the new
 keys are written there, and attention reads either the new keys alone (a prefill from position 0:
 plain causal attention is exact) or every row's positions 0..read_len-1, gathered from its blocks in
-position order, so the masks see the layout they would see in one contiguous cache; or, for a decode
-step on a GPU, `decode_layer` stores the new keys and the paged kernel reads the pools through the
-block tables (`generation.kv.attention`). A block several rows share was written by an earlier step:
-the scheduler makes a newcomer's blocks findable only once the step that writes them is queued.
+position order, so the masks see the layout they would see in one contiguous cache; or, on a GPU, the
+paged kernels read the pools through the block tables (`generation.kv.attention`): in a decode step
+`decode_layer` stores the new keys, and past cached positions a prefill stores them here and
+`prefill_layer` reads each row's blocks up to its length. A block several rows share was written by
+an earlier step: the scheduler makes a newcomer's blocks findable only once the step that writes them
+is queued.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def _attention(
     attention_mask: Any,
 ) -> torch.Tensor:
     """Multi-query attention: query [B, H, T, D], key and value [B, 1, L, D] -> [B, T, H * D]. In a
-    paged decode step, key and value are the new ones, [B, 1, D], which `decode_layer` stores."""
+    paged decode step, key and value are the new ones, [B, 1, D], which `decode_layer` stores; in a
+    prefill past cached positions the cache has stored them and `prefill_layer` reads the blocks."""
     batch, heads, length, dim = query.shape
     if key.dim() == 3:  # a paged decode step's new keys, [B, 1, D]
         out = decode_layer(query, key, value, dim**-0.5)
