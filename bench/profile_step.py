@@ -97,6 +97,12 @@ def modes_agree(runner) -> dict[str, bool]:  # type: ignore[no-untyped-def]
     return checks
 
 
+def advance_and_load(runner, rows: list[Sequence]) -> None:  # type: ignore[no-untyped-def]
+    for seq in rows:
+        seq.launched += 1
+    runner._static.load(rows, len(rows))
+
+
 def make_rows(  # type: ignore[no-untyped-def]
     tokenizer,
     params: SamplingParams,
@@ -193,6 +199,8 @@ def main() -> None:
                 "full_step_ms": timed(lambda: runner.step(batch)),
                 "decode_and_sample_ms": timed(lambda: runner._decode(rows)),
                 "load_inputs_ms": timed(lambda: runner._static.load(rows)),
+                # A steady step: every row decodes again, one token on, in its row (no row written).
+                "load_inputs_steady_ms": timed(lambda: advance_and_load(runner, rows)),
                 "eager_sample_ms": timed(
                     lambda: sample_rows(logits, sampling, runner.seen[:b], runner.eos_mask)
                 ),

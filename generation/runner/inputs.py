@@ -57,49 +57,91 @@ class BlockTables:
 
 
 class StepInputs:
-    """Fixed-address input buffers of the decode step, refilled before each (graph) run.
+    """Fixed-address input buffers of the decode step, kept on the device from step to step and updated
+    for the rows that changed.
 
-    The pinned host tables are double-buffered: while one step's copies may still be queued on the
-    device, the next step fills the other pair.
+    A row that decodes again in the row it held last step, one launched token on, is advanced on the
+    device (its position and step count go up by one, and its token comes from the previous step's
+    output, `feed_previous`); only the rows that changed (newcomers, rows moved into a hole, rows
+    freed since the last step) are written from the host, with two small host-to-device copies. The
+    pinned host buffers are double-buffered: while one step's copies may still be queued on the device,
+    the next step fills the other pair.
     """
 
-    # Columns of the integer table, by name: the token in, its position, top_k, seed, step, EOS banned,
-    # and the row's index in the previous step's output when its token comes from there (else -1).
-    TOKEN, POSITION, TOP_K, SEED, STEP, BAN_EOS, SOURCE = range(7)
+    # Columns of the integer table, by name: the token in, its position, top_k, seed, step (tokens
+    # launched), min_new_tokens (EOS is banned while step is below it), and the row's index in the
+    # previous step's output when its token comes from there (else -1).
+    TOKEN, POSITION, TOP_K, SEED, STEP, MIN_NEW, SOURCE = range(7)
     LONGS = 7
     # Columns of the float table.
     TEMPERATURE, TOP_P, PENALTY = range(3)
 
     def __init__(self, rows: int, max_len: int, device: torch.device) -> None:
         pinned = device.type == "cuda"
-        self._host_longs = torch.zeros(2, rows, self.LONGS, dtype=torch.long, pin_memory=pinned)
+        # A changed row's batch row, then its integer inputs; and its float inputs.
+        self._host_longs = torch.zeros(2, rows, 1 + self.LONGS, dtype=torch.long, pin_memory=pinned)
         self._host_floats = torch.zeros(2, rows, 3, dtype=torch.float32, pin_memory=pinned)
         self._host_tokens = torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned)
         self._turn = 0
-        self.longs = torch.zeros_like(self._host_longs[0], device=device)
-        self.floats = torch.zeros_like(self._host_floats[0], device=device)
+        self.longs = torch.zeros(rows, self.LONGS, dtype=torch.long, device=device)
+        self.floats = torch.zeros(rows, 3, dtype=torch.float32, device=device)
+        self._changed_longs = torch.zeros_like(self._host_longs[0], device=device)
+        self._changed_floats = torch.zeros_like(self._host_floats[0], device=device)
         self.ids = self.longs[:, self.TOKEN : self.TOKEN + 1]
         self.positions = self.longs[:, self.POSITION : self.POSITION + 1]
         self.rows = torch.arange(rows, device=device)
         self.key_index = torch.arange(max_len, device=device)
-        self._padding = torch.tensor([0, 0, 0, 0, 0, 0, -1])
+        self._padding = [0, 0, 0, 0, 0, 0, -1]
+        # What an advancing row adds to its integer inputs: a position and a step.
+        self._advance = torch.zeros(self.LONGS, dtype=torch.long, device=device)
+        self._advance[[self.POSITION, self.STEP]] = 1
+        # Each row's sequence at the last load, and how many tokens it had launched then.
+        self._owners: list[Sequence | None] = [None] * rows
+        self._launched = [0] * rows
+        self._used = 0  # rows the device tables may hold a sequence in
+        self.written = 0
+        """Rows the last load wrote from the host (the others advanced on the device)."""
+        self.clear()
 
-    def load(self, rows: list[Sequence]) -> None:
-        """Two small host-to-device copies per step carry every row's inputs and sampling parameters.
+    def load(self, rows: list[Sequence], decoded: int = 0) -> None:
+        """Bring every row's inputs and sampling parameters up to date for the next step: `rows` in
+        batch order, of which the first `decoded` decode (the others are prefilled).
 
         Rows past the live ones (a graph's padding, and the spare row) are greedy, token 0 at position 0:
         their block tables are empty, so they write and read only the null block."""
         self._turn ^= 1
-        longs, floats = self._host_longs[self._turn], self._host_floats[self._turn]
-        n = len(rows)
-        longs[n:] = self._padding
-        floats[n:] = 0
-        longs[:n] = torch.tensor([_long_inputs(seq) for seq in rows])
-        floats[:n] = torch.tensor(
-            [[seq.params.temperature, seq.params.top_p, seq.params.repetition_penalty] for seq in rows]
-        )
-        self.longs.copy_(longs, non_blocking=True)
-        self.floats.copy_(floats, non_blocking=True)
+        owners, launched = self._owners, self._launched
+        changed: list[tuple[int, list[int], list[float]]] = []
+        for row, seq in enumerate(rows):
+            # It held this row at the last load, and has launched one token since: advanced on the device.
+            if row < decoded and owners[row] is seq and seq.launched == launched[row] + 1:
+                launched[row] = seq.launched
+                continue
+            owners[row], launched[row] = seq, seq.launched
+            params = seq.params
+            changed.append(
+                (row, _long_inputs(seq), [params.temperature, params.top_p, params.repetition_penalty])
+            )
+        for row in range(len(rows), self._used):
+            owners[row] = None
+            changed.append((row, self._padding, [0.0, 0.0, 0.0]))
+        self._used, self.written = len(rows), len(changed)
+        if decoded:
+            # Every decoding row advances; the changed ones among them are overwritten just below.
+            advancing = self.longs[:decoded]
+            advancing += self._advance
+            advancing[:, self.SOURCE] = self.rows[:decoded]
+        if changed:
+            count = len(changed)
+            longs, floats = self._host_longs[self._turn, :count], self._host_floats[self._turn, :count]
+            longs[:] = torch.tensor([[row, *values] for row, values, _ in changed])
+            floats[:] = torch.tensor([values for _, _, values in changed])
+            device_longs, device_floats = self._changed_longs[:count], self._changed_floats[:count]
+            device_longs.copy_(longs, non_blocking=True)
+            device_floats.copy_(floats, non_blocking=True)
+            where = device_longs[:, 0]
+            self.longs.index_copy_(0, where, device_longs[:, 1:])
+            self.floats.index_copy_(0, where, device_floats)
 
     def host_tokens(self) -> torch.Tensor:
         """The pinned buffer this step's tokens are copied back into."""
@@ -128,12 +170,15 @@ class StepInputs:
             top_k=longs[:, cls.TOP_K],
             seeds=longs[:, cls.SEED],
             steps=longs[:, cls.STEP],
-            ban_eos=longs[:, cls.BAN_EOS].bool(),
+            ban_eos=longs[:, cls.STEP] < longs[:, cls.MIN_NEW],
         )
 
     def clear(self) -> None:
-        self.longs[:] = self._padding
+        """Every row padding, and no row known: the next load writes each of its rows."""
+        self.longs[:] = torch.tensor(self._padding)
         self.floats.zero_()
+        self._owners = [None] * len(self._owners)
+        self._used = 0
 
 
 class PrefillInputs:
@@ -176,8 +221,7 @@ class PrefillInputs:
 def _long_inputs(seq: Sequence) -> list[int]:
     # Counted from what has been launched, so a row with a token in flight is described one step on.
     made = seq.launched
-    banned = made < seq.params.min_new_tokens
     source = seq.row_index if seq.in_flight else -1
     position = seq.num_prompt_tokens + made - 1
     # In StepInputs' column order.
-    return [seq.last_token, position, seq.params.top_k, seq.seed, made, banned, source]
+    return [seq.last_token, position, seq.params.top_k, seq.seed, made, seq.params.min_new_tokens, source]

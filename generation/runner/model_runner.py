@@ -147,8 +147,9 @@ class ModelRunner:
         for src, dst in batch.moves:
             self.seen[dst] = self.seen[src]
         self._tables.update(batch)
-        # One pair of host-to-device copies carries every row's inputs and sampling parameters.
-        self._static.load(batch.rows)
+        # The rows' inputs and sampling parameters: decoding rows advance on the device, and one pair of
+        # host-to-device copies carries the rows that changed.
+        self._static.load(batch.rows, len(batch.decode))
         events = None
         if batch.decode and self.device.type == "cuda":
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

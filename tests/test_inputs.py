@@ -1,0 +1,81 @@
+"""The decode step's inputs stay on the device from step to step: rows that decode again in their row
+advance there, and only the rows that changed are written from the host. After any mix of steps, what
+that leaves equals a full rebuild from the rows."""
+
+from __future__ import annotations
+
+import torch
+
+from trickle.generation.params import SamplingParams
+from trickle.generation.runner.inputs import StepInputs
+from trickle.generation.sequence import Sequence, Status
+
+
+class NoText:
+    stopped = False
+
+
+def row(name: str, prompt_len: int, **params: float) -> Sequence:
+    seq = Sequence(name, list(range(3, 3 + prompt_len)), SamplingParams(**params), 7, NoText())  # type: ignore[arg-type]
+    seq.status = Status.RUNNING
+    return seq
+
+
+def as_rebuilt(inputs: StepInputs, rows: list[Sequence]) -> None:
+    """The incremental inputs of `rows` equal a full rebuild (the token column where the row's token is
+    the host's; one in flight comes from the previous step's output on the device)."""
+    fresh = StepInputs(inputs.longs.shape[0], 64, torch.device("cpu"))
+    fresh.load(rows)
+    n = len(rows)
+    got, want = inputs.longs[:n], fresh.longs[:n]
+    assert torch.equal(got[:, StepInputs.POSITION :], want[:, StepInputs.POSITION :])
+    own = want[:, StepInputs.SOURCE] < 0
+    assert torch.equal(got[own, StepInputs.TOKEN], want[own, StepInputs.TOKEN])
+    assert torch.equal(inputs.floats[:n], fresh.floats[:n])
+    assert torch.equal(inputs.longs[n:], fresh.longs[n:]), "rows past the live ones are padding"
+
+
+def test_rows_that_decode_again_advance_on_the_device_and_changed_rows_come_from_the_host() -> None:
+    inputs = StepInputs(8, 64, torch.device("cpu"))
+    a = row("a", 5, temperature=0.0, min_new_tokens=3)
+    b = row("b", 9, temperature=0.7, top_k=5, top_p=0.9)
+    c = row("c", 2, repetition_penalty=1.2)
+    d = row("d", 4, temperature=1.1)
+    steps = [
+        ([a, b, c], 0),  # three newcomers prefill
+        ([a, b, c], 3),  # they decode: nothing changed
+        ([a, b, c], 3),
+        ([a, b, c, d], 3),  # a newcomer joins in row 3
+        ([a, d, c], 3),  # b left: d moves from row 3 into its row, row 3 is freed
+        ([a, d, c], 3),
+        ([a, d], 2),  # c left from the last row
+    ]
+    written = []
+    previous: list[Sequence] = []
+    for rows, decoded in steps:
+        inputs.load(rows, decoded)
+        written.append(inputs.written)
+        as_rebuilt(inputs, rows)
+        # The engine: the step is launched, then the one before is collected.
+        for index, seq in enumerate(rows):
+            seq.launched += 1
+            seq.row_index = index
+        for seq in previous:
+            if seq in rows:
+                seq.output_ids.append(100 + len(seq.output_ids))
+        previous = rows
+    assert written == [3, 0, 0, 1, 2, 0, 1]
+
+
+def test_rows_stepped_again_without_a_launch_are_written_again() -> None:
+    """A profiler stepping the same rows over and over (nothing launched in between) gets the same
+    inputs each time, not rows that run ahead."""
+    inputs = StepInputs(4, 64, torch.device("cpu"))
+    rows = [row("a", 5), row("b", 6)]
+    for seq in rows:
+        seq.launched, seq.output_ids = 4, [1, 2, 3, 4]
+    inputs.load(rows, 2)
+    first = inputs.longs.clone()
+    inputs.load(rows, 2)
+    assert inputs.written == 2
+    assert torch.equal(inputs.longs, first)
