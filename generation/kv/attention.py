@@ -226,6 +226,8 @@ def paged_prefill(
     batch, heads, length, dim = query.shape
     kv_heads = key_pool.shape[1]
     group = heads // kv_heads
+    if query.stride(-1) != 1:  # the kernel steps through a head's dimensions one element at a time
+        query = query.contiguous()
     out = query.new_empty(batch, length, heads, dim)
     dim_pad = max(16, triton.next_power_of_2(dim))
     settings = {"M": PREFILL_M, "TILE": TILE, "num_warps": 8 if dim_pad > 128 else 4, **(launch or {})}

@@ -18,7 +18,8 @@ log = structlog.get_logger("generation.runner")
 # On the CPU, by default, the KV pool takes at most this share of the memory available.
 CPU_KV_SHARE = 0.25
 # A prefill step's newcomers, times the longest one's positions (its cached prefix included), at most
-# this many times the prefill token budget: what it gathers to attend to the cached blocks is bounded.
+# this many times the prefill token budget: what it reads of the cached blocks (and, where no kernel
+# reads them in place, gathers) is bounded.
 PREFILL_READ_FACTOR = 16
 
 # A trial prefill of [rows, width] tokens from position 0 through a cache that keeps nothing.
@@ -43,16 +44,16 @@ def plan_blocks(
     device: torch.device,
     limits: StepLimits,
     trial: Trial,
-    decode_gathers: Callable[[], bool],
+    gathers: Callable[[], bool],
 ) -> int:
     """Blocks in the KV pool (the null block included): as many as the settings say, or as the device's
-    memory leaves room for; at least one request of max_seq_len must fit. `decode_gathers` says, after
-    the trial prefill, whether decode steps copy the keys they read (no kernel reads the blocks)."""
+    memory leaves room for; at least one request of max_seq_len must fit. `gathers` says, after
+    the trial prefill, whether attention copies the keys it reads (no kernel reads the blocks)."""
     block_size = config.kv_block_size
     if config.kv_cache_tokens is not None:
         tokens, per_token = config.kv_cache_tokens, 0
     elif device.type == "cuda":
-        per_token, activations = _profile(config, device, limits, trial, decode_gathers)
+        per_token, activations = _profile(config, device, limits, trial, gathers)
         total = torch.cuda.get_device_properties(device).total_memory
         allowed = total * config.memory_utilization * _memory_cap(device)
         free = allowed - torch.cuda.memory_allocated(device) - activations
@@ -90,7 +91,7 @@ def _profile(
     device: torch.device,
     limits: StepLimits,
     trial: Trial,
-    decode_gathers: Callable[[], bool],
+    gathers: Callable[[], bool],
 ) -> tuple[int, int]:
     """KV bytes per token, and the peak activation memory of the largest step."""
     # The step's most prompt tokens, in rows no longer than a request may be (a model's positions end
@@ -104,13 +105,13 @@ def _profile(
     trial(rows, width, cache)
     activations = torch.cuda.max_memory_allocated(device) - before
     # Sampling may sort the whole vocabulary for every row, with a few float32 and int64 tensors of
-    # that size alive at once; leave room for that too. A prefill past a cached prefix gathers the keys
-    # and values it reads, one layer at a time, and so does a decode step no kernel reads in place.
+    # that size alive at once; leave room for that too. Where no kernel reads the blocks in place, a
+    # prefill past a cached prefix and a decode step gather the keys and values they read, one layer at
+    # a time.
     activations += 48 * limits.max_rows * limits.vocab_size
-    gathered = limits.prefill_read_budget
-    if decode_gathers():
-        gathered = max(gathered, limits.max_rows * config.max_seq_len)
-    activations += 2 * gathered * cache.bytes_per_token // limits.layers
+    if gathers():
+        gathered = max(limits.prefill_read_budget, limits.max_rows * config.max_seq_len)
+        activations += 2 * gathered * cache.bytes_per_token // limits.layers
     return cache.bytes_per_token, activations
 
 
