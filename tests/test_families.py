@@ -140,6 +140,34 @@ async def test_preempted_rows_resume_exactly_reading_their_cached_blocks_in_plac
     await assert_resumes_exactly(model_of(family, models, tiny.tokenizer), tiny)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in place"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "falcon-mqa"])
+async def test_a_prompt_cached_but_for_its_last_token_prefills_that_token_alone(
+    family: str,
+    in_place: bool,
+    models: dict[str, PreTrainedModel],
+    tiny: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two full blocks and one token: asked again, the prompt finds both blocks cached and prefills a
+    single token past them (a decode-shaped prefill), and gives generate()'s ids."""
+    if in_place:
+        monkeypatch.setattr(paged_attention, "available", lambda device: True)
+    tokenizer = tiny.tokenizer
+    model = model_of(family, models, tokenizer)
+    ids = (tokenizer.encode(PROMPTS[0]) * 2)[:33]
+    want = reference(model, ids, 8, tokenizer.eos_token_id)
+    recorded = Recorded(model, tokenizer)
+    await recorded.engine.start()
+    try:
+        await recorded.run("first", ids, 8)
+        outputs = await recorded.run("again", ids, 8)
+    finally:
+        await recorded.engine.stop()
+    assert outputs[-1].usage["cached_tokens"] == 32
+    assert recorded.ids["first"] == recorded.ids["again"] == want
+
+
 async def assert_resumes_exactly(model: PreTrainedModel, tiny: LoadedModel) -> None:
     tokenizer = tiny.tokenizer
     # The short prompts first: they run together and outgrow the pool; the long one waits for room.
