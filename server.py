@@ -1,4 +1,5 @@
-"""The HTTP side: routes, SSE writing, middlewares, the app factory and main()."""
+"""The HTTP side: middlewares, the app factory (its routes are declared by dialect, in `api/`), and
+main()."""
 
 from __future__ import annotations
 
@@ -24,40 +25,31 @@ import asyncio
 import contextlib
 import gc
 import hmac
-import json
 import re
 import resource
 import signal
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import structlog
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from trickle.api import openai, openapi, playground
+from trickle.api import native, openai, openapi, operations, playground
 from trickle.api.common import (
     API_KEYS_KEY,
     ENGINE_KEY,
     REQUEST_ID_KEY,
-    RETRY_AFTER_NOT_READY,
     SETTINGS_KEY,
     ClientError,
     EngineSlot,
-    admit,
-    engine_for,
-    gather,
+    Handler,
     json_error,
-    read_json,
-    request_error,
-    stream_events,
 )
 from trickle.api.logs import AccessLogger, configure_logging
-from trickle.api.schemas import GenerateRequest
+from trickle.api.operations import HTTP_METRICS_KEY, HttpMetrics
 from trickle.config import Settings
 from trickle.config.cli import version
 from trickle.generation import (
@@ -65,10 +57,6 @@ from trickle.generation import (
     EngineConfig,
     ModelLoadError,
     ModelRunError,
-    RequestError,
-    RequestOutput,
-    RequestStream,
-    SamplingParams,
     check_source,
     load_model,
 )
@@ -78,8 +66,10 @@ from trickle.notify import Notifier
 
 log = structlog.get_logger("server")
 
+# Every route, each declared once beside its handler, by dialect.
+ROUTES = (*native.ROUTES, *openai.ROUTES, *operations.ROUTES, *openapi.ROUTES, *playground.ROUTES)
 # No key needed: probes, metrics, the API's description and the playground page (its calls need one).
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/"})
+OPEN_PATHS = frozenset(route.path for route in ROUTES if route.open)
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # An idle connection (or one whose request headers never complete) is closed after this long: longer than
 # the 60 s a proxy keeps its idle upstream connections by default, so that the proxy, not the server,
@@ -89,9 +79,6 @@ KEEPALIVE_TIMEOUT_S = 75.0
 # Open files beside the clients' sockets: model shards, the tokenizer, the GPU driver's device nodes,
 # idle keep-alive connections, logs.
 FILES_RESERVE = 512
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 # ---------------------------------------------------------------- middlewares
 
@@ -106,23 +93,6 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response
-
-
-class HttpMetrics:
-    """HTTP responses by route and status. The route is the matched pattern, never the raw path, so
-    the label set stays bounded."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.responses = Counter(
-            "trickle:http_responses",
-            "HTTP responses, by route and status.",
-            ["route", "status"],
-            registry=self.registry,
-        )
-
-
-HTTP_METRICS_KEY = web.AppKey("http_metrics", HttpMetrics)
 
 
 @web.middleware
@@ -172,87 +142,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-# ---------------------------------------------------------------- request parsing
-
-
-async def open_generation(request: web.Request) -> RequestStream:
-    """Everything that can refuse a request, done before any byte of the response is sent: the
-    returned stream has been admitted, and must be closed."""
-    body = await read_json(request, GenerateRequest)
-    engine = engine_for(request)
-    limit = request.app[SETTINGS_KEY].request_timeout
-    if body.timeout_s is not None and body.timeout_s > limit:
-        message = f"timeout_s: {body.timeout_s} exceeds the server's limit of {limit}"
-        raise ClientError(422, message, field="timeout_s")
-    prompts = engine.prompts
-    try:
-        ids = await prompts.off_loop(prompts.truncated, body.prompt, body.cutoff_len, body.max_new_tokens)
-    except RequestError as err:
-        raise request_error(err) from err
-    return admit(request, engine, ids, sampling_params(body), body.timeout_s)
-
-
-def sampling_params(body: GenerateRequest) -> SamplingParams:
-    return SamplingParams.model_validate(body.model_dump(exclude={"prompt", "cutoff_len", "timeout_s"}))
-
-
-def end_payload(output: RequestOutput) -> dict[str, Any]:
-    return {"finish_reason": output.finish_reason, "usage": output.usage, "timings": output.timings}
-
-
-# ---------------------------------------------------------------- routes
-
-
-async def stream(request: web.Request) -> web.StreamResponse:
-    outputs = await open_generation(request)
-    return await stream_events(request, outputs, lambda response: _write_events(response, outputs))
-
-
-async def _write_events(response: EventSourceResponse, outputs: RequestStream) -> None:
-    event_id = 0
-    async for output in outputs:
-        if output.text:
-            await response.send(json.dumps({"text": output.text}), id=str(event_id))
-            event_id += 1
-        if output.error is not None:
-            await response.send(json.dumps({"message": output.error}), id=str(event_id), event="error")
-            event_id += 1
-        if output.finished:
-            await response.send(json.dumps(end_payload(output)), id=str(event_id), event="end")
-
-
-async def predict(request: web.Request) -> web.Response:
-    text, final = await gather(await open_generation(request))
-    if final is None or final.error is not None:
-        message = final.error if final is not None and final.error else "the engine stopped"
-        return json_error(request.path, 500, message)
-    return web.json_response({"text": text, **end_payload(final)})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format: the engine's metrics and the HTTP responses by route and status."""
-    body = generate_latest(request.app[HTTP_METRICS_KEY].registry)
-    engine = request.app[ENGINE_KEY].engine
-    if engine is not None:
-        body += generate_latest(engine.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    slot = request.app[ENGINE_KEY]
-    engine = slot.engine
-    reason = slot.doing if engine is None else engine.unavailable
-    if engine is None or reason is not None:
-        return json_error(request.path, 503, reason or "", headers={"Retry-After": RETRY_AFTER_NOT_READY})
-    return web.json_response(
-        {"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting}
-    )
-
-
 # ---------------------------------------------------------------- app
 
 
@@ -288,18 +177,11 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.App
     app[ENGINE_KEY] = EngineSlot()
     app[HTTP_METRICS_KEY] = HttpMetrics()
     app[API_KEYS_KEY] = [key.encode() for key in settings.all_api_keys()]
-    app.add_routes(
-        [
-            web.post("/stream", stream),
-            web.post("/predict", predict),
-            web.get("/health", health),
-            web.get("/ready", ready),
-            web.get("/metrics", metrics),
-        ]
-    )
-    openai.add_routes(app)
-    openapi.add_routes(app, "trickle", version(), settings.model)
-    playground.add_routes(app, settings.model)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    openai.prepare(app)
+    playground.prepare(app, settings.model)
+    app[openapi.DOCUMENT_KEY] = openapi.build_document(ROUTES, "trickle", version(), settings.model)
     app.cleanup_ctx.append(_engine_context(engine))
     return app
 

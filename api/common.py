@@ -1,5 +1,5 @@
-"""What every route shares: the app's keys, client errors in the native and the OpenAI dialect,
-JSON bodies, and admitting a request to the engine."""
+"""What every route shares: how a route is declared, the app's keys, client errors in the native and
+the OpenAI dialect, JSON bodies, and admitting a request to the engine."""
 
 from __future__ import annotations
 
@@ -28,6 +28,31 @@ from trickle.generation import (
 )
 
 log = structlog.get_logger("api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A model's schema reference in the OpenAPI document.
+Refs = Callable[[type[BaseModel]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route, declared once, beside its handler: how the app serves it, whether it needs an API key
+    (where the server has keys), and how /openapi.json documents it."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    responses: Callable[[Refs], dict[str, Any]]
+    """Its responses in the document, given the models' schema references."""
+    request: type[BaseModel] | None = None
+    """The JSON body it validates."""
+    replies: tuple[type[BaseModel], ...] = ()
+    """The models its responses name."""
+    open: bool = False
+    """Served without an API key: probes, metrics, the document and the playground page."""
+
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 

@@ -21,12 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_valid
 from trickle.api.common import (
     SETTINGS_KEY,
     ClientError,
+    Refs,
+    Route,
     admit,
     engine_for,
     gather,
     read_json,
     stream_events,
 )
+from trickle.api.openapi import ERROR_TEXT, errors, json_content, sse
 from trickle.generation import Prompts, RequestOutput, RequestStream, SamplingParams
 from trickle.generation.params import MAX_SEED, MAX_STOP_STRINGS, MAX_TOP_K, StopString
 
@@ -424,15 +427,65 @@ async def models(request: web.Request) -> web.Response:
     return _json(ModelList(data=[card]))
 
 
-def add_routes(app: web.Application) -> None:
+def prepare(app: web.Application) -> None:
+    """The time /v1/models reports as the model's creation: when the app was made."""
     app[STARTED_KEY] = int(time.time())
-    app.add_routes(
-        [
-            web.post("/v1/completions", completions),
-            web.post("/v1/chat/completions", chat_completions),
-            web.get("/v1/models", models),
-        ]
-    )
+
+
+STREAM_TEXT = """\
+Server-sent events, as OpenAI sends them: `data: <chunk>` lines (a Completion with one choice per
+chunk on /v1/completions, a ChatCompletionChunk on /v1/chat/completions), then, with
+`stream_options.include_usage`, a chunk with no choices and the usage, then `data: [DONE]`. A
+generation that fails after the stream began sends an ErrorResponse as a data line before
+`[DONE]`."""
+ERRORS = (400, 401, 404, 408, 413, 415, 503, 504)
+
+
+def _generation_responses(reply: type[BaseModel]) -> Callable[[Refs], dict[str, Any]]:
+    def responses(ref: Refs) -> dict[str, Any]:
+        events = sse(["message"], "JSON: a chunk or an ErrorResponse; the last event is [DONE].")
+        content = {"application/json": {"schema": ref(reply)}, "text/event-stream": events}
+        description = "With `stream: false`, the whole reply. " + STREAM_TEXT
+        return {
+            "200": {"description": description, "content": content},
+            **errors(ERRORS, ref(ErrorResponse)),
+            "500": json_content(ref(ErrorResponse), ERROR_TEXT[500]),
+        }
+
+    return responses
+
+
+ROUTES = (
+    Route(
+        "POST",
+        "/v1/completions",
+        completions,
+        "Complete a prompt",
+        "OpenAI-compatible",
+        _generation_responses(Completion),
+        request=CompletionRequest,
+        replies=(Completion, ErrorResponse),
+    ),
+    Route(
+        "POST",
+        "/v1/chat/completions",
+        chat_completions,
+        "Reply to a conversation (built with the model's chat template)",
+        "OpenAI-compatible",
+        _generation_responses(ChatCompletion),
+        request=ChatCompletionRequest,
+        replies=(ChatCompletion, ChatCompletionChunk, ErrorResponse),
+    ),
+    Route(
+        "GET",
+        "/v1/models",
+        models,
+        "The served model",
+        "OpenAI-compatible",
+        lambda ref: {"200": json_content(ref(ModelList)), **errors((401,), ref(ErrorResponse))},
+        replies=(ModelList, ErrorResponse),
+    ),
+)
 
 
 # ---------------------------------------------------------------- writing responses

@@ -1,47 +1,18 @@
-"""GET /openapi.json: an OpenAPI 3.1 document of every route, built from the pydantic models the
-handlers use, so the document and the validation cannot drift apart."""
+"""GET /openapi.json: an OpenAPI 3.1 document of every route, built from the route table and the
+pydantic models the handlers use, so the document, the routes and the validation cannot drift apart."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from trickle.api import openai, schemas
+from trickle.api.common import Route
 
 REF = "#/components/schemas/{model}"
-
-REQUESTS: list[type[BaseModel]] = [
-    schemas.GenerateRequest,
-    openai.CompletionRequest,
-    openai.ChatCompletionRequest,
-]
-RESPONSES: list[type[BaseModel]] = [
-    schemas.EndEvent,
-    schemas.PredictResponse,
-    schemas.Health,
-    schemas.Readiness,
-    schemas.NativeError,
-    openai.Completion,
-    openai.ChatCompletion,
-    openai.ChatCompletionChunk,
-    openai.ModelList,
-    openai.ErrorResponse,
-]
-
-NATIVE_STREAM = """\
-Server-sent events. Each token event is unnamed, carries an `id:` and the data `{"text": "..."}`.
-A failure sends `event: error` with `{"message": "..."}`. The last event is `event: end` with the
-data of the EndEvent schema. Comment lines (`: ping`) keep idle connections open."""
-
-OPENAI_STREAM = """\
-Server-sent events, as OpenAI sends them: `data: <chunk>` lines (a Completion with one choice per
-chunk on /v1/completions, a ChatCompletionChunk on /v1/chat/completions), then, with
-`stream_options.include_usage`, a chunk with no choices and the usage, then `data: [DONE]`. A
-generation that fails after the stream began sends an ErrorResponse as a data line before
-`[DONE]`."""
 
 ERROR_TEXT = {
     400: "The body is not JSON, or (under /v1/) a field is invalid or asks for what is not supported.",
@@ -55,9 +26,7 @@ ERROR_TEXT = {
     503: "Not ready, draining, or the queue is full (see Retry-After).",
     504: "The request ran past its time limit.",
 }
-
-NATIVE_ERRORS = (400, 401, 408, 413, 415, 422, 503)
-OPENAI_ERRORS = (400, 401, 404, 408, 413, 415, 503, 504)
+TEXT = {"schema": {"type": "string"}}
 
 
 def _ref(model: type[BaseModel], defs: dict[str, Any]) -> dict[str, Any]:
@@ -68,19 +37,15 @@ def _ref(model: type[BaseModel], defs: dict[str, Any]) -> dict[str, Any]:
     raise KeyError(model.__name__)
 
 
-def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+def json_content(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(statuses: tuple[int, ...], schema: dict[str, Any]) -> dict[str, Any]:
-    return {str(status): _json(schema, ERROR_TEXT[status]) for status in statuses}
+def errors(statuses: tuple[int, ...], schema: dict[str, Any]) -> dict[str, Any]:
+    return {str(status): json_content(schema, ERROR_TEXT[status]) for status in statuses}
 
 
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
-
-
-def _sse(events: list[str], data: str) -> dict[str, Any]:
+def sse(events: list[str], data: str) -> dict[str, Any]:
     """An event-stream body as OpenAPI 3.1 tools read it: the schema of one event."""
     return {
         "schema": {
@@ -95,130 +60,36 @@ def _sse(events: list[str], data: str) -> dict[str, Any]:
     }
 
 
-def build_document(title: str, version: str, model: str) -> dict[str, Any]:
-    """The document; `model` is the one value the /v1/ routes accept for their `model` field."""
+def build_document(routes: Sequence[Route], title: str, version: str, model: str) -> dict[str, Any]:
+    """The document of `routes`; `model` is the one value a request body's `model` field accepts."""
+    requests = {route.request for route in routes if route.request is not None}
+    replies = {reply for route in routes for reply in route.replies}
     _, top = models_json_schema(
-        [(m, "validation") for m in REQUESTS] + [(m, "serialization") for m in RESPONSES], ref_template=REF
+        [(m, "validation") for m in sorted(requests, key=lambda m: m.__name__)]
+        + [(m, "serialization") for m in sorted(replies, key=lambda m: m.__name__)],
+        ref_template=REF,
     )
     defs: dict[str, Any] = top["$defs"]
-    for request in (openai.CompletionRequest, openai.ChatCompletionRequest):
-        defs[request.__name__]["properties"]["model"]["enum"] = [model]
+    for request in requests:
+        properties = defs[_ref(request, defs)["$ref"].rsplit("/", 1)[1]].get("properties", {})
+        if "model" in properties:
+            properties["model"]["enum"] = [model]
 
     def ref(model: type[BaseModel]) -> dict[str, Any]:
         return _ref(model, defs)
 
-    native_error, openai_error = ref(schemas.NativeError), ref(openai.ErrorResponse)
     # The key is needed only where the server is configured with keys.
     keyed: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
-    text = {"schema": {"type": "string"}}
-    native_events = _sse(
-        ["message", "error", "end"],
-        'JSON: {"text": ...} for a token event, {"message": ...} for `error`, an EndEvent for `end`.',
-    )
-    openai_events = _sse(["message"], "JSON: a chunk or an ErrorResponse; the last event is [DONE].")
-
-    def openai_route(summary: str, request: type[BaseModel], reply: type[BaseModel]) -> dict[str, Any]:
-        return {
-            "post": {
-                "summary": summary,
-                "tags": ["OpenAI-compatible"],
-                "security": keyed,
-                "requestBody": _body(ref(request)),
-                "responses": {
-                    "200": {
-                        "description": "With `stream: false`, the whole reply. " + OPENAI_STREAM,
-                        "content": {
-                            "application/json": {"schema": ref(reply)},
-                            "text/event-stream": openai_events,
-                        },
-                    },
-                    **_errors(OPENAI_ERRORS, openai_error),
-                    "500": _json(openai_error, ERROR_TEXT[500]),
-                },
-            }
-        }
-
-    paths: dict[str, Any] = {
-        "/stream": {
-            "post": {
-                "summary": "Stream a continuation of the prompt as server-sent events",
-                "tags": ["native"],
-                "security": keyed,
-                "requestBody": _body(ref(schemas.GenerateRequest)),
-                "responses": {
-                    "200": {
-                        "description": NATIVE_STREAM,
-                        "content": {"text/event-stream": native_events},
-                    },
-                    **_errors(NATIVE_ERRORS, native_error),
-                },
-            }
-        },
-        "/predict": {
-            "post": {
-                "summary": "Generate a continuation and return it whole",
-                "tags": ["native"],
-                "security": keyed,
-                "requestBody": _body(ref(schemas.GenerateRequest)),
-                "responses": {
-                    "200": _json(ref(schemas.PredictResponse)),
-                    **_errors(NATIVE_ERRORS, native_error),
-                    "500": _json(native_error, ERROR_TEXT[500]),
-                },
-            }
-        },
-        "/v1/completions": openai_route("Complete a prompt", openai.CompletionRequest, openai.Completion),
-        "/v1/chat/completions": openai_route(
-            "Reply to a conversation (built with the model's chat template)",
-            openai.ChatCompletionRequest,
-            openai.ChatCompletion,
-        ),
-        "/v1/models": {
-            "get": {
-                "summary": "The served model",
-                "tags": ["OpenAI-compatible"],
-                "security": keyed,
-                "responses": {"200": _json(ref(openai.ModelList)), **_errors((401,), openai_error)},
-            }
-        },
-        "/health": {
-            "get": {
-                "summary": "The process is up",
-                "tags": ["operations"],
-                "responses": {"200": _json(ref(schemas.Health))},
-            }
-        },
-        "/ready": {
-            "get": {
-                "summary": "The engine takes requests",
-                "tags": ["operations"],
-                "responses": {"200": _json(ref(schemas.Readiness)), **_errors((503,), native_error)},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "tags": ["operations"],
-                "responses": {
-                    "200": {"description": "Prometheus text format.", "content": {"text/plain": text}}
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "tags": ["operations"],
-                "responses": {"200": _json({"type": "object"})},
-            }
-        },
-        "/": {
-            "get": {
-                "summary": "The playground: a page that streams from the model in the browser",
-                "tags": ["operations"],
-                "responses": {"200": {"description": "HTML.", "content": {"text/html": text}}},
-            }
-        },
-    }
+    paths: dict[str, Any] = {}
+    for route in routes:
+        operation: dict[str, Any] = {"summary": route.summary, "tags": [route.tag]}
+        if not route.open:
+            operation["security"] = keyed
+        if route.request is not None:
+            body = {"application/json": {"schema": ref(route.request)}}
+            operation["requestBody"] = {"required": True, "content": body}
+        operation["responses"] = route.responses(ref)
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
@@ -237,6 +108,14 @@ async def document(request: web.Request) -> web.Response:
     return web.json_response(request.app[DOCUMENT_KEY])
 
 
-def add_routes(app: web.Application, title: str, version: str, model: str) -> None:
-    app[DOCUMENT_KEY] = build_document(title, version, model)
-    app.add_routes([web.get("/openapi.json", document)])
+ROUTES = (
+    Route(
+        "GET",
+        "/openapi.json",
+        document,
+        "This document",
+        "operations",
+        lambda ref: {"200": json_content({"type": "object"})},
+        open=True,
+    ),
+)

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import fail_step, make_engine
 from tests.sse import parse_events, text_of
 from tests.test_http import ClientFactory
-from trickle import server
+from trickle.api import native
 from trickle.api.logs import AccessLogger, ClientFaults, configure_logging
 from trickle.config import Settings
 from trickle.generation import AsyncEngine, LoadedModel
@@ -183,7 +183,7 @@ async def test_hostile_requests_and_failures_leave_no_key_authorization_or_promp
             fail_step(monkeypatch, engine, at_call=1, message="injected")
             async with session.post(f"{url}/predict", json=prompt_body, headers=AUTH) as failed:
                 assert failed.status == 500
-            monkeypatch.setattr(server, "sampling_params", lambda body: 1 / 0)
+            monkeypatch.setattr(native, "sampling_params", lambda body: 1 / 0)
             async with session.post(f"{url}/stream", json=prompt_body, headers=AUTH) as broken:
                 assert broken.status == 500
     text = log.getvalue()

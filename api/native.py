@@ -1,0 +1,186 @@
+"""The native dialect: POST /stream (server-sent events) and POST /predict (one JSON document), their
+bodies as pydantic models (what the handlers validate and what /openapi.json documents), and their
+routes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+from pydantic import BaseModel, Field
+
+from trickle.api.common import (
+    SETTINGS_KEY,
+    ClientError,
+    Refs,
+    Route,
+    admit,
+    engine_for,
+    gather,
+    json_error,
+    read_json,
+    request_error,
+    stream_events,
+)
+from trickle.api.openapi import ERROR_TEXT, errors, json_content, sse
+from trickle.generation import RequestError, RequestOutput, RequestStream, SamplingParams
+
+FinishReason = Literal["eos", "stop", "length", "cancelled", "timeout", "shutdown", "error"]
+
+
+class GenerateRequest(SamplingParams):
+    """The body of POST /stream and POST /predict."""
+
+    prompt: str = Field(min_length=1, description="The text to continue.")
+    cutoff_len: int = Field(
+        default=256, ge=1, description="Keep at most this many prompt tokens (the latest)."
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="End the request (finish_reason `timeout`) after this many seconds."
+    )
+
+
+class TokenUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = Field(
+        default=0, description="Prompt tokens whose KV the prefix cache held: they were not computed again."
+    )
+
+
+class Timings(BaseModel):
+    queue_ms: float | None = Field(description="From arrival to admission into the batch.")
+    ttft_ms: float | None = Field(description="From arrival to the first token.")
+    total_ms: float | None = Field(description="From arrival to the end.")
+
+
+class EndEvent(BaseModel):
+    """The data of the stream's last event (`event: end`); /predict returns it with the whole text."""
+
+    finish_reason: FinishReason
+    usage: TokenUsage
+    timings: Timings
+
+
+class PredictResponse(EndEvent):
+    text: str
+
+
+class NativeErrorDetail(BaseModel):
+    status: int
+    message: str
+    field: str | None = Field(default=None, description="The request field at fault, where one is.")
+
+
+class NativeError(BaseModel):
+    """The error body of every route outside /v1/."""
+
+    error: NativeErrorDetail
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def open_generation(request: web.Request) -> RequestStream:
+    """Everything that can refuse a request, done before any byte of the response is sent: the
+    returned stream has been admitted, and must be closed."""
+    body = await read_json(request, GenerateRequest)
+    engine = engine_for(request)
+    limit = request.app[SETTINGS_KEY].request_timeout
+    if body.timeout_s is not None and body.timeout_s > limit:
+        message = f"timeout_s: {body.timeout_s} exceeds the server's limit of {limit}"
+        raise ClientError(422, message, field="timeout_s")
+    prompts = engine.prompts
+    try:
+        ids = await prompts.off_loop(prompts.truncated, body.prompt, body.cutoff_len, body.max_new_tokens)
+    except RequestError as err:
+        raise request_error(err) from err
+    return admit(request, engine, ids, sampling_params(body), body.timeout_s)
+
+
+def sampling_params(body: GenerateRequest) -> SamplingParams:
+    return SamplingParams.model_validate(body.model_dump(exclude={"prompt", "cutoff_len", "timeout_s"}))
+
+
+def end_payload(output: RequestOutput) -> dict[str, Any]:
+    return {"finish_reason": output.finish_reason, "usage": output.usage, "timings": output.timings}
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    outputs = await open_generation(request)
+    return await stream_events(request, outputs, lambda response: _write_events(response, outputs))
+
+
+async def _write_events(response: EventSourceResponse, outputs: RequestStream) -> None:
+    event_id = 0
+    async for output in outputs:
+        if output.text:
+            await response.send(json.dumps({"text": output.text}), id=str(event_id))
+            event_id += 1
+        if output.error is not None:
+            await response.send(json.dumps({"message": output.error}), id=str(event_id), event="error")
+            event_id += 1
+        if output.finished:
+            await response.send(json.dumps(end_payload(output)), id=str(event_id), event="end")
+
+
+async def predict(request: web.Request) -> web.Response:
+    text, final = await gather(await open_generation(request))
+    if final is None or final.error is not None:
+        message = final.error if final is not None and final.error else "the engine stopped"
+        return json_error(request.path, 500, message)
+    return web.json_response({"text": text, **end_payload(final)})
+
+
+# ---------------------------------------------------------------- routes
+
+STREAM_TEXT = """\
+Server-sent events. Each token event is unnamed, carries an `id:` and the data `{"text": "..."}`.
+A failure sends `event: error` with `{"message": "..."}`. The last event is `event: end` with the
+data of the EndEvent schema. Comment lines (`: ping`) keep idle connections open."""
+ERRORS = (400, 401, 408, 413, 415, 422, 503)
+
+
+def _stream_responses(ref: Refs) -> dict[str, Any]:
+    events = sse(
+        ["message", "error", "end"],
+        'JSON: {"text": ...} for a token event, {"message": ...} for `error`, an EndEvent for `end`.',
+    )
+    return {
+        "200": {"description": STREAM_TEXT, "content": {"text/event-stream": events}},
+        **errors(ERRORS, ref(NativeError)),
+    }
+
+
+def _predict_responses(ref: Refs) -> dict[str, Any]:
+    return {
+        "200": json_content(ref(PredictResponse)),
+        **errors(ERRORS, ref(NativeError)),
+        "500": json_content(ref(NativeError), ERROR_TEXT[500]),
+    }
+
+
+ROUTES = (
+    Route(
+        "POST",
+        "/stream",
+        stream,
+        "Stream a continuation of the prompt as server-sent events",
+        "native",
+        _stream_responses,
+        request=GenerateRequest,
+        replies=(EndEvent, NativeError),
+    ),
+    Route(
+        "POST",
+        "/predict",
+        predict,
+        "Generate a continuation and return it whole",
+        "native",
+        _predict_responses,
+        request=GenerateRequest,
+        replies=(PredictResponse, NativeError),
+    ),
+)
