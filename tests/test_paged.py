@@ -4,12 +4,15 @@ tokens are cached prefilled only past them (exactly the same text), over HTTP.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import make_engine
+from tests.families import FAMILIES, build_from
 from tests.sse import parse_events, text_of
 from tests.test_service import metric
 from trickle.config import Settings
@@ -103,17 +106,35 @@ async def three_requests(
     return [first, second, third], moved, written_while_shared
 
 
+@pytest.fixture(scope="module")
+def wider(tiny: LoadedModel) -> LoadedModel:
+    """A Llama of 4 layers of 256, with the demo's tokenizer: big enough that prefilling 1,000 tokens
+    costs clearly more than a step's fixed work (on the demo model it took ~20 ms against ~10 ms for a
+    short tail, and a loaded machine could tip the comparison; here ~125 ms against ~20)."""
+    config = FAMILIES["llama"](len(tiny.tokenizer))
+    config.update(
+        {
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 4096,
+        }
+    )
+    return dataclasses.replace(tiny, model=build_from(config, tiny.tokenizer.eos_token_id))
+
+
 async def test_a_shared_1000_token_prefix_is_prefilled_once_for_the_same_text(
-    aiohttp_client: ClientFactory, tiny: LoadedModel
+    aiohttp_client: ClientFactory, wider: LoadedModel
 ) -> None:
-    prefix = text_of_tokens(tiny, 1000)
-    cached, moved, written_while_shared = await three_requests(aiohttp_client, tiny, prefix, cache=True)
-    uncached, _, _ = await three_requests(aiohttp_client, tiny, prefix, cache=False)
+    prefix = text_of_tokens(wider, 1000)
+    cached, moved, written_while_shared = await three_requests(aiohttp_client, wider, prefix, cache=True)
+    uncached, _, _ = await three_requests(aiohttp_client, wider, prefix, cache=False)
     assert [r["text"] for r in cached] == [r["text"] for r in uncached]
     assert all(r["usage"]["cached_tokens"] == 0 for r in uncached)
 
     first, second, third = cached
-    full_blocks = len(tiny.tokenizer.encode(prefix)) // 16 * 16
+    full_blocks = len(wider.tokenizer.encode(prefix)) // 16 * 16
     assert first["usage"]["cached_tokens"] == 0
     for later in (second, third):
         assert full_blocks - 16 <= later["usage"]["cached_tokens"] <= full_blocks
