@@ -61,7 +61,7 @@ from trickle.generation import (
     load_model,
 )
 from trickle.generation.engine import HEARTBEAT_S
-from trickle.generation.engine_config import DEFAULT_MAX_SEQ_LEN, context_length
+from trickle.generation.engine_config import context_length
 from trickle.notify import Notifier
 
 log = structlog.get_logger("server")
@@ -150,19 +150,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
     loaded = load_model(
         settings.model, dtype=settings.dtype, device=settings.device, quantize=settings.quantize
     )
-    context = context_length(loaded.model.config) or DEFAULT_MAX_SEQ_LEN
-    config = EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_seq_len=settings.max_seq_len or context,
-        prefill_token_budget=settings.prefill_token_budget,
-        kv_cache_tokens=settings.kv_cache_tokens,
-        prefix_caching=settings.prefix_cache,
-        max_queue=settings.max_queue,
-        request_timeout=settings.request_timeout,
-        memory_utilization=settings.gpu_memory_utilization,
-        cuda_graphs=settings.cuda_graphs,
-        compile=settings.compile,
-    )
+    config = EngineConfig.from_settings(settings, context_length(loaded.model.config))
     return AsyncEngine(loaded.model, loaded.tokenizer, config)
 
 

@@ -329,7 +329,7 @@ async def bench_prefix(args: argparse.Namespace, loaded: LoadedModel) -> list[Re
                 prefill_token_budget=args.prefill_token_budget,
                 # Sized as 64 rows of max_seq_len: earlier stages' engines may still hold GPU memory.
                 kv_cache_tokens=64 * args.max_seq_len,
-                prefix_caching=cache,
+                prefix_cache=cache,
             ),
         )
         await engine.start()

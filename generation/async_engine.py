@@ -126,7 +126,7 @@ class AsyncEngine:
             config.prefill_token_budget,
             runner.num_blocks,
             config.kv_block_size,
-            config.prefix_caching,
+            config.prefix_cache,
             runner.prefill_read_budget,
             runner.prefill_size,
         )

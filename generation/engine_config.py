@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 DEFAULT_MAX_SEQ_LEN = 2048  # where neither the settings nor the model's config name one
@@ -22,6 +22,9 @@ def context_length(model_config: Any) -> int | None:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """The engine's settings: the server's settings of the same names, taken whole (`from_settings`),
+    and the KV block size."""
+
     max_batch_size: int = 64
     """Most rows running at once (as many as the KV pool's blocks hold, up to this)."""
     max_seq_len: int = 2048
@@ -35,13 +38,13 @@ class EngineConfig:
     quarter of the memory available."""
     kv_block_size: int = 16
     """Positions one KV block holds."""
-    prefix_caching: bool = True
+    prefix_cache: bool = True
     """Reuse the KV blocks of prompts' shared leading tokens instead of prefilling them again."""
     max_queue: int = 256
     """Requests that may wait for a row; past it new requests are refused."""
     request_timeout: float = 600.0
     """Seconds a request may take, queued and generating, unless it asks for less."""
-    memory_utilization: float = 0.9
+    gpu_memory_utilization: float = 0.9
     """Share of the GPU's memory (or of the process's cap) that weights, activations and KV may fill."""
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (GPU only)."""
@@ -49,6 +52,14 @@ class EngineConfig:
     """torch.compile the decoder layers (for paged decode steps) and the sampler, where the step runs in
     CUDA graphs: one compiled function serves every layer of a class. A part that fails to compile, or a
     compiled step that fails to capture, runs uncompiled."""
+
+    @classmethod
+    def from_settings(cls, settings: object, context: int | None) -> EngineConfig:
+        """Every field the settings name, as they say it; `max_seq_len` None (the settings' default)
+        is the model's context length (`context`), or DEFAULT_MAX_SEQ_LEN where it names none."""
+        values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        values["max_seq_len"] = values.get("max_seq_len") or context or DEFAULT_MAX_SEQ_LEN
+        return cls(**values)
 
     def within(self, context: int | None) -> EngineConfig:
         """This config with `max_seq_len` cut to the model's context length where it is longer."""

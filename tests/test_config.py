@@ -1,7 +1,9 @@
-"""Settings: CLI flags beat environment variables, which beat a TOML file, which beats the defaults."""
+"""Settings: CLI flags beat environment variables, which beat a TOML file, which beats the defaults; the
+engine's part reaches the engine whole."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 from trickle.config import Settings, SettingsError, load_settings
+from trickle.generation.engine_config import DEFAULT_MAX_SEQ_LEN, EngineConfig
 
 
 @pytest.fixture
@@ -103,3 +106,33 @@ def test_help_version_and_a_bad_setting_answer_within_two_seconds_from_a_cold_st
     bad, took = cold_cli("--port", "70000")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and took < 2.0
     assert "torch" not in bad.stderr
+
+
+def test_the_engine_takes_its_settings_whole_under_the_same_names_and_defaults() -> None:
+    """Every engine field but the KV block size is a setting of the same name and default, and each
+    setting given reaches the engine as given; an unset max_seq_len is the model's context length."""
+    engine_fields = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    del engine_fields["kv_block_size"]
+    settings_fields = Settings.model_fields
+    for name, default in engine_fields.items():
+        assert name in settings_fields, name
+        if name != "max_seq_len":  # the settings' None: the model's context length
+            assert settings_fields[name].default == default, name
+    given = Settings(
+        max_batch_size=3,
+        max_seq_len=300,
+        prefill_token_budget=77,
+        kv_cache_tokens=4096,
+        prefix_cache=False,
+        gpu_memory_utilization=0.5,
+        cuda_graphs=False,
+        compile=False,
+        max_queue=9,
+        request_timeout=12.0,
+    )
+    config = EngineConfig.from_settings(given, context=8192)
+    assert {name: getattr(config, name) for name in engine_fields} == {
+        name: getattr(given, name) for name in engine_fields
+    }
+    assert EngineConfig.from_settings(Settings(), context=8192).max_seq_len == 8192
+    assert EngineConfig.from_settings(Settings(), context=None).max_seq_len == DEFAULT_MAX_SEQ_LEN

@@ -80,7 +80,7 @@ async def three_requests(
 ) -> tuple[list[dict[str, Any]], dict[str, float], list[int]]:
     """One request, then two at once, all after one long prefix: their results, the prefix-cache
     counters' moves over the two, and the blocks any forward wrote while several rows held them."""
-    engine = make_engine(tiny, max_seq_len=2048, prefix_caching=cache)
+    engine = make_engine(tiny, max_seq_len=2048, prefix_cache=cache)
     written_while_shared: list[int] = []
     pool, cache_ = engine.engine.scheduler.pool, engine.engine.runner.cache
     for_forward = cache_.for_forward

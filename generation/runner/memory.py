@@ -55,7 +55,7 @@ def plan_blocks(
     elif device.type == "cuda":
         per_token, activations = _profile(config, device, limits, trial, gathers)
         total = torch.cuda.get_device_properties(device).total_memory
-        allowed = total * config.memory_utilization * _memory_cap(device)
+        allowed = total * config.gpu_memory_utilization * _memory_cap(device)
         free = allowed - torch.cuda.memory_allocated(device) - activations
         tokens = max(0, int(free // per_token))
     else:
