@@ -114,6 +114,13 @@ class ModelRunner:
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        # Timing events around a step's decode part (a GPU only): two pairs, as the step launched next
+        # records into one while the step in flight may still be read from the other.
+        timed = self.device.type == "cuda"
+        self._decode_events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(2 * timed)
+        ]
         self.graphs = StepGraphs(self.device, self._run_part)
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
@@ -151,8 +158,9 @@ class ModelRunner:
         # host-to-device copies carries the rows that changed.
         self._static.load(batch.rows, len(batch.decode))
         events = None
-        if batch.decode and self.device.type == "cuda":
-            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if batch.decode and self._decode_events:
+            events = self._decode_events.pop(0)
+            self._decode_events.append(events)
             events[0].record()
         tokens = [self._decode(batch.decode)] if batch.decode else []
         if events is not None:
