@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -18,8 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from trickle.config import Settings
 from trickle.generation import (
-    AsyncEngine,
     EngineUnavailableError,
+    Prompts,
     QueueFullError,
     RequestError,
     RequestOutput,
@@ -57,12 +57,32 @@ class Route:
 SETTINGS_KEY = web.AppKey("settings", Settings)
 
 
+class ServedEngine(Protocol):
+    """The engine as the routes use it: AsyncEngine in the engine's own process, RemoteEngine in an HTTP
+    worker process."""
+
+    prompts: Prompts
+
+    @property
+    def unavailable(self) -> str | None: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_waiting(self) -> int: ...
+    def check_admissible(self) -> None: ...
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
+    ) -> RequestStream: ...
+    async def metrics_text(self) -> bytes: ...
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class EngineSlot:
     """The app's engine once it runs, and until then what the server is doing (for /ready). A slot set
     once the app has started, which aiohttp's frozen app mapping would not allow."""
 
-    engine: AsyncEngine | None = None
+    engine: ServedEngine | None = None
     doing: str = "the model is not ready"
     startup: asyncio.Task[None] | None = None
     """The task that builds and starts the engine, where `serve` builds it after binding the port."""
@@ -184,7 +204,7 @@ def _validated(body: Any, model: type[Body], invalid_status: int) -> Body:
         raise validation_error(err, invalid_status) from err
 
 
-def engine_for(request: web.Request) -> AsyncEngine:
+def engine_for(request: web.Request) -> ServedEngine:
     """The engine, when it would take a request now; 503 otherwise (not built yet, not running, draining,
     queue full), before the request's prompt costs any work. `admit` asks again."""
     engine = request.app[ENGINE_KEY].engine
@@ -197,7 +217,7 @@ def engine_for(request: web.Request) -> AsyncEngine:
 
 def admit(
     request: web.Request,
-    engine: AsyncEngine,
+    engine: ServedEngine,
     prompt_ids: list[int],
     params: SamplingParams,
     timeout: float | None = None,

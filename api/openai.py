@@ -388,7 +388,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine = engine_for(request)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     ids = await engine.prompts.off_loop(_prompt_ids, engine.prompts, text, "prompt")
-    outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.config.max_seq_len))
+    outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.prompts.max_seq_len))
     reply = _Reply(f"cmpl-{outputs.request_id}", body.model)
 
     def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
@@ -405,7 +405,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     engine = engine_for(request)
     ids = await engine.prompts.off_loop(_chat_ids, engine.prompts, body.messages)
-    outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.config.max_seq_len))
+    outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.prompts.max_seq_len))
     reply = _Reply(f"chatcmpl-{outputs.request_id}", body.model)
 
     def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:

@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, Field
 
-from trickle.api.common import ENGINE_KEY, RETRY_AFTER_NOT_READY, Refs, Route, json_error
+from trickle.api.common import ENGINE_KEY, RETRY_AFTER_NOT_READY, Refs, Route, ServedEngine, json_error
 from trickle.api.native import NativeError
 from trickle.api.openapi import TEXT, errors, json_content
 
@@ -38,6 +38,16 @@ class HttpMetrics:
             registry=self.registry,
         )
 
+    def record(self, route: str, status: int) -> None:
+        self.responses.labels(route=route, status=str(status)).inc()
+
+    async def text(self, engine: ServedEngine | None) -> bytes:
+        """The whole server's metrics in Prometheus' text format: these and the engine's."""
+        body = generate_latest(self.registry)
+        if engine is not None:
+            body += await engine.metrics_text()
+        return body
+
 
 HTTP_METRICS_KEY = web.AppKey("http_metrics", HttpMetrics)
 
@@ -59,10 +69,7 @@ async def ready(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format: the engine's metrics and the HTTP responses by route and status."""
-    body = generate_latest(request.app[HTTP_METRICS_KEY].registry)
-    engine = request.app[ENGINE_KEY].engine
-    if engine is not None:
-        body += generate_latest(engine.metrics.registry)
+    body = await request.app[HTTP_METRICS_KEY].text(request.app[ENGINE_KEY].engine)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

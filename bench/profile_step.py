@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from trickle.generation import AsyncEngine, EngineConfig, SamplingParams, load_model
-from trickle.generation.detokenizer import IncrementalDetokenizer
 from trickle.generation.sampler import FULL, PLAIN, TOP_K, sample, sample_rows
 from trickle.generation.scheduler import ScheduledBatch
 from trickle.generation.sequence import Sequence, Status
@@ -119,7 +118,7 @@ def make_rows(  # type: ignore[no-untyped-def]
     per_row = -(-(prompt + generated + 256) // 16)
     for i in range(first, first + count):
         ids = [int(x) for x in torch.randint(300, 30000, (prompt,))]
-        seq = Sequence(f"{name}{i}", ids, params, i, IncrementalDetokenizer(tokenizer, ids, []))
+        seq = Sequence(f"{name}{i}", ids, params, i)
         seq.slot, seq.status = i, Status.RUNNING
         seq.output_ids = [5] * generated
         seq.launched = generated
@@ -203,9 +202,6 @@ def main() -> None:
                 "load_inputs_steady_ms": timed(lambda: advance_and_load(runner, rows)),
                 "eager_sample_ms": timed(
                     lambda: sample_rows(logits, sampling, runner.seen[:b], runner.eos_mask)
-                ),
-                "detokenize_ms": timed(
-                    lambda: [seq.detokenizer.step(1000 + j) for j, seq in enumerate(rows)], 5
                 ),
             }
             by_mode = {}

@@ -5,13 +5,13 @@ from trickle.generation.async_engine import (
     EngineConfig,
     EngineUnavailableError,
     QueueFullError,
-    RequestStream,
 )
 from trickle.generation.loader import LoadedModel, ModelLoadError, check_source, load_model
 from trickle.generation.messages import RequestOutput
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts, RequestError
 from trickle.generation.runner import ModelRunError
+from trickle.generation.streams import RequestStream
 
 __all__ = [
     "AsyncEngine",

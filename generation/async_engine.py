@@ -1,4 +1,5 @@
-"""AsyncEngine: the asyncio side of the engine. Submit a request, iterate its text deltas, cancel on exit."""
+"""The asyncio side of the engine: EngineCore (the engine thread and its metrics, on an event loop) and
+AsyncEngine (with the requests served in the same process: submit, iterate the text, cancel on exit)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import structlog
+from prometheus_client import generate_latest
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from trickle.generation.engine import Engine
 from trickle.generation.engine_config import EngineConfig, context_length
-from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
+from trickle.generation.messages import AddRequest, StepReport, TokenOutput
 from trickle.generation.metrics import EngineMetrics
 from trickle.generation.params import MAX_SEED, SamplingParams
 from trickle.generation.prompts import Prompts
 from trickle.generation.runner import ModelRunner
 from trickle.generation.scheduler import SchedulerConfig
+from trickle.generation.streams import RequestStream, Streams
 
 log = structlog.get_logger("generation.engine")
 
@@ -67,29 +71,11 @@ class FinishRate:
             self._times.popleft()
 
 
-class RequestStream:
-    """One request's outputs, in order. Closing it before the end cancels the request; reading the
-    final output releases it. `request_id` is the engine's key for it, made by the engine and unique."""
-
-    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
-        self.request_id = request_id
-        self._engine, self._queue = engine, queue
-        self._finished = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._finished:
-            raise StopAsyncIteration
-        output = await self._queue.get()
-        if output.finished:
-            self._finished = True
-            self._engine._release(self.request_id, finished=True)
-        return output
-
-    async def aclose(self) -> None:
-        self._engine._release(self.request_id, finished=self._finished)
+def new_request(prompt_ids: list[int], params: SamplingParams, timeout: float, label: str) -> AddRequest:
+    """A request admitted now: an engine key (unique, whatever the label), a seed, a deadline."""
+    seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
+    now = time.monotonic()
+    return AddRequest(uuid.uuid4().hex, prompt_ids, params, seed, now, now + timeout, label)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> set[int]:
@@ -100,25 +86,24 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> set[
     return ids
 
 
-class AsyncEngine:
-    """Owns the engine thread and one asyncio queue per live request.
+class EngineCore:
+    """The engine thread and what its process keeps of it: the metrics, the running and waiting counts,
+    and how fast requests finish (for Retry-After).
 
     The engine thread hands each step's outputs to the event loop with one `call_soon_threadsafe`;
-    `generate` reads its queue and, when its caller goes away before the end, sends an abort so that
-    the row leaves the batch at the next step.
+    `_deliver` records them, then gives them to `deliver_outputs` (the subclass's: its own streams, or
+    the HTTP workers whose requests they are). `live` counts the requests held for callers.
     """
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
     ) -> None:
-        self.tokenizer = tokenizer
         asked = config.max_seq_len
         self.config = config = config.within(context_length(model.config))
         if config.max_seq_len < asked:
             log.info(
                 "max_seq_len cut to the model's context length", asked=asked, max_seq_len=config.max_seq_len
             )
-        self.prompts = Prompts(tokenizer, config.max_seq_len)
         eos_ids = _eos_ids(model, tokenizer)
         runner = ModelRunner(model, config, eos_ids)
         scheduler_config = SchedulerConfig(
@@ -130,16 +115,27 @@ class AsyncEngine:
             runner.prefill_read_budget,
             runner.prefill_size,
         )
-        self.engine = Engine(runner, tokenizer.backend_tokenizer, scheduler_config, eos_ids, self._on_report)
+        self.engine = Engine(runner, scheduler_config, eos_ids, self._on_report)
         self.num_running = 0
         self.num_waiting = 0
         self.steps = 0
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
         self.finish_rate = FinishRate()
         self.draining = False
         self.metrics = EngineMetrics(self.engine.scheduler.kv_capacity)
+
+    @property
+    def capacity(self) -> int:
+        """Requests held at once: every row, and the waiting queue."""
+        return self.engine.runner.max_rows + self.config.max_queue
+
+    @property
+    def live(self) -> int:
+        raise NotImplementedError
+
+    def deliver_outputs(self, outputs: list[TokenOutput]) -> None:
+        raise NotImplementedError
 
     async def start(self) -> None:
         """Run the model once (ModelRunError if it cannot run), capture the decode graphs (on a GPU), then
@@ -150,7 +146,6 @@ class AsyncEngine:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.engine.stop)
-        self.prompts.close()
 
     @property
     def ready(self) -> bool:
@@ -163,42 +158,6 @@ class AsyncEngine:
             return "the server is draining"
         return None if self.ready else "the model is not ready"
 
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
-    ) -> RequestStream:
-        """Admit a request now and return its stream of outputs (the last one has a finish_reason).
-
-        Raises at once, before anything is streamed: EngineUnavailableError when the engine is not
-        running or is draining, QueueFullError when the waiting queue is full. `timeout` (seconds)
-        defaults to the engine's request timeout; past it the request ends with `timeout`. `label` (the
-        client's request id, say) names the request in logs; it is never a key: two requests with the
-        same label are two requests.
-        """
-        self.check_admissible()
-        request_id = uuid.uuid4().hex
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._queues[request_id] = queue
-        seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
-        now = time.monotonic()
-        deadline = now + (timeout if timeout is not None else self.config.request_timeout)
-        self.engine.submit(AddRequest(request_id, prompt_ids, params, seed, now, deadline, label))
-        return RequestStream(self, request_id, queue)
-
-    def check_admissible(self) -> None:
-        """EngineUnavailableError when the engine is not running or is draining, QueueFullError when the
-        waiting queue is full: what `generate` would refuse now, asked before the work of tokenizing."""
-        if self.unavailable is not None:
-            raise EngineUnavailableError(self.unavailable)
-        if len(self._queues) >= self.engine.runner.max_rows + self.config.max_queue:
-            raise QueueFullError(self.retry_after())
-
-    def _release(self, request_id: str, finished: bool) -> None:
-        if self._queues.pop(request_id, None) is None:
-            return
-        if not finished:
-            self.engine.submit(AbortRequest(request_id))
-        self._notify()
-
     def alive_within(self, seconds: float) -> bool:
         """The engine thread runs and has turned its loop within `seconds` (a hung step has not)."""
         return self.ready and time.monotonic() - self.engine.heartbeat < seconds
@@ -208,7 +167,7 @@ class AsyncEngine:
         rate = self.finish_rate.per_second()
         if not rate:
             return DEFAULT_RETRY_AFTER_S
-        waiting = max(0, len(self._queues) - self.engine.runner.max_rows)
+        waiting = max(0, self.live - self.engine.runner.max_rows)
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil((waiting + 1) / rate)))
 
     async def drain(self, timeout: float) -> None:
@@ -216,10 +175,10 @@ class AsyncEngine:
         engine: whatever is still running ends with finish_reason `shutdown`."""
         self.draining = True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wait_until(lambda e: not e._queues), timeout)
+            await asyncio.wait_for(self.wait_until(lambda e: not e.live), timeout)
         await self.stop()
 
-    async def wait_until(self, predicate: Callable[[AsyncEngine], bool]) -> None:
+    async def wait_until(self, predicate: Callable[[Any], bool]) -> None:
         """Wait, without polling, until `predicate(self)` holds after an engine report or a released
         request."""
         while not predicate(self):
@@ -237,11 +196,62 @@ class AsyncEngine:
     def _deliver(self, report: StepReport) -> None:
         self.metrics.record_step(report)
         for output in report.outputs:
-            queue = self._queues.get(output.request_id)
-            if queue is not None:
-                queue.put_nowait(output)
             if output.finished:
                 self.finish_rate.record()
                 self.metrics.record_finished(output)
         self.num_running, self.num_waiting, self.steps = report.num_running, report.num_waiting, report.step
+        self.deliver_outputs(report.outputs)
         self._notify()
+
+
+class AsyncEngine(EngineCore):
+    """The engine with its requests served in the same process: submit a request, iterate its text,
+    cancel on exit. `Streams` turns the tokens into text on the event loop."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
+    ) -> None:
+        super().__init__(model, tokenizer, config)
+        self.tokenizer = tokenizer
+        self.prompts = Prompts(tokenizer, self.config.max_seq_len)
+        self.streams = Streams(tokenizer.backend_tokenizer, self.engine.submit)
+        self.streams.on_release = self._notify
+
+    @property
+    def live(self) -> int:
+        return len(self.streams)
+
+    def deliver_outputs(self, outputs: list[TokenOutput]) -> None:
+        self.streams.feed(outputs)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.prompts.close()
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
+    ) -> RequestStream:
+        """Admit a request now and return its stream of outputs (the last one has a finish_reason).
+
+        Raises at once, before anything is streamed: EngineUnavailableError when the engine is not
+        running or is draining, QueueFullError when the waiting queue is full. `timeout` (seconds)
+        defaults to the engine's request timeout; past it the request ends with `timeout`. `label` (the
+        client's request id, say) names the request in logs; it is never a key: two requests with the
+        same label are two requests.
+        """
+        self.check_admissible()
+        return self.streams.open(
+            new_request(prompt_ids, params, timeout or self.config.request_timeout, label)
+        )
+
+    def check_admissible(self) -> None:
+        """EngineUnavailableError when the engine is not running or is draining, QueueFullError when the
+        waiting queue is full: what `generate` would refuse now, asked before the work of tokenizing."""
+        if self.unavailable is not None:
+            raise EngineUnavailableError(self.unavailable)
+        if self.live >= self.capacity:
+            raise QueueFullError(self.retry_after())
+
+    async def metrics_text(self) -> bytes:
+        """The engine's metrics, in Prometheus' text format."""
+        return generate_latest(self.metrics.registry)

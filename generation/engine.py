@@ -9,10 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from tokenizers import Tokenizer
 
-from trickle.generation.detokenizer import IncrementalDetokenizer
-from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, StepReport
+from trickle.generation.messages import AbortRequest, AddRequest, StepReport, TokenOutput
 from trickle.generation.runner import Launched, ModelRunner
 from trickle.generation.scheduler import Scheduler, SchedulerConfig
 from trickle.generation.sequence import Sequence, Status
@@ -38,20 +36,15 @@ class Engine:
     """Continuous batching on one thread.
 
     `submit` and `stop` may be called from any thread; everything else runs on the engine thread. After
-    every step that changed anything, `report` is called (on the engine thread) with the step's outputs;
-    it must hand them over to their consumers without blocking.
+    every step that changed anything, `report` is called (on the engine thread) with the step's outputs,
+    token ids: text is made where the requests are served (`Streams`), never on this thread. `report`
+    must hand them over to their consumers without blocking.
     """
 
     def __init__(
-        self,
-        runner: ModelRunner,
-        tokenizer: Tokenizer,
-        config: SchedulerConfig,
-        eos_ids: set[int],
-        report: Reporter,
+        self, runner: ModelRunner, config: SchedulerConfig, eos_ids: set[int], report: Reporter
     ) -> None:
         self.runner = runner
-        self.tokenizer = tokenizer
         self.scheduler = Scheduler(config)
         self.eos_ids = eos_ids
         self.report = report
@@ -59,7 +52,7 @@ class Engine:
         self.heartbeat = time.monotonic()
         self._previous_step_end = 0.0
         self._step_stats = StepStats()  # of the last step collected
-        self._pending: list[RequestOutput] = []
+        self._pending: list[TokenOutput] = []
         self._in_flight: Launched | None = None
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -130,17 +123,18 @@ class Engine:
 
     def _handle(self, message: AddRequest | AbortRequest) -> None:
         if isinstance(message, AbortRequest):
-            seq = self.scheduler.abort(message.request_id)
+            stop = message.stop_at is not None
+            seq = self.scheduler.abort(message.request_id, Status.FINISHED_STOP if stop else Status.CANCELLED)
             if seq is not None:
+                if stop:  # the tokens after the stop string's end are not the request's
+                    del seq.output_ids[message.stop_at :]
                 self._pending.append(self._final_output(seq))
             return
-        detokenizer = IncrementalDetokenizer(self.tokenizer, message.prompt_ids, message.params.stop)
         seq = Sequence(
             message.request_id,
             message.prompt_ids,
             message.params,
             message.seed,
-            detokenizer,
             arrival_time=message.arrival_time,
             deadline=message.deadline,
             label=message.label,
@@ -168,7 +162,7 @@ class Engine:
             seq.row_index = index
         return launched
 
-    def _collect(self, launched: Launched) -> list[RequestOutput]:
+    def _collect(self, launched: Launched) -> list[TokenOutput]:
         waited = time.monotonic()
         try:
             tokens = self.runner.collect(launched)
@@ -185,11 +179,11 @@ class Engine:
         for seq, token in zip(launched.rows, tokens, strict=True):
             if seq.is_finished:  # cancelled, timed out or stopped while this step was in flight
                 continue
-            text = self._append(seq, token, now)
+            self._append(seq, token, now)
             if seq.is_finished:
-                outputs.append(self._final_output(seq, text + self._tail(seq)))
-            elif text:
-                outputs.append(RequestOutput(seq.request_id, text))
+                outputs.append(self._final_output(seq, token))
+            else:
+                outputs.append(TokenOutput(seq.request_id, token))
         return outputs
 
     def _fail(self, rows: list[Sequence], err: Exception) -> None:
@@ -201,33 +195,25 @@ class Engine:
                 seq.finish(Status.ERROR, error=f"generation failed: {type(err).__name__}")
                 self._pending.append(self._final_output(seq))
 
-    def _append(self, seq: Sequence, token: int, now: float) -> str:
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.output_ids.append(token)
-        text = seq.detokenizer.step(token)
-        if seq.detokenizer.stopped:
-            seq.finish(Status.FINISHED_STOP)
-        elif token in self.eos_ids:
+        if token in self.eos_ids:
             seq.finish(Status.FINISHED_EOS)
         elif seq.num_completion_tokens >= seq.params.max_new_tokens:
             seq.finish(Status.FINISHED_LENGTH)
-        return text
 
-    @staticmethod
-    def _tail(seq: Sequence) -> str:
-        return "" if seq.status is Status.FINISHED_STOP else seq.detokenizer.flush()
-
-    def _final_output(self, seq: Sequence, text: str = "") -> RequestOutput:
+    def _final_output(self, seq: Sequence, token: int | None = None) -> TokenOutput:
         log.info(
             "request finished",
             request_id=seq.log_name,
             finish_reason=seq.finish_reason,
             completion_tokens=seq.num_completion_tokens,
         )
-        return RequestOutput(
+        return TokenOutput(
             seq.request_id,
-            text,
+            token,
             finish_reason=seq.finish_reason,
             error=seq.error,
             usage={
@@ -238,7 +224,7 @@ class Engine:
             timings=seq.timings_ms(),
         )
 
-    def _finish_all(self, status: Status, error: str | None = None) -> list[RequestOutput]:
+    def _finish_all(self, status: Status, error: str | None = None) -> list[TokenOutput]:
         outputs = []
         in_flight = self._in_flight.rows if self._in_flight is not None else []
         for seq in {id(seq): seq for seq in [*self.scheduler, *in_flight]}.values():
@@ -247,7 +233,7 @@ class Engine:
                 outputs.append(self._final_output(seq))
         return outputs
 
-    def _report(self, outputs: list[RequestOutput]) -> None:
+    def _report(self, outputs: list[TokenOutput]) -> None:
         stats, self._step_stats = self._step_stats, StepStats()
         self.report(
             StepReport(

@@ -24,14 +24,33 @@ class AddRequest:
 
 @dataclass(frozen=True)
 class AbortRequest:
-    """Event loop -> engine: the caller went away; free the row."""
+    """Event loop -> engine: free the row. The caller went away (the request ends `cancelled`), or, with
+    `stop_at`, its text reached a stop string at that many generated tokens (it ends `stop`)."""
 
     request_id: str
+    stop_at: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """Engine -> event loop: one request's new token, and how it ended once it has. Only the tokens the
+    engine keeps count in `usage`; a final output may come without a token (a cancel, a timeout)."""
+
+    request_id: str
+    token: int | None
+    finish_reason: str | None = None
+    error: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """Engine -> event loop: new text for one request, and how it ended once it has."""
+    """What a request's stream yields: new text, and how it ended once it has."""
 
     request_id: str
     text: str
@@ -50,7 +69,7 @@ class StepReport:
     """Engine -> event loop, once per step: the outputs of the step and the engine's load after it."""
 
     step: int
-    outputs: list[RequestOutput]
+    outputs: list[TokenOutput]
     num_running: int
     num_waiting: int
     decoded_rows: int = 0
@@ -59,7 +78,7 @@ class StepReport:
     """Time since the previous step ended (or since this one began, after an idle spell)."""
     wait_seconds: float = 0.0
     """Of that, the time the engine thread waited for the device to finish the step; the rest is the
-    host's work (scheduling, inputs, launching, detokenizing)."""
+    host's work (scheduling, inputs, launching, reading the tokens back)."""
     decode_device_seconds: float = 0.0
     """The step's decode forward and sampling on the device (GPU only; 0 elsewhere)."""
     kv_tokens: int = 0

@@ -112,12 +112,13 @@ class Scheduler:
     def find(self, request_id: str) -> Sequence | None:
         return next((seq for seq in self if seq.request_id == request_id), None)
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Mark a live sequence cancelled; it leaves at the next `schedule`. Returns it, if it was live."""
+    def abort(self, request_id: str, status: Status = Status.CANCELLED) -> Sequence | None:
+        """Finish a live sequence with `status`; it leaves at the next `schedule`. Returns it, if it was
+        live."""
         seq = self.find(request_id)
         if seq is None or seq.is_finished:
             return None
-        seq.finish(Status.CANCELLED)
+        seq.finish(status)
         return seq
 
     def expire(self, now: float) -> list[Sequence]:

@@ -6,7 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from trickle.generation.detokenizer import IncrementalDetokenizer
 from trickle.generation.params import SamplingParams
 
 
@@ -43,7 +42,6 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     seed: int
-    detokenizer: IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

@@ -11,12 +11,8 @@ from trickle.generation.runner.inputs import StepInputs
 from trickle.generation.sequence import Sequence, Status
 
 
-class NoText:
-    stopped = False
-
-
 def row(name: str, prompt_len: int, **params: float) -> Sequence:
-    seq = Sequence(name, list(range(3, 3 + prompt_len)), SamplingParams(**params), 7, NoText())  # type: ignore[arg-type]
+    seq = Sequence(name, list(range(3, 3 + prompt_len)), SamplingParams(**params), 7)
     seq.status = Status.RUNNING
     return seq
 
@@ -79,3 +75,4 @@ def test_rows_stepped_again_without_a_launch_are_written_again() -> None:
     inputs.load(rows, 2)
     assert inputs.written == 2
     assert torch.equal(inputs.longs, first)
+

@@ -17,7 +17,6 @@ import torch
 
 from tests.conftest import make_engine
 from trickle.generation import LoadedModel, SamplingParams
-from trickle.generation.detokenizer import IncrementalDetokenizer
 from trickle.generation.kv import attention as paged_attention
 from trickle.generation.models import decoder_layers
 from trickle.generation.runner import ModelRunner
@@ -33,7 +32,7 @@ def newcomers(runner: ModelRunner, loaded: LoadedModel, prompts: list[str]) -> l
     for slot, prompt in enumerate(prompts):
         ids = loaded.tokenizer.encode(prompt)
         params = SamplingParams(temperature=0.0, repetition_penalty=1.3)
-        seq = Sequence(f"r{slot}", ids, params, slot, IncrementalDetokenizer(loaded.tokenizer, ids, []))
+        seq = Sequence(f"r{slot}", ids, params, slot)
         seq.slot, seq.status = slot, Status.RUNNING
         count = -(-len(ids) // runner.block_size)
         seq.blocks = list(range(next_block, next_block + count))

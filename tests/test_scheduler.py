@@ -7,14 +7,10 @@ from trickle.generation.scheduler import ScheduledBatch, Scheduler, SchedulerCon
 from trickle.generation.sequence import Sequence, Status
 
 
-class NoText:
-    stopped = False
-
-
 def seq(name: str, prompt_len: int = 4, first: int = 0, max_new_tokens: int = 256) -> Sequence:
     params = SamplingParams(max_new_tokens=max_new_tokens)
     prompt = list(range(first, first + prompt_len))
-    return Sequence(name, prompt, params, 0, NoText())  # type: ignore[arg-type]
+    return Sequence(name, prompt, params, 0)
 
 
 def config(
@@ -170,7 +166,7 @@ def test_a_shared_prefix_is_found_in_the_cache_and_shared_read_only() -> None:
     first = seq("first", 10)
     scheduler.add(first)
     run_step(scheduler)
-    second = Sequence("second", [*range(8), 99, 98], SamplingParams(), 0, NoText())  # type: ignore[arg-type]
+    second = Sequence("second", [*range(8), 99, 98], SamplingParams(), 0)
     scheduler.add(second)
     batch = run_step(scheduler)
     assert batch.prefill == [second]

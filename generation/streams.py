@@ -1,0 +1,128 @@
+"""Streams: the requests one event loop serves, each turned from the engine's token ids into text.
+
+The engine thread hands over token ids only. Where the HTTP responses are written (the engine's own
+process, or an HTTP worker process), `Streams` keeps each live request's incremental detokenizer and
+queue: the per-token text work runs beside the socket writes it feeds, never on the engine thread. A
+stop string is found here too; the engine hears of it as an abort that names how many tokens count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from trickle.generation.detokenizer import IncrementalDetokenizer
+from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, TokenOutput
+
+# The engine's reasons after which the text still held back (an unfinished character, a possible start of
+# a stop string) is released: the output ended on its own. Other ends (cancelled, timeout, shutdown,
+# error) cut it where it was.
+FLUSHED = frozenset({"eos", "length"})
+
+
+@dataclass(eq=False)
+class _Live:
+    detokenizer: IncrementalDetokenizer
+    queue: asyncio.Queue[RequestOutput]
+    tokens: int = 0
+    stopped_at: int | None = None
+    """Tokens up to the end of the stop string, once one was found; later tokens are not the request's."""
+    held: str = ""
+    """Text before the stop string, given with the final output once the engine confirms the end."""
+
+
+class RequestStream:
+    """One request's outputs, in order. Closing it before the end cancels the request; reading the
+    final output releases it. `request_id` is the engine's key for it, made where it was admitted."""
+
+    def __init__(self, streams: Streams, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+        self.request_id = request_id
+        self._streams, self._queue = streams, queue
+        self._finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        output = await self._queue.get()
+        if output.finished:
+            self._finished = True
+            self._streams.release(self.request_id, finished=True)
+        return output
+
+    async def aclose(self) -> None:
+        self._streams.release(self.request_id, finished=self._finished)
+
+
+class Streams:
+    """The live requests of one event loop. `send` carries requests and aborts to the engine (its inbox,
+    or the link to the engine's process); `feed` takes each step's outputs on the event loop."""
+
+    def __init__(self, tokenizer: Tokenizer, send: Callable[[AddRequest | AbortRequest], None]) -> None:
+        self.tokenizer = tokenizer
+        self._send = send
+        self._live: dict[str, _Live] = {}
+        self.on_release: Callable[[], None] = lambda: None
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._live
+
+    def open(self, add: AddRequest) -> RequestStream:
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        detokenizer = IncrementalDetokenizer(self.tokenizer, add.prompt_ids, add.params.stop)
+        self._live[add.request_id] = _Live(detokenizer, queue)
+        self._send(add)
+        return RequestStream(self, add.request_id, queue)
+
+    def release(self, request_id: str, finished: bool) -> None:
+        """Forget a request; one its reader left before the end is aborted."""
+        if self._live.pop(request_id, None) is None:
+            return
+        if not finished:
+            self._send(AbortRequest(request_id))
+        self.on_release()
+
+    def feed(self, outputs: Iterable[TokenOutput]) -> None:
+        for output in outputs:
+            live = self._live.get(output.request_id)
+            if live is not None:
+                self._feed_one(live, output)
+
+    def _feed_one(self, live: _Live, output: TokenOutput) -> None:
+        if live.stopped_at is not None:  # waiting for the engine to confirm the end
+            if output.finished:
+                usage = {**output.usage, "completion_tokens": live.stopped_at}
+                live.queue.put_nowait(
+                    RequestOutput(output.request_id, live.held, "stop", None, usage, output.timings)
+                )
+            return
+        text = ""
+        if output.token is not None:
+            live.tokens += 1
+            text = live.detokenizer.step(output.token)
+            if live.detokenizer.stopped:
+                live.stopped_at, live.held = live.tokens, text
+                if output.finished:  # the same step ended it: nothing more will come
+                    self._feed_one(live, output)
+                else:
+                    self._send(AbortRequest(output.request_id, stop_at=live.tokens))
+                return
+        if not output.finished:
+            if text:
+                live.queue.put_nowait(RequestOutput(output.request_id, text))
+            return
+        if output.finish_reason in FLUSHED:
+            text += live.detokenizer.flush()
+        live.queue.put_nowait(
+            RequestOutput(
+                output.request_id, text, output.finish_reason, output.error, output.usage, output.timings
+            )
+        )
