@@ -28,11 +28,12 @@ import hmac
 import re
 import resource
 import signal
+import socket
 import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import cast
+from typing import TypeVar, cast
 
 import structlog
 from aiohttp import web
@@ -50,6 +51,7 @@ from trickle.api.common import (
 )
 from trickle.api.logs import AccessLogger, configure_logging
 from trickle.api.operations import HTTP_METRICS_KEY, HttpMetrics
+from trickle.api.workers import Workers
 from trickle.config import Settings
 from trickle.config.cli import version
 from trickle.generation import (
@@ -60,8 +62,10 @@ from trickle.generation import (
     check_source,
     load_model,
 )
+from trickle.generation.async_engine import EngineCore
 from trickle.generation.engine import HEARTBEAT_S
 from trickle.generation.engine_config import context_length
+from trickle.generation.remote import EngineHost, State
 from trickle.notify import Notifier
 
 log = structlog.get_logger("server")
@@ -79,6 +83,8 @@ KEEPALIVE_TIMEOUT_S = 75.0
 # Open files beside the clients' sockets: model shards, the tokenizer, the GPU driver's device nodes,
 # idle keep-alive connections, logs.
 FILES_RESERVE = 512
+Built = TypeVar("Built")
+Core = TypeVar("Core", bound=EngineCore)
 
 # ---------------------------------------------------------------- middlewares
 
@@ -100,7 +106,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     response = await handler(request)
     info = request.match_info.route.resource
     route = info.canonical if info is not None else "unmatched"
-    request.app[HTTP_METRICS_KEY].responses.labels(route=route, status=str(response.status)).inc()
+    request.app[HTTP_METRICS_KEY].record(route, response.status)
     return response
 
 
@@ -145,13 +151,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # ---------------------------------------------------------------- app
 
 
-def build_engine(settings: Settings) -> AsyncEngine:
-    """Load the model named by the settings and wrap it in an (unstarted) engine."""
+def build_engine(settings: Settings, kind: type[Core] = AsyncEngine) -> Core:  # type: ignore[assignment]
+    """Load the model named by the settings and wrap it in an (unstarted) engine: an AsyncEngine, which
+    serves its requests in this process, or an EngineHost, which serves HTTP workers'."""
     loaded = load_model(
         settings.model, dtype=settings.dtype, device=settings.device, quantize=settings.quantize
     )
     config = EngineConfig.from_settings(settings, context_length(loaded.model.config))
-    return AsyncEngine(loaded.model, loaded.tokenizer, config)
+    return kind(loaded.model, loaded.tokenizer, config)
 
 
 def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.Application:
@@ -203,25 +210,23 @@ async def _build_and_start(app: web.Application) -> None:
     await _start_engine(app, engine)
 
 
-def _in_daemon_thread(
-    work: Callable[[Settings], AsyncEngine], settings: Settings
-) -> asyncio.Future[AsyncEngine]:
-    """`work(settings)` on a daemon thread: a process told to stop while a model loads exits without
+def _in_daemon_thread(work: Callable[..., Built], *args: object) -> asyncio.Future[Built]:
+    """`work(*args)` on a daemon thread: a process told to stop while a model loads exits without
     waiting for the load (a default executor's thread would be joined at exit)."""
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[AsyncEngine] = loop.create_future()
+    future: asyncio.Future[Built] = loop.create_future()
 
-    def settle(result: AsyncEngine | None, error: BaseException | None) -> None:
+    def settle(result: Built | None, error: BaseException | None) -> None:
         if future.done():
             return
         if error is not None:
             future.set_exception(error)
         else:
-            future.set_result(cast(AsyncEngine, result))
+            future.set_result(cast(Built, result))
 
     def run() -> None:
         try:
-            result: AsyncEngine | None = work(settings)
+            result: Built | None = work(*args)
             error: BaseException | None = None
         except BaseException as err:
             result, error = None, err
@@ -294,8 +299,14 @@ async def serve(
     says what is being done); BindError when the port cannot be bound. systemd hears READY only once
     the engine is warmed up and the socket is bound, WATCHDOG while the engine thread keeps turning, and
     STOPPING when the drain begins.
+
+    Without an engine and with `workers` (by default a quarter of the cores), HTTP is served by worker
+    processes on the same port and this process runs the engine (`serve_with_workers`).
     """
     stop = stop or _stop_on_signals()
+    if engine is None and settings.worker_count() > 0:
+        await serve_with_workers(settings, notifier, stop)
+        return
     notifier.status("starting")
     app = create_app(settings, engine)
     runner = web.AppRunner(
@@ -326,6 +337,98 @@ async def serve(
     watchdog.cancel()
     await runner.cleanup()
     notifier.close()
+
+
+async def serve_with_workers(settings: Settings, notifier: Notifier, stop: asyncio.Event) -> None:
+    """The engine in this process, HTTP in `settings.worker_count()` worker processes sharing the port
+    bound here (api/workers.py). Same order and promises as `serve`: bind, load behind the bound port,
+    READY, WATCHDOG while the engine thread turns, drain on `stop`."""
+    notifier.status("starting")
+    listener = _bind(settings)
+    host, port = listener.getsockname()[:2]
+    log.info("listening", url=f"http://{host}:{port}")
+    workers = Workers(settings, listener, HttpMetrics())
+    try:
+        await workers.start(settings.worker_count())
+        engine = await _host_unless_stopped(settings, workers, stop, notifier)
+        if engine is not None:
+            await workers.listening()
+    except BaseException:
+        await workers.stop()
+        listener.close()
+        raise
+    if engine is None:
+        log.info("stopped while loading")
+        await workers.stop()
+        listener.close()
+        notifier.close()
+        return
+    log.info("ready", url=f"http://{host}:{port}", workers=workers.pids)
+    notifier.ready()
+    notifier.status(f"serving {settings.model} on {host}:{port}")
+    watchdog = asyncio.create_task(_feed_watchdog(engine, notifier))
+    await stop.wait()
+    log.info("draining", timeout_s=settings.drain_timeout, live=engine.live)
+    notifier.stopping()
+    notifier.status("draining")
+    engine.draining = True
+    engine.broadcast()
+    await engine.drain(settings.drain_timeout)
+    gc.unfreeze()
+    log.info("engine stopped")
+    await workers.stop()
+    watchdog.cancel()
+    listener.close()
+    notifier.close()
+
+
+async def _host_unless_stopped(
+    settings: Settings, workers: Workers, stop: asyncio.Event, notifier: Notifier
+) -> EngineHost | None:
+    """Load the model and start the engine for the workers, or give up (None) when `stop` comes first.
+    The model loads while the workers start; systemd hears `loading` once they answer /health."""
+
+    async def build_and_start() -> EngineHost:
+        workers.set_state(State(doing=f"loading the model {settings.model}"))
+        building = _in_daemon_thread(build_engine, settings, EngineHost)
+        await workers.listening()
+        notifier.status(f"loading {settings.model}")
+        engine = await building
+        workers.set_state(State(doing="warming up the engine"))
+        await engine.start()
+        log.info("engine started", model=settings.model)
+        gc.collect()
+        gc.freeze()
+        workers.engine_ready(engine)
+        return engine
+
+    startup = asyncio.create_task(build_and_start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not startup.done():
+        notifier.stopping()
+        startup.cancel()
+        return None
+    return startup.result()
+
+
+def _bind(settings: Settings) -> socket.socket:
+    """The port the workers will share, held for them: bound with SO_REUSEPORT, never listening (the kernel
+    spreads connections over the workers' own listening sockets on it). A plain bind first proves the
+    port free: no other program (nor another trickle of this user) listens there."""
+    try:
+        with socket.create_server((settings.host, settings.port)) as probe:
+            family, address = probe.family, probe.getsockname()
+            probe.close()
+            anchor = socket.socket(family, socket.SOCK_STREAM)
+            anchor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            anchor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            anchor.bind(address)
+            return anchor
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise BindError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from err
 
 
 async def _loaded_unless_stopped(app: web.Application, stop: asyncio.Event, notifier: Notifier) -> bool:
@@ -362,7 +465,7 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _feed_watchdog(engine: AsyncEngine, notifier: Notifier) -> None:
+async def _feed_watchdog(engine: EngineCore, notifier: Notifier) -> None:
     interval = notifier.watchdog_interval
     if interval is None:
         return

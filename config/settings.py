@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     """torch.compile the decoder layers and the sampler where the step runs in CUDA graphs (a GPU):
     fused kernels between the weight GEMMs. One layer compiles for all, cached on disk across starts;
     --no-compile skips it. A part that fails to compile runs uncompiled."""
+    workers: int | None = Field(default=None, ge=0, le=64)
+    """HTTP worker processes, sharing the port: they parse requests, turn tokens into text and write the
+    streams, while this process runs the engine. By default a quarter of the CPU cores, 1 to 8; 0 serves
+    HTTP in the engine's own process (the interpreter lock is then shared with the engine thread)."""
     max_queue: int = Field(default=256, ge=0)
     """Requests that may wait for a free row; past that, new requests get 503 with Retry-After."""
     request_timeout: float = Field(default=600.0, gt=0)
@@ -108,6 +112,12 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError("not a readable file")
         return value
+
+    def worker_count(self) -> int:
+        """`workers`, or by default a quarter of the CPU cores (at least 1, at most 8)."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(8, (os.cpu_count() or 1) // 4))
 
     def all_api_keys(self) -> list[str]:
         """Keys from the setting and from the keys file together."""

@@ -378,22 +378,26 @@ def loaded(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> Iterator[threa
     """The server's model load, held until the test sets the event (released at the end either way)."""
     event = threading.Event()
 
-    def slow_build(settings: Settings) -> AsyncEngine:
+    def slow_load(*args: object, **kwargs: object) -> LoadedModel:
         event.wait(30)
-        return make_engine(tiny)
+        return tiny
 
-    monkeypatch.setattr(server, "build_engine", slow_build)
+    monkeypatch.setattr(server, "load_model", slow_load)
     yield event
     event.set()
 
 
+# The engine's own process serving HTTP, and one HTTP worker process.
+LAYOUTS = pytest.mark.parametrize("workers", [0, 1], ids=["in_process", "worker"])
+
+
+@LAYOUTS
 async def test_ready_says_what_it_is_doing_while_the_model_loads_behind_a_bound_port(
-    loaded: threading.Event, settings: Settings, systemd: FakeSystemd
+    loaded: threading.Event, settings: Settings, systemd: FakeSystemd, workers: int
 ) -> None:
     port, stop = free_port(), asyncio.Event()
-    served = asyncio.create_task(
-        serve(settings.model_copy(update={"port": port}), None, Notifier(systemd.path), stop)
-    )
+    settings = settings.model_copy(update={"port": port, "workers": workers, "max_batch_size": 4})
+    served = asyncio.create_task(serve(settings, None, Notifier(systemd.path), stop))
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
         assert await systemd.until("STATUS=loading test")
@@ -410,13 +414,13 @@ async def test_ready_says_what_it_is_doing_while_the_model_loads_behind_a_bound_
     await served
 
 
+@LAYOUTS
 async def test_a_stop_while_the_model_loads_ends_the_server_without_waiting_for_the_load(
-    loaded: threading.Event, settings: Settings, systemd: FakeSystemd
+    loaded: threading.Event, settings: Settings, systemd: FakeSystemd, workers: int
 ) -> None:
     stop = asyncio.Event()
-    served = asyncio.create_task(
-        serve(settings.model_copy(update={"port": free_port()}), None, Notifier(systemd.path), stop)
-    )
+    settings = settings.model_copy(update={"port": free_port(), "workers": workers})
+    served = asyncio.create_task(serve(settings, None, Notifier(systemd.path), stop))
     seen = await systemd.until(f"STATUS=loading {settings.model}")
     stop.set()
     await asyncio.wait_for(served, timeout=2.0)

@@ -1,0 +1,336 @@
+"""The engine served to HTTP worker processes: `EngineHost` in the engine's process, `RemoteEngine` in
+each worker, one `Link` (a Unix socket pair) between them.
+
+Per engine step, the host sends each worker one frame with the new tokens of that worker's requests and
+the engine's load; the worker turns them into text (`Streams`) and writes its responses. Text work and
+socket writes thus run in the workers' interpreters, never competing with the engine thread for its
+process's interpreter lock. A worker sends requests, aborts (a client gone, a stop string found), its
+HTTP responses' counts (for /metrics) and metrics queries. A worker that dies is noticed by its link's
+end: its requests are aborted, their rows freed at the engine's next step.
+
+Frames are a 4-byte length and a pickle: both ends are this program, on one machine, over a socket pair
+no other process holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import pickle
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from prometheus_client import generate_latest
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from trickle.generation.async_engine import EngineCore, EngineUnavailableError, QueueFullError, new_request
+from trickle.generation.engine_config import EngineConfig
+from trickle.generation.messages import AbortRequest, AddRequest, TokenOutput
+from trickle.generation.params import SamplingParams
+from trickle.generation.prompts import Prompts
+from trickle.generation.streams import RequestStream, Streams
+
+log = structlog.get_logger("generation.remote")
+
+HEADER = struct.Struct("!I")
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class State:
+    """Host -> worker: what the engine's side is doing and its load, with every step's frame."""
+
+    doing: str | None = "starting"
+    """What the server does before it takes requests (loading, warming up); None once the engine runs."""
+    draining: bool = False
+    running: int = 0
+    waiting: int = 0
+    live: int = 0
+    """Requests the engine holds for all workers."""
+    retry_after: int = 5
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Host -> worker, once: the engine runs. What a worker needs to serve requests of its own."""
+
+    tokenizer: PreTrainedTokenizerFast
+    max_seq_len: int
+    request_timeout: float
+    capacity: int
+    max_rows: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """Host -> worker, one per engine step: this worker's requests' tokens, and the engine's state.
+    Tokens that do not end a request come as two parallel lists (cheap to pickle); ends as outputs."""
+
+    ids: list[str]
+    tokens: list[int]
+    ends: list[TokenOutput]
+    state: State
+
+
+@dataclass(frozen=True)
+class Responded:
+    """Worker -> host: one HTTP response, counted in /metrics by its route pattern and status."""
+
+    route: str
+    status: int
+
+
+@dataclass(frozen=True)
+class MetricsQuery:
+    """Worker -> host: the whole server's metrics, please (answered by a MetricsText of the same id)."""
+
+    query: int
+
+
+@dataclass(frozen=True)
+class MetricsText:
+    query: int
+    text: bytes
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Host -> worker: stop listening and exit once the responses in progress are written."""
+
+
+# ---------------------------------------------------------------- link
+
+
+class Link:
+    """One end of a host-worker socket pair, framed. `send` queues a frame without waiting."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> Link:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, message: Any) -> None:
+        if self.writer.is_closing():
+            return
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.writer.write(HEADER.pack(len(data)) + data)
+
+    async def receive(self) -> Any:
+        """The next message; EOFError once the other end is gone."""
+        try:
+            header = await self.reader.readexactly(HEADER.size)
+            return pickle.loads(await self.reader.readexactly(HEADER.unpack(header)[0]))
+        except (asyncio.IncompleteReadError, ConnectionError) as err:
+            raise EOFError from err
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ---------------------------------------------------------------- the engine's process
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    """The host's view of one worker: its link and the requests it holds."""
+
+    link: Link
+    name: str
+    requests: set[str] = field(default_factory=set)
+    ids: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    ends: list[TokenOutput] = field(default_factory=list)
+
+
+class EngineHost(EngineCore):
+    """The engine in its own process, serving the requests of HTTP workers over their links."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
+    ) -> None:
+        super().__init__(model, tokenizer, config)
+        self.tokenizer = tokenizer
+        self._owner: dict[str, WorkerLink] = {}
+        self.workers: list[WorkerLink] = []
+        """The connected workers (the process that spawns them keeps this list)."""
+
+    @property
+    def live(self) -> int:
+        return len(self._owner)
+
+    def ready_message(self) -> Ready:
+        return Ready(
+            self.tokenizer,
+            self.config.max_seq_len,
+            self.config.request_timeout,
+            self.capacity,
+            self.engine.runner.max_rows,
+        )
+
+    def state(self) -> State:
+        return State(None, self.draining, self.num_running, self.num_waiting, self.live, self.retry_after())
+
+    def take(self, worker: WorkerLink, message: AddRequest | AbortRequest) -> None:
+        """A worker's request or abort, into the engine's inbox."""
+        if isinstance(message, AddRequest):
+            self._owner[message.request_id] = worker
+            worker.requests.add(message.request_id)
+        elif message.stop_at is None:  # the client went away: no output will be read
+            self._forget(message.request_id)
+        self.engine.submit(message)
+
+    def lost(self, worker: WorkerLink) -> None:
+        """A worker is gone: abort every request it held (their rows leave at the engine's next step)."""
+        held = list(worker.requests)
+        for request_id in held:
+            self._forget(request_id)
+            self.engine.submit(AbortRequest(request_id))
+        if held:
+            log.warning("worker lost with requests in progress", worker=worker.name, aborted=len(held))
+        self._notify()
+
+    def _forget(self, request_id: str) -> None:
+        worker = self._owner.pop(request_id, None)
+        if worker is not None:
+            worker.requests.discard(request_id)
+
+    def deliver_outputs(self, outputs: list[TokenOutput]) -> None:
+        owner = self._owner
+        for output in outputs:
+            worker = owner.get(output.request_id)
+            if worker is None:
+                continue
+            if output.finished:
+                worker.ends.append(output)
+                self._forget(output.request_id)
+            else:
+                worker.ids.append(output.request_id)
+                worker.tokens.append(output.token)  # type: ignore[arg-type]
+        self.broadcast()
+
+    def broadcast(self) -> None:
+        """Every worker's step frame: its outputs (if any) and the state."""
+        state = self.state()
+        for worker in self.workers:
+            worker.link.send(Step(worker.ids, worker.tokens, worker.ends, state))
+            worker.ids, worker.tokens, worker.ends = [], [], []
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+
+# ---------------------------------------------------------------- a worker's process
+
+
+class RemoteEngine:
+    """The engine as an HTTP worker sees it: the same calls as AsyncEngine's that the routes make, over
+    the link to the engine's process."""
+
+    def __init__(self, link: Link, ready: Ready, state: State) -> None:
+        self.link = link
+        self.tokenizer = ready.tokenizer
+        self.prompts = Prompts(ready.tokenizer, ready.max_seq_len)
+        self.max_seq_len = ready.max_seq_len
+        self.request_timeout = ready.request_timeout
+        self.capacity = ready.capacity
+        self.state = state
+        self.connected = True
+        self.streams = Streams(ready.tokenizer.backend_tokenizer, link.send)
+        self._sent = 0  # requests sent since the last state (the host's count does not have them yet)
+
+    @property
+    def num_running(self) -> int:
+        return self.state.running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.state.waiting
+
+    @property
+    def unavailable(self) -> str | None:
+        if self.state.draining:
+            return "the server is draining"
+        return None if self.connected else "the model is not ready"
+
+    def check_admissible(self) -> None:
+        if self.unavailable is not None:
+            raise EngineUnavailableError(self.unavailable)
+        if self.state.live + self._sent >= self.capacity:
+            raise QueueFullError(self.state.retry_after)
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
+    ) -> RequestStream:
+        self.check_admissible()
+        self._sent += 1
+        return self.streams.open(new_request(prompt_ids, params, timeout or self.request_timeout, label))
+
+    def step(self, step: Step) -> None:
+        self.state, self._sent = step.state, 0
+        feed = self.streams.feed
+        if step.ids:
+            feed([TokenOutput(i, t) for i, t in zip(step.ids, step.tokens, strict=True)])
+        if step.ends:
+            feed(step.ends)
+
+    def disconnected(self) -> None:
+        """The engine's process is gone: every live request ends with an error."""
+        self.connected = False
+        self.streams.feed(
+            [
+                TokenOutput(request_id, None, "error", "the engine stopped")
+                for request_id in list(self.streams._live)
+            ]
+        )
+
+    async def stop(self) -> None:
+        self.prompts.close()
+
+    async def metrics_text(self) -> bytes:
+        return b""
+
+
+class MetricsClient:
+    """A worker's queries for the whole server's metrics, answered by the host."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._ids = itertools.count()
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}
+
+    async def query(self) -> bytes:
+        query = next(self._ids)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[query] = future
+        self.link.send(MetricsQuery(query))
+        try:
+            return await future
+        finally:
+            self._waiting.pop(query, None)
+
+    def answer(self, message: MetricsText) -> None:
+        future = self._waiting.get(message.query)
+        if future is not None and not future.done():
+            future.set_result(message.text)
+
+    def disconnected(self) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(EngineUnavailableError("the engine's process is gone"))
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    host, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(OSError):
+        for end in (host, worker):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    return host, worker
