@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from trickle.generation.params import SamplingParams
-from trickle.generation.runner.inputs import StepInputs
+from trickle.generation.runner.inputs import SeenMarks, StepInputs
 from trickle.generation.sequence import Sequence, Status
 
 
@@ -76,3 +76,26 @@ def test_rows_stepped_again_without_a_launch_are_written_again() -> None:
     assert inputs.written == 2
     assert torch.equal(inputs.longs, first)
 
+
+def test_seen_marks_say_exactly_which_tokens_each_newcomer_holds_whatever_its_row_held_before() -> None:
+    seen = torch.zeros(6, 40, dtype=torch.bool)
+    marks = SeenMarks(seen)
+    seen[2, 30] = seen[4, 31] = seen[5, 32] = True  # left by rows that held these slots before
+    kept = seen[5].clone()
+    waves = [
+        [("a", [3, 3, 7], [9], 2), ("b", [1], [], 4)],
+        [("c", list(range(10, 39)), [0, 1], 1)],  # more tokens than the buffers held: they grow
+        [("d", [5], [5, 6], 2), ("e", [8, 9], [], 0), ("f", [2], [4], 3)],
+    ]
+    for wave in waves:
+        rows = []
+        for name, prompt, output, slot in wave:
+            seq = Sequence(name, prompt, SamplingParams(), 7)
+            seq.output_ids, seq.slot = output, slot
+            rows.append(seq)
+        marks.mark(rows)
+        for seq in rows:
+            want = torch.zeros(40, dtype=torch.bool)
+            want[seq.tokens] = True
+            assert torch.equal(seen[seq.slot], want), seq.request_id
+    assert torch.equal(seen[5], kept), "a row no newcomer took is left alone"

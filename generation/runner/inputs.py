@@ -3,6 +3,8 @@ step's per-row inputs and sampling parameters, a prefill's tokens, and the rows'
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from trickle.generation.kv.blocks import NULL_BLOCK
@@ -216,6 +218,50 @@ class PrefillInputs:
         """Inputs that are safe to capture with: one-token prompts from position 0 in the spare row."""
         self.ids.zero_()
         self.rows[:] = torch.tensor([1, self.spare_row, 0])
+
+
+class SeenMarks:
+    """`seen[row, token]` for newcomers (the repetition penalty's view of a row: every token of its
+    prompt and output): their rows cleared, then their tokens set.
+
+    The rows, their token counts and the tokens go to the device in one copy from a pinned buffer, so
+    marking never waits for the step in flight (a copy from pageable memory would). The buffers are
+    double-buffered like `StepInputs`' and grow when a prefill needs more."""
+
+    def __init__(self, seen: torch.Tensor) -> None:
+        self.seen = seen
+        self._pinned = seen.device.type == "cuda"
+        self._host = [torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)]
+        self._copied = [torch.cuda.Event() for _ in range(2)] if self._pinned else []
+        self._turn = 0
+        self._device = torch.zeros(0, dtype=torch.long, device=seen.device)
+        self._true = torch.ones((), dtype=torch.bool, device=seen.device)
+
+    def mark(self, rows: list[Sequence]) -> None:
+        held = [seq.tokens for seq in rows]
+        n, count = len(rows), sum(map(len, held))
+        size = 2 * n + count
+        self._turn ^= 1
+        if self._pinned:
+            self._copied[self._turn].synchronize()  # the copy from this buffer two marks ago is done
+        if self._host[self._turn].numel() < size:
+            grown = max(size, 2 * self._host[self._turn].numel())
+            self._host[self._turn] = torch.zeros(grown, dtype=torch.long, pin_memory=self._pinned)
+        if self._device.numel() < size:
+            self._device = torch.zeros(
+                max(size, 2 * self._device.numel()), dtype=torch.long, device=self.seen.device
+            )
+        host = self._host[self._turn][:size]
+        host[: 2 * n] = torch.tensor([seq.slot for seq in rows] + [len(tokens) for tokens in held])
+        host[2 * n :] = torch.tensor(list(itertools.chain.from_iterable(held)))
+        device = self._device[:size]
+        device.copy_(host, non_blocking=True)
+        if self._pinned:
+            self._copied[self._turn].record()
+        slots, counts, tokens = device[:n], device[n : 2 * n], device[2 * n :]
+        self.seen.index_fill_(0, slots, False)
+        where = torch.repeat_interleave(slots, counts, output_size=count)
+        self.seen.index_put_((where, tokens), self._true)
 
 
 def _long_inputs(seq: Sequence) -> list[int]:

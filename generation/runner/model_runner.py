@@ -29,7 +29,7 @@ from trickle.generation.runner.graphs import (
     bucket,
     buckets_up_to,
 )
-from trickle.generation.runner.inputs import BlockTables, PrefillInputs, StepInputs
+from trickle.generation.runner.inputs import BlockTables, PrefillInputs, SeenMarks, StepInputs
 from trickle.generation.runner.memory import PREFILL_READ_FACTOR, StepLimits, plan_blocks
 from trickle.generation.sampler import FULL, MODES, SamplingTensors, sampling_mode
 from trickle.generation.scheduler import ScheduledBatch
@@ -110,6 +110,7 @@ class ModelRunner:
         # seen[row, token]: the token is in the row's prompt or output (for the repetition penalty); the
         # spare row takes what padding rows write
         self.seen = torch.zeros(self.max_rows + 1, self.vocab_size, dtype=torch.bool, device=self.device)
+        self._seen_marks = SeenMarks(self.seen)
         self._prefill_in = PrefillInputs(self.max_prefill_tokens, self.max_rows, self.spare_row, self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
@@ -233,7 +234,7 @@ class ModelRunner:
         their tokens), captured per padded shape. Past cached positions, attention reads the blocks in
         place (the paged kernels); a model that does not take them prefills eagerly over its rows'
         gathered positions."""
-        self._mark_seen(rows)
+        self._seen_marks.mark(rows)
         n, width = len(rows), max(seq.num_tokens - seq.num_cached for seq in rows)
         past = any(seq.num_cached for seq in rows)
         if past and not self.kernel_reads:
@@ -247,16 +248,6 @@ class ModelRunner:
         self._prefill_in.load(rows, *shape)
         graph.replay()
         return tokens[:n]
-
-    def _mark_seen(self, rows: list[Sequence]) -> None:
-        """The newcomers' rows of `seen` say exactly which tokens they hold (the prompt counts for the
-        repetition penalty, and a resumed row's output too)."""
-        index = torch.tensor([seq.slot for seq in rows])
-        self.seen.index_fill_(0, index.to(self.device, non_blocking=True), False)
-        tokens = [seq.tokens for seq in rows]
-        where = torch.tensor([seq.slot for seq, held in zip(rows, tokens, strict=True) for _ in held])
-        what = torch.tensor([token for held in tokens for token in held])
-        self.seen.index_put_((where.to(self.device), what.to(self.device)), self._true)
 
     def _graph_prefill_shapes(self) -> list[tuple[int, int]]:
         """The padded [rows, width] shapes that get a CUDA graph."""
