@@ -187,6 +187,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
         "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
         "--prefill-token-budget", str(args.prefill_token_budget),
         "--log-format", "json", *(["--no-compile"] if args.no_compile else []),
+        *(["--workers", args.workers] if args.workers is not None else []),
     ]  # fmt: skip
     started = time.perf_counter()
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -221,27 +222,120 @@ async def bench_server(args: argparse.Namespace) -> list[Result]:
     url = f"http://127.0.0.1:{port}/stream"
     rng = random.Random(1)
     results = []
+    body = lambda i: {  # noqa: E731
+        "prompt": prompt_text(rng), "cutoff_len": args.prompt_tokens,
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "seed": i,
+    }  # fmt: skip
     try:
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None)
-        ) as session:
-            body = lambda i: {  # noqa: E731
-                "prompt": prompt_text(rng), "cutoff_len": args.prompt_tokens,
-                "max_new_tokens": args.new_tokens,
-                "min_new_tokens": args.new_tokens, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "seed": i,
-            }  # fmt: skip
+        async with _session() as session:
             await sse_request(session, url, {**body(0), "max_new_tokens": 8, "min_new_tokens": 8})
-            for c in args.concurrency:
-                timings, seconds = await drive(
-                    c, args.rounds, body, lambda i, request: sse_request(session, url, request)
+        for c in args.concurrency:
+            procs = min(args.client_procs, c)
+            profiled = c == max(args.concurrency)
+            profiler: list[subprocess.Popen[bytes] | None] = [None]
+
+            def started(c: int = c, profiled: bool = profiled, profiler: list[Any] = profiler) -> None:
+                if profiled:  # from the moment the clients start, not while they import
+                    profiler[0] = _profile(args, process.pid, c)
+
+            if procs > 1:
+                timings, seconds = await asyncio.to_thread(
+                    drive_in_processes, procs, c, args.rounds, body, url, started
                 )
-                results.append(collect("server (HTTP/SSE)", c, timings, seconds))
-                print(json.dumps(results[-1].summary()), flush=True)
+            else:
+                started()
+                async with _session() as session:
+                    timings, seconds = await drive(
+                        c, args.rounds, body, lambda i, request: sse_request(session, url, request)
+                    )
+            if profiler[0] is not None:
+                profiler[0].wait()
+            results.append(collect("server (HTTP/SSE)", c, timings, seconds))
+            results[-1].extra["client_procs"] = procs
+            print(json.dumps(results[-1].summary()), flush=True)
     finally:
         process.terminate()
         process.wait(timeout=60)
     return results
+
+
+def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+    )
+
+
+def _profile(args: argparse.Namespace, pid: int, concurrency: int) -> subprocess.Popen[bytes] | None:
+    """py-spy, sampling the server's process tree for `--profile-server` seconds from the run's start
+    (raw collapsed stacks of every thread, idle ones too: in a container py-spy may not tell which
+    threads run; bench/profile_summary.py reads them)."""
+    if not args.profile_server:
+        return None
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = [
+        "py-spy", "record", "--pid", str(pid), "--subprocesses", "--threads", "--idle",
+        "--rate", "100", "--duration", str(args.profile_server), "--format", "raw",
+        "--output", str(args.out / f"profile-c{concurrency}.txt"),
+    ]  # fmt: skip
+    log = (args.out / f"profile-c{concurrency}.log").open("w")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def drive_in_processes(
+    procs: int,
+    concurrency: int,
+    rounds: int,
+    body: Callable[[int], Any],
+    url: str,
+    started: Callable[[], None] = lambda: None,
+) -> tuple[list[RequestTiming], float]:
+    """`drive` over `procs` client processes (one Python process cannot read 256 streams' events as
+    fast as a server may send them): each runs its share of the clients, all start together."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    shares = [list(range(p, concurrency, procs)) for p in range(procs)]
+    inputs = [[[body(i * rounds + r) for r in range(rounds)] for i in share] for share in shares]
+    start_together = context.Barrier(procs + 1)  # the children and this thread, which calls `started`
+    results = context.Queue()
+    children = [
+        context.Process(target=_client_process, args=(url, share, bodies, start_together, results))
+        for share, bodies in zip(shares, inputs, strict=True)
+    ]
+    for child in children:
+        child.start()
+    start_together.wait()
+    started()
+    per_process = [results.get() for _ in children]
+    for child in children:
+        child.join()
+    timings = [t for ts in per_process for t in ts]
+    start = min(t.start for t in timings)
+    end = max(t.start + t.total for t in timings)
+    for t in timings:
+        t.start -= start
+    return timings, end - start
+
+
+def _client_process(url: str, clients: list[int], bodies: list[list[Any]], barrier: Any, out: Any) -> None:
+    barrier.wait()
+
+    async def run() -> list[RequestTiming]:
+        async with _session() as session:
+
+            async def client(i: int, requests: list[Any]) -> list[RequestTiming]:
+                timings = []
+                for r, request in enumerate(requests):
+                    timing = await sse_request(session, url, request)
+                    timing.client, timing.round = i, r
+                    timings.append(timing)
+                return timings
+
+            done = await asyncio.gather(*(client(i, b) for i, b in zip(clients, bodies, strict=True)))
+            return [t for ts in done for t in ts]
+
+    out.put(asyncio.run(run()))
 
 
 async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Result], dict[str, Any]]:
@@ -603,6 +697,13 @@ def main() -> None:
     parser.add_argument("--fit-model", default="random:llama-3-8b", help="the model of the `fit` stage")
     parser.add_argument("--stages", default="server,engine,classic")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--client-procs", type=int, default=4, help="processes the SSE clients are spread over"
+    )
+    parser.add_argument(
+        "--profile-server", type=int, default=0, help="py-spy the server for this many seconds"
+    )
+    parser.add_argument("--workers", default=None, help="the server's --workers (its default if unset)")
     parser.add_argument("--no-compile", action="store_true", help="serve and run the engine uncompiled")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results/latest")))
     args = parser.parse_args()
