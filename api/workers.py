@@ -283,7 +283,7 @@ async def _serve_worker(link_socket: socket.socket) -> None:
                 slot.doing = message.doing or slot.doing
             elif isinstance(message, Ready):
                 engine = RemoteEngine(link, message, state)
-                slot.engine = engine  # type: ignore[assignment]
+                slot.engine = engine
             elif isinstance(message, MetricsText):
                 metrics.answer(message)
             elif isinstance(message, Shutdown):

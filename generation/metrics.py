@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from trickle.generation.messages import RequestOutput, StepReport
+from trickle.generation.messages import StepReport, TokenOutput
 
 PREFIX = "trickle:"
 # Bucket bounds in seconds, spread for LLM latencies: tokens every few milliseconds, requests of minutes.
@@ -130,7 +130,7 @@ class EngineMetrics:
                 self.decode_device.observe(report.decode_device_seconds)
             self.itl.observe(report.step_seconds, report.decoded_rows)
 
-    def record_finished(self, output: RequestOutput) -> None:
+    def record_finished(self, output: TokenOutput) -> None:
         self.finished.labels(finished_reason=output.finish_reason).inc()
         self.prompt_tokens.inc(output.usage.get("prompt_tokens", 0))
         self.generation_tokens.inc(output.usage.get("completion_tokens", 0))
