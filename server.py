@@ -51,7 +51,7 @@ from trickle.api.common import (
 )
 from trickle.api.logs import AccessLogger, configure_logging
 from trickle.api.operations import HTTP_METRICS_KEY, HttpMetrics
-from trickle.api.workers import Workers
+from trickle.api.workers import Workers, WorkerStartError
 from trickle.config import Settings
 from trickle.config.cli import version
 from trickle.generation import (
@@ -267,7 +267,7 @@ def run(settings: Settings) -> int:
     except BindError as err:
         print(f"trickle: {err}", file=sys.stderr)
         return 2
-    except (ModelLoadError, ModelRunError) as err:
+    except (ModelLoadError, ModelRunError, WorkerStartError) as err:
         print(f"trickle: {err}", file=sys.stderr)
         return 1
     return 0
@@ -347,7 +347,7 @@ async def serve_with_workers(settings: Settings, notifier: Notifier, stop: async
     listener = _bind(settings)
     host, port = listener.getsockname()[:2]
     log.info("listening", url=f"http://{host}:{port}")
-    workers = Workers(settings, listener, HttpMetrics())
+    workers = Workers(settings, listener, HttpMetrics(), on_failure=stop.set)
     try:
         await workers.start(settings.worker_count())
         engine = await _host_unless_stopped(settings, workers, stop, notifier)
@@ -362,6 +362,8 @@ async def serve_with_workers(settings: Settings, notifier: Notifier, stop: async
         await workers.stop()
         listener.close()
         notifier.close()
+        if workers.failure is not None:
+            raise workers.failure
         return
     log.info("ready", url=f"http://{host}:{port}", workers=workers.pids)
     notifier.ready()
@@ -380,6 +382,8 @@ async def serve_with_workers(settings: Settings, notifier: Notifier, stop: async
     watchdog.cancel()
     listener.close()
     notifier.close()
+    if workers.failure is not None:
+        raise workers.failure
 
 
 async def _host_unless_stopped(

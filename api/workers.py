@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +48,6 @@ from trickle.generation.remote import (
 
 log = structlog.get_logger("server")
 
-# A worker that dies sooner than this after its start is replaced only after this long (a worker that
-# cannot start at all must not be restarted in a tight loop).
-RESTART_BACKOFF_S = 1.0
 # Connections the kernel queues for each worker to accept (a burst of clients at once, say).
 LISTEN_BACKLOG = 1024
 # How long a stopping worker may take to finish the responses it is writing, once told to stop.
@@ -83,11 +81,25 @@ class Worker:
     listening: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class Workers:
-    """The HTTP worker processes of the engine's process, and what it tells them."""
+class WorkerStartError(RuntimeError):
+    """An HTTP worker process exited before it could listen (it will not do better a second time)."""
 
-    def __init__(self, settings: Settings, listener: socket.socket, http_metrics: HttpMetrics) -> None:
+
+class Workers:
+    """The HTTP worker processes of the engine's process, and what it tells them. A worker that dies
+    after it listened is replaced; one that dies before is a failure of the server: `failure` says it
+    and `on_failure` (the server's stop) is called."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        listener: socket.socket,
+        http_metrics: HttpMetrics,
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
         self.settings, self.listener, self.http_metrics = settings, listener, http_metrics
+        self.on_failure = on_failure
+        self.failure: WorkerStartError | None = None
         self.host: EngineHost | None = None
         self.state = State(doing="starting")
         self.stopping = False
@@ -157,6 +169,7 @@ class Workers:
                     self.host.take(link, message)
         except EOFError:
             pass
+        listened = worker.listening.is_set()
         worker.listening.set()  # nobody waits for a worker that is gone
         link.link.close()
         if self.host is not None:
@@ -167,11 +180,15 @@ class Workers:
         code = await asyncio.to_thread(worker.process.wait)
         if self.stopping:
             return
+        if not listened:
+            self.failure = WorkerStartError(
+                f"an HTTP worker exited before it could listen (exit status {code})"
+            )
+            log.error("worker failed to start", worker=link.name, pid=worker.process.pid, code=code)
+            self.on_failure()
+            return
         log.warning("worker exited; starting another", worker=link.name, pid=worker.process.pid, code=code)
-        if time.monotonic() - worker.started < RESTART_BACKOFF_S:
-            await asyncio.sleep(RESTART_BACKOFF_S)  # a timer: a worker that failed at once gets a pause
-        if not self.stopping:
-            await self._spawn()
+        await self._spawn()
 
     async def metrics_text(self) -> bytes:
         body = generate_latest(self.http_metrics.registry)

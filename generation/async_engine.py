@@ -116,6 +116,7 @@ class EngineCore:
             runner.prefill_size,
         )
         self.engine = Engine(runner, scheduler_config, eos_ids, self._on_report)
+        self.engine.on_exit = self._on_exit
         self.num_running = 0
         self.num_waiting = 0
         self.steps = 0
@@ -123,6 +124,7 @@ class EngineCore:
         self._changed = asyncio.Event()
         self.finish_rate = FinishRate()
         self.draining = False
+        self.exited = False
         self.metrics = EngineMetrics(self.engine.scheduler.kv_capacity)
 
     @property
@@ -144,12 +146,26 @@ class EngineCore:
         self._loop = asyncio.get_running_loop()
         self.engine.start()
 
+    def engine_ended(self) -> None:
+        """The engine thread has ended (stopped, or failed): new requests are refused from now on."""
+
+    def _on_exit(self) -> None:
+        # Engine thread, its last act.
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._ended)
+
+    def _ended(self) -> None:
+        self.exited = True
+        self.engine_ended()
+        self._notify()
+
     async def stop(self) -> None:
         await asyncio.to_thread(self.engine.stop)
 
     @property
     def ready(self) -> bool:
-        return self._loop is not None and self.engine.is_alive()
+        return self._loop is not None and not self.exited and self.engine.is_alive()
 
     @property
     def unavailable(self) -> str | None:
@@ -241,7 +257,9 @@ class AsyncEngine(EngineCore):
         """
         self.check_admissible()
         return self.streams.open(
-            new_request(prompt_ids, params, timeout or self.config.request_timeout, label)
+            new_request(
+                prompt_ids, params, self.config.request_timeout if timeout is None else timeout, label
+            )
         )
 
     def check_admissible(self) -> None:

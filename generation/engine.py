@@ -56,6 +56,8 @@ class Engine:
         self._in_flight: Launched | None = None
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self.on_exit: Callable[[], None] = lambda: None
+        """Called on the engine thread as it ends, after its last report."""
         self._thread = threading.Thread(target=self._loop, name="trickle-engine", daemon=True)
 
     def start(self) -> None:
@@ -80,9 +82,11 @@ class Engine:
         except Exception:
             log.exception("engine thread failed")
             self._report(self._pending + self._finish_all(Status.ERROR, "the engine failed"))
-            return
-        self.flush()
-        self._report(self._pending + self._finish_all(Status.SHUTDOWN))
+        else:
+            self.flush()
+            self._report(self._pending + self._finish_all(Status.SHUTDOWN))
+        finally:
+            self.on_exit()
 
     def _serve(self) -> None:
         while not self._stopping.is_set():

@@ -48,7 +48,8 @@ class State:
 
     doing: str | None = "starting"
     """What the server does before it takes requests (loading, warming up); None once the engine runs."""
-    draining: bool = False
+    unavailable: str | None = None
+    """Why the engine refuses new requests (draining, its thread gone), or None."""
     running: int = 0
     waiting: int = 0
     live: int = 0
@@ -177,7 +178,12 @@ class EngineHost(EngineCore):
         )
 
     def state(self) -> State:
-        return State(None, self.draining, self.num_running, self.num_waiting, self.live, self.retry_after())
+        return State(
+            None, self.unavailable, self.num_running, self.num_waiting, self.live, self.retry_after()
+        )
+
+    def engine_ended(self) -> None:
+        self.broadcast()  # the workers hear that new requests are refused
 
     def take(self, worker: WorkerLink, message: AddRequest | AbortRequest) -> None:
         """A worker's request or abort, into the engine's inbox."""
@@ -257,9 +263,9 @@ class RemoteEngine:
 
     @property
     def unavailable(self) -> str | None:
-        if self.state.draining:
-            return "the server is draining"
-        return None if self.connected else "the model is not ready"
+        if not self.connected:
+            return "the model is not ready"
+        return self.state.unavailable
 
     def check_admissible(self) -> None:
         if self.unavailable is not None:
@@ -272,7 +278,9 @@ class RemoteEngine:
     ) -> RequestStream:
         self.check_admissible()
         self._sent += 1
-        return self.streams.open(new_request(prompt_ids, params, timeout or self.request_timeout, label))
+        return self.streams.open(
+            new_request(prompt_ids, params, self.request_timeout if timeout is None else timeout, label)
+        )
 
     def step(self, step: Step) -> None:
         self.state, self._sent = step.state, 0
@@ -285,12 +293,7 @@ class RemoteEngine:
     def disconnected(self) -> None:
         """The engine's process is gone: every live request ends with an error."""
         self.connected = False
-        self.streams.feed(
-            [
-                TokenOutput(request_id, None, "error", "the engine stopped")
-                for request_id in list(self.streams._live)
-            ]
-        )
+        self.streams.end_all("error", "the engine stopped")
 
     async def stop(self) -> None:
         self.prompts.close()

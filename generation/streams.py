@@ -90,6 +90,10 @@ class Streams:
             self._send(AbortRequest(request_id))
         self.on_release()
 
+    def end_all(self, finish_reason: str, error: str | None = None) -> None:
+        """End every live request as if the engine had (its engine is gone)."""
+        self.feed([TokenOutput(request_id, None, finish_reason, error) for request_id in list(self._live)])
+
     def feed(self, outputs: Iterable[TokenOutput]) -> None:
         for output in outputs:
             live = self._live.get(output.request_id)
