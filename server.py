@@ -1,5 +1,6 @@
-"""The HTTP side: middlewares, the app factory (its routes are declared by dialect, in `api/`), and
-main()."""
+"""The server's process: `serve` (bind first, then load; signals, drain, sd_notify), with HTTP in this
+process or in worker processes (`serve_with_workers`), and `run`, its entry. The app itself is
+api/app.py."""
 
 from __future__ import annotations
 
@@ -24,36 +25,23 @@ if __name__ == "__main__":
 import asyncio
 import contextlib
 import gc
-import hmac
-import re
 import resource
 import signal
 import socket
 import sys
 import threading
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TypeVar, cast
 
 import structlog
 from aiohttp import web
 
-from trickle.api import native, openai, openapi, operations, playground
-from trickle.api.common import (
-    API_KEYS_KEY,
-    ENGINE_KEY,
-    REQUEST_ID_KEY,
-    SETTINGS_KEY,
-    ClientError,
-    EngineSlot,
-    Handler,
-    json_error,
-)
+from trickle.api.app import KEEPALIVE_TIMEOUT_S, create_app, start_engine
+from trickle.api.common import ENGINE_KEY, SETTINGS_KEY
 from trickle.api.logs import AccessLogger, configure_logging
-from trickle.api.operations import HTTP_METRICS_KEY, HttpMetrics
+from trickle.api.operations import HttpMetrics
 from trickle.api.workers import Workers, WorkerStartError
 from trickle.config import Settings
-from trickle.config.cli import version
 from trickle.generation import (
     AsyncEngine,
     EngineConfig,
@@ -65,90 +53,17 @@ from trickle.generation import (
 from trickle.generation.async_engine import EngineCore
 from trickle.generation.engine import HEARTBEAT_S
 from trickle.generation.engine_config import context_length
-from trickle.generation.remote import EngineHost, State
+from trickle.generation.host import EngineHost
+from trickle.generation.remote import State
 from trickle.notify import Notifier
 
 log = structlog.get_logger("server")
 
-# Every route, each declared once beside its handler, by dialect.
-ROUTES = (*native.ROUTES, *openai.ROUTES, *operations.ROUTES, *openapi.ROUTES, *playground.ROUTES)
-# No key needed: probes, metrics, the API's description and the playground page (its calls need one).
-OPEN_PATHS = frozenset(route.path for route in ROUTES if route.open)
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# An idle connection (or one whose request headers never complete) is closed after this long: longer than
-# the 60 s a proxy keeps its idle upstream connections by default, so that the proxy, not the server,
-# closes them and never sends a request down a connection the server is closing (aiohttp's own default
-# is an hour).
-KEEPALIVE_TIMEOUT_S = 75.0
 # Open files beside the clients' sockets: model shards, the tokenizer, the GPU driver's device nodes,
 # idle keep-alive connections, logs.
 FILES_RESERVE = 512
 Built = TypeVar("Built")
 Core = TypeVar("Core", bound=EngineCore)
-
-# ---------------------------------------------------------------- middlewares
-
-
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    given = request.headers.get("X-Request-Id", "")
-    request_id = given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
-    request[REQUEST_ID_KEY] = request_id
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
-        response = await handler(request)
-    if not response.prepared:
-        response.headers["X-Request-Id"] = request_id
-    return response
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
-    info = request.match_info.route.resource
-    route = info.canonical if info is not None else "unmatched"
-    request.app[HTTP_METRICS_KEY].record(route, response.status)
-    return response
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ClientError as err:
-        return err.response(request.path)
-    except web.HTTPException as err:
-        if err.status < 400:
-            raise
-        allow = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
-        return json_error(request.path, err.status, err.reason, headers=allow)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled error")
-        return json_error(request.path, 500, "internal server error")
-
-
-def _presented_key(request: web.Request) -> str:
-    value = request.headers.get("Authorization", "").strip()
-    scheme, _, rest = value.partition(" ")
-    return rest.strip() if scheme.lower() == "bearer" else value
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    keys: list[bytes] = request.app[API_KEYS_KEY]
-    if keys and request.path not in OPEN_PATHS:
-        presented = _presented_key(request).encode()
-        # Compare with every key so the time taken does not tell which one (or whether any) nearly matched.
-        matched = [hmac.compare_digest(presented, key) for key in keys]
-        if not any(matched):
-            raise ClientError(
-                401, "a valid API key is required (Authorization: Bearer <key>)", WWW_Authenticate="Bearer"
-            )
-    return await handler(request)
-
-
-# ---------------------------------------------------------------- app
 
 
 def build_engine(settings: Settings, kind: type[Core] = AsyncEngine) -> Core:  # type: ignore[assignment]
@@ -161,53 +76,12 @@ def build_engine(settings: Settings, kind: type[Core] = AsyncEngine) -> Core:  #
     return kind(loaded.model, loaded.tokenizer, config)
 
 
-def create_app(settings: Settings, engine: AsyncEngine | None = None) -> web.Application:
-    """The aiohttp application; a given engine starts and stops with it. Without one, `serve` builds
-    one from the settings once the port is bound, and until then the app answers 503."""
-    app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware, error_middleware, auth_middleware],
-        client_max_size=settings.max_body_bytes,
-    )
-    app[SETTINGS_KEY] = settings
-    app[ENGINE_KEY] = EngineSlot()
-    app[HTTP_METRICS_KEY] = HttpMetrics()
-    app[API_KEYS_KEY] = [key.encode() for key in settings.all_api_keys()]
-    for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)
-    openai.prepare(app)
-    playground.prepare(app, settings.model)
-    app[openapi.DOCUMENT_KEY] = openapi.build_document(ROUTES, "trickle", version(), settings.model)
-    app.cleanup_ctx.append(_engine_context(engine))
-    return app
-
-
-def _engine_context(engine: AsyncEngine | None) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A given engine starts with the app. Without one, `serve` builds it once the port is bound
-    (`EngineSlot.startup`), and /ready says what is being done until the engine runs. Either way the
-    engine stops with the app."""
-
-    async def run_engine(app: web.Application) -> AsyncIterator[None]:
-        if engine is not None:
-            await _start_engine(app, engine)
-        yield
-        startup = app[ENGINE_KEY].startup
-        if startup is not None and not startup.done():
-            startup.cancel()
-        running = app[ENGINE_KEY].engine
-        if running is not None:
-            gc.unfreeze()
-            await running.stop()
-            log.info("engine stopped")
-
-    return run_engine
-
-
 async def _build_and_start(app: web.Application) -> None:
     settings, slot = app[SETTINGS_KEY], app[ENGINE_KEY]
     slot.doing = f"loading the model {settings.model}"
     engine = await _in_daemon_thread(build_engine, settings)
     slot.doing = "warming up the engine"
-    await _start_engine(app, engine)
+    await start_engine(app, engine)
 
 
 def _in_daemon_thread(work: Callable[..., Built], *args: object) -> asyncio.Future[Built]:
@@ -235,17 +109,6 @@ def _in_daemon_thread(work: Callable[..., Built], *args: object) -> asyncio.Futu
 
     threading.Thread(target=run, name="trickle-load", daemon=True).start()
     return future
-
-
-async def _start_engine(app: web.Application, engine: AsyncEngine) -> None:
-    await engine.start()
-    app[ENGINE_KEY].engine = engine
-    log.info("engine started", model=app[SETTINGS_KEY].model)
-    # What is loaded now lives as long as the server: freeze it out of the cyclic collector, whose full
-    # passes over it (some 440,000 objects of torch, transformers and the model, even for the demo)
-    # held the interpreter lock for 200 ms and stalled every stream.
-    gc.collect()
-    gc.freeze()
 
 
 # ---------------------------------------------------------------- main

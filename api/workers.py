@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -31,7 +31,6 @@ from trickle.api.common import ENGINE_KEY
 from trickle.api.operations import HTTP_METRICS_KEY, HttpMetrics
 from trickle.config import Settings
 from trickle.generation.remote import (
-    EngineHost,
     Link,
     MetricsClient,
     MetricsQuery,
@@ -45,6 +44,9 @@ from trickle.generation.remote import (
     WorkerLink,
     socket_pair,
 )
+
+if TYPE_CHECKING:
+    from trickle.generation.host import EngineHost
 
 log = structlog.get_logger("server")
 
@@ -266,8 +268,8 @@ def worker_main(link_fd: int) -> int:
 
 
 async def _serve_worker(link_socket: socket.socket) -> None:
+    from trickle.api.app import KEEPALIVE_TIMEOUT_S, create_app
     from trickle.api.logs import AccessLogger, configure_logging
-    from trickle.server import KEEPALIVE_TIMEOUT_S, create_app
 
     link = await Link.open(link_socket)
     setup: Setup = await link.receive()
@@ -310,5 +312,8 @@ async def _serve_worker(link_socket: socket.socket) -> None:
         if engine is not None:
             engine.disconnected()
         metrics.disconnected()
+    if engine is not None:  # the app's cleanup stops an engine of its own process, not this one
+        slot.engine = None
+        await engine.stop()
     await runner.cleanup()
     link.close()

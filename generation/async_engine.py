@@ -7,9 +7,7 @@ import asyncio
 import collections
 import contextlib
 import math
-import random
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -19,31 +17,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from trickle.generation.engine import Engine
 from trickle.generation.engine_config import EngineConfig, context_length
-from trickle.generation.messages import AddRequest, StepReport, TokenOutput
+from trickle.generation.errors import EngineUnavailableError, QueueFullError
+from trickle.generation.messages import StepReport, TokenOutput
 from trickle.generation.metrics import EngineMetrics
-from trickle.generation.params import MAX_SEED, SamplingParams
+from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
 from trickle.generation.runner import ModelRunner
 from trickle.generation.scheduler import SchedulerConfig
-from trickle.generation.streams import RequestStream, Streams
+from trickle.generation.streams import RequestStream, Streams, new_request
 
 log = structlog.get_logger("generation.engine")
 
 RATE_WINDOW_S = 30.0
 DEFAULT_RETRY_AFTER_S = 5
 MAX_RETRY_AFTER_S = 120
-
-
-class EngineUnavailableError(RuntimeError):
-    """The engine thread is not running (not started yet, stopped, dead) or is draining."""
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is full; `retry_after` is a hint in seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"the server is at capacity; retry in about {retry_after} s")
-        self.retry_after = retry_after
 
 
 class FinishRate:
@@ -69,13 +56,6 @@ class FinishRate:
     def _forget_before(self, start: float) -> None:
         while self._times and self._times[0] < start:
             self._times.popleft()
-
-
-def new_request(prompt_ids: list[int], params: SamplingParams, timeout: float, label: str) -> AddRequest:
-    """A request admitted now: an engine key (unique, whatever the label), a seed, a deadline."""
-    seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
-    now = time.monotonic()
-    return AddRequest(uuid.uuid4().hex, prompt_ids, params, seed, now, now + timeout, label)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> set[int]:

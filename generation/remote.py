@@ -1,5 +1,6 @@
-"""The engine served to HTTP worker processes: `EngineHost` in the engine's process, `RemoteEngine` in
-each worker, one `Link` (a Unix socket pair) between them.
+"""The engine served to HTTP worker processes: `EngineHost` (generation/host.py) in the engine's
+process, `RemoteEngine` in each worker, one `Link` (a Unix socket pair) between them. Nothing here
+imports torch: the workers import this module.
 
 Per engine step, the host sends each worker one frame with the new tokens of that worker's requests and
 the engine's load; the worker turns them into text (`Streams`) and writes its responses. Text work and
@@ -24,15 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from prometheus_client import generate_latest
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from trickle.generation.async_engine import EngineCore, EngineUnavailableError, QueueFullError, new_request
-from trickle.generation.engine_config import EngineConfig
-from trickle.generation.messages import AbortRequest, AddRequest, TokenOutput
+from trickle.generation.errors import EngineUnavailableError, QueueFullError
+from trickle.generation.messages import TokenOutput
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
-from trickle.generation.streams import RequestStream, Streams
+from trickle.generation.streams import RequestStream, Streams, new_request
 
 log = structlog.get_logger("generation.remote")
 
@@ -150,88 +149,6 @@ class WorkerLink:
     ids: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     ends: list[TokenOutput] = field(default_factory=list)
-
-
-class EngineHost(EngineCore):
-    """The engine in its own process, serving the requests of HTTP workers over their links."""
-
-    def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
-    ) -> None:
-        super().__init__(model, tokenizer, config)
-        self.tokenizer = tokenizer
-        self._owner: dict[str, WorkerLink] = {}
-        self.workers: list[WorkerLink] = []
-        """The connected workers (the process that spawns them keeps this list)."""
-
-    @property
-    def live(self) -> int:
-        return len(self._owner)
-
-    def ready_message(self) -> Ready:
-        return Ready(
-            self.tokenizer,
-            self.config.max_seq_len,
-            self.config.request_timeout,
-            self.capacity,
-            self.engine.runner.max_rows,
-        )
-
-    def state(self) -> State:
-        return State(
-            None, self.unavailable, self.num_running, self.num_waiting, self.live, self.retry_after()
-        )
-
-    def engine_ended(self) -> None:
-        self.broadcast()  # the workers hear that new requests are refused
-
-    def take(self, worker: WorkerLink, message: AddRequest | AbortRequest) -> None:
-        """A worker's request or abort, into the engine's inbox."""
-        if isinstance(message, AddRequest):
-            self._owner[message.request_id] = worker
-            worker.requests.add(message.request_id)
-        elif message.stop_at is None:  # the client went away: no output will be read
-            self._forget(message.request_id)
-        self.engine.submit(message)
-
-    def lost(self, worker: WorkerLink) -> None:
-        """A worker is gone: abort every request it held (their rows leave at the engine's next step)."""
-        held = list(worker.requests)
-        for request_id in held:
-            self._forget(request_id)
-            self.engine.submit(AbortRequest(request_id))
-        if held:
-            log.warning("worker lost with requests in progress", worker=worker.name, aborted=len(held))
-        self._notify()
-
-    def _forget(self, request_id: str) -> None:
-        worker = self._owner.pop(request_id, None)
-        if worker is not None:
-            worker.requests.discard(request_id)
-
-    def deliver_outputs(self, outputs: list[TokenOutput]) -> None:
-        owner = self._owner
-        for output in outputs:
-            worker = owner.get(output.request_id)
-            if worker is None:
-                continue
-            if output.finished:
-                worker.ends.append(output)
-                self._forget(output.request_id)
-            else:
-                worker.ids.append(output.request_id)
-                worker.tokens.append(output.token)  # type: ignore[arg-type]
-        self.broadcast()
-
-    def broadcast(self) -> None:
-        """Every worker's step frame: its outputs (if any) and the state."""
-        state = self.state()
-        for worker in self.workers:
-            worker.link.send(Step(worker.ids, worker.tokens, worker.ends, state))
-            worker.ids, worker.tokens, worker.ends = [], [], []
-
-    async def metrics_text(self) -> bytes:
-        return generate_latest(self.metrics.registry)
 
 
 # ---------------------------------------------------------------- a worker's process

@@ -9,6 +9,9 @@ stop string is found here too; the engine hears of it as an abort that names how
 from __future__ import annotations
 
 import asyncio
+import random
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -16,6 +19,7 @@ from tokenizers import Tokenizer
 
 from trickle.generation.detokenizer import IncrementalDetokenizer
 from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, TokenOutput
+from trickle.generation.params import MAX_SEED, SamplingParams
 
 # The engine's reasons after which the text still held back (an unfinished character, a possible start of
 # a stop string) is released: the output ended on its own. Other ends (cancelled, timeout, shutdown,
@@ -32,6 +36,13 @@ class _Live:
     """Tokens up to the end of the stop string, once one was found; later tokens are not the request's."""
     held: str = ""
     """Text before the stop string, given with the final output once the engine confirms the end."""
+
+
+def new_request(prompt_ids: list[int], params: SamplingParams, timeout: float, label: str) -> AddRequest:
+    """A request admitted now: an engine key (unique, whatever the label), a seed, a deadline."""
+    seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
+    now = time.monotonic()
+    return AddRequest(uuid.uuid4().hex, prompt_ids, params, seed, now, now + timeout, label)
 
 
 class RequestStream:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import fail_step, make_engine
 from tests.sse import parse_events, text_of
+from tests.test_process import serving
 from trickle.config import Settings
 from trickle.generation import LoadedModel
 from trickle.server import ENGINE_KEY, create_app
@@ -20,12 +24,54 @@ from trickle.server import ENGINE_KEY, create_app
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
 
-@pytest.fixture
-async def client(aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings) -> TestClient:
-    return await aiohttp_client(create_app(settings, make_engine(tiny)))
+class ServerClient:
+    """The calls these tests make of aiohttp's TestClient, made to a real server's URL."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url, self.session = url, session
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.session.get(self.url + path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.session.post(self.url + path, **kwargs)
 
 
-async def stream_events(client: TestClient, body: dict[str, Any], **headers: str) -> tuple[Any, list[Any]]:
+@pytest.fixture(scope="module")
+def worker_server(model_dir: Path) -> Iterator[str]:
+    """The real program with two HTTP workers, set as the in-process app of `client` is."""
+    env = {
+        "TRICKLE_WORKERS": "2", "TRICKLE_MAX_BODY_BYTES": "4096", "TRICKLE_PING_INTERVAL": "30",
+        "TRICKLE_MAX_BATCH_SIZE": "16", "TRICKLE_PREFILL_TOKEN_BUDGET": "4096", "TRICKLE_DTYPE": "float32",
+    }  # fmt: skip
+    with serving(model_dir, env=env) as (url, process):
+        assert process.stderr is not None
+        threading.Thread(target=_drain, args=(process.stderr,), daemon=True).start()
+        yield url
+
+
+def _drain(lines: Iterator[str]) -> None:
+    with contextlib.suppress(ValueError, OSError):  # the pipe is closed when the server is stopped
+        for _ in lines:
+            pass
+
+
+@pytest.fixture(params=["in_process", "workers"])
+async def client(
+    request: pytest.FixtureRequest, aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings
+) -> AsyncIterator[TestClient | ServerClient]:
+    """The app in this process, or the same routes served by the real program's HTTP workers."""
+    if request.param == "in_process":
+        yield await aiohttp_client(create_app(settings, make_engine(tiny)))
+        return
+    url = request.getfixturevalue("worker_server")
+    async with aiohttp.ClientSession() as session:
+        yield ServerClient(url, session)
+
+
+async def stream_events(
+    client: TestClient | ServerClient, body: dict[str, Any], **headers: str
+) -> tuple[Any, list[Any]]:
     response = await client.post("/stream", json=body, headers=headers)
     return response, parse_events(await response.text())
 
@@ -145,6 +191,8 @@ async def test_unknown_route_and_wrong_method_are_json(client: TestClient) -> No
 async def test_failed_step_sends_error_then_end_and_the_server_goes_on(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if not isinstance(client, TestClient):
+        pytest.skip("injects a failure into an engine in this process")
     fail_step(monkeypatch, client.server.app[ENGINE_KEY].engine, at_call=2, message="injected")
     _, events = await stream_events(
         client, {"prompt": "The baker", "max_new_tokens": 10, "min_new_tokens": 10}

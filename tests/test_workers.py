@@ -17,8 +17,9 @@ import pytest
 
 from tests.test_process import json_lines, serving
 from trickle.generation import EngineConfig, LoadedModel, SamplingParams
-from trickle.generation.async_engine import new_request
-from trickle.generation.remote import EngineHost, Link, Step, WorkerLink, socket_pair
+from trickle.generation.host import EngineHost
+from trickle.generation.remote import Link, Step, WorkerLink, socket_pair
+from trickle.generation.streams import new_request
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
 
@@ -145,9 +146,14 @@ def test_a_killed_worker_cuts_only_its_streams_and_the_server_keeps_serving(
     assert len(cancelled) == 1 and cancelled[0]["completion_tokens"] < 200
 
 
-def test_metrics_count_every_workers_responses(two_workers: tuple[str, subprocess.Popen[str]]) -> None:
+def test_metrics_count_every_workers_responses_and_workers_never_load_torch(
+    two_workers: tuple[str, subprocess.Popen[str]],
+) -> None:
     url, process = two_workers
     pids = worker_pids(process)
+    assert "libtorch" in Path(f"/proc/{process.pid}/maps").read_text()
+    for pid in pids:  # a worker serves HTTP; its memory holds no torch (some hundreds of MB each)
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
     held = connections_on_each(url, pids)  # a /health on each worker's connection, plus the extras
     for connection in held.values():
         for _ in range(3):
