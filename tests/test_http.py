@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import fail_step, make_engine
 from tests.sse import parse_events, text_of
-from tests.test_process import serving
+from tests.test_process import drain_lines, serving
 from trickle.config import Settings
 from trickle.generation import LoadedModel
 from trickle.server import ENGINE_KEY, create_app
@@ -46,14 +45,8 @@ def worker_server(model_dir: Path) -> Iterator[str]:
     }  # fmt: skip
     with serving(model_dir, env=env) as (url, process):
         assert process.stderr is not None
-        threading.Thread(target=_drain, args=(process.stderr,), daemon=True).start()
+        threading.Thread(target=drain_lines, args=(process.stderr,), daemon=True).start()
         yield url
-
-
-def _drain(lines: Iterator[str]) -> None:
-    with contextlib.suppress(ValueError, OSError):  # the pipe is closed when the server is stopped
-        for _ in lines:
-            pass
 
 
 @pytest.fixture(params=["in_process", "workers"])

@@ -8,7 +8,8 @@ import contextlib
 import io
 import json
 import re
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import make_engine
+from tests.test_process import drain_lines, serving
 from trickle.config import Settings
 from trickle.generation import LoadedModel
 from trickle.server import create_app
@@ -28,8 +30,31 @@ CHAT = [
 ]
 
 
-@pytest.fixture
-async def base_url(tiny: LoadedModel, settings: Settings) -> AsyncIterator[str]:
+@pytest.fixture(scope="module")
+def worker_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real program with two HTTP workers, serving the tiny model as `test` (a directory of that
+    name where it runs) with the key and limits of the in-process app."""
+    where = tmp_path_factory.mktemp("served")
+    (where / "test").symlink_to(model_dir)
+    env = {
+        "TRICKLE_WORKERS": "2", "TRICKLE_API_KEYS": "sesame", "TRICKLE_MAX_BODY_BYTES": "4096",
+        "TRICKLE_PING_INTERVAL": "30", "TRICKLE_MAX_BATCH_SIZE": "16",
+        "TRICKLE_PREFILL_TOKEN_BUDGET": "4096", "TRICKLE_DTYPE": "float32",
+    }  # fmt: skip
+    with serving(Path("test"), env=env, cwd=where) as (url, process):
+        assert process.stderr is not None
+        threading.Thread(target=drain_lines, args=(process.stderr,), daemon=True).start()
+        yield url
+
+
+@pytest.fixture(params=["in_process", "workers"])
+async def base_url(
+    request: pytest.FixtureRequest, tiny: LoadedModel, settings: Settings
+) -> AsyncIterator[str]:
+    """The app in this process, or the same routes served by the real program's HTTP workers."""
+    if request.param == "workers":
+        yield request.getfixturevalue("worker_server")
+        return
     runner = web.AppRunner(
         create_app(settings.model_copy(update={"api_keys": ["sesame"]}), make_engine(tiny))
     )
@@ -177,8 +202,13 @@ async def test_the_api_key_guards_the_v1_routes_with_an_openai_error(base_url: s
 
 
 async def test_a_model_without_a_chat_template_gets_a_400(
-    client: openai.AsyncOpenAI, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
+    client: openai.AsyncOpenAI,
+    tiny: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if request.node.callspec.params["base_url"] != "in_process":
+        pytest.skip("changes the tokenizer of a model in this process")
     monkeypatch.setattr(tiny.tokenizer, "chat_template", None)
     with pytest.raises(openai.BadRequestError) as caught:
         await client.chat.completions.create(model="test", messages=CHAT)
@@ -186,13 +216,17 @@ async def test_a_model_without_a_chat_template_gets_a_400(
 
 
 async def test_v1_responses_are_counted_in_the_metrics(base_url: str, client: openai.AsyncOpenAI) -> None:
+    async def counted(status: str) -> float:
+        async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as response:
+            text = await response.text()
+        name = f'trickle:http_responses_total{{route="/v1/completions",status="{status}"}} '
+        return sum(float(line[len(name) :]) for line in text.splitlines() if line.startswith(name))
+
+    before = (await counted("200"), await counted("400"))
     await client.completions.create(model="test", prompt="The baker", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         await client.completions.create(model="test", prompt="The baker", n=3)
-    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as response:
-        text = await response.text()
-    assert 'trickle:http_responses_total{route="/v1/completions",status="200"} 1.0' in text
-    assert 'trickle:http_responses_total{route="/v1/completions",status="400"} 1.0' in text
+    assert (await counted("200"), await counted("400")) == (before[0] + 1, before[1] + 1)
 
 
 async def test_v1_limits_answer_with_the_openai_error_object(base_url: str) -> None:

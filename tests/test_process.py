@@ -100,6 +100,13 @@ def serving(
         process.stderr.close()
 
 
+def drain_lines(lines: Iterator[str]) -> None:
+    """Read a served process's log pipe to its end, so a long run never blocks on a full pipe."""
+    with contextlib.suppress(ValueError, OSError):  # the pipe is closed when the server is stopped
+        for _ in lines:
+            pass
+
+
 @pytest.fixture
 def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     with serving(model_dir) as served:
