@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.test_hostile import AUTH, KEY, MALFORMED, OTHER_KEY, PROMPT, WRONG_KEY
 from tests.test_process import json_lines, serving
 from trickle.generation import EngineConfig, LoadedModel, SamplingParams
 from trickle.generation.host import EngineHost
@@ -215,3 +217,44 @@ async def test_the_engine_frees_a_lost_workers_rows_at_its_next_step(tiny: Loade
         await host.stop()
         other_end.close()
         link.link.close()
+
+
+def test_hostile_requests_to_the_workers_leave_no_key_or_prompt_in_any_process_log(model_dir: Path) -> None:
+    env = {
+        "TRICKLE_WORKERS": "2", "TRICKLE_API_KEYS": f"{KEY},{OTHER_KEY}", "TRICKLE_READ_TIMEOUT": "0.5",
+        "TRICKLE_LOG_FORMAT": "json", "TRICKLE_LOG_LEVEL": "debug",
+    }  # fmt: skip
+    with serving(model_dir, env=env) as (url, process):
+        address = url.removeprefix("http://")
+        host, port = address.split(":")
+        for data in MALFORMED:  # over fresh connections, so both workers get some
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(data)
+                assert sock.recv(64).startswith(b"HTTP/1.")
+        half = b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+        half += (
+            b'\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n{"prompt": "' + PROMPT.encode()
+        )
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(half)
+            assert sock.recv(64).startswith(b"HTTP/1.1 408 ")
+        body = json.dumps({"prompt": PROMPT, "max_new_tokens": 4})
+        for headers in [{"Authorization": f"Bearer {WRONG_KEY}"}, {"Authorization": WRONG_KEY}, {}, AUTH]:
+            connection = connect(url)
+            connection.request("POST", "/predict", body, {"Content-Type": "application/json", **headers})
+            assert connection.getresponse().status == (200 if headers == AUTH else 401)
+        for raw in [b"{oops " + PROMPT.encode(), b'{"seed": ' + b"9" * 5000 + b"}"]:
+            connection = connect(url)
+            connection.request("POST", "/stream", raw, {"Content-Type": "application/json", **AUTH})
+            assert connection.getresponse().status == 400
+        for opened in OPENED:
+            opened.close()
+        OPENED.clear()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert "client protocol error" in err and '"status": 408' in err  # the battery reached the logs
+    access = [rec for rec in json_lines(err) if rec["logger"] == "aiohttp.access"]
+    assert access and all(isinstance(rec["worker"], int) for rec in access)  # each names its worker
+    for secret in [KEY, OTHER_KEY, WRONG_KEY, "Bearer", PROMPT, PROMPT[:12], "saffron"]:
+        assert secret not in err
