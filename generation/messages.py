@@ -32,16 +32,13 @@ class AbortRequest:
 
 
 @dataclass(frozen=True)
-class TokenOutput:
-    """Engine -> event loop: one request's new token, and how it ended once it has. Only the tokens the
-    engine keeps count in `usage`; a final output may come without a token (a cancel, a timeout)."""
+class Ending:
+    """How a request ended, on the output that ends it (keywords only; None while it goes on)."""
 
-    request_id: str
-    token: int | None
-    finish_reason: str | None = None
-    error: str | None = None
-    usage: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float | None] = field(default_factory=dict)
+    finish_reason: str | None = field(default=None, kw_only=True)
+    error: str | None = field(default=None, kw_only=True)
+    usage: dict[str, int] = field(default_factory=dict, kw_only=True)
+    timings: dict[str, float | None] = field(default_factory=dict, kw_only=True)
 
     @property
     def finished(self) -> bool:
@@ -49,19 +46,20 @@ class TokenOutput:
 
 
 @dataclass(frozen=True)
-class RequestOutput:
+class TokenOutput(Ending):
+    """Engine -> event loop: one request's new token, and how it ended once it has. Only the tokens the
+    engine keeps count in `usage`; a final output may come without a token (a cancel, a timeout)."""
+
+    request_id: str
+    token: int | None
+
+
+@dataclass(frozen=True)
+class RequestOutput(Ending):
     """What a request's stream yields: new text, and how it ended once it has."""
 
     request_id: str
     text: str
-    finish_reason: str | None = None
-    error: str | None = None
-    usage: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float | None] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,8 @@ class Streams:
 
     def end_all(self, finish_reason: str, error: str | None = None) -> None:
         """End every live request as if the engine had (its engine is gone)."""
-        self.feed([TokenOutput(request_id, None, finish_reason, error) for request_id in list(self._live)])
+        ends = [TokenOutput(i, None, finish_reason=finish_reason, error=error) for i in list(self._live)]
+        self.feed(ends)
 
     def feed(self, outputs: Iterable[TokenOutput]) -> None:
         for output in outputs:
@@ -116,7 +117,13 @@ class Streams:
             if output.finished:
                 usage = {**output.usage, "completion_tokens": live.stopped_at}
                 live.queue.put_nowait(
-                    RequestOutput(output.request_id, live.held, "stop", None, usage, output.timings)
+                    RequestOutput(
+                        output.request_id,
+                        live.held,
+                        finish_reason="stop",
+                        usage=usage,
+                        timings=output.timings,
+                    )
                 )
             return
         text = ""
@@ -138,6 +145,11 @@ class Streams:
             text += live.detokenizer.flush()
         live.queue.put_nowait(
             RequestOutput(
-                output.request_id, text, output.finish_reason, output.error, output.usage, output.timings
+                output.request_id,
+                text,
+                finish_reason=output.finish_reason,
+                error=output.error,
+                usage=output.usage,
+                timings=output.timings,
             )
         )
