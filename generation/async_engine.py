@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from trickle.generation.engine import Engine
 from trickle.generation.engine_config import EngineConfig, context_length
 from trickle.generation.errors import EngineUnavailableError, QueueFullError
-from trickle.generation.messages import StepReport, TokenOutput
+from trickle.generation.messages import StepReport
 from trickle.generation.metrics import EngineMetrics
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
@@ -71,8 +71,8 @@ class EngineCore:
     and how fast requests finish (for Retry-After).
 
     The engine thread hands each step's outputs to the event loop with one `call_soon_threadsafe`;
-    `_deliver` records them, then gives them to `deliver_outputs` (the subclass's: its own streams, or
-    the HTTP workers whose requests they are). `live` counts the requests held for callers.
+    `_deliver` records them, then gives the report to `deliver_outputs` (the subclass's: its own
+    streams, or the HTTP workers whose requests they are). `live` counts the requests held for callers.
     """
 
     def __init__(
@@ -116,7 +116,7 @@ class EngineCore:
     def live(self) -> int:
         raise NotImplementedError
 
-    def deliver_outputs(self, outputs: list[TokenOutput]) -> None:
+    def deliver_outputs(self, report: StepReport) -> None:
         raise NotImplementedError
 
     async def start(self) -> None:
@@ -196,7 +196,7 @@ class EngineCore:
                 self.finish_rate.record()
                 self.metrics.record_finished(output)
         self.num_running, self.num_waiting, self.steps = report.num_running, report.num_waiting, report.step
-        self.deliver_outputs(report.outputs)
+        self.deliver_outputs(report)
         self._notify()
 
 
@@ -217,8 +217,9 @@ class AsyncEngine(EngineCore):
     def live(self) -> int:
         return len(self.streams)
 
-    def deliver_outputs(self, outputs: list[TokenOutput]) -> None:
-        self.streams.feed(outputs)
+    def deliver_outputs(self, report: StepReport) -> None:
+        self.streams.feed_tokens(report.ids, report.tokens)
+        self.streams.feed(report.outputs)
 
     async def stop(self) -> None:
         await super().stop()

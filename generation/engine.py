@@ -52,7 +52,9 @@ class Engine:
         self.heartbeat = time.monotonic()
         self._previous_step_end = 0.0
         self._step_stats = StepStats()  # of the last step collected
-        self._pending: list[TokenOutput] = []
+        self._pending: list[TokenOutput] = []  # the next report's ends
+        self._ids: list[str] = []  # and its rows that go on, with their tokens
+        self._tokens: list[int] = []
         self._in_flight: Launched | None = None
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -81,10 +83,12 @@ class Engine:
             self._serve()
         except Exception:
             log.exception("engine thread failed")
-            self._report(self._pending + self._finish_all(Status.ERROR, "the engine failed"))
+            self._pending += self._finish_all(Status.ERROR, "the engine failed")
         else:
             self.flush()
-            self._report(self._pending + self._finish_all(Status.SHUTDOWN))
+            self._pending += self._finish_all(Status.SHUTDOWN)
+        try:
+            self._report()
         finally:
             self.on_exit()
 
@@ -100,16 +104,16 @@ class Engine:
         for seq in self.scheduler.expire(time.monotonic()):
             self._pending.append(self._final_output(seq))
         previous, self._in_flight = self._in_flight, self._launch()
-        outputs = self._collect(previous) if previous is not None else []
+        if previous is not None:
+            self._collect(previous)
         if changed or previous is not None or self._in_flight is not None or self._pending:
-            self._report(self._pending + outputs)
-            self._pending = []
+            self._report()
 
     def flush(self) -> None:
         """Collect the step in flight, if any (used on shutdown and by tests that drive the engine)."""
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
-            self._pending.extend(self._collect(previous))
+            self._collect(previous)
 
     def _drain_inbox(self, block: bool) -> bool:
         try:
@@ -166,29 +170,31 @@ class Engine:
             seq.row_index = index
         return launched
 
-    def _collect(self, launched: Launched) -> list[TokenOutput]:
+    def _collect(self, launched: Launched) -> None:
+        """The step's tokens: rows that go on into the flat lists of the next report, ends into its
+        outputs."""
         waited = time.monotonic()
         try:
             tokens = self.runner.collect(launched)
         except Exception as err:
             self._fail(launched.rows, err)
-            return []
+            return
         self.steps += 1
         now = time.monotonic()
         # A decoded row got its previous token when the previous step was collected.
         since = self._previous_step_end if launched.num_decode else now
         self._step_stats = StepStats(launched.num_decode, now - since, now - waited, launched.decode_seconds)
         self._previous_step_end = now
-        outputs = []
+        ids, made = self._ids, self._tokens
         for seq, token in zip(launched.rows, tokens, strict=True):
             if seq.is_finished:  # cancelled, timed out or stopped while this step was in flight
                 continue
             self._append(seq, token, now)
             if seq.is_finished:
-                outputs.append(self._final_output(seq, token))
+                self._pending.append(self._final_output(seq, token))
             else:
-                outputs.append(TokenOutput(seq.request_id, token))
-        return outputs
+                ids.append(seq.request_id)
+                made.append(token)
 
     def _fail(self, rows: list[Sequence], err: Exception) -> None:
         # Called from an `except` block: the traceback goes with the log line.
@@ -237,12 +243,14 @@ class Engine:
                 outputs.append(self._final_output(seq))
         return outputs
 
-    def _report(self, outputs: list[TokenOutput]) -> None:
+    def _report(self) -> None:
         stats, self._step_stats = self._step_stats, StepStats()
+        ends, ids, tokens = self._pending, self._ids, self._tokens
+        self._pending, self._ids, self._tokens = [], [], []
         self.report(
             StepReport(
                 self.steps,
-                outputs,
+                ends,
                 self.scheduler.num_running,
                 len(self.scheduler.waiting),
                 decoded_rows=stats.decoded_rows,
@@ -253,5 +261,7 @@ class Engine:
                 prefix_queries=self.scheduler.prefix_queries,
                 prefix_hits=self.scheduler.prefix_hits,
                 preemptions=self.scheduler.preemptions,
+                ids=ids,
+                tokens=tokens,
             )
         )

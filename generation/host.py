@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from trickle.generation.async_engine import EngineCore
 from trickle.generation.engine_config import EngineConfig
-from trickle.generation.messages import AbortRequest, AddRequest, TokenOutput
+from trickle.generation.messages import AbortRequest, AddRequest, StepReport
 from trickle.generation.remote import Ready, State, Step, WorkerLink
 
 log = structlog.get_logger("generation.remote")
@@ -72,18 +72,18 @@ class EngineHost(EngineCore):
         if worker is not None:
             worker.requests.discard(request_id)
 
-    def deliver_outputs(self, outputs: list[TokenOutput]) -> None:
+    def deliver_outputs(self, report: StepReport) -> None:
         owner = self._owner
-        for output in outputs:
+        for request_id, token in zip(report.ids, report.tokens, strict=True):
+            worker = owner.get(request_id)
+            if worker is not None:
+                worker.ids.append(request_id)
+                worker.tokens.append(token)
+        for output in report.outputs:
             worker = owner.get(output.request_id)
-            if worker is None:
-                continue
-            if output.finished:
+            if worker is not None:
                 worker.ends.append(output)
                 self._forget(output.request_id)
-            else:
-                worker.ids.append(output.request_id)
-                worker.tokens.append(output.token)  # type: ignore[arg-type]
         self.broadcast()
 
     def broadcast(self) -> None:

@@ -68,6 +68,7 @@ class StepReport:
 
     step: int
     outputs: list[TokenOutput]
+    """Outputs that end a request (with its last token, if the step made one)."""
     num_running: int
     num_waiting: int
     decoded_rows: int = 0
@@ -87,3 +88,7 @@ class StepReport:
     """Of those, tokens found (a running total)."""
     preemptions: int = 0
     """Rows preempted for lack of KV blocks so far (a running total)."""
+    ids: list[str] = field(default_factory=list)
+    """Requests that got a token this step and go on; `tokens` holds their tokens, in the same order
+    (two flat lists: no object a row)."""
+    tokens: list[int] = field(default_factory=list)

@@ -201,11 +201,8 @@ class RemoteEngine:
 
     def step(self, step: Step) -> None:
         self.state, self._sent = step.state, 0
-        feed = self.streams.feed
-        if step.ids:
-            feed([TokenOutput(i, t) for i, t in zip(step.ids, step.tokens, strict=True)])
-        if step.ends:
-            feed(step.ends)
+        self.streams.feed_tokens(step.ids, step.tokens)
+        self.streams.feed(step.ends)
 
     def disconnected(self) -> None:
         """The engine's process is gone: every live request ends with an error."""

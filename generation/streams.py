@@ -106,7 +106,23 @@ class Streams:
         ends = [TokenOutput(i, None, finish_reason=finish_reason, error=error) for i in list(self._live)]
         self.feed(ends)
 
+    def feed_tokens(self, ids: list[str], tokens: list[int]) -> None:
+        """A step's tokens of requests that go on (`ids[i]` got `tokens[i]`)."""
+        live_of = self._live.get
+        for request_id, token in zip(ids, tokens, strict=True):
+            live = live_of(request_id)
+            if live is None or live.stopped_at is not None:
+                continue
+            live.tokens += 1
+            text = live.detokenizer.step(token)
+            if live.detokenizer.stopped:
+                live.stopped_at, live.held = live.tokens, text
+                self._send(AbortRequest(request_id, stop_at=live.tokens))
+            elif text:
+                live.queue.put_nowait(RequestOutput(request_id, text))
+
     def feed(self, outputs: Iterable[TokenOutput]) -> None:
+        """Outputs that end requests."""
         for output in outputs:
             live = self._live.get(output.request_id)
             if live is not None:
