@@ -79,7 +79,6 @@ class Listening:
 class Worker:
     process: subprocess.Popen[bytes]
     link: WorkerLink
-    started: float
     listening: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -124,7 +123,7 @@ class Workers:
         theirs.close()
         self._serial += 1
         link = WorkerLink(await Link.open(mine), f"worker-{self._serial}")
-        worker = Worker(process, link, time.monotonic())
+        worker = Worker(process, link)
         self._workers.append(worker)
         link.link.send(Setup(self.settings, self.listener.family, self.listener.getsockname()))
         link.link.send(self.state)
