@@ -78,6 +78,7 @@ class EngineCore:
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
     ) -> None:
+        self.tokenizer = tokenizer
         asked = config.max_seq_len
         self.config = config = config.within(context_length(model.config))
         if config.max_seq_len < asked:
@@ -125,6 +126,10 @@ class EngineCore:
         await asyncio.to_thread(self.engine.runner.warm_up)
         self._loop = asyncio.get_running_loop()
         self.engine.start()
+
+    async def metrics_text(self) -> bytes:
+        """The engine's metrics, in Prometheus' text format."""
+        return generate_latest(self.metrics.registry)
 
     def engine_ended(self) -> None:
         """The engine thread has ended (stopped, or failed): new requests are refused from now on."""
@@ -208,7 +213,6 @@ class AsyncEngine(EngineCore):
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
     ) -> None:
         super().__init__(model, tokenizer, config)
-        self.tokenizer = tokenizer
         self.prompts = Prompts(tokenizer, self.config.max_seq_len)
         self.streams = Streams(tokenizer.backend_tokenizer, self.engine.submit)
         self.streams.on_release = self._notify
@@ -250,7 +254,3 @@ class AsyncEngine(EngineCore):
             raise EngineUnavailableError(self.unavailable)
         if self.live >= self.capacity:
             raise QueueFullError(self.retry_after())
-
-    async def metrics_text(self) -> bytes:
-        """The engine's metrics, in Prometheus' text format."""
-        return generate_latest(self.metrics.registry)

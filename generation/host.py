@@ -4,7 +4,6 @@ links (the worker's side, the links and the messages are in generation/remote.py
 from __future__ import annotations
 
 import structlog
-from prometheus_client import generate_latest
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from trickle.generation.async_engine import EngineCore
@@ -22,7 +21,6 @@ class EngineHost(EngineCore):
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
     ) -> None:
         super().__init__(model, tokenizer, config)
-        self.tokenizer = tokenizer
         self._owner: dict[str, WorkerLink] = {}
         self.workers: list[WorkerLink] = []
         """The connected workers (the process that spawns them keeps this list)."""
@@ -37,7 +35,6 @@ class EngineHost(EngineCore):
             self.config.max_seq_len,
             self.config.request_timeout,
             self.capacity,
-            self.engine.runner.max_rows,
         )
 
     def state(self) -> State:
@@ -48,29 +45,28 @@ class EngineHost(EngineCore):
     def engine_ended(self) -> None:
         self.broadcast()  # the workers hear that new requests are refused
 
+    async def drain(self, timeout: float) -> None:
+        self.draining = True
+        self.broadcast()  # the workers refuse new requests from now on
+        await super().drain(timeout)
+
     def take(self, worker: WorkerLink, message: AddRequest | AbortRequest) -> None:
         """A worker's request or abort, into the engine's inbox."""
         if isinstance(message, AddRequest):
             self._owner[message.request_id] = worker
-            worker.requests.add(message.request_id)
         elif message.stop_at is None:  # the client went away: no output will be read
-            self._forget(message.request_id)
+            self._owner.pop(message.request_id, None)
         self.engine.submit(message)
 
     def lost(self, worker: WorkerLink) -> None:
         """A worker is gone: abort every request it held (their rows leave at the engine's next step)."""
-        held = list(worker.requests)
+        held = [request_id for request_id, owner in self._owner.items() if owner is worker]
         for request_id in held:
-            self._forget(request_id)
+            del self._owner[request_id]
             self.engine.submit(AbortRequest(request_id))
         if held:
             log.warning("worker lost with requests in progress", worker=worker.name, aborted=len(held))
         self._notify()
-
-    def _forget(self, request_id: str) -> None:
-        worker = self._owner.pop(request_id, None)
-        if worker is not None:
-            worker.requests.discard(request_id)
 
     def deliver_outputs(self, report: StepReport) -> None:
         owner = self._owner
@@ -83,7 +79,7 @@ class EngineHost(EngineCore):
             worker = owner.get(output.request_id)
             if worker is not None:
                 worker.ends.append(output)
-                self._forget(output.request_id)
+                del owner[output.request_id]
         self.broadcast()
 
     def broadcast(self) -> None:
@@ -92,6 +88,3 @@ class EngineHost(EngineCore):
         for worker in self.workers:
             worker.link.send(Step(worker.ids, worker.tokens, worker.ends, state))
             worker.ids, worker.tokens, worker.ends = [], [], []
-
-    async def metrics_text(self) -> bytes:
-        return generate_latest(self.metrics.registry)

@@ -64,7 +64,6 @@ class Ready:
     max_seq_len: int
     request_timeout: float
     capacity: int
-    max_rows: int
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,6 @@ class WorkerLink:
 
     link: Link
     name: str
-    requests: set[str] = field(default_factory=set)
     ids: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     ends: list[TokenOutput] = field(default_factory=list)
@@ -159,10 +157,7 @@ class RemoteEngine:
     the link to the engine's process."""
 
     def __init__(self, link: Link, ready: Ready, state: State) -> None:
-        self.link = link
-        self.tokenizer = ready.tokenizer
         self.prompts = Prompts(ready.tokenizer, ready.max_seq_len)
-        self.max_seq_len = ready.max_seq_len
         self.request_timeout = ready.request_timeout
         self.capacity = ready.capacity
         self.state = state

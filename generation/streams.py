@@ -83,9 +83,6 @@ class Streams:
     def __len__(self) -> int:
         return len(self._live)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._live
-
     def open(self, add: AddRequest) -> RequestStream:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         detokenizer = IncrementalDetokenizer(self.tokenizer, add.prompt_ids, add.params.stop)
@@ -113,59 +110,47 @@ class Streams:
             live = live_of(request_id)
             if live is None or live.stopped_at is not None:
                 continue
-            live.tokens += 1
-            text = live.detokenizer.step(token)
-            if live.detokenizer.stopped:
-                live.stopped_at, live.held = live.tokens, text
-                self._send(AbortRequest(request_id, stop_at=live.tokens))
+            text = self._step(live, token)
+            if live.stopped_at is not None:
+                self._send(AbortRequest(request_id, stop_at=live.stopped_at))
             elif text:
                 live.queue.put_nowait(RequestOutput(request_id, text))
 
-    def feed(self, outputs: Iterable[TokenOutput]) -> None:
-        """Outputs that end requests."""
-        for output in outputs:
-            live = self._live.get(output.request_id)
-            if live is not None:
-                self._feed_one(live, output)
-
-    def _feed_one(self, live: _Live, output: TokenOutput) -> None:
-        if live.stopped_at is not None:  # waiting for the engine to confirm the end
-            if output.finished:
-                usage = {**output.usage, "completion_tokens": live.stopped_at}
-                live.queue.put_nowait(
-                    RequestOutput(
-                        output.request_id,
-                        live.held,
-                        finish_reason="stop",
-                        usage=usage,
-                        timings=output.timings,
-                    )
+    def feed(self, ends: Iterable[TokenOutput]) -> None:
+        """Outputs that end requests. One ended after its stop string ends `stop`, with the text before
+        the stop and the tokens up to it."""
+        for end in ends:
+            live = self._live.get(end.request_id)
+            if live is None:
+                continue
+            text = ""
+            if live.stopped_at is None and end.token is not None:
+                text = self._step(live, end.token)
+            if live.stopped_at is not None:
+                usage = {**end.usage, "completion_tokens": live.stopped_at}
+                output = RequestOutput(
+                    end.request_id, live.held, finish_reason="stop", usage=usage, timings=end.timings
                 )
-            return
-        text = ""
-        if output.token is not None:
-            live.tokens += 1
-            text = live.detokenizer.step(output.token)
-            if live.detokenizer.stopped:
-                live.stopped_at, live.held = live.tokens, text
-                if output.finished:  # the same step ended it: nothing more will come
-                    self._feed_one(live, output)
-                else:
-                    self._send(AbortRequest(output.request_id, stop_at=live.tokens))
-                return
-        if not output.finished:
-            if text:
-                live.queue.put_nowait(RequestOutput(output.request_id, text))
-            return
-        if output.finish_reason in FLUSHED:
-            text += live.detokenizer.flush()
-        live.queue.put_nowait(
-            RequestOutput(
-                output.request_id,
-                text,
-                finish_reason=output.finish_reason,
-                error=output.error,
-                usage=output.usage,
-                timings=output.timings,
-            )
-        )
+            else:
+                if end.finish_reason in FLUSHED:
+                    text += live.detokenizer.flush()
+                output = RequestOutput(
+                    end.request_id,
+                    text,
+                    finish_reason=end.finish_reason,
+                    error=end.error,
+                    usage=end.usage,
+                    timings=end.timings,
+                )
+            live.queue.put_nowait(output)
+
+    @staticmethod
+    def _step(live: _Live, token: int) -> str:
+        """The text `token` releases. At a stop string, the text before it is held (for the end) and
+        `stopped_at` says how many tokens count."""
+        live.tokens += 1
+        text = live.detokenizer.step(token)
+        if live.detokenizer.stopped:
+            live.stopped_at, live.held = live.tokens, text
+            return ""
+        return text
