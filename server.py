@@ -187,17 +187,7 @@ async def serve(
         await runner.cleanup()
         raise
     engine = cast(AsyncEngine, app[ENGINE_KEY].engine)  # running: the startup above raised otherwise
-    host, port = runner.addresses[0][:2]
-    log.info("ready", url=f"http://{host}:{port}")
-    notifier.ready()
-    notifier.status(f"serving {settings.model} on {host}:{port}")
-    watchdog = asyncio.create_task(_feed_watchdog(engine, notifier))
-    await stop.wait()
-    log.info("draining", timeout_s=settings.drain_timeout, live=engine.num_running + engine.num_waiting)
-    notifier.stopping()
-    notifier.status("draining")
-    await engine.drain(settings.drain_timeout)
-    watchdog.cancel()
+    await _serve_until_stopped(engine, settings, notifier, stop, runner.addresses[0][:2])
     await runner.cleanup()
     notifier.close()
 
@@ -228,7 +218,27 @@ async def serve_with_workers(settings: Settings, notifier: Notifier, stop: async
         if workers.failure is not None:
             raise workers.failure
         return
-    log.info("ready", url=f"http://{host}:{port}", workers=workers.pids)
+    await _serve_until_stopped(engine, settings, notifier, stop, (host, port), workers=workers.pids)
+    gc.unfreeze()
+    log.info("engine stopped")
+    await workers.stop()
+    listener.close()
+    notifier.close()
+    if workers.failure is not None:
+        raise workers.failure
+
+
+async def _serve_until_stopped(
+    engine: EngineCore,
+    settings: Settings,
+    notifier: Notifier,
+    stop: asyncio.Event,
+    address: tuple[str, int],
+    **ready: object,
+) -> None:
+    """READY, then WATCHDOG while the engine thread turns; once `stop` is set, STOPPING and the drain."""
+    host, port = address
+    log.info("ready", url=f"http://{host}:{port}", **ready)
     notifier.ready()
     notifier.status(f"serving {settings.model} on {host}:{port}")
     watchdog = asyncio.create_task(_feed_watchdog(engine, notifier))
@@ -236,17 +246,22 @@ async def serve_with_workers(settings: Settings, notifier: Notifier, stop: async
     log.info("draining", timeout_s=settings.drain_timeout, live=engine.live)
     notifier.stopping()
     notifier.status("draining")
-    engine.draining = True
-    engine.broadcast()
     await engine.drain(settings.drain_timeout)
-    gc.unfreeze()
-    log.info("engine stopped")
-    await workers.stop()
     watchdog.cancel()
-    listener.close()
-    notifier.close()
-    if workers.failure is not None:
-        raise workers.failure
+
+
+async def _unless_stopped(startup: asyncio.Task[Built], stop: asyncio.Event, notifier: Notifier) -> bool:
+    """Whether `startup` finished (its error raised) before `stop` was set; if not, it is cancelled (a
+    SIGTERM while a model downloads must not wait for the download)."""
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not startup.done():
+        notifier.stopping()
+        startup.cancel()
+        return False
+    startup.result()
+    return True
 
 
 async def _host_unless_stopped(
@@ -270,14 +285,7 @@ async def _host_unless_stopped(
         return engine
 
     startup = asyncio.create_task(build_and_start())
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not startup.done():
-        notifier.stopping()
-        startup.cancel()
-        return None
-    return startup.result()
+    return startup.result() if await _unless_stopped(startup, stop, notifier) else None
 
 
 def _bind(settings: Settings) -> socket.socket:
@@ -304,14 +312,7 @@ async def _loaded_unless_stopped(app: web.Application, stop: asyncio.Event, noti
     settings, slot = app[SETTINGS_KEY], app[ENGINE_KEY]
     notifier.status(f"loading {settings.model}")
     slot.startup = asyncio.create_task(_build_and_start(app))
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({slot.startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not slot.startup.done():
-        notifier.stopping()
-        return False
-    slot.startup.result()
-    return True
+    return await _unless_stopped(slot.startup, stop, notifier)
 
 
 async def _listen(runner: web.AppRunner, settings: Settings) -> None:
