@@ -243,8 +243,9 @@ async def _serve_until_stopped(
     notifier.status(f"serving {settings.model} on {host}:{port}")
     watchdog = asyncio.create_task(_feed_watchdog(engine, notifier))
     await stop.wait()
-    log.info("draining", timeout_s=settings.drain_timeout, live=engine.live)
     notifier.stopping()
+    await engine.refuse_new(settings.drain_timeout)  # every request that arrives from now on gets 503
+    log.info("draining", timeout_s=settings.drain_timeout, live=engine.live)
     notifier.status("draining")
     await engine.drain(settings.drain_timeout)
     watchdog.cancel()

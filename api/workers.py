@@ -36,6 +36,7 @@ from trickle.generation.remote import (
     MetricsQuery,
     MetricsText,
     Ready,
+    Refusing,
     RemoteEngine,
     Responded,
     Shutdown,
@@ -166,7 +167,11 @@ class Workers:
                     self.http_metrics.record(message.route, message.status)
                 elif isinstance(message, MetricsQuery):
                     link.link.send(MetricsText(message.query, await self.metrics_text()))
-                elif self.host is not None:
+                elif self.host is None:
+                    continue
+                elif isinstance(message, Refusing):
+                    self.host.refusing(link)
+                else:
                     self.host.take(link, message)
         except EOFError:
             pass

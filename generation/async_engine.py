@@ -171,12 +171,19 @@ class EngineCore:
         waiting = max(0, self.live - self.engine.runner.max_rows)
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil((waiting + 1) / rate)))
 
+    async def refuse_new(self, timeout: float) -> None:
+        """Refuse new requests from now on: once this returns, none that arrives is taken."""
+        self.draining = True
+
     async def drain(self, timeout: float) -> None:
         """Refuse new requests, let the live ones finish for up to `timeout` seconds, then stop the
         engine: whatever is still running ends with finish_reason `shutdown`."""
-        self.draining = True
+        deadline = time.monotonic() + timeout
+        await self.refuse_new(timeout)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wait_until(lambda e: not e.live), timeout)
+            await asyncio.wait_for(
+                self.wait_until(lambda e: not e.live), max(0.0, deadline - time.monotonic())
+            )
         await self.stop()
 
     async def wait_until(self, predicate: Callable[[Any], bool]) -> None:

@@ -3,6 +3,9 @@ links (the worker's side, the links and the messages are in generation/remote.py
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import structlog
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -45,10 +48,21 @@ class EngineHost(EngineCore):
     def engine_ended(self) -> None:
         self.broadcast()  # the workers hear that new requests are refused
 
-    async def drain(self, timeout: float) -> None:
+    async def refuse_new(self, timeout: float) -> None:
+        """Tell the workers, then wait (up to `timeout` seconds) until each has answered that it refuses
+        new requests: the requests a worker sent before its answer reach the engine before it, and are
+        served as every other live one."""
         self.draining = True
-        self.broadcast()  # the workers refuse new requests from now on
-        await super().drain(timeout)
+        self.broadcast()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.wait_until(lambda host: all(worker.refusing for worker in host.workers)), timeout
+            )
+
+    def refusing(self, worker: WorkerLink) -> None:
+        """A worker refuses new requests from now on (it saw the drain, or the engine's end)."""
+        worker.refusing = True
+        self._notify()
 
     def take(self, worker: WorkerLink, message: AddRequest | AbortRequest) -> None:
         """A worker's request or abort, into the engine's inbox."""

@@ -86,6 +86,12 @@ class Responded:
 
 
 @dataclass(frozen=True)
+class Refusing:
+    """Worker -> host, once: this worker refuses new requests from now on (it saw the engine's state
+    turn unavailable). Every request it sent came before this on the link."""
+
+
+@dataclass(frozen=True)
 class MetricsQuery:
     """Worker -> host: the whole server's metrics, please (answered by a MetricsText of the same id)."""
 
@@ -147,6 +153,8 @@ class WorkerLink:
     ids: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     ends: list[TokenOutput] = field(default_factory=list)
+    refusing: bool = False
+    """The worker has said it refuses new requests (a drain waits for every worker's word)."""
 
 
 # ---------------------------------------------------------------- a worker's process
@@ -162,6 +170,7 @@ class RemoteEngine:
         self.capacity = ready.capacity
         self.state = state
         self.connected = True
+        self.link = link
         self.streams = Streams(ready.tokenizer.backend_tokenizer, link.send)
         self._sent = 0  # requests sent since the last state (the host's count does not have them yet)
 
@@ -195,6 +204,8 @@ class RemoteEngine:
         )
 
     def step(self, step: Step) -> None:
+        if step.state.unavailable is not None and self.state.unavailable is None:
+            self.link.send(Refusing())
         self.state, self._sent = step.state, 0
         self.streams.feed_tokens(step.ids, step.tokens)
         self.streams.feed(step.ends)
