@@ -186,6 +186,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
         sys.executable, str(ROOT / "server.py"), "--model", args.model, "--port", str(port),
         "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
         "--prefill-token-budget", str(args.prefill_token_budget),
+        "--prefill-pacing", str(args.prefill_pacing),
         "--log-format", "json", *(["--no-compile"] if args.no_compile else []),
         *(["--workers", args.workers] if args.workers is not None else []),
     ]  # fmt: skip
@@ -346,6 +347,7 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
             max_batch_size=max(args.concurrency),
             max_seq_len=args.max_seq_len,
             prefill_token_budget=args.prefill_token_budget,
+            prefill_pacing=args.prefill_pacing,
             compile=not args.no_compile,
         ),
     )
@@ -693,6 +695,7 @@ def main() -> None:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128]
     )
     parser.add_argument("--prefill-token-budget", type=int, default=EngineConfig.prefill_token_budget)
+    parser.add_argument("--prefill-pacing", type=float, default=EngineConfig.prefill_pacing)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     parser.add_argument("--fit-model", default="random:llama-3-8b", help="the model of the `fit` stage")
     parser.add_argument("--stages", default="server,engine,classic")

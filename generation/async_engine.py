@@ -95,6 +95,7 @@ class EngineCore:
             config.prefix_cache,
             runner.prefill_read_budget,
             runner.prefill_size,
+            config.prefill_pacing,
         )
         self.engine = Engine(runner, scheduler_config, eos_ids, self._on_report)
         self.engine.on_exit = self._on_exit

@@ -183,7 +183,12 @@ class Engine:
         now = time.monotonic()
         # A decoded row got its previous token when the previous step was collected.
         since = self._previous_step_end if launched.num_decode else now
-        self._step_stats = StepStats(launched.num_decode, now - since, now - waited, launched.decode_seconds)
+        self._step_stats = StepStats(
+            launched.num_decode, now - since, now - waited, launched.decode_device_seconds
+        )
+        self.scheduler.pacing.observe(
+            launched.num_decode, launched.decode_seconds, launched.prefill_tokens, launched.prefill_seconds
+        )
         self._previous_step_end = now
         ids, made = self._ids, self._tokens
         for seq, token in zip(launched.rows, tokens, strict=True):

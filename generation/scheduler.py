@@ -30,6 +30,42 @@ class SchedulerConfig:
     prefill_size: Callable[[int, int], int] | None = None
     """The tokens a prefill of (newcomers, the longest one's uncached tokens) runs as, padding included
     (the runner pads to the shapes it captured); None: newcomers x longest."""
+    prefill_pacing: float = 0.0
+    """While rows decode, a step prefills only the tokens that keep it within this many times a decode
+    part's time, as the steps measure them (`PrefillPacing`); 0: every step up to the token budget."""
+
+
+@dataclass
+class PrefillPacing:
+    """How many prompt tokens a step may prefill beside rows that decode, so that it takes at most
+    `stall` times a step that only decodes: every decoding row waits for the step's prefill, and a
+    stream's gap between two tokens is that step's whole time.
+
+    Learnt from the steps themselves: a moving average of the decode part's time and of the prefill
+    part's time per token it ran as (padding included). No limit until both are measured."""
+
+    stall: float
+    decode_seconds: float = 0.0
+    token_seconds: float = 0.0
+
+    WEIGHT = 0.25  # of the newest step in the averages
+
+    def observe(
+        self, decode_rows: int, decode_seconds: float, prefill_tokens: int, prefill_seconds: float
+    ) -> None:
+        if decode_rows and decode_seconds > 0:
+            self.decode_seconds = self._average(self.decode_seconds, decode_seconds)
+        if prefill_tokens and prefill_seconds > 0:
+            self.token_seconds = self._average(self.token_seconds, prefill_seconds / prefill_tokens)
+
+    def _average(self, average: float, value: float) -> float:
+        return value if not average else average + self.WEIGHT * (value - average)
+
+    def budget(self) -> int | None:
+        """The prefill tokens a step with decoding rows may run; None where pacing sets no limit."""
+        if not self.stall or not (self.decode_seconds and self.token_seconds):
+            return None
+        return int((self.stall - 1) * self.decode_seconds / self.token_seconds)
 
 
 @dataclass
@@ -65,7 +101,8 @@ class Scheduler:
     already launched (their blocks go back to the pool, their full blocks into the prefix cache), gives
     each running row the block its next position needs (preempting the most recently admitted rows
     when the pool has none left), compacts rows, and admits waiting sequences in arrival order while
-    there are free rows, prefill budget and blocks.
+    there are free rows, prefill budget and blocks. While rows decode, the prefill budget is also what
+    `pacing` allows.
 
     A preempted row goes back to the head of the queue with every token it has streamed; re-admitted,
     it prefills its prompt and those tokens again (mostly from the prefix cache) and goes on from there.
@@ -79,6 +116,7 @@ class Scheduler:
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
         self.preemptions = 0
+        self.pacing = PrefillPacing(config.prefill_pacing)
         self._admissions = 0
         # Prompt blocks of the last step's newcomers: findable from the next step on, once the step
         # that writes them is queued (a block is never shared while it is being written).
@@ -220,6 +258,10 @@ class Scheduler:
         size = self.config.block_size
         read_budget = self.config.prefill_read_budget
         prefill_size = self.config.prefill_size or (lambda rows, width: rows * width)
+        token_budget = self.config.prefill_token_budget
+        paced = self.pacing.budget() if self.running else None
+        if paced is not None:
+            token_budget = min(token_budget, paced)
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
             if seq.in_flight:  # preempted with a token on its way: it comes back once that is seen
@@ -235,7 +277,7 @@ class Scheduler:
             reserve = min(len(self.running), self.pool.num_usable // 100)
             reads = max(longest_read, len(tokens))
             fits_budget = not admitted or (
-                prefill_size(len(admitted) + 1, width) <= self.config.prefill_token_budget
+                prefill_size(len(admitted) + 1, width) <= token_budget
                 and (read_budget is None or (len(admitted) + 1) * reads <= read_budget)
             )
             if not fits_budget or not self.pool.can_allocate(needed, reserve):

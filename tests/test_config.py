@@ -60,6 +60,11 @@ def test_api_keys_from_a_comma_separated_variable(monkeypatch: pytest.MonkeyPatc
             "invalid setting 'config': '/no/such.toml' is not a readable file",
         ),
         (
+            ["--prefill-pacing", "0.5"],
+            {},
+            "invalid setting 'prefill_pacing': must be 0 (off) or more than 1",
+        ),
+        (
             ["--api-keys-file", "/no/keys"],
             {},
             "invalid setting 'api_keys_file': not a readable file (got '/no/keys')",

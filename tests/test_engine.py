@@ -15,6 +15,7 @@ from tests.conftest import fail_step, make_engine
 from tests.families import reference
 from trickle.generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
 from trickle.generation.messages import AbortRequest, AddRequest, StepReport
+from trickle.generation.runner import Launched
 
 PROMPTS = [
     "The baker",
@@ -147,6 +148,38 @@ def test_an_abort_frees_the_row_at_the_next_step(tiny: LoadedModel) -> None:
     assert (survivor.launched, survivor.num_completion_tokens) == (3, 2)
     engine.flush()
     assert survivor.num_completion_tokens == 3
+
+
+def test_each_step_times_its_decode_and_prefill_parts_for_the_pacing(tiny: LoadedModel) -> None:
+    """The scheduler's prefill pacing learns from the steps: the decode part's time, and the prefill
+    part's time over the tokens it ran as (the runner's padded size of the newcomers)."""
+    engine = make_engine(tiny).engine  # driven by hand, without its thread
+    engine.report = lambda report: None
+    collected: list[Launched] = []
+    collect = engine.runner.collect
+
+    def recording(launched: Launched) -> list[int]:
+        collected.append(launched)
+        return collect(launched)
+
+    engine.runner.collect = recording  # type: ignore[method-assign]
+    params = SamplingParams(max_new_tokens=8, min_new_tokens=8)
+    prompts = ["Every morning the little bakery", "The baker"]
+    engine.submit(AddRequest("first", tiny.tokenizer.encode(prompts[0]), params, 1, 0.0))
+    engine.run_once()
+    engine.run_once()
+    engine.submit(AddRequest("second", tiny.tokenizer.encode(prompts[1]), params, 1, 0.0))
+    engine.run_once()
+    engine.flush()
+    prefill_only, decode_only, both = collected
+    width = len(tiny.tokenizer.encode(prompts[1]))
+    assert (both.num_decode, both.prefill_tokens) == (1, engine.runner.prefill_size(1, width))
+    assert decode_only.prefill_tokens == 0 and prefill_only.num_decode == 0
+    assert both.decode_seconds > 0 and both.prefill_seconds > 0 and decode_only.decode_seconds > 0
+    assert prefill_only.decode_device_seconds == 0  # on the CPU the step ran inline: no device time
+    pacing = engine.scheduler.pacing
+    assert pacing.decode_seconds > 0 and pacing.token_seconds > 0
+    assert pacing.budget() is not None
 
 
 async def test_closing_the_stream_cancels_the_request(engine: AsyncEngine) -> None:

@@ -14,7 +14,7 @@ def seq(name: str, prompt_len: int = 4, first: int = 0, max_new_tokens: int = 25
 
 
 def config(
-    max_batch_size: int, prefill_token_budget: int, num_blocks: int = 1024, **rest: int
+    max_batch_size: int, prefill_token_budget: int, num_blocks: int = 1024, **rest: float
 ) -> SchedulerConfig:
     return SchedulerConfig(max_batch_size, prefill_token_budget, num_blocks, **rest)
 
@@ -74,6 +74,52 @@ def test_a_prompt_over_the_budget_still_runs_alone() -> None:
     big = seq("big", 50)
     scheduler.add(big)
     assert scheduler.schedule().prefill == [big]
+
+
+def test_pacing_limits_a_steps_prefill_while_rows_decode_to_the_measured_stall() -> None:
+    """Decode parts of 10 ms and prefills of 0.1 ms a token with a stall of 2.5: a step with decoding
+    rows may prefill (2.5 - 1) x 10 / 0.1 = 150 tokens: three newcomers of 40 (padded to 40 each), not
+    four. A step with no decoding row takes the whole token budget."""
+    scheduler = Scheduler(config(max_batch_size=32, prefill_token_budget=1000, prefill_pacing=2.5))
+    scheduler.pacing.observe(4, 0.010, 100, 0.010)
+    assert scheduler.pacing.budget() == 150
+    newcomers = [seq(f"n{i}", 40, first=100 * i) for i in range(12)]
+    for s in newcomers:
+        scheduler.add(s)
+    assert run_step(scheduler).prefill == newcomers[:12]  # nothing decodes yet: up to 1,000 tokens
+    late = [seq(f"late{i}", 40, first=5000 + 100 * i) for i in range(5)]
+    for s in late:
+        scheduler.add(s)
+    batch = run_step(scheduler)
+    assert batch.decode == newcomers and batch.prefill == late[:3]
+    assert run_step(scheduler).prefill == late[3:]
+
+
+def test_pacing_always_admits_one_newcomer_and_is_off_at_zero_or_unmeasured() -> None:
+    paced = Scheduler(config(max_batch_size=8, prefill_token_budget=1000, prefill_pacing=2.0))
+    paced.pacing.observe(1, 0.001, 10, 0.010)  # 1 ms decode, 1 ms a token: a budget of 1 token
+    assert paced.pacing.budget() == 1
+    unpaced = Scheduler(config(max_batch_size=8, prefill_token_budget=1000, prefill_pacing=0))
+    unpaced.pacing.observe(1, 0.001, 10, 0.010)
+    unmeasured = Scheduler(config(max_batch_size=8, prefill_token_budget=1000, prefill_pacing=2.0))
+    assert unpaced.pacing.budget() is None and unmeasured.pacing.budget() is None
+    for scheduler, admitted in ((paced, 1), (unpaced, 3), (unmeasured, 3)):
+        scheduler.add(seq("first", 8))
+        run_step(scheduler)
+        for i in range(3):
+            scheduler.add(seq(f"next{i}", 8, first=100 * (i + 1)))
+        assert len(run_step(scheduler).prefill) == admitted
+
+
+def test_pacing_follows_the_measured_times_as_a_moving_average() -> None:
+    scheduler = Scheduler(config(max_batch_size=8, prefill_token_budget=1000, prefill_pacing=3.0))
+    pacing = scheduler.pacing
+    pacing.observe(8, 0.008, 0, 0.0)  # a decode-only step
+    pacing.observe(0, 0.0, 512, 0.016)  # a prefill-only step: 31.25 us a token
+    assert pacing.budget() == 512  # (3 - 1) x 8 ms / 31.25 us
+    for _ in range(40):  # the decode part grows to 12 ms: the budget follows
+        pacing.observe(8, 0.012, 0, 0.0)
+    assert abs(pacing.budget() - 768) <= 1  # (3 - 1) x 12 ms / 31.25 us, reached from below
 
 
 def test_finished_rows_leave_and_the_last_rows_fill_their_slots() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import torch
@@ -47,6 +48,41 @@ class ModelRunError(RuntimeError):
     """The model cannot run in the engine (found by the forward `warm_up` runs first)."""
 
 
+class StepClock:
+    """Times a step's parts: marks at its start, after its decode part and after its prefill part. CUDA
+    events on a GPU (read once the step is done); the host's clock elsewhere, where each part runs
+    inline."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_device = device.type == "cuda"
+        # Two sets: the step launched next records into one while the step in flight may still be read
+        # from the other.
+        self._sets = [
+            [torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(2 * self.on_device)
+        ]
+
+    def start(self) -> list[Any]:
+        if not self.on_device:
+            return [time.perf_counter()]
+        marks = self._sets.pop(0)
+        self._sets.append(marks)
+        marks[0].record()
+        return marks
+
+    def mark(self, marks: list[Any], index: int) -> None:
+        if self.on_device:
+            marks[index].record()
+        else:
+            marks.append(time.perf_counter())
+
+    @staticmethod
+    def seconds(marks: list[Any], start: int, end: int) -> float:
+        """Between two marks; on a GPU, only once the step is done."""
+        if isinstance(marks[start], float):
+            return float(marks[end] - marks[start])
+        return float(marks[start].elapsed_time(marks[end])) / 1000
+
+
 @dataclass
 class Launched:
     """A step queued on the device: its rows, how many of them decoded, and where its tokens land."""
@@ -55,10 +91,18 @@ class Launched:
     num_decode: int
     tokens: torch.Tensor
     done: torch.cuda.Event | None  # recorded after the copy to `tokens`; None where the step ran inline
-    # Recorded around the decode forward and its sampling, on a GPU where the step decoded rows.
-    decode_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+    marks: list[Any]  # StepClock's: start, decode part done, prefill part done
+    prefill_tokens: int = 0
+    """The tokens the prefill part ran as, padding included."""
     decode_seconds: float = 0.0
-    """The decode part's device time, known once `collect` returned."""
+    """The decode part's time (forward and sampling), known once `collect` returned."""
+    prefill_seconds: float = 0.0
+    """The prefill part's time, known once `collect` returned."""
+
+    @property
+    def decode_device_seconds(self) -> float:
+        """The decode part's time on a GPU; 0 where the step ran inline on the host."""
+        return self.decode_seconds if self.done is not None else 0.0
 
 
 class ModelRunner:
@@ -115,13 +159,7 @@ class ModelRunner:
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
-        # Timing events around a step's decode part (a GPU only): two pairs, as the step launched next
-        # records into one while the step in flight may still be read from the other.
-        timed = self.device.type == "cuda"
-        self._decode_events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(2 * timed)
-        ]
+        self._clock = StepClock(self.device)
         self.graphs = StepGraphs(self.device, self._run_part)
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
@@ -158,34 +196,33 @@ class ModelRunner:
         # The rows' inputs and sampling parameters: decoding rows advance on the device, and one pair of
         # host-to-device copies carries the rows that changed.
         self._static.load(batch.rows, len(batch.decode))
-        events = None
-        if batch.decode and self._decode_events:
-            events = self._decode_events.pop(0)
-            self._decode_events.append(events)
-            events[0].record()
+        marks = self._clock.start()
         tokens = [self._decode(batch.decode)] if batch.decode else []
-        if events is not None:
-            events[1].record()
+        self._clock.mark(marks, 1)
+        prefill_tokens = 0
         if batch.prefill:
             tokens.append(self._prefill(batch.prefill))
+            prefill_tokens = self.prefill_size(
+                len(batch.prefill), max(seq.num_tokens - seq.num_cached for seq in batch.prefill)
+            )
+        self._clock.mark(marks, 2)
         out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         self._last_tokens[: out.shape[0]].copy_(out)
         if self.device.type != "cuda":
-            return Launched(batch.rows, len(batch.decode), out, None)
+            return Launched(batch.rows, len(batch.decode), out, None, marks, prefill_tokens)
         host = self._static.host_tokens()[: out.shape[0]]
         host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return Launched(batch.rows, len(batch.decode), host, done, events)
+        return Launched(batch.rows, len(batch.decode), host, done, marks, prefill_tokens)
 
     @staticmethod
     def collect(launched: Launched) -> list[int]:
         """The step's sampled tokens, one per row in `launched.rows` order."""
         if launched.done is not None:
             launched.done.synchronize()  # waits with the GIL released: the event loop keeps serving
-        if launched.decode_events is not None:
-            start, end = launched.decode_events
-            launched.decode_seconds = start.elapsed_time(end) / 1000
+        launched.decode_seconds = StepClock.seconds(launched.marks, 0, 1)
+        launched.prefill_seconds = StepClock.seconds(launched.marks, 1, 2)
         return launched.tokens.tolist()
 
     def step(self, batch: ScheduledBatch) -> list[int]:
