@@ -1,9 +1,9 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions and /v1/models, on the same engine.
 
 Every request field OpenAI defines either maps onto the engine's sampling parameters or, where the
-engine cannot honour it (`n` > 1, log-probabilities, tools, penalties other than ours), is refused
-with a 400 naming it: nothing is silently ignored. `top_k`, `min_tokens` and `repetition_penalty` are
-accepted as extensions, under the names other open servers use.
+engine cannot honour it (`n` > 1, log-probabilities, tools, `logit_bias`), is refused with a 400
+naming it: nothing is silently ignored. `top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids`
+and `ignore_eos` are accepted as extensions, under the names other open servers use.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from trickle.api.common import (
 )
 from trickle.api.openapi import ERROR_TEXT, errors, json_content, sse
 from trickle.generation import Prompts, RequestOutput, RequestStream, SamplingParams
-from trickle.generation.params import MAX_SEED, MAX_STOP_STRINGS, MAX_TOP_K, StopString
+from trickle.generation.params import MAX_SEED, MAX_STOP_STRINGS, MAX_STOP_TOKENS, MAX_TOP_K, StopString
 
 OWNER = "trickle"
 STARTED_KEY = web.AppKey("openai_started", int)
@@ -45,8 +45,6 @@ UNFINISHED_STATUS = {"timeout": 504, "shutdown": 503, "cancelled": 503}
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n": (lambda v: v is None or v == 1, "only one choice per request (n=1) is supported"),
     "best_of": (lambda v: v is None or v == 1, "only best_of=1 is supported"),
-    "frequency_penalty": (lambda v: v is None or v == 0, "not supported; use repetition_penalty"),
-    "presence_penalty": (lambda v: v is None or v == 0, "not supported; use repetition_penalty"),
     "logit_bias": (lambda v: not v, "not supported"),
     "echo": (lambda v: v is None or v is False, "not supported"),
     "logprobs": (lambda v: v is None or v is False, "log-probabilities are not supported"),
@@ -85,10 +83,16 @@ class _SamplingFields(BaseModel):
         default=None, ge=0, le=MAX_SEED, description="The same seed gives the same text, whatever the batch."
     )
     frequency_penalty: float = Field(
-        default=0.0, ge=0.0, le=0.0, description="Not supported beyond 0; see `repetition_penalty`."
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="Subtracted from a token's logit once for each time it is in the output so far.",
     )
     presence_penalty: float = Field(
-        default=0.0, ge=0.0, le=0.0, description="Not supported beyond 0; see `repetition_penalty`."
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="Subtracted from a token's logit if it is in the output so far.",
     )
     logit_bias: dict[str, float] | None = Field(
         default=None, max_length=0, description="Not supported: only an empty map."
@@ -100,7 +104,22 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(
         default=0, ge=0, description="Extension: end-of-text is ignored before this many."
     )
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="Extension: 1.0 disables.")
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=10.0,
+        description="Extension: divides positive and multiplies negative logits of every token in the "
+        "prompt or the output so far; 1.0 disables.",
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_TOKENS,
+        description="Extension (as vLLM's): token ids that end generation (finish_reason `stop`); the "
+        "token's text is kept unless it is a special token.",
+    )
+    ignore_eos: bool = Field(
+        default=False, description="Extension (as vLLM's): end-of-text does not end generation."
+    )
 
     @field_validator(*UNSUPPORTED, mode="before", check_fields=False)
     @classmethod
@@ -366,6 +385,10 @@ def _sampling_params(body: _SamplingFields, prompt_tokens: int, limit: int) -> S
         min_new_tokens=body.min_tokens,
         stop=body.stop_strings(),
         repetition_penalty=body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        stop_token_ids=body.stop_token_ids,
+        ignore_eos=body.ignore_eos,
         seed=body.seed,
     )
 

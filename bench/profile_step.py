@@ -201,7 +201,7 @@ def main() -> None:
                 # A steady step: every row decodes again, one token on, in its row (no row written).
                 "load_inputs_steady_ms": timed(lambda: advance_and_load(runner, rows)),
                 "eager_sample_ms": timed(
-                    lambda: sample_rows(logits, sampling, runner.seen[:b], runner.eos_mask)
+                    lambda: sample_rows(logits, sampling, runner.seen[:b], runner.counts[:b], runner.eos_mask)
                 ),
             }
             by_mode = {}

@@ -214,9 +214,16 @@ class Engine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.output_ids.append(token)
-        if token in self.eos_ids:
+        params = seq.params
+        if token in self.eos_ids and not params.ignore_eos:
             seq.finish(Status.FINISHED_EOS)
-        elif seq.num_completion_tokens >= seq.params.max_new_tokens:
+        elif (
+            params.stop_token_ids
+            and token in params.stop_token_ids
+            and seq.num_completion_tokens > params.min_new_tokens
+        ):
+            seq.finish(Status.FINISHED_STOP)
+        elif seq.num_completion_tokens >= params.max_new_tokens:
             seq.finish(Status.FINISHED_LENGTH)
 
     def _final_output(self, seq: Sequence, token: int | None = None) -> TokenOutput:

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKENS = 64
 MAX_SEED = 2**63 - 1
 # top_k travels to the device as an int64; any k past the vocabulary means "all", so a bound this loose
 # refuses nothing useful and keeps a huge number from failing the step of every row beside it.
@@ -32,7 +33,36 @@ class SamplingParams(BaseModel):
         max_length=MAX_STOP_STRINGS,
         description="Strings that end generation; they are never emitted.",
     )
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="1.0 disables.")
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=10.0,
+        description="Divides positive and multiplies negative logits of every token in the prompt or "
+        "the output so far (as transformers does); 1.0 disables.",
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="Subtracted from a token's logit once for each time it is in the output so far "
+        "(OpenAI's definition); 0 disables.",
+    )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="Subtracted from a token's logit if it is in the output so far (OpenAI's definition); "
+        "0 disables.",
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_TOKENS,
+        description="Token ids that end generation as end-of-sequence does (once min_new_tokens are "
+        "made); the token's text is kept unless it is a special token.",
+    )
+    ignore_eos: bool = Field(
+        default=False, description="End-of-sequence does not end generation: only max_new_tokens does."
+    )
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="The same seed gives the same text, whatever the batch."
     )

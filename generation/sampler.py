@@ -153,24 +153,40 @@ class SamplingTensors:
     temperature: torch.Tensor  # [B] float32
     top_p: torch.Tensor  # [B] float32
     top_k: torch.Tensor  # [B] int64
-    penalty: torch.Tensor  # [B] float32
+    penalty: torch.Tensor  # [B] float32: the repetition penalty
+    frequency: torch.Tensor  # [B] float32: the frequency penalty
+    presence: torch.Tensor  # [B] float32: the presence penalty
     seeds: torch.Tensor  # [B] int64
     steps: torch.Tensor  # [B] int64
     ban_eos: torch.Tensor  # [B] bool: min_new_tokens not reached yet
+
+
+def apply_penalties(
+    logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, params: SamplingTensors
+) -> torch.Tensor:
+    """The repetition penalty (over `seen`: the prompt and the output), then OpenAI's frequency and
+    presence penalties (over `counts`: the output only): a token's logit loses frequency x its count,
+    and presence if it occurred at all.
+
+    logits: [B, V] float; seen: [B, V] bool; counts: [B, V] int32
+    """
+    logits = apply_repetition_penalty(logits, seen, params.penalty)
+    return logits - params.frequency[:, None] * counts - params.presence[:, None] * (counts > 0)
 
 
 def sample_rows(
     logits: torch.Tensor,
     params: SamplingTensors,
     seen: torch.Tensor,
+    counts: torch.Tensor,
     eos_mask: torch.Tensor,
     mode: str = FULL,
 ) -> torch.Tensor:
     """Penalties, then end-of-sequence suppression, then sampling (`mode` from `sampling_mode`).
 
-    logits: [B, V]; seen: [B, V] bool; eos_mask: [V] bool -> [B] int64
+    logits: [B, V]; seen: [B, V] bool; counts: [B, V] int32; eos_mask: [V] bool -> [B] int64
     """
-    # Applied to every row (a penalty of 1 changes nothing), so the step has one shape to capture.
-    logits = apply_repetition_penalty(logits.float(), seen, params.penalty)
+    # Applied to every row (penalties of 1 and 0 change nothing), so the step has one shape to capture.
+    logits = apply_penalties(logits.float(), seen, counts, params)
     logits = logits.masked_fill(params.ban_eos[:, None] & eos_mask[None, :], float("-inf"))
     return sample(logits, params.temperature, params.top_k, params.top_p, params.seeds, params.steps, mode)

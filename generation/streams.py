@@ -22,9 +22,9 @@ from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput,
 from trickle.generation.params import MAX_SEED, SamplingParams
 
 # The engine's reasons after which the text still held back (an unfinished character, a possible start of
-# a stop string) is released: the output ended on its own. Other ends (cancelled, timeout, shutdown,
-# error) cut it where it was.
-FLUSHED = frozenset({"eos", "length"})
+# a stop string) is released: the output ended on its own (`stop` here is a stop token's: a stop string's
+# end is handled before). Other ends (cancelled, timeout, shutdown, error) cut it where it was.
+FLUSHED = frozenset({"eos", "stop", "length"})
 
 
 @dataclass(eq=False)

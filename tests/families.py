@@ -165,3 +165,25 @@ def reference(
         )
     generated = out[0, len(ids) :].tolist()
     return generated[: generated.index(eos) + 1] if eos in generated else generated
+
+
+def penalised_greedy(
+    model: PreTrainedModel,
+    ids: list[int],
+    new_tokens: int,
+    frequency: float,
+    presence: float,
+    repetition: float,
+) -> list[int]:
+    """Greedy decoding by hand on the model's logits with the penalties as their definitions say."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            for token in set(ids + out):  # transformers' repetition penalty: prompt and output
+                value = logits[token]
+                logits[token] = value / repetition if value > 0 else value * repetition
+            for token in set(out):  # OpenAI's: the output only
+                logits[token] -= out.count(token) * frequency + presence
+            out.append(int(logits.argmax()))
+    return out

@@ -12,7 +12,7 @@ import torch
 from transformers import FalconForCausalLM, PreTrainedModel
 
 from tests.conftest import fail_step, make_engine
-from tests.families import reference
+from tests.families import build, penalised_greedy, reference
 from trickle.generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
 from trickle.generation.messages import AbortRequest, AddRequest, StepReport
 from trickle.generation.runner import Launched
@@ -243,3 +243,95 @@ async def test_stopping_the_engine_ends_live_requests_with_shutdown(tiny: Loaded
         rest = [out async for out in stream]
     assert rest[-1].finish_reason == "shutdown"
     assert not engine.ready
+
+
+async def test_frequency_and_presence_penalties_decode_as_a_hand_computation_on_the_logits(
+    tiny: LoadedModel,
+) -> None:
+    """On a random Llama (its greedy output repeats itself, so the penalties change it)."""
+    model = build("llama", len(tiny.tokenizer), tiny.tokenizer.eos_token_id)
+    random_llama = LoadedModel(model, tiny.tokenizer, "random-llama", torch.device("cpu"), torch.float32)
+    engine = make_engine(random_llama)
+    await engine.start()
+    prompts = ["The baker", "Every morning the little bakery at the corner"]
+    cases = [(1.5, 0.0, 1.0), (0.0, 2.0, 1.0), (0.7, -0.4, 1.3)]
+    try:
+        plain = SamplingParams(temperature=0.0, max_new_tokens=24, min_new_tokens=24)
+        unpenalised = [await collect(engine, f"plain{i}", p, plain) for i, p in enumerate(prompts)]
+        runs = []
+        for frequency, presence, repetition in cases:
+            params = plain.model_copy(
+                update={
+                    "frequency_penalty": frequency,
+                    "presence_penalty": presence,
+                    "repetition_penalty": repetition,
+                }
+            )
+            # All prompts of a case at once: the penalties are per row, in one batch.
+            runs.append(
+                await asyncio.gather(*(collect(engine, f"r{i}", p, params) for i, p in enumerate(prompts)))
+            )
+    finally:
+        await engine.stop()
+    for (frequency, presence, repetition), outputs in zip(cases, runs, strict=True):
+        texts = ["".join(out.text for out in output) for output in outputs]
+        for prompt, text in zip(prompts, texts, strict=True):
+            ids = tiny.tokenizer.encode(prompt)
+            want = penalised_greedy(model, ids, 24, frequency, presence, repetition)
+            assert text == tiny.tokenizer.decode(want)
+        # The penalties changed what greedy decoding gives (a server ignoring them would fail above).
+        assert texts != ["".join(out.text for out in before) for before in unpenalised]
+
+
+async def test_stop_token_ids_end_generation_once_min_new_tokens_are_made(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny)
+    await engine.start()
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    try:
+        free = await collect(engine, "free", "The baker", greedy)
+        ids = reference(tiny.model, tiny.tokenizer.encode("The baker"), 12, tiny.tokenizer.pad_token_id)
+        stop_id = ids[4]
+        first = ids.index(stop_id)  # the stop token's first place in the free output
+        stopped = await collect(
+            engine, "stopped", "The baker", greedy.model_copy(update={"stop_token_ids": [stop_id, 10**6]})
+        )
+        late = await collect(
+            engine,
+            "late",
+            "The baker",
+            greedy.model_copy(update={"stop_token_ids": [stop_id], "min_new_tokens": first + 1}),
+        )
+    finally:
+        await engine.stop()
+    assert len(ids) == 12 and "".join(out.text for out in free) == tiny.tokenizer.decode(ids)
+    assert stopped[-1].finish_reason == "stop"
+    assert stopped[-1].usage["completion_tokens"] == first + 1
+    assert "".join(out.text for out in stopped) == tiny.tokenizer.decode(ids[: first + 1])
+    # Once min_new_tokens are made it ends at the next stop token, if any, or at max_new_tokens.
+    later = [i for i in range(first + 1, 12) if ids[i] == stop_id]
+    assert late[-1].usage["completion_tokens"] == (later[0] + 1 if later else 12)
+
+
+async def test_ignore_eos_generates_past_end_of_sequence(tiny: LoadedModel) -> None:
+    eos = tiny.tokenizer.eos_token_id
+    engine = make_engine(tiny)
+    runner = engine.engine.runner
+    real_head = runner.head
+
+    def eos_everywhere(hidden: torch.Tensor) -> torch.Tensor:
+        logits = real_head(hidden)
+        logits[:, eos] += 1e4
+        return logits
+
+    runner.head = eos_everywhere  # type: ignore[assignment]
+    await engine.start()
+    params = SamplingParams(temperature=0.0, max_new_tokens=9)
+    try:
+        ignoring = await collect(
+            engine, "ignoring", "The baker", params.model_copy(update={"ignore_eos": True})
+        )
+        ending = await collect(engine, "ending", "The baker", params)
+    finally:
+        await engine.stop()
+    assert ignoring[-1].finish_reason == "length" and ignoring[-1].usage["completion_tokens"] == 9
+    assert ending[-1].finish_reason == "eos" and ending[-1].usage["completion_tokens"] == 1

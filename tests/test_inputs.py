@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from trickle.generation.params import SamplingParams
-from trickle.generation.runner.inputs import SeenMarks, StepInputs
+from trickle.generation.runner.inputs import RowHistory, StepInputs
 from trickle.generation.sequence import Sequence, Status
 
 
@@ -77,15 +77,19 @@ def test_rows_stepped_again_without_a_launch_are_written_again() -> None:
     assert torch.equal(inputs.longs, first)
 
 
-def test_seen_marks_say_exactly_which_tokens_each_newcomer_holds_whatever_its_row_held_before() -> None:
+def test_row_history_says_exactly_which_tokens_each_newcomer_holds_whatever_its_row_held_before() -> None:
+    """`seen`: every token of the prompt and output; `counts`: how often each is in the output (a
+    preempted row comes back with output already)."""
     seen = torch.zeros(6, 40, dtype=torch.bool)
-    marks = SeenMarks(seen)
+    counts = torch.zeros(6, 40, dtype=torch.int32)
+    history = RowHistory(seen, counts)
     seen[2, 30] = seen[4, 31] = seen[5, 32] = True  # left by rows that held these slots before
-    kept = seen[5].clone()
+    counts[2, 30] = counts[4, 9] = counts[5, 32] = 3
+    kept, kept_counts = seen[5].clone(), counts[5].clone()
     waves = [
-        [("a", [3, 3, 7], [9], 2), ("b", [1], [], 4)],
+        [("a", [3, 3, 7], [9, 9, 3], 2), ("b", [1], [], 4)],
         [("c", list(range(10, 39)), [0, 1], 1)],  # more tokens than the buffers held: they grow
-        [("d", [5], [5, 6], 2), ("e", [8, 9], [], 0), ("f", [2], [4], 3)],
+        [("d", [5], [5, 6, 6, 6], 2), ("e", [8, 9], [], 0), ("f", [2], [4], 3)],
     ]
     for wave in waves:
         rows = []
@@ -93,9 +97,14 @@ def test_seen_marks_say_exactly_which_tokens_each_newcomer_holds_whatever_its_ro
             seq = Sequence(name, prompt, SamplingParams(), 7)
             seq.output_ids, seq.slot = output, slot
             rows.append(seq)
-        marks.mark(rows)
+        history.mark(rows)
         for seq in rows:
             want = torch.zeros(40, dtype=torch.bool)
             want[seq.tokens] = True
             assert torch.equal(seen[seq.slot], want), seq.request_id
+            want_counts = torch.zeros(40, dtype=torch.int32)
+            for token in seq.output_ids:
+                want_counts[token] += 1
+            assert torch.equal(counts[seq.slot], want_counts), seq.request_id
+    assert torch.equal(counts[5], kept_counts)
     assert torch.equal(seen[5], kept), "a row no newcomer took is left alone"

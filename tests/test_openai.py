@@ -19,7 +19,9 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import make_engine
+from tests.families import reference
 from tests.test_process import drain_lines, serving
+from trickle.api.openai import ChatCompletionRequest, _sampling_params
 from trickle.config import Settings
 from trickle.generation import LoadedModel
 from trickle.server import create_app
@@ -124,6 +126,38 @@ async def test_completions_streamed_equals_not_streamed_and_usage_matches(client
     assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
 
 
+async def test_stop_token_ids_through_the_sdk_end_the_text_at_that_token(
+    client: openai.AsyncOpenAI, tiny: LoadedModel
+) -> None:
+    """vLLM's `stop_token_ids` extension: a token of the greedy answer, named as a stop token, ends the
+    answer there (its text kept) with finish_reason `stop`."""
+    ask: dict[str, Any] = {"model": "test", "prompt": "The baker", "temperature": 0, "max_tokens": 12}
+    ids = reference(tiny.model, tiny.tokenizer.encode("The baker"), 12, tiny.tokenizer.pad_token_id)
+    free = await client.completions.create(**ask)
+    assert free.choices[0].text == tiny.tokenizer.decode(ids)
+    first = ids.index(ids[4])
+    stopped = await client.completions.create(**ask, extra_body={"stop_token_ids": [ids[4]]})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == tiny.tokenizer.decode(ids[: first + 1])
+    assert stopped.usage is not None and stopped.usage.completion_tokens == first + 1
+
+
+def test_openais_penalties_and_the_extensions_reach_the_sampling_parameters() -> None:
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "test",
+            "messages": CHAT,
+            "frequency_penalty": 1.25,
+            "presence_penalty": -0.5,
+            "stop_token_ids": [7, 9],
+            "ignore_eos": True,
+        }
+    )
+    params = _sampling_params(body, prompt_tokens=10, limit=100)
+    assert (params.frequency_penalty, params.presence_penalty) == (1.25, -0.5)
+    assert (params.stop_token_ids, params.ignore_eos) == ([7, 9], True)
+
+
 async def test_the_raw_stream_has_the_full_chunk_shape_and_ends_with_done(base_url: str) -> None:
     body = {"model": "test", "messages": CHAT, "max_tokens": 5, "min_tokens": 5, "stream": True}
     headers = {"Authorization": "Bearer sesame"}
@@ -149,7 +183,8 @@ async def test_the_raw_stream_has_the_full_chunk_shape_and_ends_with_done(base_u
         ("chat", {"n": 2}, "n"),
         ("chat", {"logprobs": True}, "logprobs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "bake"}}]}, "tools"),
-        ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
+        ("chat", {"frequency_penalty": 2.5}, "frequency_penalty"),
+        ("chat", {"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids.0"),
         ("chat", {"max_tokens": 100000}, "max_tokens"),
         ("completions", {"logprobs": 2}, "logprobs"),
         ("completions", {"echo": True}, "echo"),

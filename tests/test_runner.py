@@ -44,7 +44,7 @@ def newcomers(runner: ModelRunner, loaded: LoadedModel, prompts: list[str]) -> l
 def prefill(runner: ModelRunner, rows: list[Sequence], n: int, width: int) -> torch.Tensor:
     runner._tables.update(ScheduledBatch(prefill=rows))
     runner._static.load(rows)
-    runner._seen_marks.mark(rows)
+    runner._history.mark(rows)
     runner._prefill_in.load(rows, n, width)
     return runner._prefill_static(n, width)[: len(rows)]
 

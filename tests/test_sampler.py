@@ -9,6 +9,8 @@ from trickle.generation.sampler import (
     PLAIN,
     TOP_K,
     TOP_K_CANDIDATES,
+    SamplingTensors,
+    apply_penalties,
     apply_repetition_penalty,
     sample,
     sampling_mode,
@@ -165,3 +167,33 @@ def test_repetition_penalty_acts_only_on_seen_tokens() -> None:
     seen = torch.tensor([[True, True, False, False]])
     out = apply_repetition_penalty(logits, seen, torch.tensor([2.0]))
     assert out.tolist() == [[1.0, -4.0, 2.0, -2.0]]
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula_after_the_repetition_penalty() -> None:
+    """mu[j] - c[j] * frequency - (c[j] > 0) * presence, per row, with c the output's counts; the
+    repetition penalty (over prompt and output) comes first."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 50, generator=generator)
+    seen = torch.rand(3, 50, generator=generator) < 0.3
+    counts = torch.randint(0, 4, (3, 50), generator=generator, dtype=torch.int32) * seen
+    params = SamplingTensors(
+        temperature=torch.ones(3),
+        top_p=torch.ones(3),
+        top_k=torch.zeros(3, dtype=torch.int64),
+        penalty=torch.tensor([1.0, 1.3, 1.0]),
+        frequency=torch.tensor([0.5, 0.0, -1.25]),
+        presence=torch.tensor([0.0, 1.5, 2.0]),
+        seeds=torch.zeros(3, dtype=torch.int64),
+        steps=torch.zeros(3, dtype=torch.int64),
+        ban_eos=torch.zeros(3, dtype=torch.bool),
+    )
+    out = apply_penalties(logits, seen, counts, params)
+    for b in range(3):
+        for j in range(50):
+            mu = logits[b, j].item()
+            if seen[b, j]:
+                r = params.penalty[b].item()
+                mu = mu / r if mu > 0 else mu * r
+            c = counts[b, j].item()
+            mu -= c * params.frequency[b].item() + (c > 0) * params.presence[b].item()
+            assert abs(out[b, j].item() - mu) < 1e-5, (b, j)

@@ -76,17 +76,18 @@ class StepInputs:
     TOKEN, POSITION, TOP_K, SEED, STEP, MIN_NEW, SOURCE = range(7)
     LONGS = 7
     # Columns of the float table.
-    TEMPERATURE, TOP_P, PENALTY = range(3)
+    TEMPERATURE, TOP_P, PENALTY, FREQUENCY, PRESENCE = range(5)
+    FLOATS = 5
 
     def __init__(self, rows: int, max_len: int, device: torch.device) -> None:
         pinned = device.type == "cuda"
         # A changed row's batch row, then its integer inputs; and its float inputs.
         self._host_longs = torch.zeros(2, rows, 1 + self.LONGS, dtype=torch.long, pin_memory=pinned)
-        self._host_floats = torch.zeros(2, rows, 3, dtype=torch.float32, pin_memory=pinned)
+        self._host_floats = torch.zeros(2, rows, self.FLOATS, dtype=torch.float32, pin_memory=pinned)
         self._host_tokens = torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned)
         self._turn = 0
         self.longs = torch.zeros(rows, self.LONGS, dtype=torch.long, device=device)
-        self.floats = torch.zeros(rows, 3, dtype=torch.float32, device=device)
+        self.floats = torch.zeros(rows, self.FLOATS, dtype=torch.float32, device=device)
         self._changed_longs = torch.zeros_like(self._host_longs[0], device=device)
         self._changed_floats = torch.zeros_like(self._host_floats[0], device=device)
         self.ids = self.longs[:, self.TOKEN : self.TOKEN + 1]
@@ -120,13 +121,10 @@ class StepInputs:
                 launched[row] = seq.launched
                 continue
             owners[row], launched[row] = seq, seq.launched
-            params = seq.params
-            changed.append(
-                (row, _long_inputs(seq), [params.temperature, params.top_p, params.repetition_penalty])
-            )
+            changed.append((row, _long_inputs(seq), _float_inputs(seq)))
         for row in range(len(rows), self._used):
             owners[row] = None
-            changed.append((row, self._padding, [0.0, 0.0, 0.0]))
+            changed.append((row, self._padding, [0.0] * self.FLOATS))
         self._used, self.written = len(rows), len(changed)
         if decoded:
             # Every decoding row advances; the changed ones among them are overwritten just below.
@@ -169,6 +167,8 @@ class StepInputs:
             temperature=floats[:, cls.TEMPERATURE],
             top_p=floats[:, cls.TOP_P],
             penalty=floats[:, cls.PENALTY],
+            frequency=floats[:, cls.FREQUENCY],
+            presence=floats[:, cls.PRESENCE],
             top_k=longs[:, cls.TOP_K],
             seeds=longs[:, cls.SEED],
             steps=longs[:, cls.STEP],
@@ -220,27 +220,31 @@ class PrefillInputs:
         self.rows[:] = torch.tensor([1, self.spare_row, 0])
 
 
-class SeenMarks:
-    """`seen[row, token]` for newcomers (the repetition penalty's view of a row: every token of its
-    prompt and output): their rows cleared, then their tokens set.
+class RowHistory:
+    """What the penalties know of each newcomer's row: `seen[row, token]`, every token of its prompt and
+    output (the repetition penalty), and `counts[row, token]`, the times a token is in its output (the
+    frequency and presence penalties; a row that comes back after a preemption has output already).
+    Their rows are cleared, then their tokens set.
 
     The rows, their token counts and the tokens go to the device in one copy from a pinned buffer, so
     marking never waits for the step in flight (a copy from pageable memory would). The buffers are
     double-buffered like `StepInputs`' and grow when a prefill needs more."""
 
-    def __init__(self, seen: torch.Tensor) -> None:
-        self.seen = seen
+    def __init__(self, seen: torch.Tensor, counts: torch.Tensor) -> None:
+        self.seen, self.counts = seen, counts
         self._pinned = seen.device.type == "cuda"
         self._host = [torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)]
         self._copied = [torch.cuda.Event() for _ in range(2)] if self._pinned else []
         self._turn = 0
         self._device = torch.zeros(0, dtype=torch.long, device=seen.device)
         self._true = torch.ones((), dtype=torch.bool, device=seen.device)
+        self._one = torch.ones((), dtype=counts.dtype, device=seen.device)
 
     def mark(self, rows: list[Sequence]) -> None:
         held = [seq.tokens for seq in rows]
-        n, count = len(rows), sum(map(len, held))
-        size = 2 * n + count
+        made = [seq.output_ids for seq in rows]
+        n, count, outputs = len(rows), sum(map(len, held)), sum(map(len, made))
+        size = 3 * n + count + outputs
         self._turn ^= 1
         if self._pinned:
             self._copied[self._turn].synchronize()  # the copy from this buffer two marks ago is done
@@ -252,16 +256,22 @@ class SeenMarks:
                 max(size, 2 * self._device.numel()), dtype=torch.long, device=self.seen.device
             )
         host = self._host[self._turn][:size]
-        host[: 2 * n] = torch.tensor([seq.slot for seq in rows] + [len(tokens) for tokens in held])
-        host[2 * n :] = torch.tensor(list(itertools.chain.from_iterable(held)))
+        host[: 3 * n] = torch.tensor(
+            [seq.slot for seq in rows] + [len(tokens) for tokens in held] + [len(ids) for ids in made]
+        )
+        host[3 * n :] = torch.tensor(list(itertools.chain(*held, *made)))
         device = self._device[:size]
         device.copy_(host, non_blocking=True)
         if self._pinned:
             self._copied[self._turn].record()
-        slots, counts, tokens = device[:n], device[n : 2 * n], device[2 * n :]
+        slots, lengths, made_lengths = device[:n], device[n : 2 * n], device[2 * n : 3 * n]
         self.seen.index_fill_(0, slots, False)
-        where = torch.repeat_interleave(slots, counts, output_size=count)
-        self.seen.index_put_((where, tokens), self._true)
+        self.counts.index_fill_(0, slots, 0)
+        where = torch.repeat_interleave(slots, lengths, output_size=count)
+        self.seen.index_put_((where, device[3 * n : 3 * n + count]), self._true)
+        if outputs:
+            where = torch.repeat_interleave(slots, made_lengths, output_size=outputs)
+            self.counts.index_put_((where, device[3 * n + count :]), self._one, accumulate=True)
 
 
 def _long_inputs(seq: Sequence) -> list[int]:
@@ -271,3 +281,15 @@ def _long_inputs(seq: Sequence) -> list[int]:
     position = seq.num_prompt_tokens + made - 1
     # In StepInputs' column order.
     return [seq.last_token, position, seq.params.top_k, seq.seed, made, seq.params.min_new_tokens, source]
+
+
+def _float_inputs(seq: Sequence) -> list[float]:
+    params = seq.params
+    # In StepInputs' column order.
+    return [
+        params.temperature,
+        params.top_p,
+        params.repetition_penalty,
+        params.frequency_penalty,
+        params.presence_penalty,
+    ]

@@ -109,6 +109,9 @@ def _profile(
     # prefill past a cached prefix and a decode step gather the keys and values they read, one layer at
     # a time.
     activations += 48 * limits.max_rows * limits.vocab_size
+    # Each row's token history for the penalties (`seen`, a byte a token; `counts`, four), allocated
+    # after this plan.
+    activations += 5 * (limits.max_rows + 1) * limits.vocab_size
     if gathers():
         gathered = max(limits.prefill_read_budget, limits.max_rows * config.max_seq_len)
         activations += 2 * gathered * cache.bytes_per_token // limits.layers

@@ -30,7 +30,7 @@ from trickle.generation.runner.graphs import (
     bucket,
     buckets_up_to,
 )
-from trickle.generation.runner.inputs import BlockTables, PrefillInputs, SeenMarks, StepInputs
+from trickle.generation.runner.inputs import BlockTables, PrefillInputs, RowHistory, StepInputs
 from trickle.generation.runner.memory import PREFILL_READ_FACTOR, StepLimits, plan_blocks
 from trickle.generation.sampler import FULL, MODES, SamplingTensors, sampling_mode
 from trickle.generation.scheduler import ScheduledBatch
@@ -154,7 +154,9 @@ class ModelRunner:
         # seen[row, token]: the token is in the row's prompt or output (for the repetition penalty); the
         # spare row takes what padding rows write
         self.seen = torch.zeros(self.max_rows + 1, self.vocab_size, dtype=torch.bool, device=self.device)
-        self._seen_marks = SeenMarks(self.seen)
+        # counts[row, token]: times the token is in the row's output (frequency and presence penalties)
+        self.counts = torch.zeros(self.max_rows + 1, self.vocab_size, dtype=torch.int32, device=self.device)
+        self._history = RowHistory(self.seen, self.counts)
         self._prefill_in = PrefillInputs(self.max_prefill_tokens, self.max_rows, self.spare_row, self.device)
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
@@ -192,6 +194,7 @@ class ModelRunner:
         """
         for src, dst in batch.moves:
             self.seen[dst] = self.seen[src]
+            self.counts[dst] = self.counts[src]
         self._tables.update(batch)
         # The rows' inputs and sampling parameters: decoding rows advance on the device, and one pair of
         # host-to-device copies carries the rows that changed.
@@ -271,7 +274,7 @@ class ModelRunner:
         their tokens), captured per padded shape. Past cached positions, attention reads the blocks in
         place (the paged kernels); a model that does not take them prefills eagerly over its rows'
         gathered positions."""
-        self._seen_marks.mark(rows)
+        self._history.mark(rows)
         n, width = len(rows), max(seq.num_tokens - seq.num_cached for seq in rows)
         past = any(seq.num_cached for seq in rows)
         if past and not self.kernel_reads:
@@ -314,14 +317,24 @@ class ModelRunner:
             mask = self.masks.for_queries(positions, self._static.key_index[:read_len], cached + lengths)
         hidden = self._forward(ids, positions, mask, self.cache)
         last = hidden[self._static.rows[:n], lengths - 1]
-        return self._sample(self.head(last), self._static.sampling_rows(rows), rows)
+        params = self._static.sampling_rows(rows)
+        return self._sample(self.head(last), params, rows, self.seen[rows], self.counts[rows])
 
     def _sample(
-        self, logits: torch.Tensor, params: SamplingTensors, rows: torch.Tensor, mode: str = FULL
+        self,
+        logits: torch.Tensor,
+        params: SamplingTensors,
+        rows: torch.Tensor,
+        seen: torch.Tensor,
+        counts: torch.Tensor,
+        mode: str = FULL,
     ) -> torch.Tensor:
-        tokens = self.compiled.samplers[mode](logits, params, self.seen[rows], self.eos_mask, mode)
+        """Sample `rows` (their `seen` and `counts`, as views or copies) and add each one's token to
+        its history."""
+        tokens = self.compiled.samplers[mode](logits, params, seen, counts, self.eos_mask, mode)
         # A device-side True: a Python scalar would be a host-to-device copy inside the captured step.
         self.seen.index_put_((rows, tokens), self._true)
+        self.counts.index_put_((rows, tokens), self.counts[rows, tokens] + 1)
         return tokens
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
@@ -361,7 +374,9 @@ class ModelRunner:
         """Sample rows 0..batch-1 from the decode forward's hidden states (`mode` indexes MODES)."""
         static = self._static
         logits = self.head(self._hidden[:batch])
-        return self._sample(logits, static.sampling(0, batch), static.rows[:batch], MODES[mode])
+        params = static.sampling(0, batch)
+        seen, counts = self.seen[:batch], self.counts[:batch]
+        return self._sample(logits, params, static.rows[:batch], seen, counts, MODES[mode])
 
     def _decode_hidden(self, batch: int, kv_len: int) -> torch.Tensor:
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
