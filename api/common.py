@@ -26,6 +26,7 @@ from trickle.generation import (
     RequestStream,
     SamplingParams,
 )
+from trickle.generation.messages import TokenLogprobs
 
 log = structlog.get_logger("api")
 
@@ -263,12 +264,25 @@ async def stream_events(
     return response
 
 
-async def gather(outputs: RequestStream) -> tuple[str, RequestOutput | None]:
-    """The whole text of a request and its final output (None if the engine stopped first)."""
+@dataclass
+class Gathered:
+    """A request's whole output: its text, its final output (None if the engine stopped first), and its
+    tokens' log-probabilities where it asked for them."""
+
+    text: str
+    final: RequestOutput | None
+    logprobs: list[TokenLogprobs] | None
+
+
+async def gather(outputs: RequestStream) -> Gathered:
     pieces: list[str] = []
     final: RequestOutput | None = None
+    logprobs: list[TokenLogprobs] | None = None
     async with contextlib.aclosing(outputs):
         async for output in outputs:
             pieces.append(output.text)
+            if output.logprobs is not None:
+                logprobs = [] if logprobs is None else logprobs
+                logprobs.extend(output.logprobs)
             final = output
-    return "".join(pieces), final
+    return Gathered("".join(pieces), final, logprobs)

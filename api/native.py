@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, Field
 
+from trickle.api import logprobs
 from trickle.api.common import (
     SETTINGS_KEY,
     ClientError,
@@ -24,8 +25,9 @@ from trickle.api.common import (
     request_error,
     stream_events,
 )
+from trickle.api.logprobs import NativeLogprob
 from trickle.api.openapi import ERROR_TEXT, errors, json_content, sse
-from trickle.generation import RequestError, RequestOutput, RequestStream, SamplingParams
+from trickle.generation import Prompts, RequestError, RequestOutput, RequestStream, SamplingParams
 
 FinishReason = Literal["eos", "stop", "length", "cancelled", "timeout", "shutdown", "error"]
 
@@ -66,6 +68,21 @@ class EndEvent(BaseModel):
 
 class PredictResponse(EndEvent):
     text: str
+    logprobs: list[NativeLogprob] | None = Field(
+        default=None, description="Each generated token's, where the request asked (`logprobs`)."
+    )
+
+
+class TokenEvent(BaseModel):
+    """The data of a token event."""
+
+    text: str
+    logprobs: list[NativeLogprob] | None = Field(
+        default=None,
+        description="Where the request asked (`logprobs`): those of the tokens generated since the last "
+        "event (a token whose text is held back, part of a character say, has its entry in the event "
+        "where it was generated and its text in a later one).",
+    )
 
 
 class NativeErrorDetail(BaseModel):
@@ -110,13 +127,19 @@ def end_payload(output: RequestOutput) -> dict[str, Any]:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     outputs = await open_generation(request)
-    return await stream_events(request, outputs, lambda response: _write_events(response, outputs))
+    prompts = engine_for(request).prompts
+    return await stream_events(request, outputs, lambda response: _write_events(response, outputs, prompts))
 
 
-async def _write_events(response: EventSourceResponse, outputs: RequestStream) -> None:
+async def _write_events(response: EventSourceResponse, outputs: RequestStream, prompts: Prompts) -> None:
     event_id = 0
     async for output in outputs:
-        if output.text:
+        if output.logprobs is not None:  # asked for: each token's, with the text released (maybe none)
+            if output.text or output.logprobs:
+                data = {"text": output.text, "logprobs": logprobs.native(prompts, output.logprobs)}
+                await response.send(json.dumps(data), id=str(event_id))
+                event_id += 1
+        elif output.text:
             await response.send(json.dumps({"text": output.text}), id=str(event_id))
             event_id += 1
         if output.error is not None:
@@ -127,17 +150,22 @@ async def _write_events(response: EventSourceResponse, outputs: RequestStream) -
 
 
 async def predict(request: web.Request) -> web.Response:
-    text, final = await gather(await open_generation(request))
+    whole = await gather(await open_generation(request))
+    final = whole.final
     if final is None or final.error is not None:
         message = final.error if final is not None and final.error else "the engine stopped"
         return json_error(request.path, 500, message)
-    return web.json_response({"text": text, **end_payload(final)})
+    reply = {"text": whole.text, **end_payload(final)}
+    if whole.logprobs is not None:
+        reply["logprobs"] = logprobs.native(engine_for(request).prompts, whole.logprobs)
+    return web.json_response(reply)
 
 
 # ---------------------------------------------------------------- routes
 
 STREAM_TEXT = """\
-Server-sent events. Each token event is unnamed, carries an `id:` and the data `{"text": "..."}`.
+Server-sent events. Each token event is unnamed, carries an `id:` and the data `{"text": "..."}`
+(a TokenEvent: with `logprobs` where the request asked for them).
 A failure sends `event: error` with `{"message": "..."}`. The last event is `event: end` with the
 data of the EndEvent schema. Comment lines (`: ping`) keep idle connections open."""
 ERRORS = (400, 401, 408, 413, 415, 422, 503)
@@ -171,7 +199,7 @@ ROUTES = (
         "native",
         _stream_responses,
         request=GenerateRequest,
-        replies=(EndEvent, NativeError),
+        replies=(TokenEvent, EndEvent, NativeError),
     ),
     Route(
         "POST",

@@ -18,9 +18,11 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
+from trickle.api import logprobs
 from trickle.api.common import (
     SETTINGS_KEY,
     ClientError,
+    Gathered,
     Refs,
     Route,
     admit,
@@ -29,9 +31,18 @@ from trickle.api.common import (
     read_json,
     stream_events,
 )
+from trickle.api.logprobs import ChatLogprobs, CompletionLogprobs
 from trickle.api.openapi import ERROR_TEXT, errors, json_content, sse
 from trickle.generation import Prompts, RequestOutput, RequestStream, SamplingParams
-from trickle.generation.params import MAX_SEED, MAX_STOP_STRINGS, MAX_STOP_TOKENS, MAX_TOP_K, StopString
+from trickle.generation.messages import TokenLogprobs
+from trickle.generation.params import (
+    MAX_LOGPROBS,
+    MAX_SEED,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKENS,
+    MAX_TOP_K,
+    StopString,
+)
 
 OWNER = "trickle"
 STARTED_KEY = web.AppKey("openai_started", int)
@@ -47,8 +58,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_of": (lambda v: v is None or v == 1, "only best_of=1 is supported"),
     "logit_bias": (lambda v: not v, "not supported"),
     "echo": (lambda v: v is None or v is False, "not supported"),
-    "logprobs": (lambda v: v is None or v is False, "log-probabilities are not supported"),
-    "top_logprobs": (lambda v: v is None, "log-probabilities are not supported"),
     "suffix": (lambda v: not v, "not supported"),
     "tools": (lambda v: not v, "tools are not supported"),
     "tool_choice": (lambda v: v is None or v == "none", "tools are not supported"),
@@ -138,6 +147,10 @@ class _SamplingFields(BaseModel):
         """The field that sets the most tokens to generate, and its value."""
         raise NotImplementedError
 
+    def requested_logprobs(self) -> int | None:
+        """The alternatives each token's log-probabilities list, or None where none are asked for."""
+        raise NotImplementedError
+
 
 class CompletionRequest(_SamplingFields):
     """The body of POST /v1/completions."""
@@ -150,12 +163,21 @@ class CompletionRequest(_SamplingFields):
         default=COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1, description="Most tokens to generate."
     )
     echo: Literal[False] = Field(default=False, description="Not supported: only false.")
-    logprobs: None = Field(default=None, description="Not supported: only null.")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Report each token's log-probability and this many most likely alternatives' "
+        "(the model's distribution, before temperature and penalties).",
+    )
     best_of: int | None = Field(default=None, ge=1, le=1, description="Only 1 is supported.")
     suffix: None = Field(default=None, description="Not supported: only null.")
 
     def requested_max_tokens(self) -> tuple[str, int | None]:
         return "max_tokens", self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -190,8 +212,17 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(
         default=None, ge=1, description="Most tokens to generate (the newer name; wins over max_tokens)."
     )
-    logprobs: Literal[False] = Field(default=False, description="Not supported: only false.")
-    top_logprobs: None = Field(default=None, description="Not supported: only null.")
+    logprobs: bool = Field(
+        default=False,
+        description="Report each token's log-probability (the model's distribution, before temperature "
+        "and penalties).",
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="With `logprobs`: this many most likely alternatives.",
+    )
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Any], Field(max_length=0)] | None = Field(
         default=None, description="Not supported."
@@ -203,6 +234,9 @@ class ChatCompletionRequest(_SamplingFields):
         if self.max_completion_tokens is not None:
             return "max_completion_tokens", self.max_completion_tokens
         return "max_tokens", self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ---------------------------------------------------------------- responses
@@ -222,7 +256,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Finish | None
 
 
@@ -245,7 +279,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Finish
 
 
@@ -266,7 +300,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Finish | None
 
     @field_serializer("delta")
@@ -389,6 +423,7 @@ def _sampling_params(body: _SamplingFields, prompt_tokens: int, limit: int) -> S
         presence_penalty=body.presence_penalty,
         stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos,
+        logprobs=body.requested_logprobs(),
         seed=body.seed,
     )
 
@@ -397,6 +432,8 @@ async def _parse(request: web.Request, model: type[CompletionRequest] | type[Cha
     body = await read_json(request, model, invalid_status=400)
     if body.stream_options is not None and not body.stream:
         raise ClientError(400, "stream_options: only allowed when stream is true", "stream_options")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise ClientError(400, "top_logprobs: only allowed when logprobs is true", "top_logprobs")
     _check_model(request, body.model)
     if body.user is not None:
         structlog.contextvars.bind_contextvars(user=body.user)
@@ -413,15 +450,27 @@ async def completions(request: web.Request) -> web.StreamResponse:
     ids = await engine.prompts.off_loop(_prompt_ids, engine.prompts, text, "prompt")
     outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.prompts.max_seq_len))
     reply = _Reply(f"cmpl-{outputs.request_id}", body.model)
+    sent = 0  # characters of text sent so far: where the next chunk's tokens begin (`text_offset`)
 
-    def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
-        choices = [] if last else [CompletionChoice(index=0, text=text, finish_reason=finish)]
-        return Completion(**reply.envelope, choices=choices, usage=usage)
+    def chunk(
+        text: str,
+        finish: Finish | None,
+        usage: Usage | None = None,
+        last: bool = False,
+        entries: list[TokenLogprobs] | None = None,
+    ) -> BaseModel:
+        nonlocal sent
+        scores = None
+        if entries is not None:
+            scores = logprobs.completion(engine.prompts, entries, sent)
+            sent += len(text)
+        choice = CompletionChoice(index=0, text=text, logprobs=scores, finish_reason=finish)
+        return Completion(**reply.envelope, choices=[] if last else [choice], usage=usage)
 
     if body.stream:
         return await _stream(request, outputs, body, chunk, first=None)
-    text_out, final, finish = await _finished(request, outputs)
-    return _json(chunk(text_out, finish, _usage(final)))
+    whole, final, finish = await _finished(request, outputs)
+    return _json(chunk(whole.text, finish, _usage(final), entries=whole.logprobs))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -431,17 +480,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.prompts.max_seq_len))
     reply = _Reply(f"chatcmpl-{outputs.request_id}", body.model)
 
-    def chunk(text: str, finish: Finish | None, usage: Usage | None = None, last: bool = False) -> BaseModel:
+    def chunk(
+        text: str,
+        finish: Finish | None,
+        usage: Usage | None = None,
+        last: bool = False,
+        entries: list[TokenLogprobs] | None = None,
+    ) -> BaseModel:
         delta = ChatDelta() if finish is not None else ChatDelta(content=text)
-        choices = [] if last else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
-        return ChatCompletionChunk(**reply.envelope, choices=choices, usage=usage)
+        scores = None if entries is None else logprobs.chat(engine.prompts, entries)
+        choice = ChatChunkChoice(index=0, delta=delta, logprobs=scores, finish_reason=finish)
+        return ChatCompletionChunk(**reply.envelope, choices=[] if last else [choice], usage=usage)
 
     if body.stream:
         hello = ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""), finish_reason=None)
         opening = ChatCompletionChunk(**reply.envelope, choices=[hello])
         return await _stream(request, outputs, body, chunk, first=opening)
-    text_out, final, finish = await _finished(request, outputs)
-    choice = ChatChoice(index=0, message=AssistantMessage(content=text_out), finish_reason=finish)
+    whole, final, finish = await _finished(request, outputs)
+    scores = None if whole.logprobs is None else logprobs.chat(engine.prompts, whole.logprobs)
+    message = AssistantMessage(content=whole.text)
+    choice = ChatChoice(index=0, message=message, logprobs=scores, finish_reason=finish)
     return _json(ChatCompletion(**reply.envelope, choices=[choice], usage=_usage(final)))
 
 
@@ -538,15 +596,16 @@ def _usage(output: RequestOutput) -> Usage:
     )
 
 
-async def _finished(request: web.Request, outputs: RequestStream) -> tuple[str, RequestOutput, Finish]:
-    """The whole text, the final output and OpenAI's finish reason; a generation that ended some other
-    way (timeout, shutdown, failure) raises its error response."""
-    text, final = await gather(outputs)
+async def _finished(request: web.Request, outputs: RequestStream) -> tuple[Gathered, RequestOutput, Finish]:
+    """The whole output, the final output and OpenAI's finish reason; a generation that ended some
+    other way (timeout, shutdown, failure) raises its error response."""
+    whole = await gather(outputs)
+    final = whole.final
     if final is None:
         raise ClientError(503, "the engine stopped")
     if final.finish_reason not in FINISH_REASONS:
         raise _unfinished(final)
-    return text, final, FINISH_REASONS[final.finish_reason]
+    return whole, final, FINISH_REASONS[final.finish_reason]
 
 
 def _unfinished(final: RequestOutput) -> ClientError:
@@ -596,7 +655,10 @@ async def _stream(
         if first is not None:
             await response.send(encode(first))
         async for output in outputs:
-            if output.text:
+            if output.logprobs is not None:  # asked for: whole chunks, with the tokens' entries
+                if output.text or output.logprobs:
+                    await response.send(encode(chunk(output.text, None, entries=output.logprobs)))
+            elif output.text:
                 await response.send(text_chunk(output.text))
             if not output.finished:
                 continue

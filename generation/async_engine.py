@@ -230,7 +230,7 @@ class AsyncEngine(EngineCore):
         return len(self.streams)
 
     def deliver_outputs(self, report: StepReport) -> None:
-        self.streams.feed_tokens(report.ids, report.tokens)
+        self.streams.feed_tokens(report.ids, report.tokens, report.logprobs)
         self.streams.feed(report.outputs)
 
     async def stop(self) -> None:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from trickle.generation.messages import AbortRequest, AddRequest, StepReport, TokenOutput
+from trickle.generation.messages import AbortRequest, AddRequest, StepReport, TokenLogprobs, TokenOutput
 from trickle.generation.runner import Launched, ModelRunner
+from trickle.generation.runner.model_runner import token_logprobs
 from trickle.generation.scheduler import Scheduler, SchedulerConfig
 from trickle.generation.sequence import Sequence, Status
 
@@ -55,6 +56,7 @@ class Engine:
         self._pending: list[TokenOutput] = []  # the next report's ends
         self._ids: list[str] = []  # and its rows that go on, with their tokens
         self._tokens: list[int] = []
+        self._logprobs: dict[str, TokenLogprobs] = {}  # and theirs, where they asked
         self._in_flight: Launched | None = None
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -191,15 +193,20 @@ class Engine:
         )
         self._previous_step_end = now
         ids, made = self._ids, self._tokens
-        for seq, token in zip(launched.rows, tokens, strict=True):
+        table = launched.logprob_table  # None unless a row asked for log-probabilities
+        for index, (seq, token) in enumerate(zip(launched.rows, tokens, strict=True)):
             if seq.is_finished:  # cancelled, timed out or stopped while this step was in flight
                 continue
             self._append(seq, token, now)
+            wanted = None if table is None else seq.params.logprobs
+            logprobs = None if wanted is None else token_logprobs(table[index], token, wanted)
             if seq.is_finished:
-                self._pending.append(self._final_output(seq, token))
+                self._pending.append(self._final_output(seq, token, logprobs))
             else:
                 ids.append(seq.request_id)
                 made.append(token)
+                if logprobs is not None:
+                    self._logprobs[seq.request_id] = logprobs
 
     def _fail(self, rows: list[Sequence], err: Exception) -> None:
         # Called from an `except` block: the traceback goes with the log line.
@@ -226,7 +233,9 @@ class Engine:
         elif seq.num_completion_tokens >= params.max_new_tokens:
             seq.finish(Status.FINISHED_LENGTH)
 
-    def _final_output(self, seq: Sequence, token: int | None = None) -> TokenOutput:
+    def _final_output(
+        self, seq: Sequence, token: int | None = None, logprobs: TokenLogprobs | None = None
+    ) -> TokenOutput:
         log.info(
             "request finished",
             request_id=seq.log_name,
@@ -236,6 +245,7 @@ class Engine:
         return TokenOutput(
             seq.request_id,
             token,
+            logprobs,
             finish_reason=seq.finish_reason,
             error=seq.error,
             usage={
@@ -257,8 +267,8 @@ class Engine:
 
     def _report(self) -> None:
         stats, self._step_stats = self._step_stats, StepStats()
-        ends, ids, tokens = self._pending, self._ids, self._tokens
-        self._pending, self._ids, self._tokens = [], [], []
+        ends, ids, tokens, logprobs = self._pending, self._ids, self._tokens, self._logprobs
+        self._pending, self._ids, self._tokens, self._logprobs = [], [], [], {}
         self.report(
             StepReport(
                 self.steps,
@@ -275,5 +285,6 @@ class Engine:
                 preemptions=self.scheduler.preemptions,
                 ids=ids,
                 tokens=tokens,
+                logprobs=logprobs,
             )
         )

@@ -89,6 +89,10 @@ class EngineHost(EngineCore):
             if worker is not None:
                 worker.ids.append(request_id)
                 worker.tokens.append(token)
+        for request_id, logprobs in report.logprobs.items():
+            worker = owner.get(request_id)
+            if worker is not None:
+                worker.logprobs[request_id] = logprobs
         for output in report.outputs:
             worker = owner.get(output.request_id)
             if worker is not None:
@@ -100,5 +104,7 @@ class EngineHost(EngineCore):
         """Every worker's step frame: its outputs (if any) and the state."""
         state = self.state()
         for worker in self.workers:
-            worker.link.send(Step(worker.ids, worker.tokens, worker.ends, state))
+            worker.link.send(Step(worker.ids, worker.tokens, worker.ends, state, worker.logprobs))
             worker.ids, worker.tokens, worker.ends = [], [], []
+            if worker.logprobs:
+                worker.logprobs = {}

@@ -31,6 +31,17 @@ class AbortRequest:
     stop_at: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model's distribution (before temperature and
+    penalties), and the most likely tokens' (as many as the request asked for), most likely first."""
+
+    token: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
 @dataclass(frozen=True)
 class Ending:
     """How a request ended, on the output that ends it (keywords only; None while it goes on)."""
@@ -52,6 +63,8 @@ class TokenOutput(Ending):
 
     request_id: str
     token: int | None
+    logprobs: TokenLogprobs | None = None
+    """The token's log-probabilities, where the request asked for them."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,10 @@ class RequestOutput(Ending):
 
     request_id: str
     text: str
+    logprobs: list[TokenLogprobs] | None = None
+    """Where the request asked for them: the log-probabilities of the tokens counted since the last
+    output, in order (the text of a token may come in a later output than its log-probabilities, when
+    the detokenizer holds it back)."""
 
 
 @dataclass(frozen=True)
@@ -92,3 +109,5 @@ class StepReport:
     """Requests that got a token this step and go on; `tokens` holds their tokens, in the same order
     (two flat lists: no object a row)."""
     tokens: list[int] = field(default_factory=list)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    """The log-probabilities of the tokens in `tokens` whose requests asked for them."""

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKENS = 64
+MAX_LOGPROBS = 20  # alternatives a token's log-probabilities may list (OpenAI's top_logprobs limit)
 MAX_SEED = 2**63 - 1
 # top_k travels to the device as an int64; any k past the vocabulary means "all", so a bound this loose
 # refuses nothing useful and keeps a huge number from failing the step of every row beside it.
@@ -62,6 +63,14 @@ class SamplingParams(BaseModel):
     )
     ignore_eos: bool = Field(
         default=False, description="End-of-sequence does not end generation: only max_new_tokens does."
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Report each generated token's log-probability and the this many most likely "
+        "alternatives' (0: the token's only), from the model's distribution before temperature and "
+        "penalties; null: none.",
     )
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="The same seed gives the same text, whatever the batch."

@@ -96,6 +96,7 @@ class Prompts:
         self.max_seq_len = max_seq_len
         self.chars_per_token = chars_per_token(tokenizer)
         self._pool = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="trickle-tokenize")
+        self._token_texts: dict[int, str] = {}
 
     async def off_loop(self, work: Callable[..., Result], *args: Any) -> Result:
         """`work(*args)` on a tokenizer thread; the event loop goes on serving meanwhile."""
@@ -103,6 +104,17 @@ class Prompts:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+    def token_text(self, token: int) -> str:
+        """One token's text on its own, as the tokenizer decodes it (special tokens included; a token
+        holding part of a character decodes to U+FFFD). Remembered: log-probabilities name the same
+        tokens again and again."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.backend_tokenizer.decode(
+                [token], skip_special_tokens=False
+            )
+        return text
 
     def fewest_tokens(self, chars: int) -> int:
         """A lower bound on the token count of a text of `chars` characters (0 where none is known)."""

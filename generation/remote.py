@@ -28,7 +28,7 @@ import structlog
 from transformers import PreTrainedTokenizerFast
 
 from trickle.generation.errors import EngineUnavailableError, QueueFullError
-from trickle.generation.messages import TokenOutput
+from trickle.generation.messages import TokenLogprobs, TokenOutput
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
 from trickle.generation.streams import RequestStream, Streams, new_request
@@ -75,6 +75,8 @@ class Step:
     tokens: list[int]
     ends: list[TokenOutput]
     state: State
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    """Of the tokens in `tokens`, those whose requests asked for log-probabilities."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class WorkerLink:
     ids: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     ends: list[TokenOutput] = field(default_factory=list)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     refusing: bool = False
     """The worker has said it refuses new requests (a drain waits for every worker's word)."""
 
@@ -207,7 +210,7 @@ class RemoteEngine:
         if step.state.unavailable is not None and self.state.unavailable is None:
             self.link.send(Refusing())
         self.state, self._sent = step.state, 0
-        self.streams.feed_tokens(step.ids, step.tokens)
+        self.streams.feed_tokens(step.ids, step.tokens, step.logprobs)
         self.streams.feed(step.ends)
 
     def disconnected(self) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from trickle.generation.detokenizer import IncrementalDetokenizer
-from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, TokenOutput
+from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, TokenLogprobs, TokenOutput
 from trickle.generation.params import MAX_SEED, SamplingParams
 
 # The engine's reasons after which the text still held back (an unfinished character, a possible start of
@@ -36,6 +36,9 @@ class _Live:
     """Tokens up to the end of the stop string, once one was found; later tokens are not the request's."""
     held: str = ""
     """Text before the stop string, given with the final output once the engine confirms the end."""
+    logprobs: list[TokenLogprobs] | None = None
+    """Where the request asked for them: the log-probabilities of the tokens counted since the last
+    output (they go with the next one)."""
 
 
 def new_request(prompt_ids: list[int], params: SamplingParams, timeout: float, label: str) -> AddRequest:
@@ -87,6 +90,8 @@ class Streams:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         detokenizer = IncrementalDetokenizer(self.tokenizer, add.prompt_ids, add.params.stop)
         self._live[add.request_id] = _Live(detokenizer, queue)
+        if add.params.logprobs is not None:
+            self._live[add.request_id].logprobs = []
         self._send(add)
         return RequestStream(self, add.request_id, queue)
 
@@ -103,18 +108,23 @@ class Streams:
         ends = [TokenOutput(i, None, finish_reason=finish_reason, error=error) for i in list(self._live)]
         self.feed(ends)
 
-    def feed_tokens(self, ids: list[str], tokens: list[int]) -> None:
-        """A step's tokens of requests that go on (`ids[i]` got `tokens[i]`)."""
+    def feed_tokens(
+        self, ids: list[str], tokens: list[int], logprobs: dict[str, TokenLogprobs] | None = None
+    ) -> None:
+        """A step's tokens of requests that go on (`ids[i]` got `tokens[i]`), and the log-probabilities
+        of those that asked for them."""
         live_of = self._live.get
         for request_id, token in zip(ids, tokens, strict=True):
             live = live_of(request_id)
             if live is None or live.stopped_at is not None:
                 continue
+            if logprobs and live.logprobs is not None and request_id in logprobs:
+                live.logprobs.append(logprobs[request_id])
             text = self._step(live, token)
             if live.stopped_at is not None:
                 self._send(AbortRequest(request_id, stop_at=live.stopped_at))
             elif text:
-                live.queue.put_nowait(RequestOutput(request_id, text))
+                live.queue.put_nowait(RequestOutput(request_id, text, self._take_logprobs(live)))
 
     def feed(self, ends: Iterable[TokenOutput]) -> None:
         """Outputs that end requests. One ended after its stop string ends `stop`, with the text before
@@ -125,11 +135,19 @@ class Streams:
                 continue
             text = ""
             if live.stopped_at is None and end.token is not None:
+                if end.logprobs is not None and live.logprobs is not None:
+                    live.logprobs.append(end.logprobs)
                 text = self._step(live, end.token)
+            logprobs = self._take_logprobs(live)
             if live.stopped_at is not None:
                 usage = {**end.usage, "completion_tokens": live.stopped_at}
                 output = RequestOutput(
-                    end.request_id, live.held, finish_reason="stop", usage=usage, timings=end.timings
+                    end.request_id,
+                    live.held,
+                    logprobs,
+                    finish_reason="stop",
+                    usage=usage,
+                    timings=end.timings,
                 )
             else:
                 if end.finish_reason in FLUSHED:
@@ -137,12 +155,21 @@ class Streams:
                 output = RequestOutput(
                     end.request_id,
                     text,
+                    logprobs,
                     finish_reason=end.finish_reason,
                     error=end.error,
                     usage=end.usage,
                     timings=end.timings,
                 )
             live.queue.put_nowait(output)
+
+    @staticmethod
+    def _take_logprobs(live: _Live) -> list[TokenLogprobs] | None:
+        """The log-probabilities waiting for the request's next output (None where it asked for none)."""
+        taken = live.logprobs
+        if taken is not None:
+            live.logprobs = []
+        return taken
 
     @staticmethod
     def _step(live: _Live, token: int) -> str:

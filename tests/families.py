@@ -187,3 +187,26 @@ def penalised_greedy(
                 logits[token] -= out.count(token) * frequency + presence
             out.append(int(logits.argmax()))
     return out
+
+
+def model_logprobs(model: PreTrainedModel, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """log_softmax of the model's own logits at each generated token's place: [len(generated), V]."""
+    ids = torch.tensor([prompt + generated], device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(generated)]
+    return logits.float().log_softmax(-1).cpu()
+
+
+def assert_scores(
+    want: torch.Tensor, chosen: list[tuple[int, float]], top: list[list[tuple[int, float]]]
+) -> None:
+    """Each place's (token, logprob) and its alternatives' equal `want`'s within 1e-4; the alternatives
+    are the most likely tokens, most likely first (ties in either order)."""
+    assert len(chosen) == len(top) == want.shape[0]
+    for place, ((token, logprob), alternatives) in enumerate(zip(chosen, top, strict=True)):
+        row = want[place]
+        assert abs(logprob - row[token].item()) < 1e-4, place
+        best = row.topk(len(alternatives)).values
+        ids, values = [t for t, _ in alternatives], [v for _, v in alternatives]
+        torch.testing.assert_close(torch.tensor(values), best, atol=1e-4, rtol=0)
+        torch.testing.assert_close(row[ids], best, atol=1e-4, rtol=0)

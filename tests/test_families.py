@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from tests.families import FAMILIES, WINDOW, build, build_from, reference
+from tests.families import FAMILIES, WINDOW, assert_scores, build, build_from, model_logprobs, reference
 from trickle.config import Settings
 from trickle.generation import (
     AsyncEngine,
@@ -362,3 +362,52 @@ async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
         restore_layers(layers)
     kinds = 2 if family == "gemma2" else 1
     assert 0 < counters["stats"]["unique_graphs"] <= 2 * kinds
+
+
+def assert_logprobs_are_the_models(
+    model: PreTrainedModel, prompt: list[int], outputs: list[RequestOutput], top: int
+) -> None:
+    entries = [entry for out in outputs for entry in (out.logprobs or [])]
+    assert len(entries) == outputs[-1].usage["completion_tokens"] > 0
+    assert all(len(entry.top_ids) == top for entry in entries)
+    assert_scores(
+        model_logprobs(model, prompt, [entry.token for entry in entries]),
+        [(entry.token, entry.logprob) for entry in entries],
+        [list(zip(entry.top_ids, entry.top_logprobs, strict=True)) for entry in entries],
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_logprobs_are_the_models_own_for_sampled_tokens_in_a_batch(
+    family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel
+) -> None:
+    """Rows that ask for log-probabilities (5 alternatives, 0) beside one that asks for none, joining a
+    running batch: the sampled tokens' and the alternatives' are the model's distribution's."""
+    model, tokenizer = model_of(family, models, tiny.tokenizer), tiny.tokenizer
+    engine = AsyncEngine(
+        model,
+        tokenizer,
+        EngineConfig(max_batch_size=4, max_seq_len=256, prefill_token_budget=4096, kv_cache_tokens=1024),
+    )
+    await engine.start()
+    prompts = [tokenizer.encode(p) for p in PROMPTS[1:]]
+    asks = [5, None, 0]
+    try:
+        runs = [
+            engine.generate(
+                ids, SamplingParams(temperature=0.9, top_k=0, top_p=1.0, seed=i, max_new_tokens=8, logprobs=n)
+            )
+            for i, (ids, n) in enumerate(zip(prompts, asks, strict=True))
+        ]
+
+        async def read(stream: Any) -> list[RequestOutput]:
+            return [out async for out in stream]
+
+        results = await asyncio.gather(*(read(run) for run in runs))
+    finally:
+        await engine.stop()
+    for ids, n, outputs in zip(prompts, asks, results, strict=True):
+        if n is None:
+            assert all(out.logprobs is None for out in outputs)
+        else:
+            assert_logprobs_are_the_models(model, ids, outputs, n)

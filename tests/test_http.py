@@ -14,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import fail_step, make_engine
+from tests.families import assert_scores, model_logprobs
 from tests.sse import parse_events, text_of
 from tests.test_process import drain_lines, serving
 from trickle.config import Settings
@@ -280,3 +281,36 @@ async def test_the_playground_names_the_model_and_warns_of_the_demos_noise(
     assert ("built-in demo model" in page) is notice
     assert 'value="250"' in page and 'value="0.75"' in page  # the API's defaults
     assert '<link rel="icon" href="data:,">' in page  # no request for /favicon.ico
+
+
+async def test_logprobs_ride_on_the_token_events_and_come_whole_from_predict(
+    client: TestClient, tiny: LoadedModel
+) -> None:
+    """`logprobs: 3`: each token event carries its tokens' entries (the model's log-probabilities, their
+    text as each token decodes alone); /predict gives them all; a request without asks none."""
+    body = {"prompt": "The baker", "max_new_tokens": 8, "temperature": 0.8, "seed": 5, "logprobs": 3}
+    _, events = await stream_events(client, body)
+    messages = [event.json() for event in events if event.event == "message"]
+    entries = [entry for message in messages for entry in message["logprobs"]]
+    assert len(entries) == events[-1].json()["usage"]["completion_tokens"] == 8
+    ids = [entry["id"] for entry in entries]
+    assert text_of(events) == tiny.tokenizer.decode(ids, skip_special_tokens=True)
+    for entry in entries:
+        assert entry["token"] == tiny.tokenizer.decode([entry["id"]])
+        assert [alt["token"] for alt in entry["top"]] == [
+            tiny.tokenizer.decode([alt["id"]]) for alt in entry["top"]
+        ]
+    assert_scores(
+        model_logprobs(tiny.model, tiny.tokenizer.encode("The baker"), ids),
+        [(entry["id"], entry["logprob"]) for entry in entries],
+        [[(alt["id"], alt["logprob"]) for alt in entry["top"]] for entry in entries],
+    )
+    predicted = await (await client.post("/predict", json=body)).json()
+    assert predicted["text"] == text_of(events)
+    assert [entry["id"] for entry in predicted["logprobs"]] == ids  # seeded: the same tokens
+    for whole, streamed in zip(predicted["logprobs"], entries, strict=True):
+        assert abs(whole["logprob"] - streamed["logprob"]) < 1e-5
+
+    _, plain = await stream_events(client, {**body, "logprobs": None})
+    assert all(set(event.json()) == {"text"} for event in plain if event.event == "message")
+    assert "logprobs" not in await (await client.post("/predict", json={**body, "logprobs": None})).json()

@@ -16,10 +16,11 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import torch
 from aiohttp import web
 
 from tests.conftest import make_engine
-from tests.families import reference
+from tests.families import model_logprobs, reference
 from tests.test_process import drain_lines, serving
 from trickle.api.openai import ChatCompletionRequest, _sampling_params
 from trickle.config import Settings
@@ -142,6 +143,76 @@ async def test_stop_token_ids_through_the_sdk_end_the_text_at_that_token(
     assert stopped.usage is not None and stopped.usage.completion_tokens == first + 1
 
 
+async def test_chat_logprobs_streamed_and_not_are_the_models_and_the_sdk_parses_them(
+    client: openai.AsyncOpenAI, tiny: LoadedModel
+) -> None:
+    ask: dict[str, Any] = {"model": "test", "messages": CHAT, "max_tokens": 8, "temperature": 0}
+    ask |= {"logprobs": True, "top_logprobs": 3}
+    whole = await client.chat.completions.create(**ask)
+    content = whole.choices[0].logprobs.content
+    assert whole.usage is not None and len(content) == whole.usage.completion_tokens
+    chunks = [c async for c in await client.chat.completions.create(**ask, stream=True)]
+    streamed = [
+        entry
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for entry in c.choices[0].logprobs.content
+    ]
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    assert [e.token for e in streamed] == [e.token for e in content]
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.bytes == list(entry.token.encode())
+    # Against the model (greedy: the tokens are generate()'s), the prompt as the chat template makes it.
+    prompt = tiny.tokenizer.apply_chat_template(
+        CHAT, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    ids = reference(tiny.model, list(prompt), 8, tiny.tokenizer.pad_token_id)
+    want = model_logprobs(tiny.model, list(prompt), ids)
+    assert [e.token for e in content] == [tiny.tokenizer.decode([i]) for i in ids]
+    for place, entry in enumerate(content):
+        assert abs(entry.logprob - want[place, ids[place]].item()) < 1e-4
+        best = want[place].topk(3)
+        assert [t.token for t in entry.top_logprobs] == [
+            tiny.tokenizer.decode([i]) for i in best.indices.tolist()
+        ]
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in entry.top_logprobs]), best.values, atol=1e-4, rtol=0
+        )
+
+
+async def test_completion_logprobs_take_the_legacy_shape(
+    client: openai.AsyncOpenAI, tiny: LoadedModel
+) -> None:
+    ask: dict[str, Any] = {
+        "model": "test",
+        "prompt": "The baker",
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": 2,
+    }
+    whole = await client.completions.create(**ask)
+    scores = whole.choices[0].logprobs
+    assert scores is not None and scores.tokens is not None and scores.top_logprobs is not None
+    assert "".join(scores.tokens) == whole.choices[0].text
+    assert scores.text_offset == [len("".join(scores.tokens[:i])) for i in range(len(scores.tokens))]
+    assert all(len(top) == 2 for top in scores.top_logprobs)
+    ids = reference(tiny.model, tiny.tokenizer.encode("The baker"), 6, tiny.tokenizer.pad_token_id)
+    want = model_logprobs(tiny.model, tiny.tokenizer.encode("The baker"), ids)
+    for place, (token, logprob) in enumerate(zip(ids, scores.token_logprobs or [], strict=True)):
+        assert abs(logprob - want[place, token].item()) < 1e-4
+    chunks = [c async for c in await client.completions.create(**ask, stream=True)]
+    offsets = [
+        o
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for o in c.choices[0].logprobs.text_offset or []
+    ]
+    assert offsets == scores.text_offset
+
+
 def test_openais_penalties_and_the_extensions_reach_the_sampling_parameters() -> None:
     body = ChatCompletionRequest.model_validate(
         {
@@ -181,12 +252,13 @@ async def test_the_raw_stream_has_the_full_chunk_shape_and_ends_with_done(base_u
     ("route", "extra", "param"),
     [
         ("chat", {"n": 2}, "n"),
-        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "bake"}}]}, "tools"),
         ("chat", {"frequency_penalty": 2.5}, "frequency_penalty"),
         ("chat", {"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids.0"),
         ("chat", {"max_tokens": 100000}, "max_tokens"),
-        ("completions", {"logprobs": 2}, "logprobs"),
+        ("completions", {"logprobs": 21}, "logprobs"),
         ("completions", {"echo": True}, "echo"),
         ("completions", {"best_of": 3}, "best_of"),
         ("completions", {"temperature": 5}, "temperature"),

@@ -18,7 +18,9 @@ from trickle.generation.head import ModelHead
 from trickle.generation.kv import attention as paged_attention
 from trickle.generation.kv.cache import PagedKVCache, PassThroughCache
 from trickle.generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
+from trickle.generation.messages import TokenLogprobs
 from trickle.generation.models import adapt
+from trickle.generation.params import MAX_LOGPROBS
 from trickle.generation.runner.compiled import CompiledParts, brief, cache_dir
 from trickle.generation.runner.graphs import (
     BATCH_BUCKETS,
@@ -83,6 +85,51 @@ class StepClock:
         return float(marks[start].elapsed_time(marks[end])) / 1000
 
 
+class StepLogprobs:
+    """The log-probabilities of a step's tokens, for the steps where any row asked for them: from the
+    rows' last hidden states through the head again (a step where none asked pays nothing), as the
+    model's distribution gives them (before temperature and penalties).
+
+    One float32 row per batch row: the sampled token's log-probability, then the MAX_LOGPROBS most
+    likely token ids (exact in float32 below 2**24), then their log-probabilities."""
+
+    WIDTH = 1 + 2 * MAX_LOGPROBS
+
+    def __init__(self, max_rows: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self._host = torch.zeros(2, max_rows, self.WIDTH, dtype=torch.float32, pin_memory=pinned)
+        self._turn = 0
+
+    @staticmethod
+    def compute(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[rows, V] logits and the [rows] sampled tokens -> [rows, WIDTH]."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        top = logprobs.topk(min(MAX_LOGPROBS, logprobs.shape[-1]), dim=-1)
+        table = torch.full((logits.shape[0], StepLogprobs.WIDTH), float("nan"), device=logits.device)
+        table[:, 0] = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        k = top.indices.shape[1]
+        table[:, 1 : 1 + k] = top.indices.float()
+        table[:, 1 + MAX_LOGPROBS : 1 + MAX_LOGPROBS + k] = top.values
+        return table
+
+    def to_host(self, table: torch.Tensor) -> torch.Tensor:
+        """Queue the table's copy into a pinned buffer (double-buffered, as the step's tokens are)."""
+        self._turn ^= 1
+        host = self._host[self._turn, : table.shape[0]]
+        host.copy_(table, non_blocking=True)
+        return host
+
+
+def token_logprobs(row: Any, token: int, count: int) -> TokenLogprobs:
+    """A row of a collected `StepLogprobs` table, for a request that asked for `count` alternatives."""
+    return TokenLogprobs(
+        token,
+        float(row[0]),
+        row[1 : 1 + count].astype(int).tolist(),
+        row[1 + MAX_LOGPROBS : 1 + MAX_LOGPROBS + count].tolist(),
+    )
+
+
 @dataclass
 class Launched:
     """A step queued on the device: its rows, how many of them decoded, and where its tokens land."""
@@ -98,6 +145,10 @@ class Launched:
     """The decode part's time (forward and sampling), known once `collect` returned."""
     prefill_seconds: float = 0.0
     """The prefill part's time, known once `collect` returned."""
+    logprobs: torch.Tensor | None = None
+    """Where any row asked for them: its rows' log-probabilities (`StepLogprobs`' layout), on the host."""
+    logprob_table: Any = None
+    """`logprobs` as a numpy array, once `collect` returned."""
 
     @property
     def decode_device_seconds(self) -> float:
@@ -151,6 +202,9 @@ class ModelRunner:
         self._last_tokens = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
         # The decode forward's last hidden states, where the step's sampling (its own graph) reads them.
         self._hidden = torch.zeros(self.max_rows, self.hidden_size, dtype=self.dtype, device=self.device)
+        # A prefill's last hidden states (one a newcomer), where the log-probabilities read them.
+        self._prefill_hidden = torch.zeros_like(self._hidden)
+        self._logprobs = StepLogprobs(self.max_rows, self.device)
         # seen[row, token]: the token is in the row's prompt or output (for the repetition penalty); the
         # spare row takes what padding rows write
         self.seen = torch.zeros(self.max_rows + 1, self.vocab_size, dtype=torch.bool, device=self.device)
@@ -211,13 +265,25 @@ class ModelRunner:
         self._clock.mark(marks, 2)
         out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         self._last_tokens[: out.shape[0]].copy_(out)
+        logprobs = None
+        if any(seq.params.logprobs is not None for seq in batch.rows):
+            logprobs = self._step_logprobs(len(batch.decode), len(batch.prefill), out)
         if self.device.type != "cuda":
-            return Launched(batch.rows, len(batch.decode), out, None, marks, prefill_tokens)
+            return Launched(
+                batch.rows, len(batch.decode), out, None, marks, prefill_tokens, logprobs=logprobs
+            )
         host = self._static.host_tokens()[: out.shape[0]]
         host.copy_(out, non_blocking=True)
+        if logprobs is not None:
+            logprobs = self._logprobs.to_host(logprobs)
         done = torch.cuda.Event()
         done.record()
-        return Launched(batch.rows, len(batch.decode), host, done, marks, prefill_tokens)
+        return Launched(batch.rows, len(batch.decode), host, done, marks, prefill_tokens, logprobs=logprobs)
+
+    def _step_logprobs(self, decoded: int, prefilled: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Every row's `StepLogprobs` row, from the hidden states its step's sampling read."""
+        hidden = torch.cat((self._hidden[:decoded], self._prefill_hidden[:prefilled]))
+        return self._logprobs.compute(self.head(hidden), tokens)
 
     @staticmethod
     def collect(launched: Launched) -> list[int]:
@@ -226,6 +292,8 @@ class ModelRunner:
             launched.done.synchronize()  # waits with the GIL released: the event loop keeps serving
         launched.decode_seconds = StepClock.seconds(launched.marks, 0, 1)
         launched.prefill_seconds = StepClock.seconds(launched.marks, 1, 2)
+        if launched.logprobs is not None:
+            launched.logprob_table = launched.logprobs.numpy()
         return launched.tokens.tolist()
 
     def step(self, batch: ScheduledBatch) -> list[int]:
@@ -317,6 +385,7 @@ class ModelRunner:
             mask = self.masks.for_queries(positions, self._static.key_index[:read_len], cached + lengths)
         hidden = self._forward(ids, positions, mask, self.cache)
         last = hidden[self._static.rows[:n], lengths - 1]
+        self._prefill_hidden[:n].copy_(last)
         params = self._static.sampling_rows(rows)
         return self._sample(self.head(last), params, rows, self.seen[rows], self.counts[rows])
 
