@@ -254,6 +254,9 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         # Newcomers are prefilled together, padded to the longest: they cost rows x longest tokens.
         admitted: list[Sequence] = []
+        # Keys of the full blocks this step's newcomers write: a newcomer whose next uncached block is
+        # one of them waits a step and finds it cached (n choices of one prompt, say, prefill it once).
+        writing: set[bytes] = set()
         longest = longest_read = 0
         size = self.config.block_size
         read_budget = self.config.prefill_read_budget
@@ -269,7 +272,11 @@ class Scheduler:
             tokens = seq.tokens
             seq.block_keys = block_keys(tokens, size, seq.block_keys)
             # At least one token is prefilled: its hidden state gives the next token.
-            found = self.pool.match(seq.block_keys, (len(tokens) - 1) // size)
+            reusable = (len(tokens) - 1) // size
+            found = self.pool.match(seq.block_keys, reusable)
+            if len(found) < reusable and seq.block_keys[len(found)] in writing:
+                self.pool.release(found)
+                break
             cached = len(found) * size
             width = max(longest, len(tokens) - cached)
             needed = self._blocks_for(len(tokens)) - len(found)
@@ -289,6 +296,8 @@ class Scheduler:
             seq.blocks = found + self.pool.allocate(needed)
             full = len(tokens) // size
             self._fresh.append((seq, seq.blocks[:full], seq.block_keys[:full]))
+            if self.config.prefix_caching:
+                writing.update(seq.block_keys[len(found) : full])
             seq.num_cached = cached
             if seq.preemptions == 0:
                 seq.cached_prompt_tokens = cached

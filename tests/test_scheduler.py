@@ -122,6 +122,34 @@ def test_pacing_follows_the_measured_times_as_a_moving_average() -> None:
     assert abs(pacing.budget() - 768) <= 1  # (3 - 1) x 12 ms / 31.25 us, reached from below
 
 
+def test_a_newcomer_whose_prefix_another_newcomer_writes_this_step_waits_and_finds_it_cached() -> None:
+    """Four choices of one 40-token prompt (blocks of 4): the first prefills it; the others wait a step
+    and find its 9 reusable blocks (the last token is always prefilled), so the prompt is prefilled
+    once. A newcomer with another prompt behind them waits with them (arrival order)."""
+    scheduler = Scheduler(config(max_batch_size=8, prefill_token_budget=1000, num_blocks=128, block_size=4))
+    choices = [seq(f"choice{i}", 40) for i in range(4)]
+    other = seq("other", 40, first=100)
+    for s in (*choices, other):
+        scheduler.add(s)
+    assert run_step(scheduler).prefill == choices[:1]
+    batch = run_step(scheduler)
+    assert batch.prefill == [*choices[1:], other]
+    assert [s.num_cached for s in batch.prefill] == [36, 36, 36, 0]
+    assert scheduler.prefix_hits == 3 * 36
+
+
+def test_without_the_prefix_cache_newcomers_of_one_prompt_do_not_wait() -> None:
+    scheduler = Scheduler(
+        config(
+            max_batch_size=8, prefill_token_budget=1000, num_blocks=128, block_size=4, prefix_caching=False
+        )
+    )
+    choices = [seq(f"choice{i}", 40) for i in range(3)]
+    for s in choices:
+        scheduler.add(s)
+    assert run_step(scheduler).prefill == choices
+
+
 def test_finished_rows_leave_and_the_last_rows_fill_their_slots() -> None:
     scheduler = Scheduler(config(max_batch_size=8, prefill_token_budget=100))
     rows = [seq(str(i)) for i in range(5)]
