@@ -70,7 +70,7 @@ class ServedEngine(Protocol):
     def num_running(self) -> int: ...
     @property
     def num_waiting(self) -> int: ...
-    def check_admissible(self) -> None: ...
+    def check_admissible(self, count: int = 1) -> None: ...
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
     ) -> RequestStream: ...
@@ -228,6 +228,54 @@ def admit(
         return engine.generate(prompt_ids, params, timeout, label=request[REQUEST_ID_KEY])
 
 
+def admit_choices(
+    request: web.Request, engine: ServedEngine, prompt_ids: list[int], params: list[SamplingParams]
+) -> Choices:
+    """Hand the engine one generation of the prompt for each of `params` (OpenAI's `n` choices), all or
+    none: 503 if the queue cannot take them all."""
+    label = request[REQUEST_ID_KEY]
+    with _refusals():
+        engine.check_admissible(len(params))
+        if len(params) == 1:
+            return Choices([engine.generate(prompt_ids, params[0], label=label)])
+        return Choices([engine.generate(prompt_ids, p, label=f"{label}.{i}") for i, p in enumerate(params)])
+
+
+class Choices:
+    """A request's generations (OpenAI's `n` choices), read as one: `(index, output)` pairs in the order
+    they come. Closing it closes every generation (those not finished are cancelled)."""
+
+    def __init__(self, streams: list[RequestStream]) -> None:
+        self.streams = streams
+        self.request_id = streams[0].request_id
+        self._reading: dict[int, asyncio.Future[RequestOutput]] = {}
+        self._ended: set[int] = set()
+
+    def __aiter__(self) -> Choices:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if len(self.streams) == 1:  # one choice: no task a token
+            return 0, await self.streams[0].__anext__()
+        for index, stream in enumerate(self.streams):
+            if index not in self._reading and index not in self._ended:
+                self._reading[index] = asyncio.ensure_future(stream.__anext__())
+        if not self._reading:
+            raise StopAsyncIteration
+        done, _ = await asyncio.wait(self._reading.values(), return_when=asyncio.FIRST_COMPLETED)
+        index = min(i for i, reading in self._reading.items() if reading in done)
+        output = self._reading.pop(index).result()
+        if output.finished:
+            self._ended.add(index)
+        return index, output
+
+    async def aclose(self) -> None:
+        for reading in self._reading.values():
+            reading.cancel()
+        for stream in self.streams:
+            await stream.aclose()
+
+
 @contextlib.contextmanager
 def _refusals() -> Iterator[None]:
     try:
@@ -244,7 +292,7 @@ def request_error(err: RequestError, status: int = 422) -> ClientError:
 
 async def stream_events(
     request: web.Request,
-    outputs: RequestStream,
+    outputs: RequestStream | Choices,
     write: Callable[[EventSourceResponse], Awaitable[None]],
 ) -> EventSourceResponse:
     """An SSE response that `write` fills from `outputs`; closing `outputs` on the way out cancels the

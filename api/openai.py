@@ -1,16 +1,19 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions and /v1/models, on the same engine.
 
 Every request field OpenAI defines either maps onto the engine's sampling parameters or, where the
-engine cannot honour it (`n` > 1, log-probabilities, tools, `logit_bias`), is refused with a 400
-naming it: nothing is silently ignored. `top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids`
-and `ignore_eos` are accepted as extensions, under the names other open servers use.
+engine cannot honour it (tools, `logit_bias`, `echo`, `suffix`, structured output), is refused with a
+400 naming it: nothing is silently ignored. `n` choices are one engine request each (`Choices`).
+`top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids` and `ignore_eos` are accepted as
+extensions, under the names other open servers use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import structlog
@@ -21,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_valid
 from trickle.api import logprobs
 from trickle.api.common import (
     SETTINGS_KEY,
+    Choices,
     ClientError,
     Gathered,
     Refs,
     Route,
-    admit,
+    admit_choices,
     engine_for,
     gather,
     read_json,
@@ -47,6 +51,7 @@ from trickle.generation.params import (
 OWNER = "trickle"
 STARTED_KEY = web.AppKey("openai_started", int)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_CHOICES = 16  # most choices (n, best_of) one request may ask for
 # The engine's finish reasons that OpenAI's shape can express; the others end a response as an error.
 Finish = Literal["stop", "length"]
 FINISH_REASONS: dict[str, Finish] = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -54,8 +59,6 @@ FINISH_REASONS: dict[str, Finish] = {"eos": "stop", "stop": "stop", "length": "l
 UNFINISHED_STATUS = {"timeout": 504, "shutdown": 503, "cancelled": 503}
 # Fields whose every value but the default asks for something the engine does not do.
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v is None or v == 1, "only one choice per request (n=1) is supported"),
-    "best_of": (lambda v: v is None or v == 1, "only best_of=1 is supported"),
     "logit_bias": (lambda v: not v, "not supported"),
     "echo": (lambda v: v is None or v is False, "not supported"),
     "suffix": (lambda v: not v, "not supported"),
@@ -82,7 +85,13 @@ class _SamplingFields(BaseModel):
     model: str = Field(min_length=1, description="The served model's id (see GET /v1/models).")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    n: int = Field(default=1, ge=1, le=1, description="Choices per request; only 1 is supported.")
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Choices to generate. They share the prompt's KV cache (it is computed once); with a "
+        "`seed`, choice i uses seed + i, so each is reproducible alone.",
+    )
     stream: bool = Field(default=False, description="Send server-sent events as the text is generated.")
     stream_options: StreamOptions | None = Field(default=None, description="Only with `stream`.")
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
@@ -170,7 +179,13 @@ class CompletionRequest(_SamplingFields):
         description="Report each token's log-probability and this many most likely alternatives' "
         "(the model's distribution, before temperature and penalties).",
     )
-    best_of: int | None = Field(default=None, ge=1, le=1, description="Only 1 is supported.")
+    best_of: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Generate this many (at least `n`; not with `stream`) and return the `n` with the "
+        "highest sum of their tokens' log-probabilities.",
+    )
     suffix: None = Field(default=None, description="Not supported: only null.")
 
     def requested_max_tokens(self) -> tuple[str, int | None]:
@@ -434,6 +449,11 @@ async def _parse(request: web.Request, model: type[CompletionRequest] | type[Cha
         raise ClientError(400, "stream_options: only allowed when stream is true", "stream_options")
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise ClientError(400, "top_logprobs: only allowed when logprobs is true", "top_logprobs")
+    if isinstance(body, CompletionRequest) and body.best_of is not None:
+        if body.best_of < body.n:
+            raise ClientError(400, f"best_of: must be at least n ({body.n})", "best_of")
+        if body.stream and body.best_of > 1:
+            raise ClientError(400, "best_of: not allowed with stream", "best_of")
     _check_model(request, body.model)
     if body.user is not None:
         structlog.contextvars.bind_contextvars(user=body.user)
@@ -448,9 +468,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine = engine_for(request)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     ids = await engine.prompts.off_loop(_prompt_ids, engine.prompts, text, "prompt")
-    outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.prompts.max_seq_len))
-    reply = _Reply(f"cmpl-{outputs.request_id}", body.model)
-    sent = 0  # characters of text sent so far: where the next chunk's tokens begin (`text_offset`)
+    params = _sampling_params(body, len(ids), engine.prompts.max_seq_len)
+    best_of = body.best_of or body.n
+    if best_of > body.n and params.logprobs is None:  # ranked by their log-probabilities
+        params = params.model_copy(update={"logprobs": 0})
+    choices = admit_choices(request, engine, ids, _choice_params(params, best_of))
+    reply = _Reply(f"cmpl-{choices.request_id}", body.model)
+    sent = [0] * best_of  # characters each choice has sent: where its next tokens begin (`text_offset`)
 
     def chunk(
         text: str,
@@ -458,27 +482,36 @@ async def completions(request: web.Request) -> web.StreamResponse:
         usage: Usage | None = None,
         last: bool = False,
         entries: list[TokenLogprobs] | None = None,
-    ) -> BaseModel:
-        nonlocal sent
+        index: int = 0,
+    ) -> Completion:
         scores = None
         if entries is not None:
-            scores = logprobs.completion(engine.prompts, entries, sent)
-            sent += len(text)
-        choice = CompletionChoice(index=0, text=text, logprobs=scores, finish_reason=finish)
+            scores = logprobs.completion(engine.prompts, entries, sent[index])
+            sent[index] += len(text)
+        choice = CompletionChoice(index=index, text=text, logprobs=scores, finish_reason=finish)
         return Completion(**reply.envelope, choices=[] if last else [choice], usage=usage)
 
     if body.stream:
-        return await _stream(request, outputs, body, chunk, first=None)
-    whole, final, finish = await _finished(request, outputs)
-    return _json(chunk(whole.text, finish, _usage(final), entries=whole.logprobs))
+        return await _stream(request, choices, body, chunk, first=None)
+    finished = await _finished(request, choices)
+    usage = _usage([one.final for one in finished])
+    if best_of > body.n:
+        finished = _best(finished, body.n)
+    asked = body.logprobs is not None
+    parts = [
+        chunk(one.whole.text, one.finish, entries=one.whole.logprobs if asked else None, index=index)
+        for index, one in enumerate(finished)
+    ]
+    return _json(Completion(**reply.envelope, choices=[part.choices[0] for part in parts], usage=usage))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     engine = engine_for(request)
     ids = await engine.prompts.off_loop(_chat_ids, engine.prompts, body.messages)
-    outputs = admit(request, engine, ids, _sampling_params(body, len(ids), engine.prompts.max_seq_len))
-    reply = _Reply(f"chatcmpl-{outputs.request_id}", body.model)
+    params = _sampling_params(body, len(ids), engine.prompts.max_seq_len)
+    choices = admit_choices(request, engine, ids, _choice_params(params, body.n))
+    reply = _Reply(f"chatcmpl-{choices.request_id}", body.model)
 
     def chunk(
         text: str,
@@ -486,21 +519,45 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         usage: Usage | None = None,
         last: bool = False,
         entries: list[TokenLogprobs] | None = None,
+        index: int = 0,
     ) -> BaseModel:
         delta = ChatDelta() if finish is not None else ChatDelta(content=text)
         scores = None if entries is None else logprobs.chat(engine.prompts, entries)
-        choice = ChatChunkChoice(index=0, delta=delta, logprobs=scores, finish_reason=finish)
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=scores, finish_reason=finish)
         return ChatCompletionChunk(**reply.envelope, choices=[] if last else [choice], usage=usage)
 
     if body.stream:
-        hello = ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""), finish_reason=None)
-        opening = ChatCompletionChunk(**reply.envelope, choices=[hello])
-        return await _stream(request, outputs, body, chunk, first=opening)
-    whole, final, finish = await _finished(request, outputs)
-    scores = None if whole.logprobs is None else logprobs.chat(engine.prompts, whole.logprobs)
-    message = AssistantMessage(content=whole.text)
-    choice = ChatChoice(index=0, message=message, logprobs=scores, finish_reason=finish)
-    return _json(ChatCompletion(**reply.envelope, choices=[choice], usage=_usage(final)))
+        hello = [
+            ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), finish_reason=None)
+            for index in range(body.n)
+        ]
+        opening = [ChatCompletionChunk(**reply.envelope, choices=[choice]) for choice in hello]
+        return await _stream(request, choices, body, chunk, first=opening)
+    finished = await _finished(request, choices)
+    parts = []
+    for index, one in enumerate(finished):
+        entries = one.whole.logprobs
+        scores = None if entries is None else logprobs.chat(engine.prompts, entries)
+        message = AssistantMessage(content=one.whole.text)
+        parts.append(ChatChoice(index=index, message=message, logprobs=scores, finish_reason=one.finish))
+    usage = _usage([one.final for one in finished])
+    return _json(ChatCompletion(**reply.envelope, choices=parts, usage=usage))
+
+
+def _choice_params(params: SamplingParams, count: int) -> list[SamplingParams]:
+    """Each choice's parameters: with a seed, choice i's is seed + i (each reproducible alone)."""
+    if count == 1 or params.seed is None:
+        return [params] * count
+    return [params.model_copy(update={"seed": (params.seed + i) % (MAX_SEED + 1)}) for i in range(count)]
+
+
+def _best(finished: list[_Finished], n: int) -> list[_Finished]:
+    """The `n` choices whose tokens' log-probabilities sum highest, best first."""
+
+    def score(choice: _Finished) -> float:
+        return sum(entry.logprob for entry in choice.whole.logprobs or [])
+
+    return sorted(finished, key=score, reverse=True)[:n]
 
 
 async def models(request: web.Request) -> web.Response:
@@ -586,26 +643,48 @@ def _json(model: BaseModel) -> web.Response:
     return web.json_response(model.model_dump(mode="json"))
 
 
-def _usage(output: RequestOutput) -> Usage:
-    prompt, completion = output.usage["prompt_tokens"], output.usage["completion_tokens"]
+def _usage(finals: list[RequestOutput]) -> Usage:
+    """A request's usage over its choices' final outputs: the prompt once (and what the prefix cache held
+    of it when the first choice came), the tokens every choice generated."""
+    first = finals[0].usage
+    prompt = first["prompt_tokens"]
+    completion = sum(final.usage["completion_tokens"] for final in finals)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=output.usage.get("cached_tokens", 0)),
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=first.get("cached_tokens", 0)),
     )
 
 
-async def _finished(request: web.Request, outputs: RequestStream) -> tuple[Gathered, RequestOutput, Finish]:
-    """The whole output, the final output and OpenAI's finish reason; a generation that ended some
-    other way (timeout, shutdown, failure) raises its error response."""
-    whole = await gather(outputs)
-    final = whole.final
-    if final is None:
-        raise ClientError(503, "the engine stopped")
-    if final.finish_reason not in FINISH_REASONS:
-        raise _unfinished(final)
-    return whole, final, FINISH_REASONS[final.finish_reason]
+@dataclass
+class _Finished:
+    """One choice's whole output, its final output and OpenAI's finish reason."""
+
+    whole: Gathered
+    final: RequestOutput
+    finish: Finish
+
+
+async def _finished(request: web.Request, choices: Choices) -> list[_Finished]:
+    """Each choice's whole output, in choice order; a generation that ended some other way (timeout,
+    shutdown, failure) raises its error response (and cancels the others)."""
+
+    async def one(stream: RequestStream) -> _Finished:
+        whole = await gather(stream)
+        final = whole.final
+        if final is None:
+            raise ClientError(503, "the engine stopped")
+        if final.finish_reason not in FINISH_REASONS:
+            raise _unfinished(final)
+        return _Finished(whole, final, FINISH_REASONS[final.finish_reason])
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(stream)) for stream in choices.streams]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def _unfinished(final: RequestOutput) -> ClientError:
@@ -619,28 +698,34 @@ def _unfinished(final: RequestOutput) -> ClientError:
 
 
 class _TextChunks:
-    """One stream's text chunks as JSON, built once as a template around the text: a token then costs
-    one `json.dumps` of its text, not a pydantic model and its dump."""
+    """One stream's text chunks as JSON, built once for each choice as a template around the text: a
+    token then costs one `json.dumps` of its text, not a pydantic model and its dump."""
 
     _MARK = "\x00text\x00"
 
     def __init__(self, encode: Callable[[BaseModel], str], chunk: ChunkBuilder) -> None:
-        template = encode(chunk(self._MARK, None))
-        self._before, _, self._after = template.partition(json.dumps(self._MARK))
+        self._encode, self._chunk = encode, chunk
+        self._templates: dict[int, tuple[str, str]] = {}
 
-    def __call__(self, text: str) -> str:
-        return self._before + json.dumps(text) + self._after
+    def __call__(self, text: str, index: int = 0) -> str:
+        template = self._templates.get(index)
+        if template is None:
+            whole = self._encode(self._chunk(self._MARK, None, index=index))
+            before, _, after = whole.partition(json.dumps(self._MARK))
+            template = self._templates[index] = (before, after)
+        return template[0] + json.dumps(text) + template[1]
 
 
 async def _stream(
     request: web.Request,
-    outputs: RequestStream,
+    choices: Choices,
     body: _SamplingFields,
     chunk: ChunkBuilder,
-    first: BaseModel | None,
+    first: Sequence[BaseModel] | None,
 ) -> web.StreamResponse:
-    """`data:` chunks as the text comes, the finishing chunk, the usage chunk if asked, then [DONE].
-    A generation that fails after the headers went out sends OpenAI's error object before [DONE]."""
+    """`data:` chunks as the text comes (each choice's, as it comes), each choice's finishing chunk, the
+    usage chunk if asked once all have finished, then [DONE]. A generation that fails after the headers
+    went out sends OpenAI's error object before [DONE]."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     def encode(model: BaseModel) -> str:
@@ -652,22 +737,27 @@ async def _stream(
     text_chunk = _TextChunks(encode, chunk)
 
     async def write(response: EventSourceResponse) -> None:
-        if first is not None:
-            await response.send(encode(first))
-        async for output in outputs:
+        for opening in first or []:
+            await response.send(encode(opening))
+        finals: list[RequestOutput] = []
+        async for index, output in choices:
             if output.logprobs is not None:  # asked for: whole chunks, with the tokens' entries
                 if output.text or output.logprobs:
-                    await response.send(encode(chunk(output.text, None, entries=output.logprobs)))
+                    await response.send(
+                        encode(chunk(output.text, None, entries=output.logprobs, index=index))
+                    )
             elif output.text:
-                await response.send(text_chunk(output.text))
+                await response.send(text_chunk(output.text, index))
             if not output.finished:
                 continue
             if output.finish_reason in FINISH_REASONS:
-                await response.send(encode(chunk("", FINISH_REASONS[output.finish_reason or ""])))
-                if include_usage:
-                    await response.send(encode(chunk("", None, _usage(output), last=True)))
+                finals.append(output)
+                finish = FINISH_REASONS[output.finish_reason or ""]
+                await response.send(encode(chunk("", finish, index=index)))
+                if include_usage and len(finals) == len(choices.streams):
+                    await response.send(encode(chunk("", None, _usage(finals), last=True)))
             else:
                 await response.send(_unfinished(output).response(request.path).text or "")
         await response.send("[DONE]")
 
-    return await stream_events(request, outputs, write)
+    return await stream_events(request, choices, write)

@@ -255,10 +255,11 @@ class AsyncEngine(EngineCore):
             )
         )
 
-    def check_admissible(self) -> None:
+    def check_admissible(self, count: int = 1) -> None:
         """EngineUnavailableError when the engine is not running or is draining, QueueFullError when the
-        waiting queue is full: what `generate` would refuse now, asked before the work of tokenizing."""
+        waiting queue cannot take `count` more requests: what `generate` would refuse now, asked before
+        the work of tokenizing."""
         if self.unavailable is not None:
             raise EngineUnavailableError(self.unavailable)
-        if self.live >= self.capacity:
+        if self.live + count > self.capacity:
             raise QueueFullError(self.retry_after())

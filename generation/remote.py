@@ -191,10 +191,10 @@ class RemoteEngine:
             return "the model is not ready"
         return self.state.unavailable
 
-    def check_admissible(self) -> None:
+    def check_admissible(self, count: int = 1) -> None:
         if self.unavailable is not None:
             raise EngineUnavailableError(self.unavailable)
-        if self.state.live + self._sent >= self.capacity:
+        if self.state.live + self._sent + count > self.capacity:
             raise QueueFullError(self.state.retry_after)
 
     def generate(

@@ -9,6 +9,7 @@ import io
 import json
 import re
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,70 @@ async def test_completion_logprobs_take_the_legacy_shape(
     assert offsets == scores.text_offset
 
 
+async def prefix_hits(base_url: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as response:
+        text = await response.text()
+    name = "trickle:prefix_cache_hits_total "
+    return sum(float(line[len(name) :]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_n_choices_prefill_the_prompt_once_and_each_is_reproducible_alone(
+    base_url: str, client: openai.AsyncOpenAI
+) -> None:
+    """n=4 with a seed: four choices, choice i the text of the same request alone with seed + i; the
+    three after the first read the prompt's full blocks from the prefix cache (its last block and token
+    are always computed); streamed, the chunks name their choice and give the same texts."""
+    prompt = f"{uuid.uuid4().hex} The baker lights the oven and the dough rests by the warm stones."
+    ask: dict[str, Any] = {"model": "test", "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 11}
+    ask["extra_body"] = {"min_tokens": 8}
+    before = await prefix_hits(base_url)
+    whole = await client.completions.create(**ask, n=4)
+    hits = await prefix_hits(base_url) - before
+    assert [choice.index for choice in whole.choices] == [0, 1, 2, 3]
+    assert whole.usage is not None and whole.usage.completion_tokens == 32
+    prompt_tokens = whole.usage.prompt_tokens
+    assert prompt_tokens > 2 * 16 and hits == 3 * ((prompt_tokens - 1) // 16 * 16)
+    texts = [choice.text for choice in whole.choices]
+    assert len(set(texts)) > 1, "the choices are sampled apart"
+    for i, text in enumerate(texts):
+        alone = await client.completions.create(**{**ask, "seed": 11 + i})
+        assert alone.choices[0].text == text, i
+
+    streamed: dict[int, str] = {}
+    finishes: dict[int, str | None] = {}
+    async for chunk in await client.completions.create(**ask, n=4, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+            if choice.finish_reason is not None:
+                finishes[choice.index] = choice.finish_reason
+    assert [streamed[i] for i in range(4)] == texts
+    assert finishes == dict.fromkeys(range(4), "length")
+
+    chat = await client.chat.completions.create(
+        model="test", messages=CHAT, max_tokens=6, n=3, seed=5, temperature=1.0
+    )
+    assert [choice.index for choice in chat.choices] == [0, 1, 2]
+    second = await client.chat.completions.create(
+        model="test", messages=CHAT, max_tokens=6, seed=6, temperature=1.0
+    )
+    assert second.choices[0].message.content == chat.choices[1].message.content
+
+
+async def test_best_of_returns_the_n_choices_whose_tokens_are_likeliest(client: openai.AsyncOpenAI) -> None:
+    ask: dict[str, Any] = {"model": "test", "prompt": "The baker", "max_tokens": 6, "temperature": 1.5}
+    ask |= {"seed": 3, "logprobs": 0}
+    every = await client.completions.create(**ask, n=5)
+    sums = [sum(choice.logprobs.token_logprobs or []) for choice in every.choices if choice.logprobs]
+    best = await client.completions.create(**ask, n=2, best_of=5)
+    chosen = [sum(choice.logprobs.token_logprobs or []) for choice in best.choices if choice.logprobs]
+    assert chosen == pytest.approx(sorted(sums, reverse=True)[:2], abs=1e-5)
+    assert best.usage is not None and every.usage is not None
+    assert best.usage.completion_tokens == every.usage.completion_tokens  # all five are generated
+    without = await client.completions.create(**{**ask, "logprobs": None}, n=2, best_of=5)
+    assert [c.text for c in without.choices] == [c.text for c in best.choices]
+    assert all(choice.logprobs is None for choice in without.choices)
+
+
 def test_openais_penalties_and_the_extensions_reach_the_sampling_parameters() -> None:
     body = ChatCompletionRequest.model_validate(
         {
@@ -251,7 +316,7 @@ async def test_the_raw_stream_has_the_full_chunk_shape_and_ends_with_done(base_u
 @pytest.mark.parametrize(
     ("route", "extra", "param"),
     [
-        ("chat", {"n": 2}, "n"),
+        ("chat", {"n": 17}, "n"),
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "bake"}}]}, "tools"),
@@ -260,7 +325,8 @@ async def test_the_raw_stream_has_the_full_chunk_shape_and_ends_with_done(base_u
         ("chat", {"max_tokens": 100000}, "max_tokens"),
         ("completions", {"logprobs": 21}, "logprobs"),
         ("completions", {"echo": True}, "echo"),
-        ("completions", {"best_of": 3}, "best_of"),
+        ("completions", {"best_of": 3, "n": 4}, "best_of"),
+        ("completions", {"best_of": 3, "stream": True}, "best_of"),
         ("completions", {"temperature": 5}, "temperature"),
         ("completions", {"extra_body": {"top_k": 10**36}}, "top_k"),
     ],
@@ -332,7 +398,7 @@ async def test_v1_responses_are_counted_in_the_metrics(base_url: str, client: op
     before = (await counted("200"), await counted("400"))
     await client.completions.create(model="test", prompt="The baker", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        await client.completions.create(model="test", prompt="The baker", n=3)
+        await client.completions.create(model="test", prompt="The baker", n=3, best_of=2)
     assert (await counted("200"), await counted("400")) == (before[0] + 1, before[1] + 1)
 
 
