@@ -27,6 +27,8 @@ from trickle.generation import (
     SamplingParams,
 )
 from trickle.generation.messages import TokenLogprobs
+from trickle.generation.params import ResponseFormat
+from trickle.generation.structured import Grammars
 
 log = structlog.get_logger("api")
 
@@ -63,6 +65,7 @@ class ServedEngine(Protocol):
     worker process."""
 
     prompts: Prompts
+    grammars: Grammars
 
     @property
     def unavailable(self) -> str | None: ...
@@ -288,6 +291,17 @@ def _refusals() -> Iterator[None]:
 
 def request_error(err: RequestError, status: int = 422) -> ClientError:
     return ClientError(status, f"{err.field}: {err}", field=err.field)
+
+
+async def check_format(engine: ServedEngine, spec: ResponseFormat | None, status: int) -> None:
+    """A `status` error naming `response_format` when the engine could not follow it (a schema the
+    grammar library cannot compile, a pattern that does not parse); checked on a tokenizer thread."""
+    if spec is None:
+        return
+    try:
+        await engine.prompts.off_loop(engine.grammars.check, spec)
+    except RequestError as err:
+        raise request_error(err, status) from err
 
 
 async def stream_events(

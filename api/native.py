@@ -18,6 +18,7 @@ from trickle.api.common import (
     Refs,
     Route,
     admit,
+    check_format,
     engine_for,
     gather,
     json_error,
@@ -114,6 +115,7 @@ async def open_generation(request: web.Request) -> RequestStream:
         ids = await prompts.off_loop(prompts.truncated, body.prompt, body.cutoff_len, body.max_new_tokens)
     except RequestError as err:
         raise request_error(err) from err
+    await check_format(engine, body.response_format, 422)
     return admit(request, engine, ids, sampling_params(body), body.timeout_s)
 
 

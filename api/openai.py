@@ -30,6 +30,7 @@ from trickle.api.common import (
     Refs,
     Route,
     admit_choices,
+    check_format,
     engine_for,
     gather,
     read_json,
@@ -47,6 +48,7 @@ from trickle.generation.params import (
     MAX_TOP_K,
     StopString,
 )
+from trickle.generation.params import ResponseFormat as OutputFormat
 
 OWNER = "trickle"
 STARTED_KEY = web.AppKey("openai_started", int)
@@ -116,6 +118,11 @@ class _SamplingFields(BaseModel):
         default=None, max_length=0, description="Not supported: only an empty map."
     )
     user: str | None = Field(default=None, max_length=256, description="Logged with the request.")
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="What the output must be: `json_object`, `json_schema` (strict), and as extensions "
+        "`regex` and `grammar`; followed token by token.",
+    )
     top_k: int = Field(
         default=0, ge=0, le=MAX_TOP_K, description="Extension: keep the k most likely tokens; 0 disables."
     )
@@ -213,10 +220,37 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="The JSON Schema the output is an instance of."
+    )
+    strict: bool | None = Field(default=None, description="Always followed strictly here.")
+
+
 class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`, and two extensions: `regex` (with `pattern`) and `grammar` (with
+    `grammar`, a Lark grammar in llguidance's dialect)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["text"] = Field(description="Only plain text is supported.")
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JsonSchemaFormat | None = None
+    pattern: str | None = Field(default=None, max_length=65536)
+    grammar: str | None = Field(default=None, max_length=1 << 20)
+
+    def output_format(self) -> OutputFormat | None:
+        """The engine's form of it (None for plain text); ValueError naming what is missing."""
+        if self.type == "text":
+            return None
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.json_schema is None:
+                raise ValueError("json_schema: needs a schema")
+            return OutputFormat(type="json_schema", schema=self.json_schema.json_schema)
+        return OutputFormat(type=self.type, pattern=self.pattern, grammar=self.grammar)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -238,7 +272,6 @@ class ChatCompletionRequest(_SamplingFields):
         le=MAX_LOGPROBS,
         description="With `logprobs`: this many most likely alternatives.",
     )
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[Any], Field(max_length=0)] | None = Field(
         default=None, description="Not supported."
     )
@@ -439,6 +472,7 @@ def _sampling_params(body: _SamplingFields, prompt_tokens: int, limit: int) -> S
         stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos,
         logprobs=body.requested_logprobs(),
+        response_format=_output_format(body),
         seed=body.seed,
     )
 
@@ -469,6 +503,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     ids = await engine.prompts.off_loop(_prompt_ids, engine.prompts, text, "prompt")
     params = _sampling_params(body, len(ids), engine.prompts.max_seq_len)
+    await check_format(engine, params.response_format, 400)
     best_of = body.best_of or body.n
     if best_of > body.n and params.logprobs is None:  # ranked by their log-probabilities
         params = params.model_copy(update={"logprobs": 0})
@@ -510,6 +545,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = engine_for(request)
     ids = await engine.prompts.off_loop(_chat_ids, engine.prompts, body.messages)
     params = _sampling_params(body, len(ids), engine.prompts.max_seq_len)
+    await check_format(engine, params.response_format, 400)
     choices = admit_choices(request, engine, ids, _choice_params(params, body.n))
     reply = _Reply(f"chatcmpl-{choices.request_id}", body.model)
 
@@ -542,6 +578,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         parts.append(ChatChoice(index=index, message=message, logprobs=scores, finish_reason=one.finish))
     usage = _usage([one.final for one in finished])
     return _json(ChatCompletion(**reply.envelope, choices=parts, usage=usage))
+
+
+def _output_format(body: _SamplingFields) -> OutputFormat | None:
+    if body.response_format is None:
+        return None
+    try:
+        return body.response_format.output_format()
+    except ValueError as err:
+        raise ClientError(400, f"response_format.{err}", "response_format") from err
 
 
 def _choice_params(params: SamplingParams, count: int) -> list[SamplingParams]:

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from trickle.generation.prompts import Prompts
 from trickle.generation.runner import ModelRunner
 from trickle.generation.scheduler import SchedulerConfig
 from trickle.generation.streams import RequestStream, Streams, new_request
+from trickle.generation.structured import Grammars
 
 log = structlog.get_logger("generation.engine")
 
@@ -97,7 +99,8 @@ class EngineCore:
             runner.prefill_size,
             config.prefill_pacing,
         )
-        self.engine = Engine(runner, scheduler_config, eos_ids, self._on_report)
+        self.grammars = Grammars(tokenizer, runner.vocab_size, sorted(eos_ids))
+        self.engine = Engine(runner, scheduler_config, eos_ids, self._on_report, self.grammars)
         self.engine.on_exit = self._on_exit
         self.num_running = 0
         self.num_waiting = 0
@@ -125,6 +128,10 @@ class EngineCore:
         """Run the model once (ModelRunError if it cannot run), capture the decode graphs (on a GPU), then
         start the engine thread."""
         await asyncio.to_thread(self.engine.runner.warm_up)
+        # llguidance's view of the tokenizer (a second or so for a large vocabulary), made while the
+        # server starts serving, so the first constrained request does not wait for it on the engine
+        # thread (it would, holding the lock, if it came first).
+        threading.Thread(target=lambda: self.grammars.tokenizer, name="trickle-grammars", daemon=True).start()
         self._loop = asyncio.get_running_loop()
         self.engine.start()
 

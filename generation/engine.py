@@ -15,6 +15,7 @@ from trickle.generation.runner import Launched, ModelRunner
 from trickle.generation.runner.model_runner import token_logprobs
 from trickle.generation.scheduler import Scheduler, SchedulerConfig
 from trickle.generation.sequence import Sequence, Status
+from trickle.generation.structured import Grammars
 
 log = structlog.get_logger("generation.engine")
 
@@ -43,9 +44,15 @@ class Engine:
     """
 
     def __init__(
-        self, runner: ModelRunner, config: SchedulerConfig, eos_ids: set[int], report: Reporter
+        self,
+        runner: ModelRunner,
+        config: SchedulerConfig,
+        eos_ids: set[int],
+        report: Reporter,
+        grammars: Grammars | None = None,
     ) -> None:
         self.runner = runner
+        self.grammars = grammars
         self.scheduler = Scheduler(config)
         self.eos_ids = eos_ids
         self.report = report
@@ -105,6 +112,9 @@ class Engine:
         changed = self._drain_inbox(block=block)
         for seq in self.scheduler.expire(time.monotonic()):
             self._pending.append(self._final_output(seq))
+        if self._in_flight is not None and self._in_flight.constrained:
+            self.flush()  # a grammar's next mask needs the token in flight: no overlap this step
+            changed = True
         previous, self._in_flight = self._in_flight, self._launch()
         if previous is not None:
             self._collect(previous)
@@ -149,6 +159,17 @@ class Engine:
             deadline=message.deadline,
             label=message.label,
         )
+        spec = message.params.response_format
+        if spec is not None:
+            try:
+                if self.grammars is None:
+                    raise RuntimeError("this engine follows no grammars")
+                seq.matcher = self.grammars.matcher(spec)
+            except Exception as err:  # checked where the request came in: this is not expected
+                log.exception("grammar failed", request_id=seq.log_name)
+                seq.finish(Status.ERROR, error=f"the response format failed: {type(err).__name__}")
+                self._pending.append(self._final_output(seq))
+                return
         self.scheduler.add(seq)
 
     def _launch(self) -> Launched | None:
@@ -198,6 +219,8 @@ class Engine:
             if seq.is_finished:  # cancelled, timed out or stopped while this step was in flight
                 continue
             self._append(seq, token, now)
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
             wanted = None if table is None else seq.params.logprobs
             logprobs = None if wanted is None else token_logprobs(table[index], token, wanted)
             if seq.is_finished:

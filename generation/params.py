@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,6 +15,30 @@ MAX_SEED = 2**63 - 1
 MAX_TOP_K = 2**31 - 1
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class ResponseFormat(BaseModel):
+    """What the output must be, followed token by token (each step's choice is masked to the tokens
+    that keep the output valid)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    type: Literal["json_object", "json_schema", "regex", "grammar"] = Field(
+        description="`json_object`: a JSON object; `json_schema`: an instance of `schema`; `regex`: a full "
+        "match of `pattern`; `grammar`: a sentence of `grammar` (a Lark grammar, llguidance's dialect)."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="With `json_schema`: the JSON Schema."
+    )
+    pattern: str | None = Field(default=None, max_length=65536, description="With `regex`.")
+    grammar: str | None = Field(default=None, max_length=1 << 20, description="With `grammar`.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        needed = {"json_schema": "json_schema", "regex": "pattern", "grammar": "grammar"}.get(self.type)
+        if needed is not None and getattr(self, needed) is None:
+            raise ValueError(f"type {self.type} needs {'schema' if needed == 'json_schema' else needed}")
+        return self
 
 
 class SamplingParams(BaseModel):
@@ -74,6 +98,10 @@ class SamplingParams(BaseModel):
     )
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="The same seed gives the same text, whatever the batch."
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="What the output must be (JSON, JSON Schema, a regular expression, a grammar).",
     )
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from trickle.generation.messages import TokenLogprobs, TokenOutput
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
 from trickle.generation.streams import RequestStream, Streams, new_request
+from trickle.generation.structured import Grammars
 
 log = structlog.get_logger("generation.remote")
 
@@ -169,6 +170,7 @@ class RemoteEngine:
 
     def __init__(self, link: Link, ready: Ready, state: State) -> None:
         self.prompts = Prompts(ready.tokenizer, ready.max_seq_len)
+        self.grammars = Grammars(ready.tokenizer)  # to check requests' response formats
         self.request_timeout = ready.request_timeout
         self.capacity = ready.capacity
         self.state = state

@@ -181,12 +181,18 @@ def sample_rows(
     counts: torch.Tensor,
     eos_mask: torch.Tensor,
     mode: str = FULL,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Penalties, then end-of-sequence suppression, then sampling (`mode` from `sampling_mode`).
+    """Penalties, then end-of-sequence suppression, then what each row's grammar allows (`allowed`,
+    where rows follow grammars), then sampling (`mode` from `sampling_mode`).
 
-    logits: [B, V]; seen: [B, V] bool; counts: [B, V] int32; eos_mask: [V] bool -> [B] int64
+    logits: [B, V]; seen: [B, V] bool; counts: [B, V] int32; eos_mask: [V] bool; allowed: [B, V] bool
+    -> [B] int64
     """
     # Applied to every row (penalties of 1 and 0 change nothing), so the step has one shape to capture.
     logits = apply_penalties(logits.float(), seen, counts, params)
-    logits = logits.masked_fill(params.ban_eos[:, None] & eos_mask[None, :], float("-inf"))
+    banned = params.ban_eos[:, None] & eos_mask[None, :]
+    if allowed is not None:  # a grammar that allows only the end wins over min_new_tokens
+        banned = (banned & (allowed & ~eos_mask[None, :]).any(dim=-1, keepdim=True)) | ~allowed
+    logits = logits.masked_fill(banned, float("-inf"))
     return sample(logits, params.temperature, params.top_k, params.top_p, params.seeds, params.steps, mode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from trickle.generation.params import SamplingParams
 
@@ -70,6 +71,8 @@ class Sequence:
     """The row's index in the last step it was launched in (where its newest token lands)."""
     label: str = ""
     """What logs call the request; `request_id` is the engine's key."""
+    matcher: Any = None
+    """The grammar the output follows (an llguidance matcher at the output's end so far), if any."""
 
     @property
     def log_name(self) -> str:

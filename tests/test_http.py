@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -314,3 +315,17 @@ async def test_logprobs_ride_on_the_token_events_and_come_whole_from_predict(
     _, plain = await stream_events(client, {**body, "logprobs": None})
     assert all(set(event.json()) == {"text"} for event in plain if event.event == "message")
     assert "logprobs" not in await (await client.post("/predict", json={**body, "logprobs": None})).json()
+
+
+async def test_a_response_format_is_followed_and_a_bad_one_is_a_422_naming_it(client: TestClient) -> None:
+    body: dict[str, Any] = {"prompt": "The baker", "max_new_tokens": 20}
+    body["response_format"] = {"type": "regex", "pattern": "(ab|cd){2,4}!"}
+    response = await client.post("/predict", json=body)
+    assert response.status == 200
+    answer = await response.json()
+    assert re.fullmatch("(ab|cd){2,4}!", answer["text"]) and answer["finish_reason"] == "eos"
+    body["response_format"] = {"type": "regex", "pattern": "(unclosed"}
+    response = await client.post("/stream", json=body)
+    assert response.status == 422
+    error = (await response.json())["error"]
+    assert error["field"] == "response_format" and error["message"].startswith("response_format: ")

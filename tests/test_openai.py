@@ -278,6 +278,46 @@ async def test_best_of_returns_the_n_choices_whose_tokens_are_likeliest(client: 
     assert all(choice.logprobs is None for choice in without.choices)
 
 
+SIZE_SCHEMA = {
+    "type": "object",
+    "properties": {"size": {"enum": ["small", "large"]}, "count": {"type": "integer", "maximum": 99}},
+    "required": ["size", "count"],
+    "additionalProperties": False,
+}
+
+
+async def test_response_format_is_followed_and_a_bad_one_is_a_400_naming_it(
+    client: openai.AsyncOpenAI,
+) -> None:
+    strict = {"type": "json_schema", "json_schema": {"name": "size", "schema": SIZE_SCHEMA, "strict": True}}
+    chat = await client.chat.completions.create(
+        model="test",
+        messages=CHAT,
+        max_tokens=40,
+        seed=3,
+        response_format=strict,  # type: ignore[arg-type]
+    )
+    assert chat.choices[0].finish_reason == "stop"
+    answer = json.loads(chat.choices[0].message.content or "")
+    assert answer["size"] in ("small", "large") and isinstance(answer["count"], int)
+    regex = await client.completions.create(
+        model="test",
+        prompt="The baker",
+        max_tokens=20,
+        extra_body={"response_format": {"type": "regex", "pattern": "[0-9]{4}"}},
+    )
+    assert re.fullmatch("[0-9]{4}", regex.choices[0].text)
+    broken = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(
+            model="test",
+            messages=CHAT,
+            response_format=broken,  # type: ignore[arg-type]
+        )
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "response_format"
+    assert "nonsense" in caught.value.body["message"]
+
+
 def test_openais_penalties_and_the_extensions_reach_the_sampling_parameters() -> None:
     body = ChatCompletionRequest.model_validate(
         {

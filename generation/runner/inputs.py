@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from llguidance import LLExecutor
 
 from trickle.generation.kv.blocks import NULL_BLOCK
 from trickle.generation.sampler import SamplingTensors
@@ -293,3 +294,45 @@ def _float_inputs(seq: Sequence) -> list[float]:
         params.frequency_penalty,
         params.presence_penalty,
     ]
+
+
+class GrammarMasks:
+    """The tokens each constrained row may take next, for the steps that have constrained rows: filled
+    on the host by each row's grammar matcher (llguidance's bitmask, 32 tokens a word; rows without a
+    grammar allow every token), sent with one copy from a pinned double-buffered table, and unpacked on
+    the device for the rows a sampling reads. The spare row (prefill padding) allows everything."""
+
+    def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.words = -(-vocab_size // 32)
+        self._pinned = device.type == "cuda"
+        self._host = torch.zeros(2, rows, self.words, dtype=torch.int32, pin_memory=self._pinned)
+        self._copied = [torch.cuda.Event() for _ in range(2)] if self._pinned else []
+        self._turn = 0
+        self.bits = torch.full((rows, self.words), -1, dtype=torch.int32, device=device)
+        self._shifts = torch.arange(32, dtype=torch.int32, device=device)
+        self._executor = LLExecutor()
+
+    def load(self, rows: list[Sequence]) -> bool:
+        """Fill the masks of a step's rows (batch order); False, and nothing done, where none is
+        constrained."""
+        constrained = [(seq.matcher, row) for row, seq in enumerate(rows) if seq.matcher is not None]
+        if not constrained:
+            return False
+        self._turn ^= 1
+        if self._pinned:
+            self._copied[self._turn].synchronize()  # the copy from this buffer two loads ago is done
+        host = self._host[self._turn, : len(rows)]
+        host.fill_(-1)
+        # Every constrained row's mask at once, on llguidance's threads (the interpreter lock released).
+        self._executor.unsafe_compute_mask_ptr(constrained, host.data_ptr(), 4 * self.words, len(rows))
+        self.bits[: len(rows)].copy_(host, non_blocking=True)
+        if self._pinned:
+            self._copied[self._turn].record()
+        return True
+
+    def allowed(self, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), vocab] bool: the tokens each of `rows` (batch rows, a device tensor) may take."""
+        bits = self.bits[rows]
+        unpacked = (bits[:, :, None] >> self._shifts) & 1
+        return unpacked.view(bits.shape[0], -1)[:, : self.vocab_size].bool()

@@ -32,9 +32,9 @@ from trickle.generation.runner.graphs import (
     bucket,
     buckets_up_to,
 )
-from trickle.generation.runner.inputs import BlockTables, PrefillInputs, RowHistory, StepInputs
+from trickle.generation.runner.inputs import BlockTables, GrammarMasks, PrefillInputs, RowHistory, StepInputs
 from trickle.generation.runner.memory import PREFILL_READ_FACTOR, StepLimits, plan_blocks
-from trickle.generation.sampler import FULL, MODES, SamplingTensors, sampling_mode
+from trickle.generation.sampler import FULL, MODES, SamplingTensors, sample_rows, sampling_mode
 from trickle.generation.scheduler import ScheduledBatch
 from trickle.generation.sequence import Sequence
 
@@ -147,6 +147,8 @@ class Launched:
     """The prefill part's time, known once `collect` returned."""
     logprobs: torch.Tensor | None = None
     """Where any row asked for them: its rows' log-probabilities (`StepLogprobs`' layout), on the host."""
+    constrained: bool = False
+    """Rows of the step follow grammars: the next step's masks need its tokens on the host."""
     logprob_table: Any = None
     """`logprobs` as a numpy array, once `collect` returned."""
 
@@ -205,6 +207,8 @@ class ModelRunner:
         # A prefill's last hidden states (one a newcomer), where the log-probabilities read them.
         self._prefill_hidden = torch.zeros_like(self._hidden)
         self._logprobs = StepLogprobs(self.max_rows, self.device)
+        self._grammar = GrammarMasks(self.max_rows + 1, self.vocab_size, self.device)
+        self._constrained = False  # the step being launched has rows that follow a grammar
         # seen[row, token]: the token is in the row's prompt or output (for the repetition penalty); the
         # spare row takes what padding rows write
         self.seen = torch.zeros(self.max_rows + 1, self.vocab_size, dtype=torch.bool, device=self.device)
@@ -253,6 +257,7 @@ class ModelRunner:
         # The rows' inputs and sampling parameters: decoding rows advance on the device, and one pair of
         # host-to-device copies carries the rows that changed.
         self._static.load(batch.rows, len(batch.decode))
+        self._constrained = self._grammar.load(batch.rows)
         marks = self._clock.start()
         tokens = [self._decode(batch.decode)] if batch.decode else []
         self._clock.mark(marks, 1)
@@ -270,7 +275,14 @@ class ModelRunner:
             logprobs = self._step_logprobs(len(batch.decode), len(batch.prefill), out)
         if self.device.type != "cuda":
             return Launched(
-                batch.rows, len(batch.decode), out, None, marks, prefill_tokens, logprobs=logprobs
+                batch.rows,
+                len(batch.decode),
+                out,
+                None,
+                marks,
+                prefill_tokens,
+                logprobs=logprobs,
+                constrained=self._constrained,
             )
         host = self._static.host_tokens()[: out.shape[0]]
         host.copy_(out, non_blocking=True)
@@ -278,7 +290,16 @@ class ModelRunner:
             logprobs = self._logprobs.to_host(logprobs)
         done = torch.cuda.Event()
         done.record()
-        return Launched(batch.rows, len(batch.decode), host, done, marks, prefill_tokens, logprobs=logprobs)
+        return Launched(
+            batch.rows,
+            len(batch.decode),
+            host,
+            done,
+            marks,
+            prefill_tokens,
+            logprobs=logprobs,
+            constrained=self._constrained,
+        )
 
     def _step_logprobs(self, decoded: int, prefilled: int, tokens: torch.Tensor) -> torch.Tensor:
         """Every row's `StepLogprobs` row, from the hidden states its step's sampling read."""
@@ -349,7 +370,7 @@ class ModelRunner:
             self._prefill_in.load(rows, n, width)
             return self._prefill_static(n, width, max(seq.num_tokens for seq in rows))
         shape = self._prefill_shape(n, width)
-        if not self.use_graphs or shape not in self._prefill_shapes:
+        if not self.use_graphs or shape not in self._prefill_shapes or self._constrained:
             self._prefill_in.load(rows, n, width)
             return self._prefill_static(n, width, paged=past)
         graph, tokens = self.graphs.get(Part.PREFIX if past else Part.PREFILL, *shape)
@@ -399,8 +420,13 @@ class ModelRunner:
         mode: str = FULL,
     ) -> torch.Tensor:
         """Sample `rows` (their `seen` and `counts`, as views or copies) and add each one's token to
-        its history."""
-        tokens = self.compiled.samplers[mode](logits, params, seen, counts, self.eos_mask, mode)
+        its history. In a step with constrained rows, each row takes only what its grammar allows (such
+        a step's sampling runs eagerly, uncompiled: no graph or compiled variant for a rare mask)."""
+        if self._constrained:
+            allowed = self._grammar.allowed(rows)
+            tokens = sample_rows(logits, params, seen, counts, self.eos_mask, mode, allowed)
+        else:
+            tokens = self.compiled.samplers[mode](logits, params, seen, counts, self.eos_mask, mode)
         # A device-side True: a Python scalar would be a host-to-device copy inside the captured step.
         self.seen.index_put_((rows, tokens), self._true)
         self.counts.index_put_((rows, tokens), self.counts[rows, tokens] + 1)
@@ -419,6 +445,8 @@ class ModelRunner:
             return self._sample_decoded(n, MODES.index(mode))
         batch = bucket(n, BATCH_BUCKETS, self.max_rows)
         self.graphs.get(Part.DECODE, batch, kv_len)[0].replay()
+        if self._constrained:
+            return self._sample_decoded(n, MODES.index(mode))
         graph, tokens = self.graphs.get(Part.SAMPLE, batch, MODES.index(mode))
         graph.replay()
         return tokens[:n]

@@ -1,0 +1,146 @@
+"""Structured output: JSON Schema, JSON objects, regular expressions and grammars followed token by token
+(llguidance's masks on the rows that ask, nothing on the others), and bad formats refused naming the
+field (tests/test_http.py and tests/test_openai.py, in both process layouts)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+
+from tests.conftest import make_engine
+from tests.families import build
+from trickle.generation import AsyncEngine, LoadedModel, SamplingParams
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "size": {"enum": ["small", "large"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
+        "dims": {
+            "type": "object",
+            "properties": {"w": {"type": "integer"}, "h": {"type": "number"}},
+            "required": ["w"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "size", "dims"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def random_llama(tiny: LoadedModel) -> LoadedModel:
+    """A random model: what it writes unconstrained is never JSON."""
+    model = build("llama", len(tiny.tokenizer), tiny.tokenizer.eos_token_id)
+    return LoadedModel(model, tiny.tokenizer, "random-llama", torch.device("cpu"), torch.float32)
+
+
+async def texts(
+    engine: AsyncEngine, prompt: str, params: list[SamplingParams]
+) -> list[tuple[str, str | None]]:
+    """Every request's text and finish reason, all running at once."""
+    ids = engine.prompts.encode(prompt)
+
+    async def one(p: SamplingParams) -> tuple[str, str | None]:
+        outputs = [out async for out in engine.generate(ids, p)]
+        return "".join(out.text for out in outputs), outputs[-1].finish_reason
+
+    return await asyncio.gather(*(one(p) for p in params))
+
+
+async def test_fifty_seeded_json_schema_requests_all_validate_where_unconstrained_text_is_not_json(
+    random_llama: LoadedModel,
+) -> None:
+    engine = make_engine(random_llama)
+    await engine.start()
+    shaped = {"type": "json_schema", "schema": SCHEMA}
+    try:
+        constrained = await texts(
+            engine,
+            "The baker",
+            [
+                SamplingParams(temperature=1.0, seed=seed, max_new_tokens=200, response_format=shaped)
+                for seed in range(50)
+            ],
+        )
+        free = await texts(
+            engine,
+            "The baker",
+            [SamplingParams(temperature=1.0, seed=s, max_new_tokens=60) for s in range(5)],
+        )
+    finally:
+        await engine.stop()
+    for text, finish in constrained:
+        assert finish == "eos", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert len({text for text, _ in constrained}) > 40, "seeds give different objects"
+    for text, _ in free:
+        with pytest.raises(ValueError):
+            json.loads(text)
+
+
+def closing(engine: AsyncEngine, tokenizer: Any) -> None:
+    """Bias the model towards tokens that close a JSON string, object or array: a random model picks a
+    quote once in hundreds of tokens, so its strings would run past any budget. (The grammar is what
+    keeps the output valid; the bias only lets a random model finish. Unconstrained, it still writes
+    no JSON.)"""
+    ids = [i for i in range(len(tokenizer)) if any(c in tokenizer.decode([i]) for c in '"}]')]
+    head = engine.engine.runner.head
+
+    def biased(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        logits[:, ids] += 4.0
+        return logits
+
+    engine.engine.runner.head = biased  # type: ignore[assignment]
+
+
+async def test_json_objects_regular_expressions_and_grammars_and_a_free_row_beside_them(
+    random_llama: LoadedModel,
+) -> None:
+    """Rows with each kind of format and one without, in one batch: each constrained row's text is in
+    its language; the free row writes what it writes alone (the masks are per row)."""
+    engine = make_engine(random_llama)
+    closing(engine, random_llama.tokenizer)
+    await engine.start()
+    base = SamplingParams(temperature=1.0, max_new_tokens=300)
+    lark = 'start: answer " because " reason\nanswer: "yes" | "no"\nreason: /[a-z]{2,10}/'
+    formats: list[dict[str, Any]] = [
+        {"type": "json_object"},
+        {"type": "regex", "pattern": "[a-z]{3}-[0-9]{2,4}"},
+        {"type": "grammar", "grammar": lark},
+    ]
+    try:
+        alone = await texts(engine, "The baker", [base.model_copy(update={"seed": 99})])
+        mixed = await texts(
+            engine,
+            "The baker",
+            [
+                SamplingParams(temperature=1.0, max_new_tokens=300, seed=seed, response_format=fmt)
+                for seed in range(4)
+                for fmt in formats
+            ]
+            + [base.model_copy(update={"seed": 99})],
+        )
+    finally:
+        await engine.stop()
+    *shaped, free = mixed
+    assert free == alone[0]
+    with pytest.raises(ValueError):
+        json.loads(free[0])
+    for index, (text, finish) in enumerate(shaped):
+        kind = formats[index % 3]["type"]
+        assert finish == "eos", (kind, text)
+        if kind == "json_object":
+            assert isinstance(json.loads(text), dict)
+        elif kind == "regex":
+            assert re.fullmatch("[a-z]{3}-[0-9]{2,4}", text), text
+        else:
+            assert re.fullmatch("(yes|no) because [a-z]{2,10}", text), text
