@@ -18,6 +18,7 @@ from aiohttp import web
 from trickle.api import native, openai, openapi, operations, playground
 from trickle.api.common import (
     API_KEYS_KEY,
+    CREDENTIAL_KEY,
     ENGINE_KEY,
     REQUEST_ID_KEY,
     SETTINGS_KEY,
@@ -29,6 +30,7 @@ from trickle.api.common import (
 from trickle.api.operations import HTTP_METRICS_KEY, HttpMetrics
 from trickle.config import Settings
 from trickle.config.cli import version
+from trickle.generation.resume import credential_of
 
 if TYPE_CHECKING:
     from trickle.generation import AsyncEngine
@@ -104,6 +106,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise ClientError(
                 401, "a valid API key is required (Authorization: Bearer <key>)", WWW_Authenticate="Bearer"
             )
+        request[CREDENTIAL_KEY] = credential_of(presented.decode())
     return await handler(request)
 
 

@@ -55,6 +55,8 @@ class Route:
     """The models its responses name."""
     open: bool = False
     """Served without an API key: probes, metrics, the document and the playground page."""
+    parameters: tuple[dict[str, Any], ...] = ()
+    """Its path and header parameters, as the document lists them."""
 
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
@@ -75,8 +77,15 @@ class ServedEngine(Protocol):
     def num_waiting(self) -> int: ...
     def check_admissible(self, count: int = 1) -> None: ...
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        timeout: float | None = None,
+        label: str = "",
+        resumable: bool = False,
+        credential: str = "",
     ) -> RequestStream: ...
+    async def reattach(self, request_id: str, credential: str) -> RequestStream | str: ...
     async def metrics_text(self) -> bytes: ...
     async def stop(self) -> None: ...
 
@@ -95,6 +104,8 @@ class EngineSlot:
 ENGINE_KEY = web.AppKey("engine", EngineSlot)
 API_KEYS_KEY = web.AppKey("api_keys", list)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+CREDENTIAL_KEY = web.RequestKey("credential", str)
+"""What a request's streams remember of its API key (a digest; empty where the server has no keys)."""
 
 RETRY_AFTER_NOT_READY = "5"
 OPENAI_PREFIX = "/v1/"
@@ -225,10 +236,12 @@ def admit(
     prompt_ids: list[int],
     params: SamplingParams,
     timeout: float | None = None,
+    resumable: bool = False,
 ) -> RequestStream:
     """Hand the request to the engine, or refuse it with 503 (full queue, draining, not ready)."""
+    label, credential = request[REQUEST_ID_KEY], request.get(CREDENTIAL_KEY, "")
     with _refusals():
-        return engine.generate(prompt_ids, params, timeout, label=request[REQUEST_ID_KEY])
+        return engine.generate(prompt_ids, params, timeout, label, resumable, credential)
 
 
 def admit_choices(
@@ -308,13 +321,14 @@ async def stream_events(
     request: web.Request,
     outputs: RequestStream | Choices,
     write: Callable[[EventSourceResponse], Awaitable[None]],
+    headers: dict[str, str] | None = None,
 ) -> EventSourceResponse:
     """An SSE response that `write` fills from `outputs`; closing `outputs` on the way out cancels the
     request if it has not finished (a client that hung up, say)."""
     response = EventSourceResponse(
         sep="\n",
         ping_interval=request.app[SETTINGS_KEY].ping_interval,
-        headers={"X-Request-Id": request[REQUEST_ID_KEY]},
+        headers={"X-Request-Id": request[REQUEST_ID_KEY], **(headers or {})},
         allow_all_methods=True,
     )
     try:

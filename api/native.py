@@ -13,6 +13,9 @@ from pydantic import BaseModel, Field
 
 from trickle.api import logprobs
 from trickle.api.common import (
+    CREDENTIAL_KEY,
+    ENGINE_KEY,
+    RETRY_AFTER_NOT_READY,
     SETTINGS_KEY,
     ClientError,
     Refs,
@@ -101,7 +104,7 @@ class NativeError(BaseModel):
 # ---------------------------------------------------------------- handlers
 
 
-async def open_generation(request: web.Request) -> RequestStream:
+async def open_generation(request: web.Request, resumable: bool = False) -> RequestStream:
     """Everything that can refuse a request, done before any byte of the response is sent: the
     returned stream has been admitted, and must be closed."""
     body = await read_json(request, GenerateRequest)
@@ -116,7 +119,7 @@ async def open_generation(request: web.Request) -> RequestStream:
     except RequestError as err:
         raise request_error(err) from err
     await check_format(engine, body.response_format, 422)
-    return admit(request, engine, ids, sampling_params(body), body.timeout_s)
+    return admit(request, engine, ids, sampling_params(body), body.timeout_s, resumable)
 
 
 def sampling_params(body: GenerateRequest) -> SamplingParams:
@@ -128,27 +131,68 @@ def end_payload(output: RequestOutput) -> dict[str, Any]:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    outputs = await open_generation(request)
+    resumable = request.app[SETTINGS_KEY].resume_grace > 0
+    outputs = await open_generation(request, resumable)
     prompts = engine_for(request).prompts
-    return await stream_events(request, outputs, lambda response: _write_events(response, outputs, prompts))
+    # The stream's id is the engine's key for the request: made here, 128 random bits, never the client's.
+    headers = {"X-Stream-Id": outputs.request_id} if resumable else None
+    return await stream_events(
+        request, outputs, lambda response: _write_events(response, outputs, prompts), headers
+    )
 
 
-async def _write_events(response: EventSourceResponse, outputs: RequestStream, prompts: Prompts) -> None:
+async def resume(request: web.Request) -> web.StreamResponse:
+    """A client that lost its /stream comes back: the events after `Last-Event-ID` (all of them without
+    it), then the live ones."""
+    settings = request.app[SETTINGS_KEY]
+    engine = request.app[ENGINE_KEY].engine
+    if engine is None:
+        raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
+    stream_id = request.match_info["stream_id"]
+    seen = request.headers.get("Last-Event-ID", "").strip()
+    if seen and not (seen.isascii() and seen.isdigit() and len(seen) < 10):
+        raise ClientError(400, "Last-Event-ID: must be an event id this stream sent (a number)")
+    outputs = await engine.reattach(stream_id, request.get(CREDENTIAL_KEY, ""))
+    if outputs == "busy":
+        raise ClientError(409, "this stream is being read by another connection")
+    if isinstance(outputs, str):
+        message = (
+            f"no stream {stream_id[:64]!r} to resume: it never was, or it ended or was left more than "
+            f"{settings.resume_grace:g} s ago"
+        )
+        raise ClientError(404, message)
+    after = int(seen) if seen else -1
+    headers = {"X-Stream-Id": outputs.request_id}
+    return await stream_events(
+        request, outputs, lambda response: _write_events(response, outputs, engine.prompts, after), headers
+    )
+
+
+async def _write_events(
+    response: EventSourceResponse, outputs: RequestStream, prompts: Prompts, after: int = -1
+) -> None:
+    """The events of a request's outputs, numbered from 0; those numbered `after` or less (a resumed
+    reading's, already sent) are counted, not sent."""
     event_id = 0
+
+    async def send(data: str, event: str | None = None) -> None:
+        nonlocal event_id
+        if event_id > after:
+            await response.send(data, id=str(event_id), event=event)
+        event_id += 1
+
     async for output in outputs:
         if output.logprobs is not None:  # asked for: each token's, with the text released (maybe none)
             if output.text or output.logprobs:
-                data = {"text": output.text, "logprobs": logprobs.native(prompts, output.logprobs)}
-                await response.send(json.dumps(data), id=str(event_id))
-                event_id += 1
+                await send(
+                    json.dumps({"text": output.text, "logprobs": logprobs.native(prompts, output.logprobs)})
+                )
         elif output.text:
-            await response.send(json.dumps({"text": output.text}), id=str(event_id))
-            event_id += 1
+            await send(json.dumps({"text": output.text}))
         if output.error is not None:
-            await response.send(json.dumps({"message": output.error}), id=str(event_id), event="error")
-            event_id += 1
+            await send(json.dumps({"message": output.error}), "error")
         if output.finished:
-            await response.send(json.dumps(end_payload(output)), id=str(event_id), event="end")
+            await send(json.dumps(end_payload(output)), "end")
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -184,6 +228,33 @@ def _stream_responses(ref: Refs) -> dict[str, Any]:
     }
 
 
+def _resume_responses(ref: Refs) -> dict[str, Any]:
+    events = sse(["message", "error", "end"], "As POST /stream's, with the same ids.")
+    text = "The stream's events after Last-Event-ID (every one without it), then the live ones."
+    return {
+        "200": {"description": text, "content": {"text/event-stream": events}},
+        **errors((400, 401, 404, 409, 503), ref(NativeError)),
+    }
+
+
+RESUME_PARAMETERS = (
+    {
+        "name": "stream_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "The X-Stream-Id header of the POST /stream response.",
+    },
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"},
+        "description": "The id of the last event received; EventSource sends it when it reconnects.",
+    },
+)
+
+
 def _predict_responses(ref: Refs) -> dict[str, Any]:
     return {
         "200": json_content(ref(PredictResponse)),
@@ -202,6 +273,16 @@ ROUTES = (
         _stream_responses,
         request=GenerateRequest,
         replies=(TokenEvent, EndEvent, NativeError),
+    ),
+    Route(
+        "GET",
+        "/stream/{stream_id}",
+        resume,
+        "Resume a stream whose connection was lost (within the server's resume grace period)",
+        "native",
+        _resume_responses,
+        replies=(TokenEvent, EndEvent, NativeError),
+        parameters=RESUME_PARAMETERS,
     ),
     Route(
         "POST",

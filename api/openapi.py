@@ -17,9 +17,10 @@ REF = "#/components/schemas/{model}"
 ERROR_TEXT = {
     400: "The body is not JSON, or (under /v1/) a field is invalid or asks for what is not supported.",
     401: "An API key is configured and the request did not present it.",
-    404: "No such model.",
+    404: "No such model (under /v1/), or no such stream to resume (it ended or was left too long ago).",
     408: "The body did not arrive within the server's read timeout.",
     413: "The body is larger than the server's limit.",
+    409: "The stream is being read by another connection.",
     415: "The body is not application/json.",
     422: "A field is invalid; the error names it.",
     500: "The generation failed.",
@@ -85,6 +86,8 @@ def build_document(routes: Sequence[Route], title: str, version: str, model: str
         operation: dict[str, Any] = {"summary": route.summary, "tags": [route.tag]}
         if not route.open:
             operation["security"] = keyed
+        if route.parameters:
+            operation["parameters"] = list(route.parameters)
         if route.request is not None:
             body = {"application/json": {"schema": ref(route.request)}}
             operation["requestBody"] = {"required": True, "content": body}

@@ -45,6 +45,7 @@ from trickle.generation.remote import (
     WorkerLink,
     socket_pair,
 )
+from trickle.generation.resume import Reattached
 
 if TYPE_CHECKING:
     from trickle.generation.host import EngineHost
@@ -309,6 +310,9 @@ async def _serve_worker(link_socket: socket.socket) -> None:
                 slot.engine = engine
             elif isinstance(message, MetricsText):
                 metrics.answer(message)
+            elif isinstance(message, Reattached):
+                if engine is not None:
+                    engine.reattached(message)
             elif isinstance(message, Shutdown):
                 break
     except EOFError:

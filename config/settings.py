@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     """Requests that may wait for a free row; past that, new requests get 503 with Retry-After."""
     request_timeout: float = Field(default=600.0, gt=0)
     """Seconds a request may take, queued and generating (then `timeout`); a request may ask for less."""
+    resume_grace: float = Field(default=30.0, ge=0, le=3600)
+    """Seconds a /stream request is kept for its client to come back (GET /stream/{id} with
+    Last-Event-ID) once the client went away or the stream ended; one left by its client runs on that
+    long, then is cancelled. 0: no resuming (a client that leaves cancels its request at once)."""
     drain_timeout: float = Field(default=60.0, ge=0)
     """On SIGTERM or SIGINT, seconds running streams may take to finish before they end with `shutdown`."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)

@@ -19,10 +19,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from trickle.generation.engine import Engine
 from trickle.generation.engine_config import EngineConfig, context_length
 from trickle.generation.errors import EngineUnavailableError, QueueFullError
-from trickle.generation.messages import StepReport
+from trickle.generation.messages import AbortRequest, AddRequest, StepReport
 from trickle.generation.metrics import EngineMetrics
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
+from trickle.generation.resume import Detach, Keeper
 from trickle.generation.runner import ModelRunner
 from trickle.generation.scheduler import SchedulerConfig
 from trickle.generation.streams import RequestStream, Streams, new_request
@@ -229,23 +230,50 @@ class AsyncEngine(EngineCore):
     ) -> None:
         super().__init__(model, tokenizer, config)
         self.prompts = Prompts(tokenizer, self.config.max_seq_len)
-        self.streams = Streams(tokenizer.backend_tokenizer, self.engine.submit)
+        self.streams = Streams(tokenizer.backend_tokenizer, self._send)
         self.streams.on_release = self._notify
+        self.keeper = Keeper(self.config.resume_grace, self._abort)
 
     @property
     def live(self) -> int:
-        return len(self.streams)
+        return len(self.streams) + self.keeper.orphans
+
+    def _send(self, message: AddRequest | AbortRequest | Detach) -> None:
+        if isinstance(message, Detach):
+            self.keeper.detach(message.request_id)
+            return
+        if isinstance(message, AddRequest) and message.resumable:
+            self.keeper.add(message, message.credential)
+        self.engine.submit(message)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.submit(AbortRequest(request_id))
+        self._notify()
 
     def deliver_outputs(self, report: StepReport) -> None:
+        self.keeper.record(report.ids, report.tokens, report.logprobs)
+        self.keeper.ended(report.outputs)
         self.streams.feed_tokens(report.ids, report.tokens, report.logprobs)
         self.streams.feed(report.outputs)
+
+    async def reattach(self, request_id: str, credential: str) -> RequestStream | str:
+        """A kept request's stream from its first event (its client came back), or why not: `missing`
+        or `busy` (generation/resume.py)."""
+        kept, refusal = self.keeper.reattach(request_id, credential)
+        return refusal if kept is None else self.streams.replay(kept)
 
     async def stop(self) -> None:
         await super().stop()
         self.prompts.close()
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        timeout: float | None = None,
+        label: str = "",
+        resumable: bool = False,
+        credential: str = "",
     ) -> RequestStream:
         """Admit a request now and return its stream of outputs (the last one has a finish_reason).
 
@@ -256,11 +284,8 @@ class AsyncEngine(EngineCore):
         same label are two requests.
         """
         self.check_admissible()
-        return self.streams.open(
-            new_request(
-                prompt_ids, params, self.config.request_timeout if timeout is None else timeout, label
-            )
-        )
+        timeout = self.config.request_timeout if timeout is None else timeout
+        return self.streams.open(new_request(prompt_ids, params, timeout, label, resumable, credential))
 
     def check_admissible(self, count: int = 1) -> None:
         """EngineUnavailableError when the engine is not running or is draining, QueueFullError when the

@@ -45,6 +45,8 @@ class EngineConfig:
     """Reuse the KV blocks of prompts' shared leading tokens instead of prefilling them again."""
     max_queue: int = 256
     """Requests that may wait for a row; past it new requests are refused."""
+    resume_grace: float = 30.0
+    """Seconds a resumable request is kept once its client left or it ended (generation/resume.py)."""
     request_timeout: float = 600.0
     """Seconds a request may take, queued and generating, unless it asks for less."""
     gpu_memory_utilization: float = 0.9

@@ -13,6 +13,7 @@ from trickle.generation.async_engine import EngineCore
 from trickle.generation.engine_config import EngineConfig
 from trickle.generation.messages import AbortRequest, AddRequest, StepReport
 from trickle.generation.remote import Ready, State, Step, WorkerLink
+from trickle.generation.resume import Detach, Keeper, Reattach, Reattached
 
 log = structlog.get_logger("generation.remote")
 
@@ -25,12 +26,17 @@ class EngineHost(EngineCore):
     ) -> None:
         super().__init__(model, tokenizer, config)
         self._owner: dict[str, WorkerLink] = {}
+        self.keeper = Keeper(self.config.resume_grace, self._abort)
         self.workers: list[WorkerLink] = []
         """The connected workers (the process that spawns them keeps this list)."""
 
     @property
     def live(self) -> int:
-        return len(self._owner)
+        return len(self._owner) + self.keeper.orphans
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.submit(AbortRequest(request_id))
+        self._notify()
 
     def ready_message(self) -> Ready:
         return Ready(
@@ -64,13 +70,29 @@ class EngineHost(EngineCore):
         worker.refusing = True
         self._notify()
 
-    def take(self, worker: WorkerLink, message: AddRequest | AbortRequest) -> None:
-        """A worker's request or abort, into the engine's inbox."""
+    def take(self, worker: WorkerLink, message: AddRequest | AbortRequest | Detach | Reattach) -> None:
+        """A worker's request, abort or detach into the engine's inbox, or a reattach answered."""
+        if isinstance(message, Reattach):
+            self._reattach(worker, message)
+            return
+        if isinstance(message, Detach):  # its client went away: kept, read by nobody, for a while
+            self._owner.pop(message.request_id, None)
+            self.keeper.detach(message.request_id)
+            return
         if isinstance(message, AddRequest):
             self._owner[message.request_id] = worker
+            if message.resumable:
+                self.keeper.add(message, message.credential)
         elif message.stop_at is None:  # the client went away: no output will be read
             self._owner.pop(message.request_id, None)
         self.engine.submit(message)
+
+    def _reattach(self, worker: WorkerLink, message: Reattach) -> None:
+        kept, refusal = self.keeper.reattach(message.request_id, message.credential)
+        if kept is not None and kept.end is None:
+            self._owner[message.request_id] = worker  # its next tokens go to the worker that reads it
+        # Before any later step frame on this link: the worker tracks the stream before its tokens come.
+        worker.link.send(Reattached(message.query, kept, refusal))
 
     def lost(self, worker: WorkerLink) -> None:
         """A worker is gone: abort every request it held (their rows leave at the engine's next step)."""
@@ -83,6 +105,8 @@ class EngineHost(EngineCore):
         self._notify()
 
     def deliver_outputs(self, report: StepReport) -> None:
+        self.keeper.record(report.ids, report.tokens, report.logprobs)
+        self.keeper.ended(report.outputs)
         owner = self._owner
         for request_id, token in zip(report.ids, report.tokens, strict=True):
             worker = owner.get(request_id)

@@ -20,6 +20,10 @@ class AddRequest:
     """time.monotonic() after which the request ends with finish_reason `timeout`."""
     label: str = ""
     """What logs call the request (the client's request id, say); `request_id` is the engine's key."""
+    resumable: bool = False
+    """Its client may come back for it (the engine's process keeps its tokens: generation/resume.py)."""
+    credential: str = ""
+    """Of the API key that opened it (a digest): only that key may resume it."""
 
 
 @dataclass(frozen=True)

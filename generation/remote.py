@@ -31,6 +31,7 @@ from trickle.generation.errors import EngineUnavailableError, QueueFullError
 from trickle.generation.messages import TokenLogprobs, TokenOutput
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
+from trickle.generation.resume import Reattach, Reattached
 from trickle.generation.streams import RequestStream, Streams, new_request
 from trickle.generation.structured import Grammars
 
@@ -178,6 +179,8 @@ class RemoteEngine:
         self.link = link
         self.streams = Streams(ready.tokenizer.backend_tokenizer, link.send)
         self._sent = 0  # requests sent since the last state (the host's count does not have them yet)
+        self._queries = itertools.count()
+        self._reattaching: dict[int, asyncio.Future[RequestStream | str]] = {}
 
     @property
     def num_running(self) -> int:
@@ -200,13 +203,40 @@ class RemoteEngine:
             raise QueueFullError(self.state.retry_after)
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None, label: str = ""
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        timeout: float | None = None,
+        label: str = "",
+        resumable: bool = False,
+        credential: str = "",
     ) -> RequestStream:
         self.check_admissible()
         self._sent += 1
-        return self.streams.open(
-            new_request(prompt_ids, params, self.request_timeout if timeout is None else timeout, label)
-        )
+        timeout = self.request_timeout if timeout is None else timeout
+        return self.streams.open(new_request(prompt_ids, params, timeout, label, resumable, credential))
+
+    async def reattach(self, request_id: str, credential: str) -> RequestStream | str:
+        """A kept request's stream from its first event, from the engine's process (any worker may serve
+        a client that comes back), or why not: `missing` or `busy`."""
+        query = next(self._queries)
+        answer: asyncio.Future[RequestStream | str] = asyncio.get_running_loop().create_future()
+        self._reattaching[query] = answer
+        self.link.send(Reattach(query, request_id, credential))
+        try:
+            return await answer
+        finally:
+            self._reattaching.pop(query, None)
+
+    def reattached(self, message: Reattached) -> None:
+        """The host's answer, taken as the link delivers it: the stream is tracked before the step frames
+        that follow carry its next tokens."""
+        answer = self._reattaching.get(message.query)
+        stream = self.streams.replay(message.kept) if message.kept is not None else message.refusal
+        if answer is not None and not answer.done():
+            answer.set_result(stream)
+        elif isinstance(stream, RequestStream):  # its reader left meanwhile: kept again, unread
+            self.streams.release(stream.request_id, finished=False)
 
     def step(self, step: Step) -> None:
         if step.state.unavailable is not None and self.state.unavailable is None:
@@ -219,6 +249,9 @@ class RemoteEngine:
         """The engine's process is gone: every live request ends with an error."""
         self.connected = False
         self.streams.end_all("error", "the engine stopped")
+        for answer in self._reattaching.values():
+            if not answer.done():
+                answer.set_exception(EngineUnavailableError("the engine's process is gone"))
 
     async def stop(self) -> None:
         self.prompts.close()

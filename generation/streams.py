@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from trickle.generation.detokenizer import IncrementalDetokenizer
 from trickle.generation.messages import AbortRequest, AddRequest, RequestOutput, TokenLogprobs, TokenOutput
 from trickle.generation.params import MAX_SEED, SamplingParams
+from trickle.generation.resume import Detach, Kept
 
 # The engine's reasons after which the text still held back (an unfinished character, a possible start of
 # a stop string) is released: the output ended on its own (`stop` here is a stop token's: a stop string's
@@ -39,13 +40,25 @@ class _Live:
     logprobs: list[TokenLogprobs] | None = None
     """Where the request asked for them: the log-probabilities of the tokens counted since the last
     output (they go with the next one)."""
+    resumable: bool = False
+    """A reader that leaves early detaches it (it runs on, kept) rather than cancelling it."""
 
 
-def new_request(prompt_ids: list[int], params: SamplingParams, timeout: float, label: str) -> AddRequest:
-    """A request admitted now: an engine key (unique, whatever the label), a seed, a deadline."""
+def new_request(
+    prompt_ids: list[int],
+    params: SamplingParams,
+    timeout: float,
+    label: str,
+    resumable: bool = False,
+    credential: str = "",
+) -> AddRequest:
+    """A request admitted now: an engine key (unique, unguessable, whatever the label), a seed, a
+    deadline."""
     seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
     now = time.monotonic()
-    return AddRequest(uuid.uuid4().hex, prompt_ids, params, seed, now, now + timeout, label)
+    return AddRequest(
+        uuid.uuid4().hex, prompt_ids, params, seed, now, now + timeout, label, resumable, credential
+    )
 
 
 class RequestStream:
@@ -77,7 +90,9 @@ class Streams:
     """The live requests of one event loop. `send` carries requests and aborts to the engine (its inbox,
     or the link to the engine's process); `feed` takes each step's outputs on the event loop."""
 
-    def __init__(self, tokenizer: Tokenizer, send: Callable[[AddRequest | AbortRequest], None]) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, send: Callable[[AddRequest | AbortRequest | Detach], None]
+    ) -> None:
         self.tokenizer = tokenizer
         self._send = send
         self._live: dict[str, _Live] = {}
@@ -87,20 +102,39 @@ class Streams:
         return len(self._live)
 
     def open(self, add: AddRequest) -> RequestStream:
+        stream = self._track(add)
+        self._send(add)
+        return stream
+
+    def _track(self, add: AddRequest) -> RequestStream:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         detokenizer = IncrementalDetokenizer(self.tokenizer, add.prompt_ids, add.params.stop)
-        self._live[add.request_id] = _Live(detokenizer, queue)
+        live = self._live[add.request_id] = _Live(detokenizer, queue, resumable=add.resumable)
         if add.params.logprobs is not None:
-            self._live[add.request_id].logprobs = []
-        self._send(add)
+            live.logprobs = []
         return RequestStream(self, add.request_id, queue)
+
+    def replay(self, kept: Kept) -> RequestStream:
+        """A kept request read again from its first event: its outputs rebuilt from its tokens (the same
+        ones, in the same order, as its first reading), then its live ones as steps come."""
+        stream = self._track(kept.add)
+        request_id, end = kept.add.request_id, kept.end
+        going = kept.tokens[:-1] if end is not None and end.token is not None else kept.tokens
+        entries = kept.logprobs if kept.add.params.logprobs is not None else []
+        for place, token in enumerate(going):
+            scores = {request_id: entries[place]} if place < len(entries) else None
+            self.feed_tokens([request_id], [token], scores)
+        if end is not None:
+            self.feed([end])
+        return stream
 
     def release(self, request_id: str, finished: bool) -> None:
         """Forget a request; one its reader left before the end is aborted."""
-        if self._live.pop(request_id, None) is None:
+        live = self._live.pop(request_id, None)
+        if live is None:
             return
         if not finished:
-            self._send(AbortRequest(request_id))
+            self._send(Detach(request_id) if live.resumable else AbortRequest(request_id))
         self.on_release()
 
     def end_all(self, finish_reason: str, error: str | None = None) -> None:

@@ -24,8 +24,11 @@ async def live(
     request: pytest.FixtureRequest, tiny: LoadedModel, settings: Settings
 ) -> AsyncIterator[tuple[str, AsyncEngine]]:
     engine = make_engine(tiny)
+    # Without resuming: a client that hangs up cancels its request at once (tests/test_resume.py has the
+    # grace period).
+    unresumable = settings.model_copy(update={"resume_grace": 0.0})
     runner = web.AppRunner(
-        create_app(settings, engine), handler_cancellation=request.param, access_log_class=AccessLogger
+        create_app(unresumable, engine), handler_cancellation=request.param, access_log_class=AccessLogger
     )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

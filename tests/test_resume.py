@@ -1,0 +1,183 @@
+"""Resumable streams: a /stream cut at any event and resumed with Last-Event-ID gives, put together, the
+uninterrupted stream (the same ids and text, no duplicate, no gap), from whichever HTTP worker the
+reconnect lands on; only the API key that opened it may resume it; a stream left past the grace period
+is cancelled and a late reconnect is a 404."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import make_engine
+from tests.sse import Event, parse_events
+from tests.test_process import drain_lines, serving
+from trickle.config import Settings
+from trickle.generation import LoadedModel
+from trickle.server import create_app
+
+GRACE_S = 1.5
+KEYS = ("oven-key", "flour-key")
+BODY = {"prompt": "The baker", "max_new_tokens": 24, "min_new_tokens": 24, "temperature": 0.9, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def worker_server(model_dir: Path) -> Iterator[str]:
+    env = {
+        "TRICKLE_WORKERS": "2", "TRICKLE_RESUME_GRACE": str(GRACE_S), "TRICKLE_API_KEYS": ",".join(KEYS),
+        "TRICKLE_DTYPE": "float32", "TRICKLE_PING_INTERVAL": "30", "TRICKLE_MAX_SEQ_LEN": "4096",
+    }  # fmt: skip
+    with serving(model_dir, env=env) as (url, process):
+        assert process.stderr is not None
+        threading.Thread(target=drain_lines, args=(process.stderr,), daemon=True).start()
+        yield url
+
+
+@pytest.fixture(params=["in_process", "workers"])
+async def base_url(
+    request: pytest.FixtureRequest, tiny: LoadedModel, settings: Settings
+) -> AsyncIterator[str]:
+    """The app in this process, or the real program with two HTTP workers (a reconnect lands on either)."""
+    if request.param == "workers":
+        yield request.getfixturevalue("worker_server")
+        return
+    served = settings.model_copy(update={"resume_grace": GRACE_S, "api_keys": list(KEYS)})
+    engine = make_engine(tiny, resume_grace=GRACE_S, max_seq_len=4096)  # type: ignore[arg-type]
+    runner = web.AppRunner(create_app(served, engine))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+def auth(key: str = KEYS[0]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def read_events(response: aiohttp.ClientResponse, count: int | None = None) -> list[Event]:
+    """The response's events: all of them, or the first `count` (then the connection is dropped)."""
+    raw, events = b"", []
+    async for line in response.content:
+        raw += line
+        if line == b"\n":
+            events = parse_events(raw.decode())
+            if count is not None and len(events) >= count:
+                response.close()
+                return events[:count]
+    return parse_events(raw.decode())
+
+
+def same_stream(got: list[Event], want: list[Event]) -> bool:
+    """The same ids, events and data, the end's timings aside (two requests take their own time)."""
+
+    def comparable(event: Event) -> tuple[Any, ...]:
+        data = event.json()
+        if event.event == "end":
+            data.pop("timings")
+        return event.id, event.event, data
+
+    return [comparable(e) for e in got] == [comparable(e) for e in want]
+
+
+async def reconnect(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """GET the stream again, as EventSource does: a 409 (the server has not yet seen the old connection
+    go) is retried after a short wait, a few times."""
+    for _ in range(50):
+        response = await session.get(url, headers=headers)
+        if response.status != 409:
+            return response
+        response.release()
+        await asyncio.sleep(0.05)
+    raise AssertionError("the stream stayed busy")
+
+
+async def test_a_stream_cut_at_any_event_and_resumed_is_the_uninterrupted_stream(base_url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        whole_response = await session.post(f"{base_url}/stream", json=BODY, headers=auth())
+        whole = await read_events(whole_response)
+        assert whole[-1].event == "end" and [e.id for e in whole] == [str(i) for i in range(len(whole))]
+        for cut in [*sorted(random.Random(5).sample(range(1, len(whole) - 1), 3)), len(whole) - 1]:
+            response = await session.post(f"{base_url}/stream", json=BODY, headers=auth())
+            stream_id = response.headers["X-Stream-Id"]
+            assert len(stream_id) == 32
+            first = await read_events(response, cut)
+            headers = {**auth(), "Last-Event-ID": first[-1].id or ""}
+            resumed_response = await reconnect(session, f"{base_url}/stream/{stream_id}", headers)
+            assert resumed_response.status == 200
+            assert resumed_response.headers["X-Stream-Id"] == stream_id
+            resumed = await read_events(resumed_response)
+            assert same_stream(first + resumed, whole), f"cut after {cut} events"
+
+
+async def test_only_the_key_that_opened_a_stream_may_resume_it(base_url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{base_url}/stream", json=BODY, headers=auth())
+        stream_id = response.headers["X-Stream-Id"]
+        await read_events(response, 2)
+        other = await reconnect(session, f"{base_url}/stream/{stream_id}", auth(KEYS[1]))
+        assert other.status == 404
+        nobody = await session.get(f"{base_url}/stream/{stream_id}")
+        assert nobody.status == 401
+        mine = await reconnect(session, f"{base_url}/stream/{stream_id}", auth())
+        assert mine.status == 200
+        assert (await read_events(mine))[-1].event == "end"
+        bad = await session.get(f"{base_url}/stream/{stream_id}", headers={**auth(), "Last-Event-ID": "x"})
+        assert bad.status == 400
+
+
+async def metric(session: aiohttp.ClientSession, base_url: str, name: str) -> float:
+    async with session.get(f"{base_url}/metrics") as response:
+        text = await response.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def test_a_left_stream_runs_for_the_grace_period_then_is_cancelled_and_a_late_resume_is_404(
+    base_url: str,
+) -> None:
+    long = {**BODY, "max_new_tokens": 4000, "min_new_tokens": 4000}  # seconds of generation
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{base_url}/stream", json=long, headers=auth())
+        stream_id = response.headers["X-Stream-Id"]
+        await read_events(response, 2)
+        left = time.monotonic()
+        # Until the grace period ends the request runs on (no recompute if its client comes back); then
+        # it is cancelled.
+        running = [await metric(session, base_url, "trickle:num_requests_running")]
+        while running[-1] > 0 and time.monotonic() - left < 20:
+            await asyncio.sleep(0.1)
+            running.append(await metric(session, base_url, "trickle:num_requests_running"))
+        assert running[0] == 1 and running[-1] == 0
+        assert time.monotonic() - left >= GRACE_S * 0.9
+        late = await session.get(f"{base_url}/stream/{stream_id}", headers=auth())
+        assert late.status == 404
+        assert "to resume" in (await late.json())["error"]["message"]
+
+
+async def test_without_a_grace_period_streams_have_no_id_and_nothing_resumes(
+    tiny: LoadedModel, settings: Settings
+) -> None:
+    served = settings.model_copy(update={"resume_grace": 0.0})
+    runner = web.AppRunner(create_app(served, make_engine(tiny, resume_grace=0)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(f"{url}/stream", json=BODY)
+            assert "X-Stream-Id" not in response.headers
+            await read_events(response)
+            assert (await session.get(f"{url}/stream/{'0' * 32}")).status == 404
+    finally:
+        await runner.cleanup()
