@@ -168,6 +168,18 @@ async def resume(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def cancel(request: web.Request) -> web.Response:
+    """Cancel a stream now (a client that stops reading on purpose: leaving would keep it running for the
+    grace period, for a resume)."""
+    engine = request.app[ENGINE_KEY].engine
+    if engine is None:
+        raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
+    stream_id = request.match_info["stream_id"]
+    if not await engine.cancel(stream_id, request.get(CREDENTIAL_KEY, "")):
+        raise ClientError(404, f"no stream {stream_id[:64]!r} to cancel")
+    return web.Response(status=204)
+
+
 async def _write_events(
     response: EventSourceResponse, outputs: RequestStream, prompts: Prompts, after: int = -1
 ) -> None:
@@ -255,6 +267,13 @@ RESUME_PARAMETERS = (
 )
 
 
+def _cancel_responses(ref: Refs) -> dict[str, Any]:
+    return {
+        "204": {"description": "Cancelled (or it had ended)."},
+        **errors((401, 404, 503), ref(NativeError)),
+    }
+
+
 def _predict_responses(ref: Refs) -> dict[str, Any]:
     return {
         "200": json_content(ref(PredictResponse)),
@@ -283,6 +302,16 @@ ROUTES = (
         _resume_responses,
         replies=(TokenEvent, EndEvent, NativeError),
         parameters=RESUME_PARAMETERS,
+    ),
+    Route(
+        "DELETE",
+        "/stream/{stream_id}",
+        cancel,
+        "Cancel a stream now (one its client leaves runs on for the resume grace period)",
+        "native",
+        _cancel_responses,
+        replies=(NativeError,),
+        parameters=RESUME_PARAMETERS[:1],
     ),
     Route(
         "POST",

@@ -45,7 +45,7 @@ from trickle.generation.remote import (
     WorkerLink,
     socket_pair,
 )
-from trickle.generation.resume import Reattached
+from trickle.generation.resume import Cancelled, Reattached
 
 if TYPE_CHECKING:
     from trickle.generation.host import EngineHost
@@ -313,6 +313,9 @@ async def _serve_worker(link_socket: socket.socket) -> None:
             elif isinstance(message, Reattached):
                 if engine is not None:
                     engine.reattached(message)
+            elif isinstance(message, Cancelled):
+                if engine is not None:
+                    engine.cancelled(message)
             elif isinstance(message, Shutdown):
                 break
     except EOFError:

@@ -262,6 +262,10 @@ class AsyncEngine(EngineCore):
         kept, refusal = self.keeper.reattach(request_id, credential)
         return refusal if kept is None else self.streams.replay(kept)
 
+    async def cancel(self, request_id: str, credential: str) -> bool:
+        """Cancel a kept request of this client's now; whether there was one."""
+        return self.keeper.cancel(request_id, credential)
+
     async def stop(self) -> None:
         await super().stop()
         self.prompts.close()

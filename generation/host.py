@@ -13,7 +13,7 @@ from trickle.generation.async_engine import EngineCore
 from trickle.generation.engine_config import EngineConfig
 from trickle.generation.messages import AbortRequest, AddRequest, StepReport
 from trickle.generation.remote import Ready, State, Step, WorkerLink
-from trickle.generation.resume import Detach, Keeper, Reattach, Reattached
+from trickle.generation.resume import Cancel, Cancelled, Detach, Keeper, Reattach, Reattached
 
 log = structlog.get_logger("generation.remote")
 
@@ -70,10 +70,17 @@ class EngineHost(EngineCore):
         worker.refusing = True
         self._notify()
 
-    def take(self, worker: WorkerLink, message: AddRequest | AbortRequest | Detach | Reattach) -> None:
+    def take(
+        self, worker: WorkerLink, message: AddRequest | AbortRequest | Detach | Reattach | Cancel
+    ) -> None:
         """A worker's request, abort or detach into the engine's inbox, or a reattach answered."""
         if isinstance(message, Reattach):
             self._reattach(worker, message)
+            return
+        if isinstance(message, Cancel):
+            worker.link.send(
+                Cancelled(message.query, self.keeper.cancel(message.request_id, message.credential))
+            )
             return
         if isinstance(message, Detach):  # its client went away: kept, read by nobody, for a while
             self._owner.pop(message.request_id, None)

@@ -31,7 +31,7 @@ from trickle.generation.errors import EngineUnavailableError, QueueFullError
 from trickle.generation.messages import TokenLogprobs, TokenOutput
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
-from trickle.generation.resume import Reattach, Reattached
+from trickle.generation.resume import Cancel, Cancelled, Reattach, Reattached
 from trickle.generation.streams import RequestStream, Streams, new_request
 from trickle.generation.structured import Grammars
 
@@ -181,6 +181,7 @@ class RemoteEngine:
         self._sent = 0  # requests sent since the last state (the host's count does not have them yet)
         self._queries = itertools.count()
         self._reattaching: dict[int, asyncio.Future[RequestStream | str]] = {}
+        self._cancelling: dict[int, asyncio.Future[bool]] = {}
 
     @property
     def num_running(self) -> int:
@@ -228,6 +229,23 @@ class RemoteEngine:
         finally:
             self._reattaching.pop(query, None)
 
+    async def cancel(self, request_id: str, credential: str) -> bool:
+        """Cancel a kept request of this client's now, through the engine's process; whether there was
+        one."""
+        query = next(self._queries)
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._cancelling[query] = answer
+        self.link.send(Cancel(query, request_id, credential))
+        try:
+            return await answer
+        finally:
+            self._cancelling.pop(query, None)
+
+    def cancelled(self, message: Cancelled) -> None:
+        answer = self._cancelling.get(message.query)
+        if answer is not None and not answer.done():
+            answer.set_result(message.found)
+
     def reattached(self, message: Reattached) -> None:
         """The host's answer, taken as the link delivers it: the stream is tracked before the step frames
         that follow carry its next tokens."""
@@ -249,9 +267,11 @@ class RemoteEngine:
         """The engine's process is gone: every live request ends with an error."""
         self.connected = False
         self.streams.end_all("error", "the engine stopped")
-        for answer in self._reattaching.values():
-            if not answer.done():
-                answer.set_exception(EngineUnavailableError("the engine's process is gone"))
+        gone = EngineUnavailableError("the engine's process is gone")
+        for answers in (self._reattaching, self._cancelling):
+            for answer in answers.values():
+                if not answer.done():
+                    answer.set_exception(gone)
 
     async def stop(self) -> None:
         self.prompts.close()

@@ -59,6 +59,24 @@ class Reattached:
     refusal: str = ""
 
 
+@dataclass(frozen=True)
+class Cancel:
+    """Worker -> host: a client cancels its kept request now (answered by a Cancelled of the same
+    query)."""
+
+    query: int
+    request_id: str
+    credential: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """Host -> worker: whether there was such a request of that client's to cancel."""
+
+    query: int
+    found: bool
+
+
 @dataclass
 class Kept:
     add: AddRequest
@@ -135,6 +153,16 @@ class Keeper:
             if timer is not None:
                 timer.cancel()
         return entry, ""
+
+    def cancel(self, request_id: str, credential: str) -> bool:
+        """Cancel a kept request now (its reader, if it has one, gets its `cancelled` end); whether there
+        was one of this client's. A finished one stays kept, for replays."""
+        entry = self._kept.get(request_id)
+        if entry is None or entry.credential != credential:
+            return False
+        if entry.end is None:
+            self.abort(request_id)
+        return True
 
     def forget(self, request_id: str) -> None:
         timer = self._idle.pop(request_id, None)

@@ -181,3 +181,24 @@ async def test_without_a_grace_period_streams_have_no_id_and_nothing_resumes(
             assert (await session.get(f"{url}/stream/{'0' * 32}")).status == 404
     finally:
         await runner.cleanup()
+
+
+async def test_delete_cancels_a_stream_at_once_for_its_reader_and_only_for_its_key(base_url: str) -> None:
+    long = {**BODY, "max_new_tokens": 4000, "min_new_tokens": 4000}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{base_url}/stream", json=long, headers=auth())
+        stream_id = response.headers["X-Stream-Id"]
+        raw = b""
+        while raw.count(b"\n\n") < 2:
+            raw += await response.content.readline()
+        other = await session.delete(f"{base_url}/stream/{stream_id}", headers=auth(KEYS[1]))
+        assert other.status == 404
+        cancelled = await session.delete(f"{base_url}/stream/{stream_id}", headers=auth())
+        assert cancelled.status == 204
+        rest = await read_events(response)  # the reader sees its end come, not the 4,000 tokens
+        assert rest[-1].event == "end" and rest[-1].json()["finish_reason"] == "cancelled"
+        assert rest[-1].json()["usage"]["completion_tokens"] < 4000
+        assert await metric(session, base_url, "trickle:num_requests_running") == 0
+        # Kept, ended: a reconnect replays it to its end.
+        replay = await reconnect(session, f"{base_url}/stream/{stream_id}", auth())
+        assert (await read_events(replay))[-1].json()["finish_reason"] == "cancelled"
