@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import shutil
 import time
 import urllib.request
@@ -59,6 +60,14 @@ def until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
 def running(url: str) -> int:
     with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
         return int(json.load(response)["running"])
+
+
+def cancelled(url: str) -> float:
+    """Requests that ended `cancelled`, from /metrics."""
+    name = 'trickle:request_success_total{finished_reason="cancelled"} '
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line[len(name) :]) for line in text.splitlines() if line.startswith(name))
 
 
 def browse(url: str) -> dict[str, Any]:
@@ -112,6 +121,18 @@ def browse(url: str) -> dict[str, Any]:
         seen["stopped_at"] = len(element("output").text)
         until(lambda: running(url) == 0)
         seen["running_after_stop"] = running(url)
+        seen["cancelled"] = cancelled(url)
+
+        # Token probabilities: the text comes in spans whose titles give each token's and the likeliest
+        # alternatives'.
+        element("probabilities").click()
+        fill("max-tokens", "12")
+        fill("min-tokens", "12")
+        element("generate").click()
+        until(lambda: element("status").text.startswith("done"))
+        spans = driver.find_elements(By.CSS_SELECTOR, "#output span[title]")
+        seen["spans"] = [(span.text, span.get_attribute("title")) for span in spans]
+        seen["probability_text"] = element("output").text
     finally:
         driver.quit()
     return seen
@@ -135,3 +156,9 @@ async def test_the_playground_streams_in_a_browser_and_stop_cancels(url: str) ->
     assert seen["running_before_stop"] == 1
     assert seen["status_after_stop"] == "stopped"
     assert seen["running_after_stop"] == 0
+    assert seen["cancelled"] == 1  # Stop cancelled it (not left it running for a reconnect)
+
+    assert seen["spans"] and "".join(text for text, _ in seen["spans"]) == seen["probability_text"]
+    for _, title in seen["spans"]:
+        assert re.search(r'^".*" \d+\.\d%$', title.splitlines()[0]), title
+        assert len([line for line in title.splitlines() if line.startswith("   ")]) % 5 == 0
