@@ -217,6 +217,17 @@ def _copy_lines(source: Any, target: Any) -> None:
                 target.write(line)
 
 
+def features(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields of `--logprobs` and `--response-format`, on every request of the server and
+    engine stages (issue 18's costs: log-probabilities, a grammar on every row)."""
+    extra: dict[str, Any] = {}
+    if args.logprobs is not None:
+        extra["logprobs"] = args.logprobs
+    if args.response_format == "json_object":
+        extra["response_format"] = {"type": "json_object"}
+    return extra
+
+
 async def bench_server(args: argparse.Namespace) -> list[Result]:
     port = 8765
     process = start_server(args, port)
@@ -227,6 +238,7 @@ async def bench_server(args: argparse.Namespace) -> list[Result]:
         "prompt": prompt_text(rng), "cutoff_len": args.prompt_tokens,
         "max_new_tokens": args.new_tokens,
         "min_new_tokens": args.new_tokens, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "seed": i,
+        **features(args),
     }  # fmt: skip
     try:
         async with _session() as session:
@@ -365,7 +377,12 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
     info = {"warm_up_s": round(time.perf_counter() - started, 2), "kv_blocks": runner.num_blocks}
     rng = random.Random(2)
     params = SamplingParams(
-        temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+        temperature=0.8,
+        top_p=0.95,
+        top_k=50,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        **features(args),
     )
 
     def prompt(i: int) -> list[int]:
@@ -696,6 +713,15 @@ def main() -> None:
     )
     parser.add_argument("--prefill-token-budget", type=int, default=EngineConfig.prefill_token_budget)
     parser.add_argument("--prefill-pacing", type=float, default=EngineConfig.prefill_pacing)
+    parser.add_argument(
+        "--logprobs", type=int, default=None, help="every request asks this many alternatives"
+    )
+    parser.add_argument(
+        "--response-format",
+        choices=("none", "json_object"),
+        default="none",
+        help="a grammar on every request",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     parser.add_argument("--fit-model", default="random:llama-3-8b", help="the model of the `fit` stage")
     parser.add_argument("--stages", default="server,engine,classic")
