@@ -61,6 +61,7 @@ class Grammars:
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
+        """Made on first use; an exception if llguidance cannot read the tokenizer (every use raises)."""
         with self._lock:
             if self._tokenizer is None:
                 backend = self._source.backend_tokenizer
@@ -77,7 +78,12 @@ class Grammars:
             grammar = grammar_of(spec)
         except (ValueError, TypeError) as err:
             raise RequestError(FIELD, _brief(str(err))) from err
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        try:
+            tokenizer = self.tokenizer
+        except Exception as err:  # llguidance cannot read this model's tokenizer: no request can have it
+            message = f"structured output is not available for this model's tokenizer ({_brief(str(err))})"
+            raise RequestError(FIELD, message) from err
+        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
             raise RequestError(FIELD, _brief(error))
 
