@@ -112,12 +112,15 @@ class Engine:
         changed = self._drain_inbox(block=block)
         for seq in self.scheduler.expire(time.monotonic()):
             self._pending.append(self._final_output(seq))
-        if self._in_flight is not None and self._in_flight.constrained:
-            self.flush()  # a grammar's next mask needs the token in flight: no overlap this step
-            changed = True
-        previous, self._in_flight = self._in_flight, self._launch()
-        if previous is not None:
-            self._collect(previous)
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and previous.constrained:
+            # Rows follow grammars: their next masks need the step in flight's tokens. It is collected
+            # once the next step's forward is queued, while the device runs it, before anything samples.
+            self._in_flight = self._launch(meanwhile=lambda: self._collect(previous))
+        else:
+            self._in_flight = self._launch()
+            if previous is not None:
+                self._collect(previous)
         if changed or previous is not None or self._in_flight is not None or self._pending:
             self._report()
 
@@ -172,20 +175,33 @@ class Engine:
                 return
         self.scheduler.add(seq)
 
-    def _launch(self) -> Launched | None:
+    def _launch(self, meanwhile: Callable[[], None] | None = None) -> Launched | None:
         """Schedule and queue the next step. Rows whose token from the step in flight is still unseen
-        take it on the device; a row that turns out to have finished with it wastes one row of a step."""
+        take it on the device; a row that turns out to have finished with it wastes one row of a step.
+        `meanwhile` runs once the step's forward is queued, before it samples (or at once, if there is
+        no step)."""
         batch = self.scheduler.schedule()
         for seq in batch.preempted:
             log.info("request preempted", request_id=seq.log_name, tokens=seq.num_tokens)
         if batch.is_empty:
+            if meanwhile is not None:
+                meanwhile()
             return None
         now = time.monotonic()
         for seq in batch.prefill:
             seq.admitted_time = now
+        done = False
+
+        def once() -> None:
+            nonlocal done
+            if meanwhile is not None and not done:
+                done = True
+                meanwhile()
+
         try:
-            launched = self.runner.launch(batch)
+            launched = self.runner.launch(batch, once)
         except Exception as err:  # a failed step fails its own rows, never the engine
+            once()  # the step in flight is collected all the same
             self._fail(batch.rows, err)
             return None
         for index, seq in enumerate(batch.rows):

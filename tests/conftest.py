@@ -76,11 +76,11 @@ def fail_step(monkeypatch: pytest.MonkeyPatch, engine: AsyncEngine, at_call: int
     real_launch = runner.launch
     calls = {"n": 0}
 
-    def failing_launch(batch: Any) -> Any:
+    def failing_launch(batch: Any, meanwhile: Any = None) -> Any:
         calls["n"] += 1
         if calls["n"] == at_call:
             raise RuntimeError(message)
-        return real_launch(batch)
+        return real_launch(batch, meanwhile)
 
     monkeypatch.setattr(runner, "launch", failing_launch)
 

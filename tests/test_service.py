@@ -175,7 +175,7 @@ async def test_sd_notify_ready_watchdog_stuck_engine_and_stopping(
     release = threading.Event()
     runner = engine.engine.runner
     real_step = runner.launch
-    runner.launch = lambda batch: (release.wait(), real_step(batch))[1]  # type: ignore[method-assign]
+    runner.launch = lambda batch, meanwhile=None: (release.wait(), real_step(batch, meanwhile))[1]  # type: ignore[method-assign]
     request = engine.generate(engine.prompts.truncated("a", 8, 2), SamplingParams(max_new_tokens=2))
     loop = asyncio.get_running_loop()
     stuck_at, pings = loop.time(), []

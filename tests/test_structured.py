@@ -16,6 +16,7 @@ import torch
 from tests.conftest import make_engine
 from tests.families import build
 from trickle.generation import AsyncEngine, LoadedModel, SamplingParams
+from trickle.generation.messages import AddRequest
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -144,3 +145,36 @@ async def test_json_objects_regular_expressions_and_grammars_and_a_free_row_besi
             assert re.fullmatch("[a-z]{3}-[0-9]{2,4}", text), text
         else:
             assert re.fullmatch("(yes|no) because [a-z]{2,10}", text), text
+
+
+def test_a_constrained_step_collects_the_step_before_once_its_own_forward_is_queued(
+    random_llama: LoadedModel,
+) -> None:
+    """The masks need the step in flight's tokens: that step is collected after the next step's forward
+    is queued (the device runs it meanwhile) and before the next step samples. So the order of a
+    constrained row's turns is forward, collect, sample, forward, collect, sample..."""
+    engine = make_engine(random_llama).engine  # driven by hand, without its thread
+    engine.report = lambda report: None
+    runner, seen = engine.runner, []
+    forward, sample, collect = runner._decode_forward, runner._decode_sample, runner.collect
+
+    def recording(name: str, call: Any) -> Any:
+        def recorded(*args: Any) -> Any:
+            seen.append(name)
+            return call(*args)
+
+        return recorded
+
+    runner._decode_forward = recording("forward", forward)  # type: ignore[method-assign]
+    runner._decode_sample = recording("sample", sample)  # type: ignore[method-assign]
+    runner.collect = recording("collect", collect)  # type: ignore[method-assign]
+    params = SamplingParams(
+        temperature=1.0, seed=1, max_new_tokens=6, response_format={"type": "json_object"}
+    )
+    engine.submit(AddRequest("shaped", random_llama.tokenizer.encode("The baker"), params, 1, 0.0))
+    for _ in range(4):
+        engine.run_once()
+    # Turn 1 prefills (no decode); then each turn: the forward, the previous step's collect, the sampling.
+    assert seen == ["forward", "collect", "sample"] * 3
+    engine.flush()
+    assert engine.scheduler.running[0].matcher.is_error() is False

@@ -316,7 +316,13 @@ class GrammarMasks:
     def load(self, rows: list[Sequence]) -> bool:
         """Fill the masks of a step's rows (batch order); False, and nothing done, where none is
         constrained."""
-        constrained = [(seq.matcher, row) for row, seq in enumerate(rows) if seq.matcher is not None]
+        # A row that has just ended (its matcher stopped) or whose matcher failed takes any token: its
+        # token is not the request's, and one matcher must not fail a whole step.
+        constrained = [
+            (seq.matcher, row)
+            for row, seq in enumerate(rows)
+            if seq.matcher is not None and not seq.is_finished and not seq.matcher.is_error()
+        ]
         if not constrained:
             return False
         self._turn ^= 1

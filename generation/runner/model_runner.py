@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,11 +245,14 @@ class ModelRunner:
     # ------------------------------------------------------------ the step
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> Launched:
+    def launch(self, batch: ScheduledBatch, meanwhile: Callable[[], None] | None = None) -> Launched:
         """Queue the batch's step on the device and return at once; `collect` waits for its tokens.
 
         A row whose previous token is still in flight (`seq.in_flight`) is fed that token on the device,
-        from the previous step's output, so the host never waits between two steps.
+        from the previous step's output, so the host never waits between two steps. `meanwhile` is
+        called once the decode forward is queued and before anything samples: the engine collects the
+        previous step there when rows follow grammars (their masks need its tokens), while the device
+        runs the forward.
         """
         for src, dst in batch.moves:
             self.seen[dst] = self.seen[src]
@@ -257,9 +261,12 @@ class ModelRunner:
         # The rows' inputs and sampling parameters: decoding rows advance on the device, and one pair of
         # host-to-device copies carries the rows that changed.
         self._static.load(batch.rows, len(batch.decode))
-        self._constrained = self._grammar.load(batch.rows)
         marks = self._clock.start()
-        tokens = [self._decode(batch.decode)] if batch.decode else []
+        decoding = self._decode_forward(batch.decode) if batch.decode else None
+        if meanwhile is not None:
+            meanwhile()
+        self._constrained = self._grammar.load(batch.rows)
+        tokens = [self._decode_sample(*decoding)] if decoding is not None else []
         self._clock.mark(marks, 1)
         prefill_tokens = 0
         if batch.prefill:
@@ -433,21 +440,31 @@ class ModelRunner:
         return tokens
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
-        """Decode and sample the running rows (rows 0..n-1); returns their new tokens, [n].
+        """Decode and sample the running rows (rows 0..n-1); returns their new tokens, [n]."""
+        return self._decode_sample(*self._decode_forward(rows))
+
+    def _decode_forward(self, rows: list[Sequence]) -> tuple[int, int, int]:
+        """Queue the running rows' forward (rows 0..n-1; their last hidden states land in `_hidden`);
+        returns what `_decode_sample` needs: the rows, the captured batch and the sampling mode.
 
         The forward is captured per (batch, KV length) and the sampling per (batch, sampling mode): the
         mode is the cheapest way of ranking the vocabulary that serves every row (see the sampler)."""
         n = len(rows)
         kv_len = self._kv_len(rows)
-        mode = self._mode(rows)
+        mode = MODES.index(self._mode(rows))
         if not self.use_graphs:
             self._decode_static(n, kv_len)
-            return self._sample_decoded(n, MODES.index(mode))
+            return n, n, mode
         batch = bucket(n, BATCH_BUCKETS, self.max_rows)
         self.graphs.get(Part.DECODE, batch, kv_len)[0].replay()
-        if self._constrained:
-            return self._sample_decoded(n, MODES.index(mode))
-        graph, tokens = self.graphs.get(Part.SAMPLE, batch, MODES.index(mode))
+        return n, batch, mode
+
+    def _decode_sample(self, n: int, batch: int, mode: int) -> torch.Tensor:
+        """Sample the decoded rows; returns their new tokens, [n]. A step with rows that follow grammars
+        samples eagerly (the masks have no graph)."""
+        if not self.use_graphs or self._constrained:
+            return self._sample_decoded(n, mode)
+        graph, tokens = self.graphs.get(Part.SAMPLE, batch, mode)
         graph.replay()
         return tokens[:n]
 
