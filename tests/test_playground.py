@@ -162,3 +162,67 @@ async def test_the_playground_streams_in_a_browser_and_stop_cancels(url: str) ->
     for _, title in seen["spans"]:
         assert re.search(r'^".*" \d+\.\d%$', title.splitlines()[0]), title
         assert len([line for line in title.splitlines() if line.startswith("   ")]) % 5 == 0
+
+
+def browse_twice(url: str, cut: dict[str, Any]) -> dict[str, Any]:
+    """One seeded run read whole, then the same run with its connection cut after an event: the page
+    reconnects by itself (GET /stream/{id} with Last-Event-ID) and ends with the same text."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM or "chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER or "chromedriver"), options=options)
+    seen: dict[str, Any] = {}
+    try:
+        driver.get(f"{url}/")
+        element = lambda name: driver.find_element(By.ID, name)  # noqa: E731
+        for name, value in (
+            ("prompt", "The baker"),
+            ("max-tokens", "60"),
+            ("min-tokens", "60"),
+            ("seed", "9"),
+        ):
+            element(name).clear()
+            element(name).send_keys(value)
+        for run in ("whole", "cut"):
+            cut["armed"] = run == "cut"
+            element("generate").click()
+            until(
+                lambda: (
+                    element("status").text.startswith("done")
+                    or "error" in element("status").get_attribute("class")
+                )
+            )
+            seen[run] = (element("output").text, element("status").text)
+    finally:
+        driver.quit()
+    return seen
+
+
+@pytest.mark.timeout(120)
+async def test_the_playground_resumes_a_stream_whose_connection_dropped(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiohttp_sse import EventSourceResponse
+
+    cut: dict[str, Any] = {"armed": False, "cuts": 0}
+    real_send = EventSourceResponse.send
+
+    async def cutting(
+        self: Any, data: str, id: str | None = None, event: str | None = None, retry: Any = None
+    ) -> None:
+        await real_send(self, data, id=id, event=event, retry=retry)
+        if cut["armed"] and self._req.method == "POST" and id == "5":  # the first stream, after 6 events
+            cut["armed"] = False
+            cut["cuts"] += 1
+            self._req.transport.close()
+
+    monkeypatch.setattr(EventSourceResponse, "send", cutting)
+    seen = await asyncio.to_thread(browse_twice, url, cut)
+    assert cut["cuts"] == 1
+    assert seen["cut"] == seen["whole"]
+    assert seen["whole"][1] == "done (length)" and len(seen["whole"][0]) > 20
