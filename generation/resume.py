@@ -96,6 +96,7 @@ class Keeper:
         self.grace, self.abort, self.limit = grace, abort, limit
         self._kept: dict[str, Kept] = {}
         self._idle: OrderedDict[str, asyncio.TimerHandle] = OrderedDict()  # ended or orphaned: expiring
+        self._orphaned: set[str] = set()  # running, with nobody reading them
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._kept
@@ -103,7 +104,7 @@ class Keeper:
     @property
     def orphans(self) -> int:
         """Requests that still run with nobody reading them (they hold rows all the same)."""
-        return sum(1 for request_id in self._idle if self._kept[request_id].end is None)
+        return len(self._orphaned)
 
     def add(self, add: AddRequest, credential: str) -> None:
         self._kept[add.request_id] = Kept(add, credential)
@@ -130,12 +131,15 @@ class Keeper:
                 if output.logprobs is not None:
                     entry.logprobs.append(output.logprobs)
             entry.end = output
+            self._orphaned.discard(output.request_id)
             self._expire_later(output.request_id)
 
     def detach(self, request_id: str) -> None:
         entry = self._kept.get(request_id)
         if entry is not None:
             entry.attached = False
+            if entry.end is None:
+                self._orphaned.add(request_id)
             self._expire_later(request_id)
 
     def reattach(self, request_id: str, credential: str) -> tuple[Kept | None, str]:
@@ -148,6 +152,7 @@ class Keeper:
         if entry.attached:
             return None, "busy"
         entry.attached = True
+        self._orphaned.discard(request_id)
         if entry.end is None:  # running again with a reader: it no longer expires
             timer = self._idle.pop(request_id, None)
             if timer is not None:
@@ -165,6 +170,7 @@ class Keeper:
         return True
 
     def forget(self, request_id: str) -> None:
+        self._orphaned.discard(request_id)
         timer = self._idle.pop(request_id, None)
         if timer is not None:
             timer.cancel()

@@ -21,7 +21,9 @@ from tests.conftest import make_engine
 from tests.sse import Event, parse_events
 from tests.test_process import drain_lines, serving
 from trickle.config import Settings
-from trickle.generation import LoadedModel
+from trickle.generation import LoadedModel, SamplingParams
+from trickle.generation.messages import AddRequest, TokenOutput
+from trickle.generation.resume import Keeper, credential_of
 from trickle.server import create_app
 
 GRACE_S = 1.5
@@ -202,3 +204,26 @@ async def test_delete_cancels_a_stream_at_once_for_its_reader_and_only_for_its_k
         # Kept, ended: a reconnect replays it to its end.
         replay = await reconnect(session, f"{base_url}/stream/{stream_id}", auth())
         assert (await read_events(replay))[-1].json()["finish_reason"] == "cancelled"
+
+
+async def test_the_keeper_counts_orphans_and_cancels_only_those_nobody_came_back_for() -> None:
+    """Orphans hold rows (the server's capacity counts them) until they end, are read again, or are
+    cancelled when their grace period ends; a finished request is only ever replayed."""
+    aborted: list[str] = []
+    keeper = Keeper(0.05, aborted.append)
+    params = SamplingParams(max_new_tokens=4)
+    for name in ("a", "b", "c"):
+        keeper.add(AddRequest(name, [1, 2], params, 0, 0.0), credential_of("key"))
+    keeper.detach("a")
+    keeper.detach("b")
+    assert keeper.orphans == 2
+    assert keeper.reattach("b", credential_of("other")) == (None, "missing")
+    kept, _ = keeper.reattach("b", credential_of("key"))
+    assert kept is not None and keeper.orphans == 1
+    assert keeper.reattach("b", credential_of("key")) == (None, "busy")
+    keeper.record(["a", "b"], [7, 8], {})
+    keeper.ended([TokenOutput("c", 9, finish_reason="length")])
+    assert keeper.reattach("c", credential_of("key"))[0] is not None  # ended: replayed, never busy
+    await asyncio.sleep(0.2)  # past the grace period (a timer, as the server's)
+    assert aborted == ["a"] and keeper.orphans == 0
+    assert "a" not in keeper and "c" not in keeper and "b" in keeper  # b has its reader again
