@@ -82,6 +82,10 @@ class ScheduledBatch:
     prefill: list[Sequence] = field(default_factory=list)
     moves: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    logprobs: bool = False
+    """Some row asked for log-probabilities."""
+    constrained: bool = False
+    """Some row follows a grammar."""
 
     @property
     def rows(self) -> list[Sequence]:
@@ -117,6 +121,9 @@ class Scheduler:
         self.prefix_hits = 0  # of those, tokens found
         self.preemptions = 0
         self.pacing = PrefillPacing(config.prefill_pacing)
+        # Running rows that asked for log-probabilities, and that follow grammars: a step asks the rows
+        # only where some do.
+        self._asking = self._constrained = 0
         self._admissions = 0
         # Prompt blocks of the last step's newcomers: findable from the next step on, once the step
         # that writes them is queued (a block is never shared while it is being written).
@@ -182,6 +189,7 @@ class Scheduler:
         self._compact(live, leaving + batch.preempted, batch.moves)
         batch.decode = list(self.running)
         batch.prefill = self._admit()
+        batch.logprobs, batch.constrained = self._asking > 0, self._constrained > 0
         return batch
 
     # ------------------------------------------------------------ blocks
@@ -219,9 +227,14 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(seq)  # the youngest goes first, so older rows end up ahead of it
 
+    def _count(self, seq: Sequence, sign: int) -> None:
+        self._asking += sign * (seq.params.logprobs is not None)
+        self._constrained += sign * (seq.matcher is not None)
+
     def _release(self, seq: Sequence) -> None:
         """The row's blocks go back to the pool; its full blocks of written tokens stay findable in the
         prefix cache (a preempted row finds its own there when it comes back)."""
+        self._count(seq, -1)
         size = self.config.block_size
         # Once its launched steps run, a row's cache holds its prompt and every token fed since (each
         # step feeds the token the one before made; the host knows them all, the newest one aside).
@@ -307,5 +320,6 @@ class Scheduler:
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            self._count(seq, 1)
             admitted.append(seq)
         return admitted

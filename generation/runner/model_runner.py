@@ -265,7 +265,7 @@ class ModelRunner:
         decoding = self._decode_forward(batch.decode) if batch.decode else None
         if meanwhile is not None:
             meanwhile()
-        self._constrained = self._grammar.load(batch.rows)
+        self._constrained = batch.constrained and self._grammar.load(batch.rows)
         tokens = [self._decode_sample(*decoding)] if decoding is not None else []
         self._clock.mark(marks, 1)
         prefill_tokens = 0
@@ -278,7 +278,7 @@ class ModelRunner:
         out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         self._last_tokens[: out.shape[0]].copy_(out)
         logprobs = None
-        if any(seq.params.logprobs is not None for seq in batch.rows):
+        if batch.logprobs:
             logprobs = self._step_logprobs(len(batch.decode), len(batch.prefill), out)
         if self.device.type != "cuda":
             return Launched(
