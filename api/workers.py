@@ -32,9 +32,9 @@ from trickle.api.operations import HTTP_METRICS_KEY, HttpMetrics
 from trickle.config import Settings
 from trickle.generation.remote import (
     Link,
-    MetricsClient,
     MetricsQuery,
     MetricsText,
+    Questions,
     Ready,
     Refusing,
     RemoteEngine,
@@ -230,15 +230,16 @@ class ForwardedHttpMetrics(HttpMetrics):
     """A worker's HTTP metrics: each response is counted in the engine's process, which answers
     /metrics for the whole server."""
 
-    def __init__(self, link: Link, client: MetricsClient) -> None:
+    def __init__(self, link: Link, questions: Questions) -> None:
         super().__init__()
-        self.link, self.client = link, client
+        self.link, self.questions = link, questions
 
     def record(self, route: str, status: int) -> None:
         self.link.send(Responded(route, status))
 
     async def text(self, engine: object) -> bytes:
-        return await self.client.query()
+        text: bytes = await self.questions.ask(MetricsQuery)
+        return text
 
 
 @dataclass(frozen=True)
@@ -282,9 +283,9 @@ async def _serve_worker(link_socket: socket.socket) -> None:
     listener = setup.listener()
     configure_logging(settings.log_level, settings.log_format, secrets=settings.all_api_keys())
     structlog.contextvars.bind_contextvars(worker=os.getpid())
-    metrics = MetricsClient(link)
+    questions = Questions(link)
     app = create_app(settings)
-    app[HTTP_METRICS_KEY] = ForwardedHttpMetrics(link, metrics)
+    app[HTTP_METRICS_KEY] = ForwardedHttpMetrics(link, questions)
     slot = app[ENGINE_KEY]
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log_class=AccessLogger, keepalive_timeout=KEEPALIVE_TIMEOUT_S
@@ -306,23 +307,22 @@ async def _serve_worker(link_socket: socket.socket) -> None:
                 state = message
                 slot.doing = message.doing or slot.doing
             elif isinstance(message, Ready):
-                engine = RemoteEngine(link, message, state)
+                engine = RemoteEngine(link, message, state, questions)
                 slot.engine = engine
             elif isinstance(message, MetricsText):
-                metrics.answer(message)
+                questions.answer(message.query, message.text)
+            elif isinstance(message, Cancelled):
+                questions.answer(message.query, message.found)
             elif isinstance(message, Reattached):
                 if engine is not None:
                     engine.reattached(message)
-            elif isinstance(message, Cancelled):
-                if engine is not None:
-                    engine.cancelled(message)
             elif isinstance(message, Shutdown):
                 break
     except EOFError:
         log.warning("the engine's process is gone")
         if engine is not None:
             engine.disconnected()
-        metrics.disconnected()
+        questions.disconnected()
     if engine is not None:  # the app's cleanup stops an engine of its own process, not this one
         slot.engine = None
         await engine.stop()

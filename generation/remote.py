@@ -21,6 +21,7 @@ import itertools
 import pickle
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from trickle.generation.errors import EngineUnavailableError, QueueFullError
 from trickle.generation.messages import TokenLogprobs, TokenOutput
 from trickle.generation.params import SamplingParams
 from trickle.generation.prompts import Prompts
-from trickle.generation.resume import Cancel, Cancelled, Reattach, Reattached
+from trickle.generation.resume import Cancel, Reattach, Reattached
 from trickle.generation.streams import RequestStream, Streams, new_request
 from trickle.generation.structured import Grammars
 
@@ -169,7 +170,7 @@ class RemoteEngine:
     """The engine as an HTTP worker sees it: the same calls as AsyncEngine's that the routes make, over
     the link to the engine's process."""
 
-    def __init__(self, link: Link, ready: Ready, state: State) -> None:
+    def __init__(self, link: Link, ready: Ready, state: State, questions: Questions) -> None:
         self.prompts = Prompts(ready.tokenizer, ready.max_seq_len)
         self.grammars = Grammars(ready.tokenizer)  # to check requests' response formats
         self.request_timeout = ready.request_timeout
@@ -179,9 +180,7 @@ class RemoteEngine:
         self.link = link
         self.streams = Streams(ready.tokenizer.backend_tokenizer, link.send)
         self._sent = 0  # requests sent since the last state (the host's count does not have them yet)
-        self._queries = itertools.count()
-        self._reattaching: dict[int, asyncio.Future[RequestStream | str]] = {}
-        self._cancelling: dict[int, asyncio.Future[bool]] = {}
+        self.questions = questions
 
     @property
     def num_running(self) -> int:
@@ -220,41 +219,23 @@ class RemoteEngine:
     async def reattach(self, request_id: str, credential: str) -> RequestStream | str:
         """A kept request's stream from its first event, from the engine's process (any worker may serve
         a client that comes back), or why not: `missing` or `busy`."""
-        query = next(self._queries)
-        answer: asyncio.Future[RequestStream | str] = asyncio.get_running_loop().create_future()
-        self._reattaching[query] = answer
-        self.link.send(Reattach(query, request_id, credential))
-        try:
-            return await answer
-        finally:
-            self._reattaching.pop(query, None)
+        answer: RequestStream | str = await self.questions.ask(
+            lambda number: Reattach(number, request_id, credential)
+        )
+        return answer
 
     async def cancel(self, request_id: str, credential: str) -> bool:
         """Cancel a kept request of this client's now, through the engine's process; whether there was
         one."""
-        query = next(self._queries)
-        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._cancelling[query] = answer
-        self.link.send(Cancel(query, request_id, credential))
-        try:
-            return await answer
-        finally:
-            self._cancelling.pop(query, None)
-
-    def cancelled(self, message: Cancelled) -> None:
-        answer = self._cancelling.get(message.query)
-        if answer is not None and not answer.done():
-            answer.set_result(message.found)
+        found: bool = await self.questions.ask(lambda number: Cancel(number, request_id, credential))
+        return found
 
     def reattached(self, message: Reattached) -> None:
         """The host's answer, taken as the link delivers it: the stream is tracked before the step frames
         that follow carry its next tokens."""
-        answer = self._reattaching.get(message.query)
         stream = self.streams.replay(message.kept) if message.kept is not None else message.refusal
-        if answer is not None and not answer.done():
-            answer.set_result(stream)
-        elif isinstance(stream, RequestStream):  # its reader left meanwhile: kept again, unread
-            self.streams.release(stream.request_id, finished=False)
+        if not self.questions.answer(message.query, stream) and isinstance(stream, RequestStream):
+            self.streams.release(stream.request_id, finished=False)  # its reader left: kept, unread
 
     def step(self, step: Step) -> None:
         if step.state.unavailable is not None and self.state.unavailable is None:
@@ -267,11 +248,6 @@ class RemoteEngine:
         """The engine's process is gone: every live request ends with an error."""
         self.connected = False
         self.streams.end_all("error", "the engine stopped")
-        gone = EngineUnavailableError("the engine's process is gone")
-        for answers in (self._reattaching, self._cancelling):
-            for answer in answers.values():
-                if not answer.done():
-                    answer.set_exception(gone)
 
     async def stop(self) -> None:
         self.prompts.close()
@@ -280,33 +256,39 @@ class RemoteEngine:
         return b""
 
 
-class MetricsClient:
-    """A worker's queries for the whole server's metrics, answered by the host."""
+class Questions:
+    """What a worker asks the engine's process over its link (the whole server's metrics, a kept stream,
+    a cancel): each question carries a number, and its answer the same one."""
 
     def __init__(self, link: Link) -> None:
         self.link = link
-        self._ids = itertools.count()
-        self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._numbers = itertools.count()
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
 
-    async def query(self) -> bytes:
-        query = next(self._ids)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting[query] = future
-        self.link.send(MetricsQuery(query))
+    async def ask(self, question: Callable[[int], Any]) -> Any:
+        """Send `question(number)` and wait for its answer (EngineUnavailableError if the engine's
+        process goes first)."""
+        number = next(self._numbers)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[number] = answer
+        self.link.send(question(number))
         try:
-            return await future
+            return await answer
         finally:
-            self._waiting.pop(query, None)
+            self._waiting.pop(number, None)
 
-    def answer(self, message: MetricsText) -> None:
-        future = self._waiting.get(message.query)
-        if future is not None and not future.done():
-            future.set_result(message.text)
+    def answer(self, number: int, value: Any) -> bool:
+        """Give a question its answer; False where nobody waits for it any more."""
+        answer = self._waiting.get(number)
+        if answer is None or answer.done():
+            return False
+        answer.set_result(value)
+        return True
 
     def disconnected(self) -> None:
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(EngineUnavailableError("the engine's process is gone"))
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(EngineUnavailableError("the engine's process is gone"))
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
