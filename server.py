@@ -212,15 +212,10 @@ async def serve_with_workers(settings: Settings, notifier: Notifier, stop: async
         raise
     if engine is None:
         log.info("stopped while loading")
-        await workers.stop()
-        listener.close()
-        notifier.close()
-        if workers.failure is not None:
-            raise workers.failure
-        return
-    await _serve_until_stopped(engine, settings, notifier, stop, (host, port), workers=workers.pids)
-    gc.unfreeze()
-    log.info("engine stopped")
+    else:
+        await _serve_until_stopped(engine, settings, notifier, stop, (host, port), workers=workers.pids)
+        gc.unfreeze()
+        log.info("engine stopped")
     await workers.stop()
     listener.close()
     notifier.close()

@@ -223,11 +223,17 @@ def _validated(body: Any, model: type[Body], invalid_status: int) -> Body:
 def engine_for(request: web.Request) -> ServedEngine:
     """The engine, when it would take a request now; 503 otherwise (not built yet, not running, draining,
     queue full), before the request's prompt costs any work. `admit` asks again."""
+    engine = running_engine(request)
+    with _refusals():
+        engine.check_admissible()
+    return engine
+
+
+def running_engine(request: web.Request) -> ServedEngine:
+    """The engine, once it runs (503 before): for routes that read what it has, whatever its load."""
     engine = request.app[ENGINE_KEY].engine
     if engine is None:
         raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
-    with _refusals():
-        engine.check_admissible()
     return engine
 
 

@@ -14,8 +14,6 @@ from pydantic import BaseModel, Field
 from trickle.api import logprobs
 from trickle.api.common import (
     CREDENTIAL_KEY,
-    ENGINE_KEY,
-    RETRY_AFTER_NOT_READY,
     SETTINGS_KEY,
     ClientError,
     Refs,
@@ -27,6 +25,7 @@ from trickle.api.common import (
     json_error,
     read_json,
     request_error,
+    running_engine,
     stream_events,
 )
 from trickle.api.logprobs import NativeLogprob
@@ -145,9 +144,7 @@ async def resume(request: web.Request) -> web.StreamResponse:
     """A client that lost its /stream comes back: the events after `Last-Event-ID` (all of them without
     it), then the live ones."""
     settings = request.app[SETTINGS_KEY]
-    engine = request.app[ENGINE_KEY].engine
-    if engine is None:
-        raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
+    engine = running_engine(request)
     stream_id = request.match_info["stream_id"]
     seen = request.headers.get("Last-Event-ID", "").strip()
     if seen and not (seen.isascii() and seen.isdigit() and len(seen) < 10):
@@ -171,9 +168,7 @@ async def resume(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.Response:
     """Cancel a stream now (a client that stops reading on purpose: leaving would keep it running for the
     grace period, for a resume)."""
-    engine = request.app[ENGINE_KEY].engine
-    if engine is None:
-        raise ClientError(503, "the model is not ready", Retry_After=RETRY_AFTER_NOT_READY)
+    engine = running_engine(request)
     stream_id = request.match_info["stream_id"]
     if not await engine.cancel(stream_id, request.get(CREDENTIAL_KEY, "")):
         raise ClientError(404, f"no stream {stream_id[:64]!r} to cancel")
