@@ -41,12 +41,14 @@ from trickle.api.openapi import ERROR_TEXT, errors, json_content, sse
 from trickle.generation import Prompts, RequestOutput, RequestStream, SamplingParams
 from trickle.generation.messages import TokenLogprobs
 from trickle.generation.params import (
-    MAX_LOGPROBS,
     MAX_SEED,
     MAX_STOP_STRINGS,
-    MAX_STOP_TOKENS,
     MAX_TOP_K,
+    LogprobCount,
+    OpenAIPenalty,
+    RepetitionPenalty,
     StopString,
+    StopTokenIds,
 )
 from trickle.generation.params import ResponseFormat as OutputFormat
 
@@ -102,16 +104,12 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="The same seed gives the same text, whatever the batch."
     )
-    frequency_penalty: float = Field(
+    frequency_penalty: OpenAIPenalty = Field(
         default=0.0,
-        ge=-2.0,
-        le=2.0,
         description="Subtracted from a token's logit once for each time it is in the output so far.",
     )
-    presence_penalty: float = Field(
+    presence_penalty: OpenAIPenalty = Field(
         default=0.0,
-        ge=-2.0,
-        le=2.0,
         description="Subtracted from a token's logit if it is in the output so far.",
     )
     logit_bias: dict[str, float] | None = Field(
@@ -129,16 +127,13 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(
         default=0, ge=0, description="Extension: end-of-text is ignored before this many."
     )
-    repetition_penalty: float = Field(
+    repetition_penalty: RepetitionPenalty = Field(
         default=1.0,
-        gt=0.0,
-        le=10.0,
         description="Extension: divides positive and multiplies negative logits of every token in the "
         "prompt or the output so far; 1.0 disables.",
     )
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+    stop_token_ids: StopTokenIds = Field(
         default_factory=list,
-        max_length=MAX_STOP_TOKENS,
         description="Extension (as vLLM's): token ids that end generation (finish_reason `stop`); the "
         "token's text is kept unless it is a special token.",
     )
@@ -179,10 +174,8 @@ class CompletionRequest(_SamplingFields):
         default=COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1, description="Most tokens to generate."
     )
     echo: Literal[False] = Field(default=False, description="Not supported: only false.")
-    logprobs: int | None = Field(
+    logprobs: LogprobCount | None = Field(
         default=None,
-        ge=0,
-        le=MAX_LOGPROBS,
         description="Report each token's log-probability and this many most likely alternatives' "
         "(the model's distribution, before temperature and penalties).",
     )
@@ -266,10 +259,8 @@ class ChatCompletionRequest(_SamplingFields):
         description="Report each token's log-probability (the model's distribution, before temperature "
         "and penalties).",
     )
-    top_logprobs: int | None = Field(
+    top_logprobs: LogprobCount | None = Field(
         default=None,
-        ge=0,
-        le=MAX_LOGPROBS,
         description="With `logprobs`: this many most likely alternatives.",
     )
     tools: Annotated[list[Any], Field(max_length=0)] | None = Field(

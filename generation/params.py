@@ -15,6 +15,11 @@ MAX_SEED = 2**63 - 1
 MAX_TOP_K = 2**31 - 1
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
+# Bounds both dialects share (their defaults and descriptions are their own).
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+OpenAIPenalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # frequency and presence, as OpenAI bounds them
+StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKENS)]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class ResponseFormat(BaseModel):
@@ -58,41 +63,32 @@ class SamplingParams(BaseModel):
         max_length=MAX_STOP_STRINGS,
         description="Strings that end generation; they are never emitted.",
     )
-    repetition_penalty: float = Field(
+    repetition_penalty: RepetitionPenalty = Field(
         default=1.0,
-        gt=0.0,
-        le=10.0,
         description="Divides positive and multiplies negative logits of every token in the prompt or "
         "the output so far (as transformers does); 1.0 disables.",
     )
-    frequency_penalty: float = Field(
+    frequency_penalty: OpenAIPenalty = Field(
         default=0.0,
-        ge=-2.0,
-        le=2.0,
         description="Subtracted from a token's logit once for each time it is in the output so far "
         "(OpenAI's definition); 0 disables.",
     )
-    presence_penalty: float = Field(
+    presence_penalty: OpenAIPenalty = Field(
         default=0.0,
-        ge=-2.0,
-        le=2.0,
         description="Subtracted from a token's logit if it is in the output so far (OpenAI's definition); "
         "0 disables.",
     )
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+    stop_token_ids: StopTokenIds = Field(
         default_factory=list,
-        max_length=MAX_STOP_TOKENS,
         description="Token ids that end generation as end-of-sequence does (once min_new_tokens are "
         "made); the token's text is kept unless it is a special token.",
     )
     ignore_eos: bool = Field(
         default=False, description="End-of-sequence does not end generation: only max_new_tokens does."
     )
-    logprobs: int | None = Field(
+    logprobs: LogprobCount | None = Field(
         default=None,
-        ge=0,
-        le=MAX_LOGPROBS,
-        description="Report each generated token's log-probability and the this many most likely "
+        description="Report each generated token's log-probability and this many most likely "
         "alternatives' (0: the token's only), from the model's distribution before temperature and "
         "penalties; null: none.",
     )
