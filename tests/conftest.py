@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from aiohttp import web
 from transformers import FalconForCausalLM
 
 import trickle
@@ -83,6 +85,30 @@ def fail_step(monkeypatch: pytest.MonkeyPatch, engine: AsyncEngine, at_call: int
         return real_launch(batch, meanwhile)
 
     monkeypatch.setattr(runner, "launch", failing_launch)
+
+
+@contextlib.asynccontextmanager
+async def app_url(app: web.Application, **runner_options: Any) -> AsyncIterator[str]:
+    """The app served by a real AppRunner on a free loopback port: its URL."""
+    runner = web.AppRunner(app, **runner_options)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def bias_head(engine: AsyncEngine, tokens: list[int], amount: float) -> None:
+    """Add `amount` to the logits of `tokens` wherever the engine samples (a model that prefers them)."""
+    head = engine.engine.runner.head
+
+    def biased(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        logits[:, tokens] += amount
+        return logits
+
+    engine.engine.runner.head = biased  # type: ignore[assignment]
 
 
 def make_engine(loaded: LoadedModel, **config: int) -> AsyncEngine:

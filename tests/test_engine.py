@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import FalconForCausalLM, PreTrainedModel
 
-from tests.conftest import fail_step, make_engine
+from tests.conftest import bias_head, fail_step, make_engine
 from tests.families import build, penalised_greedy, reference
 from trickle.generation import AsyncEngine, LoadedModel, RequestOutput, SamplingParams
 from trickle.generation.messages import AbortRequest, AddRequest, StepReport
@@ -211,17 +211,8 @@ async def test_failed_step_ends_its_requests_with_error_and_the_engine_goes_on(
 
 
 async def test_min_new_tokens_holds_off_end_of_sequence(tiny: LoadedModel) -> None:
-    eos = tiny.tokenizer.eos_token_id
     engine = make_engine(tiny)
-    runner = engine.engine.runner
-    real_head = runner.head
-
-    def eos_everywhere(hidden: torch.Tensor) -> torch.Tensor:
-        logits = real_head(hidden)
-        logits[:, eos] += 1e4
-        return logits
-
-    runner.head = eos_everywhere  # type: ignore[assignment]
+    bias_head(engine, [tiny.tokenizer.eos_token_id], 1e4)  # end-of-sequence everywhere
     await engine.start()
     held = await collect(
         engine, "held", "The baker", SamplingParams(temperature=0.0, max_new_tokens=20, min_new_tokens=7)
@@ -313,17 +304,8 @@ async def test_stop_token_ids_end_generation_once_min_new_tokens_are_made(tiny: 
 
 
 async def test_ignore_eos_generates_past_end_of_sequence(tiny: LoadedModel) -> None:
-    eos = tiny.tokenizer.eos_token_id
     engine = make_engine(tiny)
-    runner = engine.engine.runner
-    real_head = runner.head
-
-    def eos_everywhere(hidden: torch.Tensor) -> torch.Tensor:
-        logits = real_head(hidden)
-        logits[:, eos] += 1e4
-        return logits
-
-    runner.head = eos_everywhere  # type: ignore[assignment]
+    bias_head(engine, [tiny.tokenizer.eos_token_id], 1e4)  # end-of-sequence everywhere
     await engine.start()
     params = SamplingParams(temperature=0.0, max_new_tokens=9)
     try:

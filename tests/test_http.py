@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import html
 import re
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import fail_step, make_engine
 from tests.families import assert_scores, model_logprobs
 from tests.sse import parse_events, text_of
-from tests.test_process import drain_lines, serving
+from tests.test_process import drained
 from trickle.config import Settings
 from trickle.generation import LoadedModel
 from trickle.server import ENGINE_KEY, create_app
@@ -45,9 +44,7 @@ def worker_server(model_dir: Path) -> Iterator[str]:
         "TRICKLE_WORKERS": "2", "TRICKLE_MAX_BODY_BYTES": "4096", "TRICKLE_PING_INTERVAL": "30",
         "TRICKLE_MAX_BATCH_SIZE": "16", "TRICKLE_PREFILL_TOKEN_BUDGET": "4096", "TRICKLE_DTYPE": "float32",
     }  # fmt: skip
-    with serving(model_dir, env=env) as (url, process):
-        assert process.stderr is not None
-        threading.Thread(target=drain_lines, args=(process.stderr,), daemon=True).start()
+    with drained(model_dir, env) as url:
         yield url
 
 

@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import re
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,11 +17,10 @@ import aiohttp
 import openai
 import pytest
 import torch
-from aiohttp import web
 
-from tests.conftest import make_engine
+from tests.conftest import app_url, make_engine
 from tests.families import model_logprobs, reference
-from tests.test_process import drain_lines, serving
+from tests.test_process import drained
 from trickle.api.openai import ChatCompletionRequest, _sampling_params
 from trickle.config import Settings
 from trickle.generation import LoadedModel
@@ -45,9 +43,7 @@ def worker_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "TRICKLE_PING_INTERVAL": "30", "TRICKLE_MAX_BATCH_SIZE": "16",
         "TRICKLE_PREFILL_TOKEN_BUDGET": "4096", "TRICKLE_DTYPE": "float32",
     }  # fmt: skip
-    with serving(Path("test"), env=env, cwd=where) as (url, process):
-        assert process.stderr is not None
-        threading.Thread(target=drain_lines, args=(process.stderr,), daemon=True).start()
+    with drained(Path("test"), env, cwd=where) as url:
         yield url
 
 
@@ -59,14 +55,9 @@ async def base_url(
     if request.param == "workers":
         yield request.getfixturevalue("worker_server")
         return
-    runner = web.AppRunner(
-        create_app(settings.model_copy(update={"api_keys": ["sesame"]}), make_engine(tiny))
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    app = create_app(settings.model_copy(update={"api_keys": ["sesame"]}), make_engine(tiny))
+    async with app_url(app) as url:
+        yield url
 
 
 @pytest.fixture

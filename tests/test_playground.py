@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from tests.conftest import make_engine
+from tests.conftest import app_url, make_engine
 from trickle.config import Settings
 from trickle.generation import LoadedModel
 from trickle.server import create_app
@@ -40,12 +39,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 async def url(tiny: LoadedModel, settings: Settings) -> AsyncIterator[str]:
     demo = settings.model_copy(update={"model": "demo"})  # the page names it and warns of its noise
-    runner = web.AppRunner(create_app(demo, make_engine(tiny, max_seq_len=2048, max_batch_size=4)))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with app_url(create_app(demo, make_engine(tiny, max_seq_len=2048, max_batch_size=4))) as served:
+        yield served
 
 
 def until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -98,6 +99,15 @@ def serving(
             process.kill()
         process.wait()
         process.stderr.close()
+
+
+@contextlib.contextmanager
+def drained(model_dir: Path, env: dict[str, str], cwd: Path | None = None) -> Iterator[str]:
+    """The real program serving the model (`serving`) with its log pipe read away: its URL."""
+    with serving(model_dir, env=env, cwd=cwd) as (url, process):
+        assert process.stderr is not None
+        threading.Thread(target=drain_lines, args=(process.stderr,), daemon=True).start()
+        yield url
 
 
 def drain_lines(lines: Iterator[str]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,11 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.conftest import make_engine
+from tests.conftest import app_url, make_engine
 from tests.sse import Event, parse_events
-from tests.test_process import drain_lines, serving
+from tests.test_process import drained
 from trickle.config import Settings
 from trickle.generation import LoadedModel, SamplingParams
 from trickle.generation.messages import AddRequest, TokenOutput
@@ -37,9 +35,7 @@ def worker_server(model_dir: Path) -> Iterator[str]:
         "TRICKLE_WORKERS": "2", "TRICKLE_RESUME_GRACE": str(GRACE_S), "TRICKLE_API_KEYS": ",".join(KEYS),
         "TRICKLE_DTYPE": "float32", "TRICKLE_PING_INTERVAL": "30", "TRICKLE_MAX_SEQ_LEN": "4096",
     }  # fmt: skip
-    with serving(model_dir, env=env) as (url, process):
-        assert process.stderr is not None
-        threading.Thread(target=drain_lines, args=(process.stderr,), daemon=True).start()
+    with drained(model_dir, env) as url:
         yield url
 
 
@@ -53,12 +49,8 @@ async def base_url(
         return
     served = settings.model_copy(update={"resume_grace": GRACE_S, "api_keys": list(KEYS)})
     engine = make_engine(tiny, resume_grace=GRACE_S, max_seq_len=4096)  # type: ignore[arg-type]
-    runner = web.AppRunner(create_app(served, engine))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with app_url(create_app(served, engine)) as url:
+        yield url
 
 
 def auth(key: str = KEYS[0]) -> dict[str, str]:
@@ -170,19 +162,14 @@ async def test_without_a_grace_period_streams_have_no_id_and_nothing_resumes(
     tiny: LoadedModel, settings: Settings
 ) -> None:
     served = settings.model_copy(update={"resume_grace": 0.0})
-    runner = web.AppRunner(create_app(served, make_engine(tiny, resume_grace=0)))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            response = await session.post(f"{url}/stream", json=BODY)
-            assert "X-Stream-Id" not in response.headers
-            await read_events(response)
-            assert (await session.get(f"{url}/stream/{'0' * 32}")).status == 404
-    finally:
-        await runner.cleanup()
+    async with (
+        app_url(create_app(served, make_engine(tiny, resume_grace=0))) as url,
+        aiohttp.ClientSession() as session,
+    ):
+        response = await session.post(f"{url}/stream", json=BODY)
+        assert "X-Stream-Id" not in response.headers
+        await read_events(response)
+        assert (await session.get(f"{url}/stream/{'0' * 32}")).status == 404
 
 
 async def test_delete_cancels_a_stream_at_once_for_its_reader_and_only_for_its_key(base_url: str) -> None:

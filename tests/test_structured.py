@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 
-from tests.conftest import make_engine
+from tests.conftest import bias_head, make_engine
 from tests.families import build
 from trickle.generation import AsyncEngine, LoadedModel, SamplingParams
 from trickle.generation.messages import AddRequest
@@ -93,14 +93,7 @@ def closing(engine: AsyncEngine, tokenizer: Any) -> None:
     keeps the output valid; the bias only lets a random model finish. Unconstrained, it still writes
     no JSON.)"""
     ids = [i for i in range(len(tokenizer)) if any(c in tokenizer.decode([i]) for c in '"}]')]
-    head = engine.engine.runner.head
-
-    def biased(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        logits[:, ids] += 4.0
-        return logits
-
-    engine.engine.runner.head = biased  # type: ignore[assignment]
+    bias_head(engine, ids, 4.0)
 
 
 async def test_json_objects_regular_expressions_and_grammars_and_a_free_row_beside_them(
