@@ -230,15 +230,17 @@ class Engine:
         )
         self._previous_step_end = now
         ids, made = self._ids, self._tokens
-        table = launched.logprob_table  # None unless a row asked for log-probabilities
+        # None unless a row asked for log-probabilities; read as numpy, a row at a time.
+        table = None if launched.logprobs is None else launched.logprobs.numpy()
         for index, (seq, token) in enumerate(zip(launched.rows, tokens, strict=True)):
             if seq.is_finished:  # cancelled, timed out or stopped while this step was in flight
                 continue
             self._append(seq, token, now)
             if seq.matcher is not None:
                 seq.matcher.consume_token(token)
-            wanted = None if table is None else seq.params.logprobs
-            logprobs = None if wanted is None else token_logprobs(table[index], token, wanted)
+            logprobs = None
+            if table is not None and seq.params.logprobs is not None:
+                logprobs = token_logprobs(table[index], token, seq.params.logprobs)
             if seq.is_finished:
                 self._pending.append(self._final_output(seq, token, logprobs))
             else:

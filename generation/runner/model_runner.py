@@ -147,11 +147,10 @@ class Launched:
     prefill_seconds: float = 0.0
     """The prefill part's time, known once `collect` returned."""
     logprobs: torch.Tensor | None = None
-    """Where any row asked for them: its rows' log-probabilities (`StepLogprobs`' layout), on the host."""
+    """Where any row asked for them: its rows' log-probabilities (`StepLogprobs`' layout), on the host
+    (readable once `collect` returned)."""
     constrained: bool = False
     """Rows of the step follow grammars: the next step's masks need its tokens on the host."""
-    logprob_table: Any = None
-    """`logprobs` as a numpy array, once `collect` returned."""
 
     @property
     def decode_device_seconds(self) -> float:
@@ -320,8 +319,6 @@ class ModelRunner:
             launched.done.synchronize()  # waits with the GIL released: the event loop keeps serving
         launched.decode_seconds = StepClock.seconds(launched.marks, 0, 1)
         launched.prefill_seconds = StepClock.seconds(launched.marks, 1, 2)
-        if launched.logprobs is not None:
-            launched.logprob_table = launched.logprobs.numpy()
         return launched.tokens.tolist()
 
     def step(self, batch: ScheduledBatch) -> list[int]:
