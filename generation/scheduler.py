@@ -41,14 +41,22 @@ class PrefillPacing:
     `stall` times a step that only decodes: every decoding row waits for the step's prefill, and a
     stream's gap between two tokens is that step's whole time.
 
-    Learnt from the steps themselves: a moving average of the decode part's time and of the prefill
-    part's time per token it ran as (padding included). No limit until both are measured."""
+    Learnt from the steps themselves. The decode part's time is a moving average. A prefill's time is
+    modelled as a fixed part (a forward reads every weight once, however few its tokens) plus a part
+    per token (padding included), fitted by least squares over the moving average of each size seen
+    (the sizes are the runner's padded shapes: few, each measured again as it recurs). A model that
+    charged the fixed part to each token would make every prefill as small as one newcomer, and pay
+    the fixed part every step. No limit until the decode part and a prefill are measured."""
 
     stall: float
     decode_seconds: float = 0.0
+    by_size: dict[int, float] = field(default_factory=dict)
+    """A moving average of the prefill part's seconds for each size (tokens) it ran as."""
+    fixed_seconds: float = 0.0
     token_seconds: float = 0.0
 
     WEIGHT = 0.25  # of the newest step in the averages
+    SIZES = 64  # sizes remembered, the least recently run forgotten first
 
     def observe(
         self, decode_rows: int, decode_seconds: float, prefill_tokens: int, prefill_seconds: float
@@ -56,16 +64,35 @@ class PrefillPacing:
         if decode_rows and decode_seconds > 0:
             self.decode_seconds = self._average(self.decode_seconds, decode_seconds)
         if prefill_tokens and prefill_seconds > 0:
-            self.token_seconds = self._average(self.token_seconds, prefill_seconds / prefill_tokens)
+            seconds = self._average(self.by_size.pop(prefill_tokens, 0.0), prefill_seconds)
+            self.by_size[prefill_tokens] = seconds
+            if len(self.by_size) > self.SIZES:
+                del self.by_size[next(iter(self.by_size))]
+            self.fixed_seconds, self.token_seconds = self._fit()
 
     def _average(self, average: float, value: float) -> float:
         return value if not average else average + self.WEIGHT * (value - average)
+
+    def _fit(self) -> tuple[float, float]:
+        """(fixed seconds, seconds a token) of a line through the sizes' times; with one size, or a
+        line that does not rise, no fixed part: all of a prefill's time counted per token."""
+        count = len(self.by_size)
+        mean_x = sum(self.by_size) / count
+        mean_y = sum(self.by_size.values()) / count
+        spread = sum((x - mean_x) ** 2 for x in self.by_size)
+        if count > 1 and spread > 0:
+            slope = sum((x - mean_x) * (y - mean_y) for x, y in self.by_size.items()) / spread
+            fixed = mean_y - slope * mean_x
+            if slope > 0 and fixed >= 0:
+                return fixed, slope
+        return 0.0, mean_y / mean_x
 
     def budget(self) -> int | None:
         """The prefill tokens a step with decoding rows may run; None where pacing sets no limit."""
         if not self.stall or not (self.decode_seconds and self.token_seconds):
             return None
-        return int((self.stall - 1) * self.decode_seconds / self.token_seconds)
+        spare = (self.stall - 1) * self.decode_seconds - self.fixed_seconds
+        return max(0, int(spare / self.token_seconds))
 
 
 @dataclass

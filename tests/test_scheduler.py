@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trickle.generation.params import SamplingParams
-from trickle.generation.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from trickle.generation.scheduler import PrefillPacing, ScheduledBatch, Scheduler, SchedulerConfig
 from trickle.generation.sequence import Sequence, Status
 
 
@@ -120,6 +120,29 @@ def test_pacing_follows_the_measured_times_as_a_moving_average() -> None:
     for _ in range(40):  # the decode part grows to 12 ms: the budget follows
         pacing.observe(8, 0.012, 0, 0.0)
     assert abs(pacing.budget() - 768) <= 1  # (3 - 1) x 12 ms / 31.25 us, reached from below
+
+
+def test_pacing_fits_a_prefills_fixed_part_apart_from_its_part_per_token() -> None:
+    """Prefills of 128 tokens in 6.2 ms and of 1,024 in 27.704 ms: 24 us a token beyond a fixed 3.128 ms
+    (the weights read once a forward). With 8 ms decode parts and a stall of 2.5 a step may prefill
+    (1.5 x 8 - 3.128) / 0.024 = 369 tokens: two newcomers of 128 plus. Charging the fixed part to each
+    token (6.2 ms / 128) would allow 247, one newcomer, and pay the fixed part every step."""
+    pacing = PrefillPacing(2.5)
+    pacing.observe(64, 0.008, 128, 0.0062)
+    assert pacing.budget() == int(1.5 * 0.008 / (0.0062 / 128))  # one size: all of it per token
+    pacing.observe(0, 0.0, 1024, 0.027704)
+    assert abs(pacing.fixed_seconds - 0.003128) < 1e-9 and abs(pacing.token_seconds - 0.000024) < 1e-12
+    assert pacing.budget() == 369
+    pacing.observe(0, 0.0, 1024, 0.031704)  # a size measured again: its moving average moves a quarter
+    assert abs(pacing.by_size[1024] - 0.028704) < 1e-9
+    # A line that does not rise (noise between two near sizes) falls back to all of it per token.
+    flat = PrefillPacing(2.5)
+    flat.observe(8, 0.008, 256, 0.008)
+    flat.observe(8, 0.008, 384, 0.007)
+    assert flat.fixed_seconds == 0.0 and flat.budget() == int(1.5 * 0.008 / (0.015 / 640))
+    for size in range(1, PrefillPacing.SIZES + 10):
+        flat.observe(0, 0.0, size, 0.001)
+    assert len(flat.by_size) == PrefillPacing.SIZES and 256 not in flat.by_size  # oldest forgotten
 
 
 def test_a_newcomer_whose_prefix_another_newcomer_writes_this_step_waits_and_finds_it_cached() -> None:
