@@ -140,6 +140,25 @@ async def test_json_objects_regular_expressions_and_grammars_and_a_free_row_besi
             assert re.fullmatch("(yes|no) because [a-z]{2,10}", text), text
 
 
+async def test_a_request_after_a_constrained_one_in_its_row_is_free_from_its_first_token(
+    random_llama: LoadedModel,
+) -> None:
+    """Prefills always apply the rows' masks (their graphs sample inside): a step without grammars
+    must find every row allowing everything, not the mask a constrained row left there (digits only)."""
+    engine = make_engine(random_llama)
+    await engine.start()
+    free = SamplingParams(temperature=0.0, max_new_tokens=8)
+    digits = SamplingParams(max_new_tokens=3, response_format={"type": "regex", "pattern": "[0-9]+"})
+    try:
+        (before,) = await texts(engine, "The baker", [free])
+        (shaped,) = await texts(engine, "The baker", [digits])
+        (after,) = await texts(engine, "The baker", [free])
+    finally:
+        await engine.stop()
+    assert re.fullmatch("[0-9]+", shaped[0]) and not before[0][:1].isdigit()
+    assert after == before
+
+
 def test_a_constrained_step_collects_the_step_before_once_its_own_forward_is_queued(
     random_llama: LoadedModel,
 ) -> None:

@@ -312,10 +312,11 @@ class GrammarMasks:
         self.bits = torch.full((rows, self.words), -1, dtype=torch.int32, device=device)
         self._shifts = torch.arange(32, dtype=torch.int32, device=device)
         self._executor = LLExecutor()
+        self._stale = False  # `bits` holds some row's grammar: a step without grammars resets it
 
     def load(self, rows: list[Sequence]) -> bool:
-        """Fill the masks of a step's rows (batch order); False, and nothing done, where none is
-        constrained."""
+        """Fill the masks of a step's rows (batch order); False where none is constrained, and every
+        row then allows every token (prefills always apply the masks: their graphs sample inside)."""
         # A row that has just ended (its matcher stopped) or whose matcher failed takes any token: its
         # token is not the request's, and one matcher must not fail a whole step.
         constrained = [
@@ -324,7 +325,8 @@ class GrammarMasks:
             if seq.matcher is not None and not seq.is_finished and not seq.matcher.is_error()
         ]
         if not constrained:
-            return False
+            return self.reset()
+        self._stale = True
         self._turn ^= 1
         if self._pinned:
             self._copied[self._turn].synchronize()  # the copy from this buffer two loads ago is done
@@ -336,6 +338,14 @@ class GrammarMasks:
         if self._pinned:
             self._copied[self._turn].record()
         return True
+
+    def reset(self) -> bool:
+        """Every row allows every token again (one fill on the device, only after a constrained step);
+        returns False: the step has no constrained row."""
+        if self._stale:
+            self.bits.fill_(-1)
+            self._stale = False
+        return False
 
     def allowed(self, rows: torch.Tensor) -> torch.Tensor:
         """[len(rows), vocab] bool: the tokens each of `rows` (batch rows, a device tensor) may take."""

@@ -264,7 +264,7 @@ class ModelRunner:
         decoding = self._decode_forward(batch.decode) if batch.decode else None
         if meanwhile is not None:
             meanwhile()
-        self._constrained = batch.constrained and self._grammar.load(batch.rows)
+        self._constrained = self._grammar.load(batch.rows) if batch.constrained else self._grammar.reset()
         tokens = [self._decode_sample(*decoding)] if decoding is not None else []
         self._clock.mark(marks, 1)
         prefill_tokens = 0
@@ -374,7 +374,7 @@ class ModelRunner:
             self._prefill_in.load(rows, n, width)
             return self._prefill_static(n, width, max(seq.num_tokens for seq in rows))
         shape = self._prefill_shape(n, width)
-        if not self.use_graphs or shape not in self._prefill_shapes or self._constrained:
+        if not self.use_graphs or shape not in self._prefill_shapes:
             self._prefill_in.load(rows, n, width)
             return self._prefill_static(n, width, paged=past)
         graph, tokens = self.graphs.get(Part.PREFIX if past else Part.PREFILL, *shape)
@@ -412,7 +412,7 @@ class ModelRunner:
         last = hidden[self._static.rows[:n], lengths - 1]
         self._prefill_hidden[:n].copy_(last)
         params = self._static.sampling_rows(rows)
-        return self._sample(self.head(last), params, rows, self.seen[rows], self.counts[rows])
+        return self._sample(self.head(last), params, rows, self.seen[rows], self.counts[rows], masked=True)
 
     def _sample(
         self,
@@ -422,11 +422,14 @@ class ModelRunner:
         seen: torch.Tensor,
         counts: torch.Tensor,
         mode: str = FULL,
+        masked: bool = False,
     ) -> torch.Tensor:
         """Sample `rows` (their `seen` and `counts`, as views or copies) and add each one's token to
-        its history. In a step with constrained rows, each row takes only what its grammar allows (such
-        a step's sampling runs eagerly, uncompiled: no graph or compiled variant for a rare mask)."""
-        if self._constrained:
+        its history. Each row takes only what its grammar allows: always where `masked` (a prefill: its
+        graphs sample inside, with the full sort's uncompiled sampler, and a row without a grammar
+        allows everything), else in a step with constrained rows (a decode step's sampling then runs
+        eagerly, uncompiled: no graph or compiled variant for a rare mask)."""
+        if masked or self._constrained:
             allowed = self._grammar.allowed(rows)
             tokens = sample_rows(logits, params, seen, counts, self.eos_mask, mode, allowed)
         else:
