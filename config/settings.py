@@ -58,11 +58,12 @@ class Settings(BaseSettings):
     context length (2048 where its config names none); a longer value is cut to the model's."""
     prefill_token_budget: int = Field(default=1024, ge=1)
     """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams."""
-    prefill_pacing: float = Field(default=2.5, ge=0.0)
+    prefill_pacing: float = Field(default=0.0, ge=0.0)
     """While requests stream, a step prefills only as many new prompts as keep it within this many
     times the time of a step that only streams (measured as the server runs), so streams stay smooth
-    while newcomers arrive; the first newcomer of a step always goes in. 0 turns it off: every step
-    prefills up to the prefill token budget."""
+    while newcomers arrive; the first newcomer of a step always goes in. It costs throughput (each
+    prefill reads every weight once, so more, smaller prefills cost more): off (0) by default, every
+    step then prefills up to the prefill token budget."""
     kv_cache_tokens: int | None = Field(default=None, ge=16)
     """Positions the KV cache holds, all requests together. By default, on a GPU, what memory leaves
     after the weights and activations; on the CPU, max batch size x max sequence length, up to a quarter

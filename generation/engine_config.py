@@ -32,7 +32,7 @@ class EngineConfig:
     prefill_token_budget: int = 1024
     """Most prompt tokens prefilled in one step, padding to the longest newcomer included (the first
     admission of a step always goes through)."""
-    prefill_pacing: float = 2.5
+    prefill_pacing: float = 0.0
     """While rows decode, a step prefills only the tokens that keep it within this many times a
     decode-only step's time (as measured); 0: every step up to the prefill token budget."""
     kv_cache_tokens: int | None = None

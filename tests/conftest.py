@@ -111,7 +111,7 @@ def bias_head(engine: AsyncEngine, tokens: list[int], amount: float) -> None:
     engine.engine.runner.head = biased  # type: ignore[assignment]
 
 
-def make_engine(loaded: LoadedModel, **config: int) -> AsyncEngine:
+def make_engine(loaded: LoadedModel, **config: float) -> AsyncEngine:
     defaults = {"max_batch_size": 16, "max_seq_len": 512, "prefill_token_budget": 4096}
     return AsyncEngine(loaded.model, loaded.tokenizer, EngineConfig(**{**defaults, **config}))
 

@@ -153,7 +153,7 @@ def test_an_abort_frees_the_row_at_the_next_step(tiny: LoadedModel) -> None:
 def test_each_step_times_its_decode_and_prefill_parts_for_the_pacing(tiny: LoadedModel) -> None:
     """The scheduler's prefill pacing learns from the steps: the decode part's time, and the prefill
     part's time over the tokens it ran as (the runner's padded size of the newcomers)."""
-    engine = make_engine(tiny).engine  # driven by hand, without its thread
+    engine = make_engine(tiny, prefill_pacing=2.5).engine  # driven by hand, without its thread
     engine.report = lambda report: None
     collected: list[Launched] = []
     collect = engine.runner.collect
