@@ -15,8 +15,10 @@ import torch
 
 from tests.conftest import bias_head, make_engine
 from tests.families import build
-from trickle.generation import AsyncEngine, LoadedModel, SamplingParams
+from trickle.generation import AsyncEngine, LoadedModel, SamplingParams, structured
 from trickle.generation.messages import AddRequest
+from trickle.generation.params import ResponseFormat
+from trickle.generation.structured import Grammars
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -190,3 +192,24 @@ def test_a_constrained_step_collects_the_step_before_once_its_own_forward_is_que
     assert seen == ["forward", "collect", "sample"] * 3
     engine.flush()
     assert engine.scheduler.running[0].matcher.is_error() is False
+
+
+def test_a_formats_matcher_is_compiled_once_and_each_request_gets_its_own_copy(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grammars = Grammars(tiny.tokenizer)
+    compiled: list[ResponseFormat] = []
+    real = structured.grammar_of
+
+    def counting(spec: ResponseFormat) -> str:  # what each compile starts with
+        compiled.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(structured, "grammar_of", counting)
+    digits = ResponseFormat(type="regex", pattern="[0-9]+")
+    first, second = grammars.matcher(digits), grammars.matcher(digits)
+    grammars.matcher(ResponseFormat(type="regex", pattern="[a-z]+"))
+    assert len(compiled) == 2  # one compile a format, not one a request
+    one = tiny.tokenizer.convert_tokens_to_ids("1")
+    assert first.consume_token(one) and first.is_accepting()
+    assert not second.is_accepting()  # the copies do not share their state
