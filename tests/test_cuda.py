@@ -4,7 +4,9 @@ kernels."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from tests.conftest import make_engine
 from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
 from tests.test_families import assert_exact, reads_in_place
-from trickle.generation import LoadedModel, load_model
+from tests.test_structured import texts
+from trickle.generation import LoadedModel, SamplingParams, load_model
 from trickle.generation.kv.attention import (
     DecodeTables,
     PrefillTables,
@@ -66,6 +69,41 @@ async def test_every_family_is_exact_with_cuda_graphs(family: str, tiny: LoadedM
     assert runner.use_graphs == (family not in UNCAPTURED)
     assert bool(runner.compiled.layers) == (paged and runner.use_graphs)
     assert (Part.PREFIX in runner.graphs) == (paged and runner.use_graphs)
+
+
+@pytest.mark.timeout(600)
+async def test_rows_that_follow_grammars_sample_through_the_masked_graphs(tiny: LoadedModel) -> None:
+    """Constrained rows beside a free one, captured: each constrained text is in its language, the free
+    row writes what it writes alone, and the masked sampling ran from its graphs (not eagerly)."""
+    model = build("llama", len(tiny.tokenizer), tiny.tokenizer.eos_token_id).cuda()
+    loaded = LoadedModel(model, tiny.tokenizer, "random-llama", torch.device("cuda"), torch.float32)
+    engine = make_engine(loaded, max_batch_size=16, kv_cache_tokens=16 * 512)
+    runner = engine.engine.runner
+    replayed: list[Part] = []
+    get = runner.graphs.get
+
+    def recording(part: Part, *shape: int) -> Any:
+        replayed.append(part)
+        return get(part, *shape)
+
+    await engine.start()
+    runner.graphs.get = recording  # type: ignore[method-assign]
+    free = SamplingParams(temperature=1.0, seed=7, max_new_tokens=40)
+    pattern = "[a-z]{3}-[0-9]{2,4}"
+    shaped = SamplingParams(
+        temperature=1.0, max_new_tokens=40, response_format={"type": "regex", "pattern": pattern}
+    )
+    try:
+        (alone,) = await texts(engine, "The baker", [free])
+        mixed = await texts(
+            engine, "The baker", [shaped.model_copy(update={"seed": s}) for s in range(6)] + [free]
+        )
+    finally:
+        await engine.stop()
+    *constrained, beside = mixed
+    assert beside == alone
+    assert all(re.fullmatch(pattern, text) and finish == "eos" for text, finish in constrained)
+    assert Part.MASKED in replayed and runner.use_graphs
 
 
 @pytest.mark.parametrize("rows", [5, 200], ids=["split keys", "one program a row"])

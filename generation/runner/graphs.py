@@ -35,11 +35,14 @@ def buckets_up_to(buckets: tuple[int, ...], cap: int) -> list[int]:
 
 class Part(enum.Enum):
     """The parts of a step captured apart: their shapes are (batch, KV length), (batch, sampling mode
-    index) and (rows, width), for a prefill from position 0 and one past cached positions (`PREFIX`:
-    where the model's attention takes the paged kernels, which read each row's blocks in place)."""
+    index) for a decode's sampling without and with the rows' grammar masks (`MASKED`: a step where
+    rows follow grammars), and (rows, width), for a prefill from position 0 and one past cached
+    positions (`PREFIX`: where the model's attention takes the paged kernels, which read each row's
+    blocks in place)."""
 
     DECODE = "decode"
     SAMPLE = "sample"
+    MASKED = "masked sample"
     PREFILL = "prefill"
     PREFIX = "prefix"
 

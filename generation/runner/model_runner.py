@@ -425,10 +425,10 @@ class ModelRunner:
         masked: bool = False,
     ) -> torch.Tensor:
         """Sample `rows` (their `seen` and `counts`, as views or copies) and add each one's token to
-        its history. Each row takes only what its grammar allows: always where `masked` (a prefill: its
-        graphs sample inside, with the full sort's uncompiled sampler, and a row without a grammar
-        allows everything), else in a step with constrained rows (a decode step's sampling then runs
-        eagerly, uncompiled: no graph or compiled variant for a rare mask)."""
+        its history. Each row takes only what its grammar allows where `masked` (a prefill, whose graphs
+        sample inside, or a decode step with constrained rows, `Part.MASKED`; a row without a grammar
+        allows everything), or uncaptured in a step with constrained rows. Masked sampling runs the
+        uncompiled sampler (no compiled variant for a rare mask); captured, that costs no host time."""
         if masked or self._constrained:
             allowed = self._grammar.allowed(rows)
             tokens = sample_rows(logits, params, seen, counts, self.eos_mask, mode, allowed)
@@ -461,10 +461,10 @@ class ModelRunner:
 
     def _decode_sample(self, n: int, batch: int, mode: int) -> torch.Tensor:
         """Sample the decoded rows; returns their new tokens, [n]. A step with rows that follow grammars
-        samples eagerly (the masks have no graph)."""
-        if not self.use_graphs or self._constrained:
+        applies their masks."""
+        if not self.use_graphs:
             return self._sample_decoded(n, mode)
-        graph, tokens = self.graphs.get(Part.SAMPLE, batch, mode)
+        graph, tokens = self.graphs.get(Part.MASKED if self._constrained else Part.SAMPLE, batch, mode)
         graph.replay()
         return tokens[:n]
 
@@ -484,13 +484,14 @@ class ModelRunner:
         hidden.copy_(self._decode_hidden(batch, kv_len))
         return hidden
 
-    def _sample_decoded(self, batch: int, mode: int) -> torch.Tensor:
-        """Sample rows 0..batch-1 from the decode forward's hidden states (`mode` indexes MODES)."""
+    def _sample_decoded(self, batch: int, mode: int, masked: bool = False) -> torch.Tensor:
+        """Sample rows 0..batch-1 from the decode forward's hidden states (`mode` indexes MODES), with
+        their grammars' masks where `masked`."""
         static = self._static
         logits = self.head(self._hidden[:batch])
         params = static.sampling(0, batch)
         seen, counts = self.seen[:batch], self.counts[:batch]
-        return self._sample(logits, params, static.rows[:batch], seen, counts, MODES[mode])
+        return self._sample(logits, params, static.rows[:batch], seen, counts, MODES[mode], masked)
 
     def _decode_hidden(self, batch: int, kv_len: int) -> torch.Tensor:
         # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
@@ -510,8 +511,8 @@ class ModelRunner:
         (past the live rows) read and write the null block: their table rows are empty."""
         if part is Part.DECODE:
             return self._decode_static(*shape)
-        if part is Part.SAMPLE:
-            return self._sample_decoded(*shape)
+        if part is Part.SAMPLE or part is Part.MASKED:
+            return self._sample_decoded(*shape, masked=part is Part.MASKED)
         rows, width = shape
         return self._prefill_static(rows, width, paged=part is Part.PREFIX)
 
@@ -614,6 +615,7 @@ class ModelRunner:
         for mode in range(len(MODES)):
             for batch in batches:
                 self.graphs.get(Part.SAMPLE, batch, mode)
+                self.graphs.get(Part.MASKED, batch, mode)
         for shape in self._prefill_shapes:
             self.graphs.get(Part.PREFILL, *shape)
             if self.kernel_reads:
