@@ -1,4 +1,5 @@
-"""Prometheus metrics of the engine, named after vLLM's under this project's prefix (`trickle:`)."""
+"""Prometheus metrics of the engine, named after vLLM's under this project's prefix (`trickle:`), and the
+few that load-aware gateways read under vLLM's own names (`GATEWAY_NAMES`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import bisect
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from trickle.generation.messages import StepReport, TokenOutput
@@ -49,6 +50,30 @@ class WeightedHistogram(Collector):
             cumulative += count
             buckets.append((bound, cumulative))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+
+# What the Gateway API Inference Extension's endpoint picker (and the vLLM Router, llm-d, the SGLang Model
+# Gateway's vLLM mode) read to route by load, as vLLM names them: queued requests and KV-cache use (both
+# the name vLLM uses now and the one it used before 0.10), and running requests. Ours: theirs.
+GATEWAY_NAMES = {
+    "num_requests_waiting": ("vllm:num_requests_waiting",),
+    "num_requests_running": ("vllm:num_requests_running",),
+    "kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+}
+
+
+class GatewayNames(Collector):
+    """The gauges of `GATEWAY_NAMES` again under the gateways' names, read from the same gauges when
+    scraped (one value, two names)."""
+
+    def __init__(self, gauges: dict[str, Gauge]) -> None:
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for ours, gauge in self.gauges.items():
+            value = next(iter(gauge.collect())).samples[0].value
+            for name in GATEWAY_NAMES[ours]:
+                yield GaugeMetricFamily(name, f"{PREFIX}{ours}, as load-aware gateways read it.", value=value)
 
 
 class EngineMetrics:
@@ -102,6 +127,8 @@ class EngineMetrics:
         self.kv_usage = Gauge(
             f"{PREFIX}kv_cache_usage_perc", "Share of KV cache token capacity in use (0-1).", registry=r
         )
+        gauges = {"num_requests_waiting": self.waiting, "num_requests_running": self.running}
+        r.register(GatewayNames({**gauges, "kv_cache_usage_perc": self.kv_usage}))
         self.prefix_queries = Counter(
             f"{PREFIX}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
         )

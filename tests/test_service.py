@@ -129,6 +129,38 @@ async def test_metrics_move_with_the_requests_sent(
     assert "request_id" not in text
 
 
+async def test_the_gateway_protocols_metric_names_move_with_the_load(
+    aiohttp_client: ClientFactory, tiny: LoadedModel, settings: Settings
+) -> None:
+    """Load-aware gateways (the Inference Extension's endpoint picker) read queued requests and KV-cache
+    use under vLLM's names: the same values as ours, scraped while two streams run and a third waits
+    (two rows), then after all three have ended."""
+    client = await aiohttp_client(create_app(settings, make_engine(tiny, max_batch_size=2)))
+    body = {"prompt": "The baker", "max_new_tokens": 60, "min_new_tokens": 60}
+    streams = [await client.post("/stream", json=body) for _ in range(3)]
+
+    async def scrape() -> dict[str, float]:
+        text = await (await client.get("/metrics")).text()
+        names = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"]
+        values = {name: metric(text, f"trickle:{name}") for name in names}
+        assert metric(text, "vllm:num_requests_running") == values["num_requests_running"]
+        assert metric(text, "vllm:num_requests_waiting") == values["num_requests_waiting"]
+        for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+            assert metric(text, name) == values["kv_cache_usage_perc"]
+        return values
+
+    for stream in streams[:2]:
+        await stream.content.readuntil(b"\n\n")  # its first event: it runs
+    loaded = await scrape()
+    assert loaded["num_requests_running"] == 2 and loaded["num_requests_waiting"] == 1
+    assert loaded["kv_cache_usage_perc"] > 0
+    for stream in streams:
+        await stream.read()
+    idle = await scrape()
+    assert idle["num_requests_running"] == 0 and idle["num_requests_waiting"] == 0
+    assert idle["kv_cache_usage_perc"] < loaded["kv_cache_usage_perc"]
+
+
 # ---------------------------------------------------------------- sd_notify
 
 
