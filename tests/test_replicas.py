@@ -170,3 +170,41 @@ async def test_a_killed_replica_fails_only_its_streams_and_new_requests_succeed(
     exited = served.wait_for("replica exited")
     assert exited["pid"] == victim_pid and exited["code"] == -signal.SIGKILL
     served.wait_for("replica started")  # and the script starts it again
+
+
+def test_data_parallel_starts_one_replica_per_visible_gpu_each_seeing_only_its_own() -> None:
+    """CUDA_VISIBLE_DEVICES=3,5: two replicas, with 3 and 5 (the demo model runs on the CPU either way);
+    no visible GPU, or a replica count that is not one a GPU, is refused before anything starts."""
+    nginx_or_skip()
+    command = [sys.executable, str(SCRIPT), "--data-parallel", "--port", str(free_port())]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}
+    server_flags = ["--", "--model", "demo", "--workers", "0"]
+    with subprocess.Popen(
+        command + server_flags, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    ) as process:
+        assert process.stdout is not None
+        try:
+            started = []
+            for line in process.stdout:
+                event = json.loads(line)
+                started += [event] if event["event"] == "replica started" else []
+                if event["event"] == "serving":
+                    break
+            assert [event["gpu"] for event in started] == ["3", "5"]
+            for event in started:
+                environ = Path(f"/proc/{event['pid']}/environ").read_bytes().split(b"\0")
+                assert f"CUDA_VISIBLE_DEVICES={event['gpu']}".encode() in environ
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    for variables, extra in (({"CUDA_VISIBLE_DEVICES": ""}, []), ({}, ["--replicas", "3"])):
+        refused = subprocess.run(
+            command + extra + server_flags,
+            env={**env, **variables},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert refused.returncode == 2 and "--data-parallel" in refused.stderr, refused.stderr
