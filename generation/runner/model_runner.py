@@ -512,7 +512,8 @@ class ModelRunner:
         if part is Part.DECODE:
             return self._decode_static(*shape)
         if part is Part.SAMPLE or part is Part.MASKED:
-            return self._sample_decoded(*shape, masked=part is Part.MASKED)
+            batch, mode = shape
+            return self._sample_decoded(batch, mode, masked=part is Part.MASKED)
         rows, width = shape
         return self._prefill_static(rows, width, paged=part is Part.PREFIX)
 
