@@ -52,9 +52,9 @@ class WeightedHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
 
 
-# What the Gateway API Inference Extension's endpoint picker (and the vLLM Router, llm-d, the SGLang Model
-# Gateway's vLLM mode) read to route by load, as vLLM names them: queued requests and KV-cache use (both
-# the name vLLM uses now and the one it used before 0.10), and running requests. Ours: theirs.
+# What the Gateway API Inference Extension's endpoint picker (llm-d's among them) reads to route by load,
+# as vLLM names it: queued requests and KV-cache use (the name vLLM uses now and the one it used before
+# 0.10), and running requests. Ours: theirs.
 GATEWAY_NAMES = {
     "num_requests_waiting": ("vllm:num_requests_waiting",),
     "num_requests_running": ("vllm:num_requests_running",),

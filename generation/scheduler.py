@@ -61,6 +61,8 @@ class PrefillPacing:
     def observe(
         self, decode_rows: int, decode_seconds: float, prefill_tokens: int, prefill_seconds: float
     ) -> None:
+        if not self.stall:  # off: nothing to learn
+            return
         if decode_rows and decode_seconds > 0:
             self.decode_seconds = self._average(self.decode_seconds, decode_seconds)
         if prefill_tokens and prefill_seconds > 0:
