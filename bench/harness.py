@@ -225,7 +225,29 @@ def features(args: argparse.Namespace) -> dict[str, Any]:
         extra["logprobs"] = args.logprobs
     if args.response_format == "json_object":
         extra["response_format"] = {"type": "json_object"}
+    elif args.response_format == "json_schema":
+        extra["response_format"] = {"type": "json_schema", "schema": BENCH_SCHEMA}
     return extra
+
+
+# An extraction-shaped schema: nested objects, an array, an enum, required fields, free text.
+BENCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "kind": {"enum": ["report", "letter", "story"]},
+        "people": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                "required": ["name"],
+            },
+        },
+        "summary": {"type": "string"},
+    },
+    "required": ["title", "kind", "people", "summary"],
+}
 
 
 async def bench_server(args: argparse.Namespace) -> list[Result]:
@@ -718,7 +740,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--response-format",
-        choices=("none", "json_object"),
+        choices=("none", "json_object", "json_schema"),
         default="none",
         help="a grammar on every request",
     )
