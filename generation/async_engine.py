@@ -7,7 +7,6 @@ import asyncio
 import collections
 import contextlib
 import math
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -129,20 +128,9 @@ class EngineCore:
         """Run the model once (ModelRunError if it cannot run), capture the decode graphs (on a GPU), then
         start the engine thread."""
         await asyncio.to_thread(self.engine.runner.warm_up)
-        # llguidance's view of the tokenizer (a second or so for a large vocabulary), made while the
-        # server starts serving, so the first constrained request does not wait for it on the engine
-        # thread (it would, holding the lock, if it came first).
-        threading.Thread(target=self._prepare_grammars, name="trickle-grammars", daemon=True).start()
+        self.grammars.prepare_in_background()
         self._loop = asyncio.get_running_loop()
         self.engine.start()
-
-    def _prepare_grammars(self) -> None:
-        try:
-            self.grammars.tokenizer  # noqa: B018 (made on first use)
-        except Exception as err:  # requests with a response format will be refused, saying why
-            log.warning(
-                "structured output unavailable: llguidance cannot read the tokenizer", error=str(err)[:200]
-            )
 
     async def metrics_text(self) -> bytes:
         """The engine's metrics, in Prometheus' text format."""

@@ -173,6 +173,7 @@ class RemoteEngine:
     def __init__(self, link: Link, ready: Ready, state: State, questions: Questions) -> None:
         self.prompts = Prompts(ready.tokenizer, ready.max_seq_len)
         self.grammars = Grammars(ready.tokenizer)  # to check requests' response formats
+        self.grammars.prepare_in_background()
         self.request_timeout = ready.request_timeout
         self.capacity = ready.capacity
         self.state = state

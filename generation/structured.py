@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import llguidance
+import structlog
 from transformers import PreTrainedTokenizerFast
 
 from trickle.generation.params import ResponseFormat
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 FIELD = "response_format"
+log = structlog.get_logger(__name__)
 
 
 # JSON as `json.dumps` writes it (", " and ": " between items, no other whitespace): a model may not pad
@@ -74,6 +76,22 @@ class Grammars:
                     _serialized(backend), n_vocab=self.vocab_size, eos_token=eos
                 )
             return self._tokenizer
+
+    def prepare_in_background(self) -> threading.Thread:
+        """Make llguidance's view of the tokenizer now, on a thread of its own (a second or so for a large
+        vocabulary), so the first constrained request does not wait for it where it comes (on the engine
+        thread, every stream would)."""
+        thread = threading.Thread(target=self._prepare, name="trickle-grammars", daemon=True)
+        thread.start()
+        return thread
+
+    def _prepare(self) -> None:
+        try:
+            self.tokenizer  # noqa: B018 (made on first use)
+        except Exception as err:  # requests with a response format will be refused, saying why
+            log.warning(
+                "structured output unavailable: llguidance cannot read the tokenizer", error=str(err)[:200]
+            )
 
     def check(self, spec: ResponseFormat) -> None:
         """RequestError naming `response_format` when llguidance cannot follow it (a schema it cannot

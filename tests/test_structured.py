@@ -213,3 +213,11 @@ def test_a_formats_matcher_is_compiled_once_and_each_request_gets_its_own_copy(
     one = tiny.tokenizer.convert_tokens_to_ids("1")
     assert first.consume_token(one) and first.is_accepting()
     assert not second.is_accepting()  # the copies do not share their state
+
+
+def test_llguidances_view_of_the_tokenizer_is_made_in_the_background_once_prepared(tiny: LoadedModel) -> None:
+    """Engines and HTTP workers prepare it when they start: the first constrained request must not wait
+    a second for it (on the engine thread, every stream would)."""
+    grammars = Grammars(tiny.tokenizer)
+    grammars.prepare_in_background().join(timeout=60)
+    assert grammars._tokenizer is not None
