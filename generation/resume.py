@@ -9,8 +9,9 @@ same ids and text as the first reading. Nothing torch here.
 
 A request whose client went away is orphaned, not cancelled: it runs on, its tokens kept, for the grace
 period; then, if nobody came back, it is cancelled. A finished request is kept for the grace period from
-its end (or from its client leaving, whichever is later). At most `limit` requests are kept once
-finished or orphaned; past that the oldest go first.
+its end (or from its client leaving, whichever is later). At most `limit` requests, and `token_limit`
+tokens (prompts and outputs, as they were when the request ended or was left), are kept once finished or
+orphaned; past either, the oldest go first (an orphan among them is cancelled).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from trickle.generation.messages import AddRequest, TokenLogprobs, TokenOutput
 
 KEPT_LIMIT = 4096
+KEPT_TOKENS = 1 << 22  # ~150 MB at worst: a kept token is a Python int in a list
 
 
 def credential_of(key: str | None) -> str:
@@ -92,10 +94,18 @@ class Keeper:
     """The resumable requests of one engine: their tokens as steps come, their expiry. `abort` cancels
     a request in the engine (an orphan nobody came back for)."""
 
-    def __init__(self, grace: float, abort: Callable[[str], None], limit: int = KEPT_LIMIT) -> None:
-        self.grace, self.abort, self.limit = grace, abort, limit
+    def __init__(
+        self,
+        grace: float,
+        abort: Callable[[str], None],
+        limit: int = KEPT_LIMIT,
+        token_limit: int = KEPT_TOKENS,
+    ) -> None:
+        self.grace, self.abort, self.limit, self.token_limit = grace, abort, limit, token_limit
         self._kept: dict[str, Kept] = {}
         self._idle: OrderedDict[str, asyncio.TimerHandle] = OrderedDict()  # ended or orphaned: expiring
+        self._sizes: dict[str, int] = {}  # each idle request's tokens when it went idle
+        self.idle_tokens = 0
         self._orphaned: set[str] = set()  # running, with nobody reading them
 
     def __contains__(self, request_id: str) -> bool:
@@ -154,9 +164,7 @@ class Keeper:
         entry.attached = True
         self._orphaned.discard(request_id)
         if entry.end is None:  # running again with a reader: it no longer expires
-            timer = self._idle.pop(request_id, None)
-            if timer is not None:
-                timer.cancel()
+            self._unidle(request_id)
         return entry, ""
 
     def cancel(self, request_id: str, credential: str) -> bool:
@@ -171,17 +179,22 @@ class Keeper:
 
     def forget(self, request_id: str) -> None:
         self._orphaned.discard(request_id)
-        timer = self._idle.pop(request_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._unidle(request_id)
         self._kept.pop(request_id, None)
 
-    def _expire_later(self, request_id: str) -> None:
+    def _unidle(self, request_id: str) -> None:
         timer = self._idle.pop(request_id, None)
         if timer is not None:
             timer.cancel()
+        self.idle_tokens -= self._sizes.pop(request_id, 0)
+
+    def _expire_later(self, request_id: str) -> None:
+        self._unidle(request_id)
         self._idle[request_id] = asyncio.get_running_loop().call_later(self.grace, self._expire, request_id)
-        while len(self._idle) > self.limit:
+        entry = self._kept[request_id]
+        self._sizes[request_id] = size = len(entry.add.prompt_ids) + len(entry.tokens)
+        self.idle_tokens += size
+        while len(self._idle) > self.limit or self.idle_tokens > self.token_limit:
             oldest = next(iter(self._idle))
             self._expire(oldest)
 

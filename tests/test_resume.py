@@ -214,3 +214,25 @@ async def test_the_keeper_counts_orphans_and_cancels_only_those_nobody_came_back
     await asyncio.sleep(0.2)  # past the grace period (a timer, as the server's)
     assert aborted == ["a"] and keeper.orphans == 0
     assert "a" not in keeper and "c" not in keeper and "b" in keeper  # b has its reader again
+
+
+async def test_the_keeper_holds_at_most_its_token_budget_the_oldest_going_first() -> None:
+    """Kept tokens (prompts and outputs) of finished or left requests are bounded, not only their
+    count: past the budget the oldest go, and an orphan among them is cancelled."""
+    aborted: list[str] = []
+    keeper = Keeper(60.0, aborted.append, token_limit=12)
+    params = SamplingParams(max_new_tokens=4)
+    for name in ("orphan", "b", "c"):
+        keeper.add(AddRequest(name, [1, 2], params, 0, 0.0), credential_of("key"))
+    keeper.record(["orphan", "b", "c"], [5, 6, 7], {})
+    keeper.detach("orphan")  # 2 + 1 tokens, still running
+    keeper.ended([TokenOutput("b", 8, finish_reason="length")])  # 2 + 2
+    assert keeper.idle_tokens == 7 and aborted == []
+    keeper.ended([TokenOutput("c", 9, finish_reason="length")])  # 2 + 2: 11, within 12
+    assert "orphan" in keeper and keeper.idle_tokens == 11
+    keeper.add(AddRequest("d", [1, 2, 3], params, 0, 0.0), credential_of("key"))
+    keeper.ended([TokenOutput("d", 4, finish_reason="length")])  # 3 + 1: 15, past 12
+    assert "orphan" not in keeper and aborted == ["orphan"]  # the oldest, cancelled
+    assert all(name in keeper for name in ("b", "c", "d")) and keeper.idle_tokens == 12
+    kept, _ = keeper.reattach("b", credential_of("key"))  # a finished one is replayed, stays idle
+    assert kept is not None and keeper.idle_tokens == 12
