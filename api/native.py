@@ -150,8 +150,6 @@ async def resume(request: web.Request) -> web.StreamResponse:
     if seen and not (seen.isascii() and seen.isdigit() and len(seen) < 10):
         raise ClientError(400, "Last-Event-ID: must be an event id this stream sent (a number)")
     outputs = await engine.reattach(stream_id, request.get(CREDENTIAL_KEY, ""))
-    if outputs == "busy":
-        raise ClientError(409, "this stream is being read by another connection")
     if isinstance(outputs, str):
         message = (
             f"no stream {stream_id[:64]!r} to resume: it never was, or it ended or was left more than "
@@ -237,10 +235,13 @@ def _stream_responses(ref: Refs) -> dict[str, Any]:
 
 def _resume_responses(ref: Refs) -> dict[str, Any]:
     events = sse(["message", "error", "end"], "As POST /stream's, with the same ids.")
-    text = "The stream's events after Last-Event-ID (every one without it), then the live ones."
+    text = (
+        "The stream's events after Last-Event-ID (every one without it), then the live ones. A connection "
+        "that still read it ends with an `error` event and no `end`: the newest reading takes it over."
+    )
     return {
         "200": {"description": text, "content": {"text/event-stream": events}},
-        **errors((400, 401, 404, 409, 503), ref(NativeError)),
+        **errors((400, 401, 404, 503), ref(NativeError)),
     }
 
 

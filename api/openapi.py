@@ -20,7 +20,6 @@ ERROR_TEXT = {
     404: "No such model (under /v1/), or no such stream to resume (it ended or was left too long ago).",
     408: "The body did not arrive within the server's read timeout.",
     413: "The body is larger than the server's limit.",
-    409: "The stream is being read by another connection.",
     415: "The body is not application/json.",
     422: "A field is invalid; the error names it.",
     500: "The generation failed.",

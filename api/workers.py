@@ -45,7 +45,7 @@ from trickle.generation.remote import (
     WorkerLink,
     socket_pair,
 )
-from trickle.generation.resume import Cancelled, Reattached
+from trickle.generation.resume import Cancelled, Evict, Reattached
 
 if TYPE_CHECKING:
     from trickle.generation.host import EngineHost
@@ -316,6 +316,9 @@ async def _serve_worker(link_socket: socket.socket) -> None:
             elif isinstance(message, Reattached):
                 if engine is not None:
                     engine.reattached(message)
+            elif isinstance(message, Evict):
+                if engine is not None:
+                    engine.streams.evict(message.request_id, message.reader)
             elif isinstance(message, Shutdown):
                 break
     except EOFError:

@@ -236,7 +236,7 @@ class AsyncEngine(EngineCore):
 
     def _send(self, message: AddRequest | AbortRequest | Detach) -> None:
         if isinstance(message, Detach):
-            self.keeper.detach(message.request_id)
+            self.keeper.detach(message.request_id, message.reader)
             return
         if isinstance(message, AddRequest) and message.resumable:
             self.keeper.add(message, message.credential)
@@ -253,8 +253,8 @@ class AsyncEngine(EngineCore):
         self.streams.feed(report.outputs)
 
     async def reattach(self, request_id: str, credential: str) -> RequestStream | str:
-        """A kept request's stream from its first event (its client came back), or why not: `missing`
-        or `busy` (generation/resume.py)."""
+        """A kept request's stream from its first event (its client came back; a reading of it still
+        here ends), or why not: `missing` (generation/resume.py)."""
         kept, refusal = self.keeper.reattach(request_id, credential)
         return refusal if kept is None else self.streams.replay(kept)
 

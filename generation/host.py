@@ -13,7 +13,7 @@ from trickle.generation.async_engine import EngineCore
 from trickle.generation.engine_config import EngineConfig
 from trickle.generation.messages import AbortRequest, AddRequest, StepReport
 from trickle.generation.remote import Ready, State, Step, WorkerLink
-from trickle.generation.resume import Cancel, Cancelled, Detach, Keeper, Reattach, Reattached
+from trickle.generation.resume import Cancel, Cancelled, Detach, Evict, Keeper, Reattach, Reattached
 
 log = structlog.get_logger("generation.remote")
 
@@ -83,8 +83,12 @@ class EngineHost(EngineCore):
             )
             return
         if isinstance(message, Detach):  # its client went away: kept, read by nobody, for a while
-            self._owner.pop(message.request_id, None)
-            self.keeper.detach(message.request_id)
+            applied = self.keeper.detach(message.request_id, message.reader)
+            # A reading another connection has taken over leaves nothing to undo.
+            if (applied or message.request_id not in self.keeper) and self._owner.get(
+                message.request_id
+            ) is worker:
+                del self._owner[message.request_id]
             return
         if isinstance(message, AddRequest):
             self._owner[message.request_id] = worker
@@ -96,6 +100,12 @@ class EngineHost(EngineCore):
 
     def _reattach(self, worker: WorkerLink, message: Reattach) -> None:
         kept, refusal = self.keeper.reattach(message.request_id, message.credential)
+        if refusal == "taken":  # the reading it takes over ends there (with an error, no end)
+            assert kept is not None
+            earlier = self._owner.get(message.request_id)
+            if earlier is not None:
+                earlier.link.send(Evict(message.request_id, kept.reader - 1))
+            refusal = ""
         if kept is not None and kept.end is None:
             self._owner[message.request_id] = worker  # its next tokens go to the worker that reads it
         # Before any later step frame on this link: the worker tracks the stream before its tokens come.

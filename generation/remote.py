@@ -219,7 +219,7 @@ class RemoteEngine:
 
     async def reattach(self, request_id: str, credential: str) -> RequestStream | str:
         """A kept request's stream from its first event, from the engine's process (any worker may serve
-        a client that comes back), or why not: `missing` or `busy`."""
+        a client that comes back), or why not: `missing`."""
         answer: RequestStream | str = await self.questions.ask(
             lambda number: Reattach(number, request_id, credential)
         )

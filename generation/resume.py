@@ -36,9 +36,19 @@ def credential_of(key: str | None) -> str:
 @dataclass(frozen=True)
 class Detach:
     """Streams -> engine side: the client of a resumable request went away; keep it running for the
-    grace period."""
+    grace period. `reader` numbers the reading that left (a later reader's takes precedence)."""
 
     request_id: str
+    reader: int = 0
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Host -> worker: another connection reads this request now; end the `reader`th reading (without an
+    end: the request goes on there)."""
+
+    request_id: str
+    reader: int
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class Reattach:
 @dataclass(frozen=True)
 class Reattached:
     """Host -> worker: the kept request (its tokens so far; the live ones follow as steps come), or why
-    not: `missing` (no such stream, expired, or not this client's) or `busy` (another client reads it)."""
+    not: `missing` (no such stream, expired, or not this client's)."""
 
     query: int
     kept: Kept | None
@@ -88,6 +98,9 @@ class Kept:
     end: TokenOutput | None = None
     attached: bool = True
     """A client reads it now."""
+    reader: int = 0
+    """The number of the reading that follows it live: each reattach of a running request takes it over
+    with the next number."""
 
 
 class Keeper:
@@ -144,28 +157,32 @@ class Keeper:
             self._orphaned.discard(output.request_id)
             self._expire_later(output.request_id)
 
-    def detach(self, request_id: str) -> None:
+    def detach(self, request_id: str, reader: int = 0) -> bool:
+        """The `reader`th reading left; False (nothing done) where a later reading has taken over."""
         entry = self._kept.get(request_id)
-        if entry is not None:
-            entry.attached = False
-            if entry.end is None:
-                self._orphaned.add(request_id)
-            self._expire_later(request_id)
+        if entry is None or reader != entry.reader:
+            return False
+        entry.attached = False
+        if entry.end is None:
+            self._orphaned.add(request_id)
+        self._expire_later(request_id)
+        return True
 
     def reattach(self, request_id: str, credential: str) -> tuple[Kept | None, str]:
-        """The kept request for its client to read again, or (None, why not)."""
+        """The kept request for its client to read again, or (None, why not). A running one is taken
+        over: its reader number goes up, and `taken` says another connection still read it (it must be
+        evicted: the client came back before the server saw its old connection go, or reads it twice)."""
         entry = self._kept.get(request_id)
         if entry is None or entry.credential != credential:
             return None, "missing"
         if entry.end is not None:  # finished: only ever replayed, by as many readers as come
             return entry, ""
-        if entry.attached:
-            return None, "busy"
+        taken = "taken" if entry.attached else ""
+        entry.reader += 1
         entry.attached = True
         self._orphaned.discard(request_id)
-        if entry.end is None:  # running again with a reader: it no longer expires
-            self._unidle(request_id)
-        return entry, ""
+        self._unidle(request_id)  # running again with a reader: it no longer expires
+        return entry, taken
 
     def cancel(self, request_id: str, credential: str) -> bool:
         """Cancel a kept request now (its reader, if it has one, gets its `cancelled` end); whether there

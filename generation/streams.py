@@ -42,6 +42,8 @@ class _Live:
     output (they go with the next one)."""
     resumable: bool = False
     """A reader that leaves early detaches it (it runs on, kept) rather than cancelling it."""
+    reader: int = 0
+    """Which reading of the request this is (a resumed one takes over from the one before)."""
 
 
 def new_request(
@@ -61,13 +63,19 @@ def new_request(
     )
 
 
+# Put in an evicted reading's queue after its error: it ends there, without an end (the request goes on,
+# read by another connection).
+_EVICTED = RequestOutput("", "")
+EVICTED_MESSAGE = "another connection reads this stream now (it resumed it)"
+
+
 class RequestStream:
     """One request's outputs, in order. Closing it before the end cancels the request; reading the
     final output releases it. `request_id` is the engine's key for it, made where it was admitted."""
 
-    def __init__(self, streams: Streams, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+    def __init__(self, streams: Streams, request_id: str, live: _Live) -> None:
         self.request_id = request_id
-        self._streams, self._queue = streams, queue
+        self._streams, self._live = streams, live
         self._finished = False
 
     def __aiter__(self) -> RequestStream:
@@ -76,14 +84,17 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._finished:
             raise StopAsyncIteration
-        output = await self._queue.get()
+        output = await self._live.queue.get()
+        if output is _EVICTED:
+            self._finished = True
+            raise StopAsyncIteration
         if output.finished:
             self._finished = True
-            self._streams.release(self.request_id, finished=True)
+            self._streams.release(self.request_id, finished=True, live=self._live)
         return output
 
     async def aclose(self) -> None:
-        self._streams.release(self.request_id, finished=self._finished)
+        self._streams.release(self.request_id, finished=self._finished, live=self._live)
 
 
 class Streams:
@@ -106,18 +117,23 @@ class Streams:
         self._send(add)
         return stream
 
-    def _track(self, add: AddRequest) -> RequestStream:
+    def _track(self, add: AddRequest, reader: int = 0) -> RequestStream:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         detokenizer = IncrementalDetokenizer(self.tokenizer, add.prompt_ids, add.params.stop)
-        live = self._live[add.request_id] = _Live(detokenizer, queue, resumable=add.resumable)
+        live = _Live(detokenizer, queue, resumable=add.resumable, reader=reader)
+        self._live[add.request_id] = live
         if add.params.logprobs is not None:
             live.logprobs = []
-        return RequestStream(self, add.request_id, queue)
+        return RequestStream(self, add.request_id, live)
 
     def replay(self, kept: Kept) -> RequestStream:
         """A kept request read again from its first event: its outputs rebuilt from its tokens (the same
-        ones, in the same order, as its first reading), then its live ones as steps come."""
-        stream = self._track(kept.add)
+        ones, in the same order, as its first reading), then its live ones as steps come. A reading of
+        it here already is evicted first."""
+        earlier = self._live.get(kept.add.request_id)
+        if earlier is not None:
+            self.evict(kept.add.request_id, earlier.reader)
+        stream = self._track(kept.add, kept.reader)
         request_id, end = kept.add.request_id, kept.end
         going = kept.tokens[:-1] if end is not None and end.token is not None else kept.tokens
         entries = kept.logprobs if kept.add.params.logprobs is not None else []
@@ -128,13 +144,26 @@ class Streams:
             self.feed([end])
         return stream
 
-    def release(self, request_id: str, finished: bool) -> None:
-        """Forget a request; one its reader left before the end is aborted."""
-        live = self._live.pop(request_id, None)
-        if live is None:
+    def release(self, request_id: str, finished: bool, live: _Live | None = None) -> None:
+        """Forget a request (where `live`, only that reading of it); one its reader left before the end
+        is aborted, or detached where it is resumable."""
+        current = self._live.get(request_id)
+        if current is None or (live is not None and current is not live):
             return
+        del self._live[request_id]
         if not finished:
-            self._send(Detach(request_id) if live.resumable else AbortRequest(request_id))
+            self._send(Detach(request_id, current.reader) if current.resumable else AbortRequest(request_id))
+        self.on_release()
+
+    def evict(self, request_id: str, reader: int) -> None:
+        """End the `reader`th reading of a request with an error and no end: another connection reads it
+        now. Nothing is sent: the request goes on."""
+        live = self._live.get(request_id)
+        if live is None or live.reader != reader:
+            return
+        del self._live[request_id]
+        live.queue.put_nowait(RequestOutput(request_id, "", error=EVICTED_MESSAGE))
+        live.queue.put_nowait(_EVICTED)
         self.on_release()
 
     def end_all(self, finish_reason: str, error: str | None = None) -> None:
