@@ -1,6 +1,8 @@
 """Log-probabilities in each dialect's shape, from the engine's `TokenLogprobs`: the native events'
 entries, OpenAI chat's `logprobs.content` and OpenAI completions' legacy `logprobs` object. A token's
-text is what it decodes to on its own (`Prompts.token_text`), as other servers report it."""
+text is what it decodes to on its own (`Prompts.token_text`), as other servers report it; OpenAI chat's
+`bytes` are the bytes the token stands for (`Prompts.token_bytes`: a token that holds part of a character
+has those bytes, where its text is U+FFFD)."""
 
 from __future__ import annotations
 
@@ -57,19 +59,18 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
-def _top(text: str, logprob: float) -> dict[str, Any]:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+def _top(prompts: Prompts, token: int, logprob: float) -> dict[str, Any]:
+    return {"token": prompts.token_text(token), "logprob": logprob, "bytes": list(prompts.token_bytes(token))}
 
 
 def chat(prompts: Prompts, entries: list[TokenLogprobs]) -> ChatLogprobs:
-    text = prompts.token_text
     return ChatLogprobs.model_validate(
         {
             "content": [
                 {
-                    **_top(text(entry.token), entry.logprob),
+                    **_top(prompts, entry.token, entry.logprob),
                     "top_logprobs": [
-                        _top(text(token), logprob)
+                        _top(prompts, token, logprob)
                         for token, logprob in zip(entry.top_ids, entry.top_logprobs, strict=True)
                     ],
                 }

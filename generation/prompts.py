@@ -87,6 +87,48 @@ def chars_per_token(tokenizer: PreTrainedTokenizerFast) -> int | None:
     return longest * (NORMALIZER_FOLD if spec.get("normalizer") is not None else 1)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's characters for the 256 bytes (GPT-2's scheme): printable Latin-1 bytes stand for
+    themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars: dict[str, int] = {chr(byte): byte for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def _piece_reader(tokenizer: PreTrainedTokenizerFast) -> Callable[[str], bytes | None]:
+    """How a vocabulary piece becomes its bytes under this tokenizer's decoder; None where it cannot
+    tell (the token's text's UTF-8 serves then)."""
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    kinds = {part.get("type") for part in decoder.get("decoders", [decoder])}
+    if "ByteLevel" in kinds:
+        alphabet = _byte_level_alphabet()
+
+        def byte_level(piece: str) -> bytes | None:
+            if not all(char in alphabet for char in piece):
+                return None
+            return bytes(alphabet[char] for char in piece)
+
+        return byte_level
+    if "ByteFallback" in kinds:  # sentencepiece: <0xHH> pieces are bytes; "▁" is a space
+
+        def byte_fallback(piece: str) -> bytes | None:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode()
+
+        return byte_fallback
+    return lambda piece: None
+
+
 class Prompts:
     """Tokenizes request text for one engine. `off_loop` runs any of its methods on its worker threads;
     the rest may be called from any thread."""
@@ -97,6 +139,8 @@ class Prompts:
         self.chars_per_token = chars_per_token(tokenizer)
         self._pool = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="trickle-tokenize")
         self._token_texts: dict[int, str] = {}
+        self._token_bytes: dict[int, bytes] = {}
+        self._piece_bytes = _piece_reader(tokenizer)
 
     async def off_loop(self, work: Callable[..., Result], *args: Any) -> Result:
         """`work(*args)` on a tokenizer thread; the event loop goes on serving meanwhile."""
@@ -115,6 +159,18 @@ class Prompts:
                 [token], skip_special_tokens=False
             )
         return text
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, a part of a character's included (OpenAI's `bytes`): read
+        from its piece for byte-level BPE and byte-fallback vocabularies, else its text's UTF-8.
+        Remembered, as `token_text`."""
+        raw = self._token_bytes.get(token)
+        if raw is None:
+            piece = self.tokenizer.backend_tokenizer.id_to_token(token)
+            special = token in self.tokenizer.all_special_ids
+            read = None if piece is None or special else self._piece_bytes(piece)
+            raw = self._token_bytes[token] = read if read is not None else self.token_text(token).encode()
+        return raw
 
     def fewest_tokens(self, chars: int) -> int:
         """A lower bound on the token count of a text of `chars` characters (0 where none is known)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from trickle.generation import LoadedModel, Prompts, RequestError
@@ -81,3 +81,21 @@ def test_a_unicode_normalizer_widens_the_bound() -> None:
     metaspace.pre_tokenizer = pre_tokenizers.Metaspace()
     assert chars_per_token(wrapped(plain)) == len("<unk>")
     assert chars_per_token(wrapped(metaspace)) == len("<unk>") * NORMALIZER_FOLD
+
+
+def test_a_tokens_bytes_are_what_it_stands_for_parts_of_characters_included(tiny: LoadedModel) -> None:
+    """OpenAI's `bytes`: a token holding part of a character decodes alone to U+FFFD but has its bytes;
+    put together, a text's tokens' bytes are the text's UTF-8. Byte-level BPE (the tiny model's) and a
+    sentencepiece vocabulary with byte fallback."""
+    prompts = Prompts(tiny.tokenizer, 100)
+    text = " héllo 🎉 naïve"
+    ids = tiny.tokenizer.encode(text, add_special_tokens=False)
+    assert "\ufffd" in "".join(prompts.token_text(token) for token in ids)  # parts of characters
+    assert b"".join(prompts.token_bytes(token) for token in ids) == text.encode()
+    vocab = {"<unk>": 0, "<0xC3>": 1, "<0xA9>": 2, "\u2581h": 3}
+    pieces = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    pieces.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    fallback = Prompts(PreTrainedTokenizerFast(tokenizer_object=pieces, unk_token="<unk>"), 10)
+    assert [fallback.token_bytes(token) for token in (3, 1, 2)] == [b" h", b"\xc3", b"\xa9"]
