@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     """Most tokens one request may hold in the KV cache, prompt plus generated. By default the model's
     context length (2048 where its config names none); a longer value is cut to the model's."""
     prefill_token_budget: int = Field(default=1024, ge=1)
-    """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams."""
+    """Most prompt tokens prefilled in one engine step, so long prompts cannot stall running streams: a
+    longer prompt that comes while others stream is prefilled a chunk of this size a step (read back from
+    the prefix cache by the next; with --no-prefix-cache it goes whole)."""
     prefill_pacing: float = Field(default=0.0, ge=0.0)
     """While requests stream, a step prefills only as many new prompts as keep it within this many
     times the time of a step that only streams (measured as the server runs), so streams stay smooth

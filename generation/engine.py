@@ -189,7 +189,8 @@ class Engine:
             return None
         now = time.monotonic()
         for seq in batch.prefill:
-            seq.admitted_time = now
+            if seq.admitted_time is None or not seq.chunked:  # a chunked prompt: its first admission
+                seq.admitted_time = now
         done = False
 
         def once() -> None:
@@ -204,9 +205,14 @@ class Engine:
             once()  # the step in flight is collected all the same
             self._fail(batch.rows, err)
             return None
+        partial = []
         for index, seq in enumerate(batch.rows):
-            seq.launched += 1
             seq.row_index = index
+            if seq.is_partial:  # a chunk of its prompt: no token of its own yet
+                partial.append(index)
+            else:
+                seq.launched += 1
+        launched.partial = frozenset(partial)
         return launched
 
     def _collect(self, launched: Launched) -> None:
@@ -233,7 +239,7 @@ class Engine:
         # None unless a row asked for log-probabilities; read as numpy, a row at a time.
         table = None if launched.logprobs is None else launched.logprobs.numpy()
         for index, (seq, token) in enumerate(zip(launched.rows, tokens, strict=True)):
-            if seq.is_finished:  # cancelled, timed out or stopped while this step was in flight
+            if seq.is_finished or index in launched.partial:  # ended meanwhile, or a prompt's chunk
                 continue
             self._append(seq, token, now)
             if seq.matcher is not None:

@@ -30,8 +30,8 @@ class EngineConfig:
     max_seq_len: int = 2048
     """Most tokens one row holds: prompt plus generated."""
     prefill_token_budget: int = 1024
-    """Most prompt tokens prefilled in one step, padding to the longest newcomer included (the first
-    admission of a step always goes through)."""
+    """Most prompt tokens prefilled in one step, padding to the longest newcomer included. A longer
+    prompt goes a chunk a step while rows decode (with the prefix cache on), else whole."""
     prefill_pacing: float = 0.0
     """While rows decode, a step prefills only the tokens that keep it within this many times a
     decode-only step's time (as measured); 0: every step up to the prefill token budget."""

@@ -210,10 +210,18 @@ class Scheduler:
             self.pool.register(blocks, keys)
         self._fresh = []
         self.waiting = deque(seq for seq in self.waiting if not seq.is_finished)
+        # Rows whose last step prefilled a chunk of their prompt go back to the head of the queue, their
+        # chunks' blocks in the prefix cache: `_admit` takes them first and prefills the next chunk.
+        chunked = [seq for seq in self.running if seq.is_partial and not seq.is_finished]
+        for seq in reversed(chunked):
+            self._release(seq)
+            seq.status = Status.WAITING
+            self.waiting.appendleft(seq)
         leaving = [seq for seq in self.running if seq.is_finished or seq.fully_launched]
         for seq in leaving:
             self._release(seq)
-        live = [seq for seq in self.running if not (seq.is_finished or seq.fully_launched)]
+        live = [seq for seq in self.running if not (seq.is_finished or seq.fully_launched or seq.is_partial)]
+        leaving += chunked
         batch.preempted = self._grow(live)
         self._compact(live, leaving + batch.preempted, batch.moves)
         batch.decode = list(self.running)
@@ -266,8 +274,12 @@ class Scheduler:
         self._count(seq, -1)
         size = self.config.block_size
         # Once its launched steps run, a row's cache holds its prompt and every token fed since (each
-        # step feeds the token the one before made; the host knows them all, the newest one aside).
-        written = seq.num_prompt_tokens + seq.launched - 1 if seq.launched else 0
+        # step feeds the token the one before made; the host knows them all, the newest one aside); a
+        # row whose step prefilled a chunk, its prompt up to the chunk's end.
+        if seq.is_partial:
+            written = seq.prefill_end
+        else:
+            written = seq.num_prompt_tokens + seq.launched - 1 if seq.launched else 0
         full = 0 if seq.status is Status.ERROR else written // size
         seq.block_keys = block_keys(seq.tokens[: full * size], size, seq.block_keys[:full])
         self.pool.register(seq.blocks[:full], seq.block_keys)
@@ -320,11 +332,20 @@ class Scheduler:
                 self.pool.release(found)
                 break
             cached = len(found) * size
-            width = max(longest, len(tokens) - cached)
-            needed = self._blocks_for(len(tokens)) - len(found)
+            # A prompt longer than the budget, coming while rows decode, is prefilled a chunk a step
+            # (whole blocks; each chunk's blocks are found in the prefix cache by the next), so no step
+            # holds the decoding rows back for all of it.
+            end = 0
+            if not admitted and self.running and self.config.prefix_caching:
+                chunk = max(size, token_budget // size * size)
+                if cached + chunk < len(tokens):
+                    end = cached + chunk
+            upto = end or len(tokens)
+            width = max(longest, upto - cached)
+            needed = self._blocks_for(upto) - len(found)
             # Room for running rows to grow into: a block each, up to 1% of the pool.
             reserve = min(len(self.running), self.pool.num_usable // 100)
-            reads = max(longest_read, len(tokens))
+            reads = max(longest_read, upto)
             fits_budget = not admitted or (
                 prefill_size(len(admitted) + 1, width) <= token_budget
                 and (read_budget is None or (len(admitted) + 1) * reads <= read_budget)
@@ -336,15 +357,18 @@ class Scheduler:
             self._admissions += 1
             seq.admission = self._admissions
             seq.blocks = found + self.pool.allocate(needed)
-            full = len(tokens) // size
+            full = upto // size
             self._fresh.append((seq, seq.blocks[:full], seq.block_keys[:full]))
             if self.config.prefix_caching:
                 writing.update(seq.block_keys[len(found) : full])
             seq.num_cached = cached
-            if seq.preemptions == 0:
-                seq.cached_prompt_tokens = cached
-            self.prefix_queries += len(tokens)
-            self.prefix_hits += cached
+            if not seq.chunked:  # a chunked prompt is looked up (and reported) at its first chunk
+                if seq.preemptions == 0:
+                    seq.cached_prompt_tokens = cached
+                self.prefix_queries += len(tokens)
+                self.prefix_hits += cached
+            seq.prefill_end = end
+            seq.chunked = seq.chunked or bool(end)
             longest, longest_read = width, reads
             seq.slot = len(self.running)
             seq.status = Status.RUNNING

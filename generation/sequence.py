@@ -73,6 +73,11 @@ class Sequence:
     """What logs call the request; `request_id` is the engine's key."""
     matcher: Any = None
     """The grammar the output follows (an llguidance matcher at the output's end so far), if any."""
+    prefill_end: int = 0
+    """Where the chunk of a long prompt that its step prefills ends (a chunked prefill: one chunk a step,
+    each read back from the prefix cache by the next); 0 where the step prefills to the last token."""
+    chunked: bool = False
+    """Its prompt is prefilled in chunks (it was admitted for a chunk at least once)."""
 
     @property
     def log_name(self) -> str:
@@ -98,6 +103,16 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def prefill_to(self) -> int:
+        """The tokens the row's cache holds once its prefill has run."""
+        return self.prefill_end or self.num_tokens
+
+    @property
+    def is_partial(self) -> bool:
+        """Its step prefills a chunk of its prompt, not to the end: that step's token is not its own."""
+        return 0 < self.prefill_end < self.num_tokens
 
     @property
     def in_flight(self) -> bool:

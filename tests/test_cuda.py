@@ -15,7 +15,7 @@ from transformers import FalconForCausalLM
 from tests.conftest import make_engine
 from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
-from tests.test_families import assert_exact, reads_in_place
+from tests.test_families import assert_chunks_exact, assert_exact, reads_in_place
 from tests.test_structured import texts
 from trickle.generation import LoadedModel, SamplingParams, load_model
 from trickle.generation.kv.attention import (
@@ -69,6 +69,18 @@ async def test_every_family_is_exact_with_cuda_graphs(family: str, tiny: LoadedM
     assert runner.use_graphs == (family not in UNCAPTURED)
     assert bool(runner.compiled.layers) == (paged and runner.use_graphs)
     assert (Part.PREFIX in runner.graphs) == (paged and runner.use_graphs)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding", "falcon-mqa", "falcon-alibi"])
+async def test_a_long_prompt_prefilled_in_chunks_through_the_graphs_is_exact(
+    family: str, tiny: LoadedModel
+) -> None:
+    """Chunks of a prompt joining a decoding row, through the prefill graphs (the first from position
+    0, the next past the cached ones), exact against generate()."""
+    model = build(family, len(tiny.tokenizer), tiny.tokenizer.eos_token_id).cuda()
+    runner = (await assert_chunks_exact(model, tiny.tokenizer)).engine.engine.runner
+    assert runner.use_graphs and Part.PREFILL in runner.graphs
 
 
 @pytest.mark.timeout(600)

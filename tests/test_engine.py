@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,37 @@ async def generate_all(engine: AsyncEngine, stock: PreTrainedModel, tiny: Loaded
         text = "".join(out.text for out in outputs[i])
         assert text == tiny.tokenizer.decode(expected, skip_special_tokens=True), f"request {i}"
         assert outputs[i][-1].usage["completion_tokens"] == len(expected)
+
+
+async def test_a_long_prompt_prefilled_in_chunks_beside_a_decoding_row_is_exact(
+    tiny: LoadedModel, model_dir: Path
+) -> None:
+    """A prompt over the prefill budget that comes while a row decodes goes in a chunk a step; both
+    requests still get what stock transformers generates alone."""
+    stock = FalconForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = make_engine(tiny, max_batch_size=4, prefill_token_budget=16, kv_block_size=4)
+    chunks: list[int] = []
+    launch = engine.engine.runner.launch
+
+    def recording(batch: Any, meanwhile: Any = None) -> Any:
+        chunks.extend(seq.prefill_to - seq.num_cached for seq in batch.prefill if seq.is_partial)
+        return launch(batch, meanwhile)
+
+    engine.engine.runner.launch = recording  # type: ignore[method-assign]
+    await engine.start()
+    short = SamplingParams(temperature=0.0, max_new_tokens=40, min_new_tokens=40)
+    running = asyncio.create_task(collect(engine, "short", PROMPTS[0], short))
+    await engine.wait_until(lambda e: e.steps > 1)
+    long_prompt = " ".join(PROMPTS) * 2  # 194 tokens (collect keeps at most 256)
+    long = await collect(engine, "long", long_prompt, SamplingParams(temperature=0.0, max_new_tokens=12))
+    first = await running
+    await engine.stop()
+    for outputs, prompt, count in ((first, PROMPTS[0], 40), (long, long_prompt, 12)):
+        expected = reference_tokens(tiny, stock, prompt, count)
+        text = "".join(out.text for out in outputs)
+        assert text == tiny.tokenizer.decode(expected, skip_special_tokens=True), prompt[:20]
+    assert len(tiny.tokenizer.encode(long_prompt)) > 3 * 16 and len(chunks) >= 3
+    assert all(width == 16 for width in chunks)
 
 
 async def test_rows_join_while_others_run(tiny: LoadedModel) -> None:

@@ -74,6 +74,14 @@ class Recorded:
 
         self.engine.engine._append = recording_append  # type: ignore[method-assign]
         self.engine.engine.runner.head = recording_head  # type: ignore[assignment]
+        self.chunked: set[str] = set()  # requests whose prompt was prefilled a chunk a step
+        launch = self.engine.engine.runner.launch
+
+        def recording_launch(batch: Any, meanwhile: Any = None) -> Any:
+            self.chunked.update(seq.label for seq in batch.prefill if seq.is_partial)
+            return launch(batch, meanwhile)
+
+        self.engine.engine.runner.launch = recording_launch  # type: ignore[method-assign]
 
     async def run(
         self, label: str, ids: list[int], new_tokens: int, min_new_tokens: int = 0
@@ -89,7 +97,9 @@ async def test_greedy_output_is_generates_alone_and_joining_a_running_batch(
     await assert_exact(model_of(family, models, tiny.tokenizer), tiny.tokenizer)
 
 
-async def assert_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Recorded:
+async def assert_exact(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, config: EngineConfig | None = None
+) -> Recorded:
     """Greedy ids equal generate()'s, alone and joining a running batch, and the text is their decoding
     (on the model's device: the CUDA tests run it with graphs)."""
     prompts = [tokenizer.encode(p) for p in PROMPTS]
@@ -97,7 +107,7 @@ async def assert_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
     expected = [
         reference(model, ids, n, tokenizer.eos_token_id) for ids, n in zip(prompts, NEW_TOKENS, strict=True)
     ]
-    recorded = Recorded(model, tokenizer)
+    recorded = Recorded(model, tokenizer, config)
     engine = recorded.engine
     await engine.start()
     try:
@@ -118,6 +128,45 @@ async def assert_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
             assert recorded.ids[f"{kind}{i}"] == want, f"{kind} request {i}: ids"
             text = "".join(out.text for out in outputs)
             assert text == tokenizer.decode(want, skip_special_tokens=True), f"{kind} request {i}: text"
+    return recorded
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in place"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral-sliding", "gemma2", "falcon-mqa", "falcon-alibi", "mpt-alibi", "gpt2"]
+)
+async def test_long_prompts_joining_a_running_batch_are_prefilled_in_exact_chunks(
+    family: str,
+    in_place: bool,
+    models: dict[str, PreTrainedModel],
+    tiny: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prefill budget of 16 (one block): the 71-token prompt, joining a decoding row, goes in one-block
+    chunks, each read back from the prefix cache by the next (gathered, or in place as a GPU runs it);
+    both requests give generate()'s ids, sliding windows, softcaps and alibi included."""
+    if in_place:
+        monkeypatch.setattr(paged_attention, "available", lambda device: True)
+    await assert_chunks_exact(model_of(family, models, tiny.tokenizer), tiny.tokenizer)
+
+
+async def assert_chunks_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Recorded:
+    """The 71-token prompt joins a decoding row under a 16-token budget: chunked, and both exact (on
+    the model's device: the CUDA tests run it with graphs)."""
+    config = EngineConfig(max_batch_size=4, max_seq_len=256, prefill_token_budget=16, kv_cache_tokens=1024)
+    recorded = Recorded(model, tokenizer, config)
+    short, long = tokenizer.encode(PROMPTS[1]), tokenizer.encode(PROMPTS[0])
+    await recorded.engine.start()
+    try:
+        running = asyncio.create_task(recorded.run("short", short, 40, min_new_tokens=40))
+        await recorded.engine.wait_until(lambda e: bool(recorded.ids.get("short")))
+        await recorded.run("long", long, 12)
+        await running
+    finally:
+        await recorded.engine.stop()
+    assert recorded.chunked == {"long"}
+    assert recorded.ids["long"] == reference(model, long, 12, tokenizer.eos_token_id)
+    assert recorded.ids["short"] == reference(model, short, 40, tokenizer.eos_token_id, min_new_tokens=40)
     return recorded
 
 

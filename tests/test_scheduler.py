@@ -52,6 +52,34 @@ def test_prefill_budget_spreads_long_prompts_over_steps() -> None:
     assert scheduler.schedule().prefill == [fourth]
 
 
+def test_a_long_prompt_coming_while_rows_decode_is_prefilled_a_chunk_a_step() -> None:
+    """A 50-token prompt, a budget of 16 and blocks of 4, while a row decodes: chunks of 16 tokens, each
+    found in the prefix cache by the next (its blocks written by the step before), then the rest, whose
+    step makes its first token. Alone (no row decoding), the same prompt goes whole."""
+    scheduler = Scheduler(config(max_batch_size=4, prefill_token_budget=16, block_size=4))
+    decoding, big = seq("decoding", 4), seq("big", 50, first=100)
+    scheduler.add(decoding)
+    run_step(scheduler)
+    scheduler.add(big)
+    spans = []
+    for _ in range(4):
+        batch = scheduler.schedule()
+        assert batch.decode == [decoding] and batch.prefill == [big]
+        spans.append((big.num_cached, big.prefill_to))
+        for row in batch.rows:  # the engine's part: a chunk's token is not the row's
+            if not row.is_partial:
+                row.launched += 1
+                row.output_ids.append(7)
+    assert spans == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    assert big.num_completion_tokens == 1 and big.cached_prompt_tokens == 0 and big.chunked
+    assert scheduler.schedule().decode == [decoding, big]
+    assert (scheduler.prefix_queries, scheduler.prefix_hits) == (4 + 50, 0)  # looked up once
+    alone = Scheduler(config(max_batch_size=4, prefill_token_budget=16, block_size=4))
+    whole = seq("whole", 50, first=100)
+    alone.add(whole)
+    assert alone.schedule().prefill == [whole] and whole.prefill_to == 50 and not whole.is_partial
+
+
 def test_the_budget_counts_the_padding_the_runner_runs_a_prefill_with() -> None:
     """Padded to power-of-two rows and widths (as the runner's captured shapes): three newcomers of 5
     tokens run as 4 x 8 = 32, over a budget of 24, so only two (2 x 8) go in one step."""

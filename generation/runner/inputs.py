@@ -204,7 +204,7 @@ class PrefillInputs:
         in the spare row)."""
         self._turn ^= 1
         ids, table = self._host_ids[self._turn, : n * width].view(n, width), self._host_rows[self._turn]
-        tails = [seq.tokens[seq.num_cached :] for seq in rows]
+        tails = [seq.tokens[seq.num_cached : seq.prefill_to] for seq in rows]
         ids[: len(rows)] = torch.tensor([tail + tail[:1] * (width - len(tail)) for tail in tails])
         ids[len(rows) :] = ids[0]
         table[: len(rows)] = torch.tensor(

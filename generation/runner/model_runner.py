@@ -151,6 +151,8 @@ class Launched:
     (readable once `collect` returned)."""
     constrained: bool = False
     """Rows of the step follow grammars: the next step's masks need its tokens on the host."""
+    partial: frozenset[int] = frozenset()
+    """Rows (indices) whose prefill was a chunk of their prompt: their tokens are not theirs."""
 
     @property
     def decode_device_seconds(self) -> float:
@@ -271,7 +273,7 @@ class ModelRunner:
         if batch.prefill:
             tokens.append(self._prefill(batch.prefill))
             prefill_tokens = self.prefill_size(
-                len(batch.prefill), max(seq.num_tokens - seq.num_cached for seq in batch.prefill)
+                len(batch.prefill), max(seq.prefill_to - seq.num_cached for seq in batch.prefill)
             )
         self._clock.mark(marks, 2)
         out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
@@ -368,11 +370,11 @@ class ModelRunner:
         place (the paged kernels); a model that does not take them prefills eagerly over its rows'
         gathered positions."""
         self._history.mark(rows)
-        n, width = len(rows), max(seq.num_tokens - seq.num_cached for seq in rows)
+        n, width = len(rows), max(seq.prefill_to - seq.num_cached for seq in rows)
         past = any(seq.num_cached for seq in rows)
         if past and not self.kernel_reads:
             self._prefill_in.load(rows, n, width)
-            return self._prefill_static(n, width, max(seq.num_tokens for seq in rows))
+            return self._prefill_static(n, width, max(seq.prefill_to for seq in rows))
         shape = self._prefill_shape(n, width)
         if not self.use_graphs or shape not in self._prefill_shapes:
             self._prefill_in.load(rows, n, width)
