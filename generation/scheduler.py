@@ -135,7 +135,9 @@ class Scheduler:
     each running row the block its next position needs (preempting the most recently admitted rows
     when the pool has none left), compacts rows, and admits waiting sequences in arrival order while
     there are free rows, prefill budget and blocks. While rows decode, the prefill budget is also what
-    `pacing` allows.
+    `pacing` allows, and a prompt longer than it is admitted for a chunk (`Sequence.prefill_end`): that
+    step's token is not the row's, and the next `schedule` puts the row back at the head of the queue,
+    its chunk's blocks in the prefix cache, for the next chunk.
 
     A preempted row goes back to the head of the queue with every token it has streamed; re-admitted,
     it prefills its prompt and those tokens again (mostly from the prefix cache) and goes on from there.
