@@ -364,7 +364,7 @@ class Scheduler:
             if self.config.prefix_caching:
                 writing.update(seq.block_keys[len(found) : full])
             seq.num_cached = cached
-            if not seq.chunked:  # a chunked prompt is looked up (and reported) at its first chunk
+            if not seq.prefill_end:  # a chunked prompt is looked up (and reported) at its first chunk
                 if seq.preemptions == 0:
                     seq.cached_prompt_tokens = cached
                 self.prefix_queries += len(tokens)
