@@ -131,22 +131,24 @@ async def assert_exact(
     return recorded
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in place"])
+@pytest.fixture(params=[False, True], ids=["gathered", "in place"])
+def in_place(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Prefills past cached blocks read them gathered, or in place through the paged kernels' reference
+    as a GPU runs them."""
+    if request.param:
+        monkeypatch.setattr(paged_attention, "available", lambda device: True)
+    return bool(request.param)
+
+
 @pytest.mark.parametrize(
     "family", ["llama", "mistral-sliding", "gemma2", "falcon-mqa", "falcon-alibi", "mpt-alibi", "gpt2"]
 )
 async def test_long_prompts_joining_a_running_batch_are_prefilled_in_exact_chunks(
-    family: str,
-    in_place: bool,
-    models: dict[str, PreTrainedModel],
-    tiny: LoadedModel,
-    monkeypatch: pytest.MonkeyPatch,
+    family: str, in_place: bool, models: dict[str, PreTrainedModel], tiny: LoadedModel
 ) -> None:
     """A prefill budget of 16 (one block): the 71-token prompt, joining a decoding row, goes in one-block
     chunks, each read back from the prefix cache by the next (gathered, or in place as a GPU runs it);
     both requests give generate()'s ids, sliding windows, softcaps and alibi included."""
-    if in_place:
-        monkeypatch.setattr(paged_attention, "available", lambda device: True)
     await assert_chunks_exact(model_of(family, models, tiny.tokenizer), tiny.tokenizer)
 
 
@@ -189,19 +191,12 @@ async def test_preempted_rows_resume_exactly_reading_their_cached_blocks_in_plac
     await assert_resumes_exactly(model_of(family, models, tiny.tokenizer), tiny)
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in place"])
 @pytest.mark.parametrize("family", ["llama", "gemma2", "falcon-mqa"])
 async def test_a_prompt_cached_but_for_its_last_token_prefills_that_token_alone(
-    family: str,
-    in_place: bool,
-    models: dict[str, PreTrainedModel],
-    tiny: LoadedModel,
-    monkeypatch: pytest.MonkeyPatch,
+    family: str, in_place: bool, models: dict[str, PreTrainedModel], tiny: LoadedModel
 ) -> None:
     """Two full blocks and one token: asked again, the prompt finds both blocks cached and prefills a
     single token past them (a decode-shaped prefill), and gives generate()'s ids."""
-    if in_place:
-        monkeypatch.setattr(paged_attention, "available", lambda device: True)
     tokenizer = tiny.tokenizer
     model = model_of(family, models, tokenizer)
     ids = (tokenizer.encode(PROMPTS[0]) * 2)[:33]
