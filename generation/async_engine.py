@@ -73,8 +73,9 @@ class EngineCore:
     and how fast requests finish (for Retry-After).
 
     The engine thread hands each step's outputs to the event loop with one `call_soon_threadsafe`;
-    `_deliver` records them, then gives the report to `deliver_outputs` (the subclass's: its own
-    streams, or the HTTP workers whose requests they are). `live` counts the requests held for callers.
+    `_deliver` records them (the metrics, and the `keeper`'s resumable requests), then gives the report
+    to `deliver_outputs` (the subclass's: its own streams, or the HTTP workers whose requests they are).
+    `live` counts the requests held for callers.
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class EngineCore:
         self.draining = False
         self.exited = False
         self.metrics = EngineMetrics(self.engine.scheduler.kv_capacity)
+        self.keeper = Keeper(self.config.resume_grace, self._abort)
 
     @property
     def capacity(self) -> int:
@@ -123,6 +125,11 @@ class EngineCore:
 
     def deliver_outputs(self, report: StepReport) -> None:
         raise NotImplementedError
+
+    def _abort(self, request_id: str) -> None:
+        """Cancel a request in the engine (an orphan nobody came back for)."""
+        self.engine.submit(AbortRequest(request_id))
+        self._notify()
 
     async def start(self) -> None:
         """Run the model once (ModelRunError if it cannot run), capture the decode graphs (on a GPU), then
@@ -213,6 +220,8 @@ class EngineCore:
                 self.finish_rate.record()
                 self.metrics.record_finished(output)
         self.num_running, self.num_waiting, self.steps = report.num_running, report.num_waiting, report.step
+        self.keeper.record(report.ids, report.tokens, report.logprobs)
+        self.keeper.ended(report.outputs)
         self.deliver_outputs(report)
         self._notify()
 
@@ -228,7 +237,6 @@ class AsyncEngine(EngineCore):
         self.prompts = Prompts(tokenizer, self.config.max_seq_len)
         self.streams = Streams(tokenizer.backend_tokenizer, self._send)
         self.streams.on_release = self._notify
-        self.keeper = Keeper(self.config.resume_grace, self._abort)
 
     @property
     def live(self) -> int:
@@ -242,13 +250,7 @@ class AsyncEngine(EngineCore):
             self.keeper.add(message, message.credential)
         self.engine.submit(message)
 
-    def _abort(self, request_id: str) -> None:
-        self.engine.submit(AbortRequest(request_id))
-        self._notify()
-
     def deliver_outputs(self, report: StepReport) -> None:
-        self.keeper.record(report.ids, report.tokens, report.logprobs)
-        self.keeper.ended(report.outputs)
         self.streams.feed_tokens(report.ids, report.tokens, report.logprobs)
         self.streams.feed(report.outputs)
 

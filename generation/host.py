@@ -13,7 +13,7 @@ from trickle.generation.async_engine import EngineCore
 from trickle.generation.engine_config import EngineConfig
 from trickle.generation.messages import AbortRequest, AddRequest, StepReport
 from trickle.generation.remote import Ready, State, Step, WorkerLink
-from trickle.generation.resume import Cancel, Cancelled, Detach, Evict, Keeper, Reattach, Reattached
+from trickle.generation.resume import Cancel, Cancelled, Detach, Evict, Reattach, Reattached
 
 log = structlog.get_logger("generation.remote")
 
@@ -26,17 +26,12 @@ class EngineHost(EngineCore):
     ) -> None:
         super().__init__(model, tokenizer, config)
         self._owner: dict[str, WorkerLink] = {}
-        self.keeper = Keeper(self.config.resume_grace, self._abort)
         self.workers: list[WorkerLink] = []
         """The connected workers (the process that spawns them keeps this list)."""
 
     @property
     def live(self) -> int:
         return len(self._owner) + self.keeper.orphans
-
-    def _abort(self, request_id: str) -> None:
-        self.engine.submit(AbortRequest(request_id))
-        self._notify()
 
     def ready_message(self) -> Ready:
         return Ready(
@@ -122,8 +117,6 @@ class EngineHost(EngineCore):
         self._notify()
 
     def deliver_outputs(self, report: StepReport) -> None:
-        self.keeper.record(report.ids, report.tokens, report.logprobs)
-        self.keeper.ended(report.outputs)
         owner = self._owner
         for request_id, token in zip(report.ids, report.tokens, strict=True):
             worker = owner.get(request_id)
