@@ -159,6 +159,8 @@ class Scheduler:
         # Prompt blocks of the last step's newcomers: findable from the next step on, once the step
         # that writes them is queued (a block is never shared while it is being written).
         self._fresh: list[tuple[Sequence, list[int], list[bytes]]] = []
+        # Rows admitted for a chunk of their prompt (at most one a step): back to the queue next step.
+        self._chunking: list[Sequence] = []
 
     def __iter__(self) -> Iterator[Sequence]:
         yield from self.running
@@ -214,15 +216,15 @@ class Scheduler:
         self.waiting = deque(seq for seq in self.waiting if not seq.is_finished)
         # Rows whose last step prefilled a chunk of their prompt go back to the head of the queue, their
         # chunks' blocks in the prefix cache: `_admit` takes them first and prefills the next chunk.
-        chunked = [seq for seq in self.running if seq.is_partial and not seq.is_finished]
-        for seq in reversed(chunked):
-            self._release(seq)
-            seq.status = Status.WAITING
-            self.waiting.appendleft(seq)
+        chunked, self._chunking = [seq for seq in self._chunking if not seq.is_finished], []
+        for seq in chunked:
+            self._requeue(seq)
+        if chunked:
+            self.running = [seq for seq in self.running if seq not in chunked]
         leaving = [seq for seq in self.running if seq.is_finished or seq.fully_launched]
         for seq in leaving:
             self._release(seq)
-        live = [seq for seq in self.running if not (seq.is_finished or seq.fully_launched or seq.is_partial)]
+        live = [seq for seq in self.running if not (seq.is_finished or seq.fully_launched)]
         leaving += chunked
         batch.preempted = self._grow(live)
         self._compact(live, leaving + batch.preempted, batch.moves)
@@ -260,11 +262,15 @@ class Scheduler:
         return preempted
 
     def _preempt(self, seq: Sequence) -> None:
-        self._release(seq)
-        seq.status = Status.WAITING
+        self._requeue(seq)  # the youngest goes first, so older rows end up ahead of it
         seq.preemptions += 1
         self.preemptions += 1
-        self.waiting.appendleft(seq)  # the youngest goes first, so older rows end up ahead of it
+
+    def _requeue(self, seq: Sequence) -> None:
+        """A running row gives its blocks back and waits again, at the head of the queue."""
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
 
     def _count(self, seq: Sequence, sign: int) -> None:
         self._asking += sign * (seq.params.logprobs is not None)
@@ -370,7 +376,9 @@ class Scheduler:
                 self.prefix_queries += len(tokens)
                 self.prefix_hits += cached
             seq.prefill_end = end
-            seq.chunked = seq.chunked or bool(end)
+            if end:
+                seq.chunked = True
+                self._chunking.append(seq)
             longest, longest_read = width, reads
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
