@@ -205,8 +205,11 @@ class Engine:
             once()  # the step in flight is collected all the same
             self._fail(batch.rows, err)
             return None
+        for index, seq in enumerate(batch.decode):
+            seq.launched += 1
+            seq.row_index = index
         partial = []
-        for index, seq in enumerate(batch.rows):
+        for index, seq in enumerate(batch.prefill, len(batch.decode)):
             seq.row_index = index
             if seq.is_partial:  # a chunk of its prompt: no token of its own yet
                 partial.append(index)
@@ -238,8 +241,9 @@ class Engine:
         ids, made = self._ids, self._tokens
         # None unless a row asked for log-probabilities; read as numpy, a row at a time.
         table = None if launched.logprobs is None else launched.logprobs.numpy()
+        partial = launched.partial
         for index, (seq, token) in enumerate(zip(launched.rows, tokens, strict=True)):
-            if seq.is_finished or index in launched.partial:  # ended meanwhile, or a prompt's chunk
+            if seq.is_finished or (partial and index in partial):  # ended meanwhile, or a prompt's chunk
                 continue
             self._append(seq, token, now)
             if seq.matcher is not None:
