@@ -18,6 +18,8 @@ from tests.families import build
 from trickle.generation import AsyncEngine, LoadedModel, SamplingParams, structured
 from trickle.generation.messages import AddRequest
 from trickle.generation.params import ResponseFormat
+from trickle.generation.runner.inputs import GrammarMasks
+from trickle.generation.sequence import Sequence
 from trickle.generation.structured import Grammars
 
 SCHEMA: dict[str, Any] = {
@@ -221,3 +223,45 @@ def test_llguidances_view_of_the_tokenizer_is_made_in_the_background_once_prepar
     grammars = Grammars(tiny.tokenizer)
     grammars.prepare_in_background().join(timeout=60)
     assert grammars._tokenizer is not None
+
+
+def test_a_steps_masks_are_the_same_on_the_engine_thread_and_on_llguidances_pool(tiny: LoadedModel) -> None:
+    """Cheap masks are computed on the engine thread (waking the pool cost more on a busy host:
+    bench/results/grammar-masks.md); costly ones on the pool, with a step in `PROBE_EVERY` timed on
+    the engine thread again. Either way each row gets its own grammar's mask, and a free row all ones."""
+    grammars = Grammars(tiny.tokenizer)
+    vocab = len(tiny.tokenizer)
+    formats = [ResponseFormat(type="json_object"), None, ResponseFormat(type="regex", pattern="[0-9]+")]
+    rows = [
+        Sequence(f"r{i}", [1], SamplingParams(), 0, matcher=None if spec is None else grammars.matcher(spec))
+        for i, spec in enumerate(formats)
+    ]
+    masks = GrammarMasks(len(rows) + 1, vocab, torch.device("cpu"))
+    pooled: list[int] = []
+    pool = masks._executor
+
+    class Spy:
+        def unsafe_compute_mask_ptr(self, rows: Any, *args: Any) -> None:
+            pooled.append(len(rows))
+            pool.unsafe_compute_mask_ptr(rows, *args)
+
+    masks._executor = Spy()  # type: ignore[assignment]
+    assert masks.load(rows)
+    on_thread = masks.bits.clone()
+    assert not pooled and 0 < masks.row_seconds < 0.01  # JSON and a regular expression: microseconds
+
+    digit = tiny.tokenizer.convert_tokens_to_ids("1")
+    brace = tiny.tokenizer.convert_tokens_to_ids("{")
+    allowed = masks.allowed(torch.arange(len(rows)))
+    assert allowed[1].all()  # the free row
+    assert allowed[0, brace] and not allowed[0, digit]  # an object starts with "{"
+    assert allowed[2, digit] and not allowed[2, brace]
+
+    masks.row_seconds = 1.0  # as if each row took a second: the pool takes the next steps
+    for _ in range(masks.PROBE_EVERY):
+        masks.load(rows)
+        assert torch.equal(masks.bits, on_thread)
+    assert pooled == [2] * masks.PROBE_EVERY
+    masks.load(rows)  # the probe: timed on the engine thread, and the estimate falls back
+    assert len(pooled) == masks.PROBE_EVERY and masks.row_seconds < 0.3
+    assert torch.equal(masks.bits, on_thread)

@@ -4,9 +4,10 @@ step's per-row inputs and sampling parameters, a prefill's tokens, and the rows'
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
-from llguidance import LLExecutor
+from llguidance import LLExecutor, LLMatcher
 
 from trickle.generation.kv.blocks import NULL_BLOCK
 from trickle.generation.sampler import SamplingTensors
@@ -300,7 +301,16 @@ class GrammarMasks:
     """The tokens each constrained row may take next, for the steps that have constrained rows: filled
     on the host by each row's grammar matcher (llguidance's bitmask, 32 tokens a word; rows without a
     grammar allow every token), sent with one copy from a pinned double-buffered table, and unpacked on
-    the device for the rows a sampling reads. The spare row (prefill padding) allows everything."""
+    the device for the rows a sampling reads. The spare row (prefill padding) allows everything.
+
+    A JSON mask takes a few microseconds a row, so a step's masks are usually cheaper than handing them
+    to llguidance's thread pool: on a busy host (HTTP workers, clients) waking its threads took 2-3 ms a
+    step where the engine thread did 64 rows in 0.3 (`bench/results/grammar-masks.md`). The engine
+    thread computes them itself unless the last steps' cost a row says the step's rows would take longer
+    than `POOL_ABOVE` seconds; then the pool does, in parallel."""
+
+    POOL_ABOVE = 0.002
+    PROBE_EVERY = 50
 
     def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
@@ -312,6 +322,8 @@ class GrammarMasks:
         self.bits = torch.full((rows, self.words), -1, dtype=torch.int32, device=device)
         self._shifts = torch.arange(32, dtype=torch.int32, device=device)
         self._executor = LLExecutor()
+        self.row_seconds = 0.0  # a moving average of one row's mask on the engine thread
+        self._until_probe = self.PROBE_EVERY  # pool steps before the next timed one
         self._stale = False  # `bits` holds some row's grammar: a step without grammars resets it
 
     def load(self, rows: list[Sequence]) -> bool:
@@ -332,12 +344,30 @@ class GrammarMasks:
             self._copied[self._turn].synchronize()  # the copy from this buffer two loads ago is done
         host = self._host[self._turn, : len(rows)]
         host.fill_(-1)
-        # Every constrained row's mask at once, on llguidance's threads (the interpreter lock released).
-        self._executor.unsafe_compute_mask_ptr(constrained, host.data_ptr(), 4 * self.words, len(rows))
+        self._compute(constrained, host)
         self.bits[: len(rows)].copy_(host, non_blocking=True)
         if self._pinned:
             self._copied[self._turn].record()
         return True
+
+    def _compute(self, constrained: list[tuple[LLMatcher, int]], host: torch.Tensor) -> None:
+        """Each constrained row's mask into its row of `host` (llguidance releases the interpreter lock
+        while it computes). Where the pool computes, every `PROBE_EVERY`th step is still timed on the
+        engine thread, so the estimate follows the grammars the rows have now."""
+        size = 4 * self.words
+        costly = len(constrained) * self.row_seconds > self.POOL_ABOVE
+        if costly and self._until_probe > 0:
+            self._until_probe -= 1
+            self._executor.unsafe_compute_mask_ptr(constrained, host.data_ptr(), size, host.shape[0])
+            return
+        self._until_probe = self.PROBE_EVERY
+        address, started = host.data_ptr(), time.perf_counter()
+        for matcher, row in constrained:
+            matcher.unsafe_compute_mask_ptr(address + row * size, size)
+        per_row = (time.perf_counter() - started) / len(constrained)
+        # A probe's time replaces the estimate: the pool ran since, and the rows may have changed.
+        fresh = costly or not self.row_seconds
+        self.row_seconds = per_row if fresh else 0.8 * self.row_seconds + 0.2 * per_row
 
     def reset(self) -> bool:
         """Every row allows every token again (one fill on the device, only after a constrained step);
