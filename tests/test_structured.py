@@ -265,3 +265,8 @@ def test_a_steps_masks_are_the_same_on_the_engine_thread_and_on_llguidances_pool
     masks.load(rows)  # the probe: timed on the engine thread, and the estimate falls back
     assert len(pooled) == masks.PROBE_EVERY and masks.row_seconds < 0.3
     assert torch.equal(masks.bits, on_thread)
+
+    # Every row constrained: the host table is not reset first, each row's mask is written whole.
+    masks._host.fill_(0x5A5A5A5A)
+    masks.load(rows[:1] + rows[2:])
+    assert torch.equal(masks.bits[:2], on_thread[[0, 2]])

@@ -343,7 +343,8 @@ class GrammarMasks:
         if self._pinned:
             self._copied[self._turn].synchronize()  # the copy from this buffer two loads ago is done
         host = self._host[self._turn, : len(rows)]
-        host.fill_(-1)
+        if len(constrained) < len(rows):  # llguidance writes every word of a constrained row's mask
+            host.fill_(-1)
         self._compute(constrained, host)
         self.bits[: len(rows)].copy_(host, non_blocking=True)
         if self._pinned:
