@@ -266,6 +266,7 @@ async def bench_server(args: argparse.Namespace) -> list[Result]:
         async with _session() as session:
             await sse_request(session, url, {**body(0), "max_new_tokens": 8, "min_new_tokens": 8})
         for c in args.concurrency:
+            before = await engine_sums(f"http://127.0.0.1:{port}/metrics")
             procs = min(args.client_procs, c)
             profiled = c == max(args.concurrency)
             profiler: list[subprocess.Popen[bytes] | None] = [None]
@@ -288,11 +289,49 @@ async def bench_server(args: argparse.Namespace) -> list[Result]:
                 profiler[0].wait()
             results.append(collect("server (HTTP/SSE)", c, timings, seconds))
             results[-1].extra["client_procs"] = procs
+            after = await engine_sums(f"http://127.0.0.1:{port}/metrics")
+            results[-1].extra.update(engine_means(before, after))
             print(json.dumps(results[-1].summary()), flush=True)
     finally:
         process.terminate()
         process.wait(timeout=60)
     return results
+
+
+# The server's histograms of its decoding steps (`/metrics`): the interval between steps, the engine
+# thread's own work in it, of that the hand-over to the event loop, and the device's decode part.
+STEP_HISTOGRAMS = {
+    "step_ms_mean": "engine_step_seconds",
+    "host_ms_mean": "engine_step_host_seconds",
+    "handoff_ms_mean": "engine_handoff_seconds",
+    "decode_device_ms_mean": "engine_decode_device_seconds",
+}
+
+
+async def engine_sums(url: str) -> dict[str, float]:
+    """The `_sum` and `_count` of each of STEP_HISTOGRAMS, as the server's /metrics has them now."""
+    async with _session() as session, session.get(url) as response:
+        text = await response.text()
+    wanted = {f"trickle:{name}{part}" for name in STEP_HISTOGRAMS.values() for part in ("_sum", "_count")}
+    sums = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            sums[name] = float(value)
+    return sums
+
+
+def engine_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each histogram's mean over the steps between two `engine_sums`, in ms."""
+    means = {}
+    for key, name in STEP_HISTOGRAMS.items():
+        total, count = (
+            after.get(f"trickle:{name}{p}", 0.0) - before.get(f"trickle:{name}{p}", 0.0)
+            for p in ("_sum", "_count")
+        )
+        if count:
+            means[key] = round(1000 * total / count, 3)
+    return means
 
 
 def _session() -> aiohttp.ClientSession:

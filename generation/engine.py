@@ -60,6 +60,7 @@ class Engine:
         self.heartbeat = time.monotonic()
         self._previous_step_end = 0.0
         self._step_stats = StepStats()  # of the last step collected
+        self._handoff_seconds = 0.0  # how long the last `report` call took
         self._pending: list[TokenOutput] = []  # the next report's ends
         self._ids: list[str] = []  # and its rows that go on, with their tokens
         self._tokens: list[int] = []
@@ -320,6 +321,7 @@ class Engine:
         stats, self._step_stats = self._step_stats, StepStats()
         ends, ids, tokens, logprobs = self._pending, self._ids, self._tokens, self._logprobs
         self._pending, self._ids, self._tokens, self._logprobs = [], [], [], {}
+        started = time.perf_counter()
         self.report(
             StepReport(
                 self.steps,
@@ -330,6 +332,7 @@ class Engine:
                 step_seconds=stats.step_seconds,
                 wait_seconds=stats.wait_seconds,
                 decode_device_seconds=stats.decode_device_seconds,
+                handoff_seconds=self._handoff_seconds,
                 kv_tokens=self.scheduler.kv_tokens,
                 prefix_queries=self.scheduler.prefix_queries,
                 prefix_hits=self.scheduler.prefix_hits,
@@ -339,3 +342,4 @@ class Engine:
                 logprobs=logprobs,
             )
         )
+        self._handoff_seconds = time.perf_counter() - started

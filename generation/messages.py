@@ -101,6 +101,9 @@ class StepReport:
     host's work (scheduling, inputs, launching, reading the tokens back)."""
     decode_device_seconds: float = 0.0
     """The step's decode forward and sampling on the device (GPU only; 0 elsewhere)."""
+    handoff_seconds: float = 0.0
+    """How long the engine thread took to hand the previous report over (waking the event loop can
+    cost it the loop's work, the two sharing the interpreter lock: bench/results/gil-handoff.md)."""
     kv_tokens: int = 0
     """Positions of KV blocks that running rows hold."""
     prefix_queries: int = 0

@@ -107,6 +107,12 @@ class EngineMetrics:
             buckets=PART_BUCKETS,
             registry=r,
         )
+        self.handoff = Histogram(
+            f"{PREFIX}engine_handoff_seconds",
+            "Of a decoding step's host work, the hand-over of the previous step's outputs to the event loop.",
+            buckets=PART_BUCKETS,
+            registry=r,
+        )
         self.decode_device = Histogram(
             f"{PREFIX}engine_decode_device_seconds",
             "A decoding step's forward and sampling on the GPU.",
@@ -153,6 +159,7 @@ class EngineMetrics:
         if report.decoded_rows:
             self.step.observe(report.step_seconds)
             self.step_host.observe(max(0.0, report.step_seconds - report.wait_seconds))
+            self.handoff.observe(report.handoff_seconds)
             if report.decode_device_seconds:
                 self.decode_device.observe(report.decode_device_seconds)
             self.itl.observe(report.step_seconds, report.decoded_rows)

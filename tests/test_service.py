@@ -126,6 +126,13 @@ async def test_metrics_move_with_the_requests_sent(
         <= metric(text, "trickle:engine_step_seconds_sum")
     )
     assert metric(text, "trickle:engine_decode_device_seconds_count") == 0
+    # Of the host's work, the hand-over of each step's outputs to the event loop.
+    assert metric(text, "trickle:engine_handoff_seconds_count") == steps
+    assert (
+        0
+        < metric(text, "trickle:engine_handoff_seconds_sum")
+        <= metric(text, "trickle:engine_step_host_seconds_sum")
+    )
     assert "request_id" not in text
 
 
