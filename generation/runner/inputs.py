@@ -304,10 +304,11 @@ class GrammarMasks:
     the device for the rows a sampling reads. The spare row (prefill padding) allows everything.
 
     A JSON mask takes a few microseconds a row, so a step's masks are usually cheaper than handing them
-    to llguidance's thread pool: on a busy host (HTTP workers, clients) waking its threads took 2-3 ms a
-    step where the engine thread did 64 rows in 0.3 (`bench/results/grammar-masks.md`). The engine
-    thread computes them itself unless the last steps' cost a row says the step's rows would take longer
-    than `POOL_ABOVE` seconds; then the pool does, in parallel."""
+    to llguidance's thread pool: on a busy host (HTTP workers, clients) waking its threads took 2-3 ms
+    a step where the engine thread did 64 rows in 0.2 ms at the median
+    (`bench/results/grammar-masks.md`). The engine thread computes them itself unless the last steps'
+    cost a row says the step's rows would take longer than `POOL_ABOVE` seconds; then the pool does,
+    in parallel."""
 
     POOL_ABOVE = 0.002
     PROBE_EVERY = 50
