@@ -143,7 +143,7 @@ async def test_the_gateway_protocols_metric_names_move_with_the_load(
     use under vLLM's names: the same values as ours, scraped while two streams run and a third waits
     (two rows), then after all three have ended."""
     client = await aiohttp_client(create_app(settings, make_engine(tiny, max_batch_size=2)))
-    body = {"prompt": "The baker", "max_new_tokens": 60, "min_new_tokens": 60}
+    body = {"prompt": "The baker", "max_new_tokens": 200, "min_new_tokens": 200}
     streams = [await client.post("/stream", json=body) for _ in range(3)]
 
     async def scrape() -> dict[str, float]:
@@ -158,7 +158,12 @@ async def test_the_gateway_protocols_metric_names_move_with_the_load(
 
     for stream in streams[:2]:
         await stream.content.readuntil(b"\n\n")  # its first event: it runs
-    loaded = await scrape()
+    # The third reaches the engine's queue on its own time (its prompt is tokenized off the event loop),
+    # and the gauges move when the engine next reports: scrape until they show it, while two rows run.
+    for _ in range(200):
+        loaded = await scrape()
+        if loaded["num_requests_waiting"]:
+            break
     assert loaded["num_requests_running"] == 2 and loaded["num_requests_waiting"] == 1
     assert loaded["kv_cache_usage_perc"] > 0
     for stream in streams:
