@@ -263,15 +263,21 @@ async def bench_server(args: argparse.Namespace) -> list[Result]:
         **features(args),
     }  # fmt: skip
     try:
+        warming = time.perf_counter()
         async with _session() as session:
             await sse_request(session, url, {**body(0), "max_new_tokens": 8, "min_new_tokens": 8})
+        print(f"warm-up request: {time.perf_counter() - warming:.1f} s", file=sys.stderr, flush=True)
         for c in args.concurrency:
             before = await engine_sums(f"http://127.0.0.1:{port}/metrics")
             procs = min(args.client_procs, c)
             profiled = c == max(args.concurrency)
             profiler: list[subprocess.Popen[bytes] | None] = [None]
+            phases = {"called": time.perf_counter()}
 
-            def started(c: int = c, profiled: bool = profiled, profiler: list[Any] = profiler) -> None:
+            def started(
+                c: int = c, profiled: bool = profiled, profiler: list[Any] = profiler, phases: Any = phases
+            ) -> None:
+                phases["started"] = time.perf_counter()
                 if profiled:  # from the moment the clients start, not while they import
                     profiler[0] = _profile(args, process.pid, c)
 
@@ -289,6 +295,9 @@ async def bench_server(args: argparse.Namespace) -> list[Result]:
                 profiler[0].wait()
             results.append(collect("server (HTTP/SSE)", c, timings, seconds))
             results[-1].extra["client_procs"] = procs
+            # Where a run's wall time goes besides the run: starting the client processes, and after.
+            results[-1].extra["clients_start_s"] = round(phases["started"] - phases["called"], 1)
+            results[-1].extra["after_run_s"] = round(time.perf_counter() - phases["started"] - seconds, 1)
             after = await engine_sums(f"http://127.0.0.1:{port}/metrics")
             results[-1].extra.update(engine_means(before, after))
             print(json.dumps(results[-1].summary()), flush=True)
