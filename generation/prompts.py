@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from tokenizers import Encoding
 from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 TOKENIZE_WORKERS = 2
 # Unicode normalization can fold up to four code points into one character (Greek with breathing, accent
@@ -87,30 +88,14 @@ def chars_per_token(tokenizer: PreTrainedTokenizerFast) -> int | None:
     return longest * (NORMALIZER_FOLD if spec.get("normalizer") is not None else 1)
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's characters for the 256 bytes (GPT-2's scheme): printable Latin-1 bytes stand for
-    themselves, the others for the characters from U+0100 on, in byte order."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars: dict[str, int] = {chr(byte): byte for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
 def _piece_reader(tokenizer: PreTrainedTokenizerFast) -> Callable[[str], bytes | None]:
     """How a vocabulary piece becomes its bytes under this tokenizer's decoder; None where it cannot
     tell (the token's text's UTF-8 serves then)."""
     decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
     kinds = {part.get("type") for part in decoder.get("decoders", [decoder])}
     if "ByteLevel" in kinds:
-        alphabet = _byte_level_alphabet()
+        # Byte-level BPE writes each byte as a character (GPT-2's table, as transformers keeps it).
+        alphabet = {char: byte for byte, char in bytes_to_unicode().items()}
 
         def byte_level(piece: str) -> bytes | None:
             if not all(char in alphabet for char in piece):
