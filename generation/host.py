@@ -95,16 +95,13 @@ class EngineHost(EngineCore):
 
     def _reattach(self, worker: WorkerLink, message: Reattach) -> None:
         kept, refusal = self.keeper.reattach(message.request_id, message.credential)
-        if refusal == "taken":  # the reading it takes over ends there (with an error, no end)
-            assert kept is not None
-            earlier = self._owner.get(message.request_id)
-            if earlier is not None:
-                earlier.link.send(Evict(message.request_id, kept.reader - 1))
-            refusal = ""
         if kept is not None and kept.end is None:
+            earlier = self._owner.get(message.request_id)
+            if refusal == "taken" and earlier is not None:  # that reading ends there (an error, no end)
+                earlier.link.send(Evict(message.request_id, kept.reader - 1))
             self._owner[message.request_id] = worker  # its next tokens go to the worker that reads it
         # Before any later step frame on this link: the worker tracks the stream before its tokens come.
-        worker.link.send(Reattached(message.query, kept, refusal))
+        worker.link.send(Reattached(message.query, kept, refusal if kept is None else ""))
 
     def lost(self, worker: WorkerLink) -> None:
         """A worker is gone: abort every request it held (their rows leave at the engine's next step)."""
