@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     while newcomers arrive; the first newcomer of a step always goes in. It costs throughput (each
     prefill reads every weight once, so more, smaller prefills cost more): off (0) by default, every
     step then prefills up to the prefill token budget."""
+    mixed_prefill_tokens: int = Field(default=512, ge=0)
+    """While requests stream, new prompts run inside the streaming rows' own step (one pass over the
+    weights for both, so a newcomer no longer holds every stream back for a prefill of its own), up to
+    this many prompt tokens a step, which is then the step's prefill budget: smaller keeps the streams
+    smoother while newcomers arrive, larger admits them sooner. 0: newcomers always prefill apart. On a
+    GPU, only models whose attention takes trickle's paged kernels mix (see the log's "decode
+    attention" line)."""
     kv_cache_tokens: int | None = Field(default=None, ge=16)
     """Positions the KV cache holds, all requests together. By default, on a GPU, what memory leaves
     after the weights and activations; on the CPU, max batch size x max sequence length, up to a quarter

@@ -99,6 +99,8 @@ class EngineCore:
             runner.prefill_read_budget,
             runner.prefill_size,
             config.prefill_pacing,
+            runner.mixed_tokens,
+            runner.mixed_read_limit,
         )
         self.grammars = Grammars(tokenizer, runner.vocab_size, sorted(eos_ids))
         self.engine = Engine(runner, scheduler_config, eos_ids, self._on_report, self.grammars)

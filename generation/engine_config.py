@@ -35,6 +35,9 @@ class EngineConfig:
     prefill_pacing: float = 0.0
     """While rows decode, a step prefills only the tokens that keep it within this many times a
     decode-only step's time (as measured); 0: every step up to the prefill token budget."""
+    mixed_prefill_tokens: int = 512
+    """While rows decode, newcomers' prompt tokens run in the decode rows' own forward, up to this many a
+    step (then the step's prefill budget); 0: newcomers always prefill in a forward of their own."""
     kv_cache_tokens: int | None = None
     """Positions the KV pool holds, all rows together. None: on a GPU, what memory leaves after the
     weights and the largest step's activations; on the CPU, max_batch_size x max_seq_len up to a

@@ -33,6 +33,14 @@ class SchedulerConfig:
     prefill_pacing: float = 0.0
     """While rows decode, a step prefills only the tokens that keep it within this many times a decode
     part's time, as the steps measure them (`PrefillPacing`); 0: every step up to the token budget."""
+    mixed_prefill_tokens: int = 0
+    """While rows decode, a step's newcomers run inside the decoding rows' own forward (one read of the
+    weights for both), up to this many prompt tokens in all, which is then the step's prefill budget;
+    0: newcomers always prefill in a forward of their own."""
+    mixed_read_limit: int | None = None
+    """Most (prompt token x the positions it attends to) a step's mixed newcomers may add up to: a mixed
+    token reads its context as a decoding row does, which past this costs more than a forward of its
+    own (a newcomer beyond it prefills apart); None: no limit."""
 
 
 @dataclass
@@ -103,14 +111,17 @@ class ScheduledBatch:
 
     `moves` are (src, dst) row moves the runner's per-row tables must make before running, to keep the
     running rows in rows 0..n-1. `decode` rows hold rows 0..len(decode)-1 in order; `prefill` rows take
-    the following rows in order. Every running row is in exactly one of the two lists. `preempted` rows
-    gave their blocks back this step and wait again.
+    the following rows in order, the first `mixed` of them prefilled inside the decode rows' forward.
+    Every running row is in exactly one of the two lists. `preempted` rows gave their blocks back this
+    step and wait again.
     """
 
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[Sequence] = field(default_factory=list)
     moves: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    mixed: int = 0
+    """The leading `prefill` rows whose uncached tokens run in the decode rows' forward."""
     logprobs: bool = False
     """Some row asked for log-probabilities."""
     constrained: bool = False
@@ -134,10 +145,12 @@ class Scheduler:
     already launched (their blocks go back to the pool, their full blocks into the prefix cache), gives
     each running row the block its next position needs (preempting the most recently admitted rows
     when the pool has none left), compacts rows, and admits waiting sequences in arrival order while
-    there are free rows, prefill budget and blocks. While rows decode, the prefill budget is also what
-    `pacing` allows, and a prompt longer than it is admitted for a chunk (`Sequence.prefill_end`): that
-    step's token is not the row's, and the next `schedule` puts the row back at the head of the queue,
-    its chunk's blocks in the prefix cache, for the next chunk.
+    there are free rows, prefill budget and blocks. While rows decode, newcomers run inside their
+    forward (`mixed_prefill_tokens`, which is then the step's prefill budget; those it cannot take
+    prefill apart), the prefill budget is also what `pacing` allows, and a prompt longer than it is
+    admitted for a chunk (`Sequence.prefill_end`): that step's token is not the row's, and the next
+    `schedule` puts the row back at the head of the queue, its chunk's blocks in the prefix cache, for
+    the next chunk.
 
     A preempted row goes back to the head of the queue with every token it has streamed; re-admitted,
     it prefills its prompt and those tokens again (mostly from the prefix cache) and goes on from there.
@@ -229,7 +242,7 @@ class Scheduler:
         batch.preempted = self._grow(live)
         self._compact(live, leaving + batch.preempted, batch.moves)
         batch.decode = list(self.running)
-        batch.prefill = self._admit()
+        batch.prefill, batch.mixed = self._admit()
         batch.logprobs, batch.constrained = self._asking > 0, self._constrained > 0
         return batch
 
@@ -313,17 +326,24 @@ class Scheduler:
             seq.slot = -1
         self.running = sorted(live, key=lambda seq: seq.slot)
 
-    def _admit(self) -> list[Sequence]:
-        # Newcomers are prefilled together, padded to the longest: they cost rows x longest tokens.
+    def _admit(self) -> tuple[list[Sequence], int]:
+        """Admit waiting sequences while rows, budget and blocks allow; returns them and how many of
+        them (the first ones) run inside the decode rows' forward."""
         admitted: list[Sequence] = []
         # Keys of the full blocks this step's newcomers write: a newcomer whose next uncached block is
         # one of them waits a step and finds it cached (n choices of one prompt, say, prefill it once).
         writing: set[bytes] = set()
+        # Newcomers prefilled apart are padded to the longest: they cost rows x longest tokens. Mixed
+        # ones cost their own tokens, and their reads of what they attend to.
         longest = longest_read = 0
+        mixed = mixed_tokens = mixed_reads = 0
         size = self.config.block_size
         read_budget = self.config.prefill_read_budget
         prefill_size = self.config.prefill_size or (lambda rows, width: rows * width)
         token_budget = self.config.prefill_token_budget
+        mixing = bool(self.running) and self.config.mixed_prefill_tokens > 0
+        if mixing:
+            token_budget = min(token_budget, self.config.mixed_prefill_tokens)
         paced = self.pacing.budget() if self.running else None
         if paced is not None:
             token_budget = min(token_budget, paced)
@@ -349,14 +369,26 @@ class Scheduler:
                 if cached + chunk < len(tokens):
                     end = cached + chunk
             upto = end or len(tokens)
-            width = max(longest, upto - cached)
+            new = upto - cached
+            # Mixed while every newcomer before it is, and within the mixed tokens and reads.
+            mixes = (
+                mixing
+                and mixed == len(admitted)
+                and mixed_tokens + new <= self.config.mixed_prefill_tokens
+                and (
+                    self.config.mixed_read_limit is None
+                    or mixed_reads + new * upto <= self.config.mixed_read_limit
+                )
+            )
+            width = longest if mixes else max(longest, new)
+            apart = len(admitted) - mixed + (not mixes)
+            reads = longest_read if mixes else max(longest_read, upto)
             needed = self._blocks_for(upto) - len(found)
             # Room for running rows to grow into: a block each, up to 1% of the pool.
             reserve = min(len(self.running), self.pool.num_usable // 100)
-            reads = max(longest_read, upto)
+            step_tokens = mixed_tokens + mixes * new + (prefill_size(apart, width) if apart else 0)
             fits_budget = not admitted or (
-                prefill_size(len(admitted) + 1, width) <= token_budget
-                and (read_budget is None or (len(admitted) + 1) * reads <= read_budget)
+                step_tokens <= token_budget and (read_budget is None or apart * reads <= read_budget)
             )
             if not fits_budget or not self.pool.can_allocate(needed, reserve):
                 self.pool.release(found)
@@ -379,10 +411,12 @@ class Scheduler:
             if end:
                 seq.chunked = True
                 self._chunking.append(seq)
+            if mixes:
+                mixed, mixed_tokens, mixed_reads = mixed + 1, mixed_tokens + new, mixed_reads + new * upto
             longest, longest_read = width, reads
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
             self.running.append(seq)
             self._count(seq, 1)
             admitted.append(seq)
-        return admitted
+        return admitted, mixed

@@ -184,8 +184,9 @@ def test_an_abort_frees_the_row_at_the_next_step(tiny: LoadedModel) -> None:
 
 def test_each_step_times_its_decode_and_prefill_parts_for_the_pacing(tiny: LoadedModel) -> None:
     """The scheduler's prefill pacing learns from the steps: the decode part's time, and the prefill
-    part's time over the tokens it ran as (the runner's padded size of the newcomers)."""
-    engine = make_engine(tiny, prefill_pacing=2.5).engine  # driven by hand, without its thread
+    part's time over the tokens it ran as (the runner's padded size of the newcomers), for newcomers
+    prefilled apart from the decoding rows."""
+    engine = make_engine(tiny, prefill_pacing=2.5, mixed_prefill_tokens=0).engine  # driven by hand
     engine.report = lambda report: None
     collected: list[Launched] = []
     collect = engine.runner.collect

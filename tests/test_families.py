@@ -75,10 +75,15 @@ class Recorded:
         self.engine.engine._append = recording_append  # type: ignore[method-assign]
         self.engine.engine.runner.head = recording_head  # type: ignore[assignment]
         self.chunked: set[str] = set()  # requests whose prompt was prefilled a chunk a step
+        # requests prefilled in the decoding rows' forward, and those prefilled apart from it
+        self.mixed: set[str] = set()
+        self.apart: set[str] = set()
         launch = self.engine.engine.runner.launch
 
         def recording_launch(batch: Any, meanwhile: Any = None) -> Any:
             self.chunked.update(seq.label for seq in batch.prefill if seq.is_partial)
+            self.mixed.update(seq.label for seq in batch.prefill[: batch.mixed])
+            self.apart.update(seq.label for seq in batch.prefill[batch.mixed :])
             return launch(batch, meanwhile)
 
         self.engine.engine.runner.launch = recording_launch  # type: ignore[method-assign]
@@ -92,8 +97,10 @@ class Recorded:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 async def test_greedy_output_is_generates_alone_and_joining_a_running_batch(
-    family: str, models: dict[str, PreTrainedModel], tiny: LoadedModel
+    family: str, in_place: bool, models: dict[str, PreTrainedModel], tiny: LoadedModel
 ) -> None:
+    """Rows joining decoding rows prefill inside their forward (gathered, or read in place as a GPU
+    runs it)."""
     await assert_exact(model_of(family, models, tiny.tokenizer), tiny.tokenizer)
 
 
@@ -123,6 +130,9 @@ async def assert_exact(
         batched = await asyncio.gather(*tasks)
     finally:
         await engine.stop()
+    if engine.engine.runner.mixed_tokens:
+        # Each later request joined rows that were decoding: its prompt ran in their forward.
+        assert recorded.mixed == {f"batched{i}" for i in range(1, len(prompts))}
     for i, want in enumerate(expected):
         for kind, outputs in (("alone", alone[i]), ("batched", batched[i])):
             assert recorded.ids[f"{kind}{i}"] == want, f"{kind} request {i}: ids"
@@ -167,6 +177,8 @@ async def assert_chunks_exact(model: PreTrainedModel, tokenizer: PreTrainedToken
     finally:
         await recorded.engine.stop()
     assert recorded.chunked == {"long"}
+    if recorded.engine.engine.runner.mixed_tokens:  # the chunks ran in the decoding row's forward
+        assert (recorded.mixed, recorded.apart) == ({"long"}, {"short"})
     assert recorded.ids["long"] == reference(model, long, 12, tokenizer.eos_token_id)
     assert recorded.ids["short"] == reference(model, short, 40, tokenizer.eos_token_id, min_new_tokens=40)
     return recorded

@@ -17,11 +17,13 @@ def row(name: str, prompt_len: int, **params: float) -> Sequence:
     return seq
 
 
-def as_rebuilt(inputs: StepInputs, rows: list[Sequence]) -> None:
+def as_rebuilt(inputs: StepInputs, rows: list[Sequence], decoded: int) -> None:
     """The incremental inputs of `rows` equal a full rebuild (the token column where the row's token is
     the host's; one in flight comes from the previous step's output on the device)."""
-    fresh = StepInputs(inputs.longs.shape[0], 64, torch.device("cpu"))
-    fresh.load(rows)
+    fresh = StepInputs(
+        inputs.rows.shape[0], inputs.longs.shape[0] - inputs.rows.shape[0], 64, torch.device("cpu")
+    )
+    fresh.load(rows, decoded)
     n = len(rows)
     got, want = inputs.longs[:n], fresh.longs[:n]
     assert torch.equal(got[:, StepInputs.POSITION :], want[:, StepInputs.POSITION :])
@@ -32,7 +34,7 @@ def as_rebuilt(inputs: StepInputs, rows: list[Sequence]) -> None:
 
 
 def test_rows_that_decode_again_advance_on_the_device_and_changed_rows_come_from_the_host() -> None:
-    inputs = StepInputs(8, 64, torch.device("cpu"))
+    inputs = StepInputs(8, 0, 64, torch.device("cpu"))
     a = row("a", 5, temperature=0.0, min_new_tokens=3)
     b = row("b", 9, temperature=0.7, top_k=5, top_p=0.9)
     c = row("c", 2, repetition_penalty=1.2)
@@ -51,7 +53,7 @@ def test_rows_that_decode_again_advance_on_the_device_and_changed_rows_come_from
     for rows, decoded in steps:
         inputs.load(rows, decoded)
         written.append(inputs.written)
-        as_rebuilt(inputs, rows)
+        as_rebuilt(inputs, rows, decoded)
         # The engine: the step is launched, then the one before is collected.
         for index, seq in enumerate(rows):
             seq.launched += 1
@@ -66,7 +68,7 @@ def test_rows_that_decode_again_advance_on_the_device_and_changed_rows_come_from
 def test_rows_stepped_again_without_a_launch_are_written_again() -> None:
     """A profiler stepping the same rows over and over (nothing launched in between) gets the same
     inputs each time, not rows that run ahead."""
-    inputs = StepInputs(4, 64, torch.device("cpu"))
+    inputs = StepInputs(4, 0, 64, torch.device("cpu"))
     rows = [row("a", 5), row("b", 6)]
     for seq in rows:
         seq.launched, seq.output_ids = 4, [1, 2, 3, 4]
@@ -75,6 +77,35 @@ def test_rows_stepped_again_without_a_launch_are_written_again() -> None:
     inputs.load(rows, 2)
     assert inputs.written == 2
     assert torch.equal(inputs.longs, first)
+
+
+def test_mixed_newcomers_tokens_follow_the_rows_each_in_its_newcomers_table_and_leave_as_padding() -> None:
+    """A step with a decoding row and two newcomers mixed into its forward: each newcomer's row feeds
+    its last uncached token; its other uncached tokens follow the rows, at their positions, reading
+    and writing its row's blocks. The next step, without newcomers, leaves those entries padding."""
+    inputs = StepInputs(5, 8, 64, torch.device("cpu"))
+    a, b, c = row("a", 3), row("b", 4), row("c", 6)
+    for slot, seq in enumerate((a, b, c)):
+        seq.slot = slot
+    a.launched, a.output_ids, a.row_index = 1, [40], 0
+    c.num_cached = 4  # two of its tokens to prefill past a cached block
+    inputs.load([a, b, c], decoded=1, mixed=2)
+    assert inputs.mixed == 3 + 1
+    token, position, table = (
+        inputs.longs[:, column] for column in (StepInputs.TOKEN, StepInputs.POSITION, StepInputs.TABLE)
+    )
+    assert position[:3].tolist() == [3, 3, 5] and table[:3].tolist() == [0, 1, 2]
+    assert token[1:3].tolist() == [b.tokens[3], c.tokens[5]]
+    assert token[3:7].tolist() == [*b.tokens[:3], c.tokens[4]]
+    assert position[3:7].tolist() == [0, 1, 2, 4] and table[3:7].tolist() == [1, 1, 1, 2]
+    assert (inputs.longs[3:7, StepInputs.SOURCE] == -1).all()
+    for index, seq in enumerate((a, b, c)):
+        seq.launched += 1
+        seq.row_index = index
+    inputs.load([a, b, c], decoded=3)
+    assert inputs.mixed == 0 and position[:3].tolist() == [4, 4, 6]
+    padding = StepInputs(5, 8, 64, torch.device("cpu"))
+    assert torch.equal(inputs.longs[3:], padding.longs[3:]), "the mixed tokens' entries are padding again"
 
 
 def test_row_history_says_exactly_which_tokens_each_newcomer_holds_whatever_its_row_held_before() -> None:

@@ -20,7 +20,33 @@ KV_LEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
 # pair whose padded size fits the step's prefill token limit, an eager forward past it.
 PREFILL_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_WIDTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# Decode forwards are padded up to these (their rows, and the newcomers' tokens mixed in past them).
+BATCH_BUCKETS = (
+    1,
+    2,
+    4,
+    8,
+    16,
+    24,
+    32,
+    40,
+    48,
+    56,
+    64,
+    80,
+    96,
+    112,
+    128,
+    160,
+    192,
+    224,
+    256,
+    320,
+    384,
+    448,
+    512,
+)
+BATCH_BUCKETS += (640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192)
 
 
 def bucket(value: int, buckets: tuple[int, ...], cap: int) -> int:

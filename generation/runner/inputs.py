@@ -61,59 +61,71 @@ class BlockTables:
 
 
 class StepInputs:
-    """Fixed-address input buffers of the decode step, kept on the device from step to step and updated
-    for the rows that changed.
+    """Fixed-address input buffers of the decode forward, kept on the device from step to step and
+    updated for the rows that changed.
+
+    Entry i < rows is batch row i (the last one the spare row, which prefill padding samples into).
+    A step's forward runs its rows (0..n-1) and then, from entry n on, every token of its mixed
+    newcomers but the last (which its own row feeds): each such entry says its token, its position and
+    the table row whose blocks it writes and reads (`TABLE`, its newcomer's row), so a token sees the
+    ones before it once the forward has stored them.
 
     A row that decodes again in the row it held last step, one launched token on, is advanced on the
     device (its position and step count go up by one, and its token comes from the previous step's
-    output, `feed_previous`); only the rows that changed (newcomers, rows moved into a hole, rows
-    freed since the last step) are written from the host, with two small host-to-device copies. The
-    pinned host buffers are double-buffered: while one step's copies may still be queued on the device,
-    the next step fills the other pair.
+    output, `feed_previous`); only the entries that changed (newcomers, rows moved into a hole, rows
+    freed since the last step, mixed tokens) are written from the host, with two small host-to-device
+    copies. The pinned host buffers are double-buffered: while one step's copies may still be queued
+    on the device, the next step fills the other pair.
     """
 
     # Columns of the integer table, by name: the token in, its position, top_k, seed, step (tokens
-    # launched), min_new_tokens (EOS is banned while step is below it), and the row's index in the
-    # previous step's output when its token comes from there (else -1).
-    TOKEN, POSITION, TOP_K, SEED, STEP, MIN_NEW, SOURCE = range(7)
-    LONGS = 7
+    # launched), min_new_tokens (EOS is banned while step is below it), the row's index in the previous
+    # step's output when its token comes from there (else -1), and the table row of its blocks.
+    TOKEN, POSITION, TOP_K, SEED, STEP, MIN_NEW, SOURCE, TABLE = range(8)
+    LONGS = 8
     # Columns of the float table.
     TEMPERATURE, TOP_P, PENALTY, FREQUENCY, PRESENCE = range(5)
     FLOATS = 5
 
-    def __init__(self, rows: int, max_len: int, device: torch.device) -> None:
+    def __init__(self, rows: int, mixed: int, max_len: int, device: torch.device) -> None:
         pinned = device.type == "cuda"
-        # A changed row's batch row, then its integer inputs; and its float inputs.
-        self._host_longs = torch.zeros(2, rows, 1 + self.LONGS, dtype=torch.long, pin_memory=pinned)
-        self._host_floats = torch.zeros(2, rows, self.FLOATS, dtype=torch.float32, pin_memory=pinned)
+        entries = rows + mixed
+        # A changed entry's index, then its integer inputs; and its float inputs.
+        self._host_longs = torch.zeros(2, entries, 1 + self.LONGS, dtype=torch.long, pin_memory=pinned)
+        self._host_floats = torch.zeros(2, entries, self.FLOATS, dtype=torch.float32, pin_memory=pinned)
         self._host_tokens = torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned)
         self._turn = 0
-        self.longs = torch.zeros(rows, self.LONGS, dtype=torch.long, device=device)
-        self.floats = torch.zeros(rows, self.FLOATS, dtype=torch.float32, device=device)
+        self.longs = torch.zeros(entries, self.LONGS, dtype=torch.long, device=device)
+        self.floats = torch.zeros(entries, self.FLOATS, dtype=torch.float32, device=device)
         self._changed_longs = torch.zeros_like(self._host_longs[0], device=device)
         self._changed_floats = torch.zeros_like(self._host_floats[0], device=device)
         self.ids = self.longs[:, self.TOKEN : self.TOKEN + 1]
         self.positions = self.longs[:, self.POSITION : self.POSITION + 1]
+        self.tables = self.longs[:, self.TABLE]
         self.rows = torch.arange(rows, device=device)
         self.key_index = torch.arange(max_len, device=device)
-        self._padding = [0, 0, 0, 0, 0, 0, -1]
+        # Padding reads and writes the spare row's table: empty, so only the null block.
+        self._padding = [0, 0, 0, 0, 0, 0, -1, rows - 1]
         # What an advancing row adds to its integer inputs: a position and a step.
         self._advance = torch.zeros(self.LONGS, dtype=torch.long, device=device)
         self._advance[[self.POSITION, self.STEP]] = 1
-        # Each row's sequence at the last load, and how many tokens it had launched then.
-        self._owners: list[Sequence | None] = [None] * rows
-        self._launched = [0] * rows
-        self._used = 0  # rows the device tables may hold a sequence in
+        # Each entry's sequence at the last load, and how many tokens it had launched then.
+        self._owners: list[Sequence | None] = [None] * entries
+        self._launched = [0] * entries
+        self._used = 0  # entries the device tables may hold a sequence's inputs in
         self.written = 0
-        """Rows the last load wrote from the host (the others advanced on the device)."""
+        """Entries the last load wrote from the host (the others advanced on the device)."""
+        self.mixed = 0
+        """The mixed tokens the last load placed after the rows."""
         self.clear()
 
-    def load(self, rows: list[Sequence], decoded: int = 0) -> None:
+    def load(self, rows: list[Sequence], decoded: int = 0, mixed: int = 0) -> None:
         """Bring every row's inputs and sampling parameters up to date for the next step: `rows` in
-        batch order, of which the first `decoded` decode (the others are prefilled).
+        batch order, of which the first `decoded` decode, the next `mixed` prefill in the decode
+        forward (their other uncached tokens placed after the rows), the others apart.
 
-        Rows past the live ones (a graph's padding, and the spare row) are greedy, token 0 at position 0:
-        their block tables are empty, so they write and read only the null block."""
+        Entries past the live ones (a graph's padding, and the spare row) are greedy, token 0 at
+        position 0, reading the spare row's empty table: they write and read only the null block."""
         self._turn ^= 1
         owners, launched = self._owners, self._launched
         changed: list[tuple[int, list[int], list[float]]] = []
@@ -123,27 +135,53 @@ class StepInputs:
                 launched[row] = seq.launched
                 continue
             owners[row], launched[row] = seq, seq.launched
-            changed.append((row, _long_inputs(seq), _float_inputs(seq)))
-        for row in range(len(rows), self._used):
-            owners[row] = None
-            changed.append((row, self._padding, [0.0] * self.FLOATS))
-        self._used, self.written = len(rows), len(changed)
+            changed.append((row, _long_inputs(seq, prefill=row >= decoded), _float_inputs(seq)))
+        newcomers = rows[decoded : decoded + mixed]
+        tails = [seq.tokens[seq.num_cached : seq.prefill_to - 1] for seq in newcomers]
+        extra = sum(map(len, tails))
+        end = len(rows) + extra
+        for entry in range(len(rows), max(end, self._used)):
+            owners[entry] = None
+        for entry in range(end, self._used):
+            changed.append((entry, self._padding, [0.0] * self.FLOATS))
+        self._used, self.mixed = end, extra
+        self.written = len(changed) + extra
         if decoded:
             # Every decoding row advances; the changed ones among them are overwritten just below.
             advancing = self.longs[:decoded]
             advancing += self._advance
             advancing[:, self.SOURCE] = self.rows[:decoded]
+        count = len(changed) + extra
+        if not count:
+            return
+        longs, floats = self._host_longs[self._turn, :count], self._host_floats[self._turn, :count]
         if changed:
-            count = len(changed)
-            longs, floats = self._host_longs[self._turn, :count], self._host_floats[self._turn, :count]
-            longs[:] = torch.tensor([[row, *values] for row, values, _ in changed])
-            floats[:] = torch.tensor([values for _, _, values in changed])
-            device_longs, device_floats = self._changed_longs[:count], self._changed_floats[:count]
-            device_longs.copy_(longs, non_blocking=True)
-            device_floats.copy_(floats, non_blocking=True)
-            where = device_longs[:, 0]
-            self.longs.index_copy_(0, where, device_longs[:, 1:])
-            self.floats.index_copy_(0, where, device_floats)
+            longs[: len(changed)] = torch.tensor([[row, *values] for row, values, _ in changed])
+            floats[: len(changed)] = torch.tensor([values for _, _, values in changed])
+        if extra:
+            # The mixed tokens: each at its position, in its newcomer's table, with padding's sampling.
+            block = longs[len(changed) :]
+            block.zero_()
+            block[:, 0] = torch.arange(len(rows), end)
+            block[:, 1 + self.TOKEN] = torch.tensor(list(itertools.chain(*tails)))
+            block[:, 1 + self.POSITION] = torch.tensor(
+                [
+                    p
+                    for seq, tail in zip(newcomers, tails, strict=True)
+                    for p in range(seq.num_cached, seq.num_cached + len(tail))
+                ]
+            )
+            block[:, 1 + self.SOURCE] = -1
+            block[:, 1 + self.TABLE] = torch.tensor(
+                [seq.slot for seq, tail in zip(newcomers, tails, strict=True) for _ in tail]
+            )
+            floats[len(changed) :] = 0.0
+        device_longs, device_floats = self._changed_longs[:count], self._changed_floats[:count]
+        device_longs.copy_(longs, non_blocking=True)
+        device_floats.copy_(floats, non_blocking=True)
+        where = device_longs[:, 0]
+        self.longs.index_copy_(0, where, device_longs[:, 1:])
+        self.floats.index_copy_(0, where, device_floats)
 
     def host_tokens(self) -> torch.Tensor:
         """The pinned buffer this step's tokens are copied back into."""
@@ -276,13 +314,17 @@ class RowHistory:
             self.counts.index_put_((where, device[3 * n + count :]), self._one, accumulate=True)
 
 
-def _long_inputs(seq: Sequence) -> list[int]:
-    # Counted from what has been launched, so a row with a token in flight is described one step on.
+def _long_inputs(seq: Sequence, prefill: bool = False) -> list[int]:
     made = seq.launched
-    source = seq.row_index if seq.in_flight else -1
-    position = seq.num_prompt_tokens + made - 1
+    if prefill:
+        # Its last uncached token, which a mixed prefill feeds in the row itself (a chunk's last one).
+        token, position, source = seq.tokens[seq.prefill_to - 1], seq.prefill_to - 1, -1
+    else:
+        # Counted from what has been launched, so a row with a token in flight is described one step on.
+        token, position = seq.last_token, seq.num_prompt_tokens + made - 1
+        source = seq.row_index if seq.in_flight else -1
     # In StepInputs' column order.
-    return [seq.last_token, position, seq.params.top_k, seq.seed, made, seq.params.min_new_tokens, source]
+    return [token, position, seq.params.top_k, seq.seed, made, seq.params.min_new_tokens, source, seq.slot]
 
 
 def _float_inputs(seq: Sequence) -> list[float]:

@@ -195,19 +195,24 @@ class ModelRunner:
         self.spare_row = self.max_rows  # the per-row tables' extra row: padding rows read and write it
         self.block_size = config.kv_block_size
         self.num_blocks = self._plan_blocks()
+        # Newcomers' tokens a decode forward may take beside its rows, and what they may read.
+        self.mixed_tokens, self.mixed_read_limit = self._mixing(model)
         self.table_width = -(-config.max_seq_len // self.block_size)
         self.cache = PagedKVCache(
             self.num_blocks, self.block_size, self.max_rows + 1, self.table_width, self.device
         )
         self._tables = BlockTables(self.cache.tables)
         self._prefill_shapes = self._graph_prefill_shapes()
-        self._static = StepInputs(self.max_rows + 1, config.max_seq_len, self.device)
+        self._static = StepInputs(self.max_rows + 1, self.mixed_tokens, config.max_seq_len, self.device)
         # The previous step's sampled tokens, in its row order: the next step's inputs for its rows.
         self._last_tokens = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
-        # The decode forward's last hidden states, where the step's sampling (its own graph) reads them.
-        self._hidden = torch.zeros(self.max_rows, self.hidden_size, dtype=self.dtype, device=self.device)
+        # The decode forward's last hidden states (its rows', then its mixed tokens'), where the step's
+        # sampling (its own graph) reads the rows'.
+        self._hidden = torch.zeros(
+            self.max_rows + self.mixed_tokens, self.hidden_size, dtype=self.dtype, device=self.device
+        )
         # A prefill's last hidden states (one a newcomer), where the log-probabilities read them.
-        self._prefill_hidden = torch.zeros_like(self._hidden)
+        self._prefill_hidden = torch.zeros_like(self._hidden[: self.max_rows])
         self._logprobs = StepLogprobs(self.max_rows, self.device)
         self._grammar = GrammarMasks(self.max_rows + 1, self.vocab_size, self.device)
         self._constrained = False  # the step being launched has rows that follow a grammar
@@ -243,6 +248,28 @@ class ModelRunner:
             self.config, self.device, limits, self._trial_prefill, lambda: not self.kernel_reads
         )
 
+    def _mixing(self, model: PreTrainedModel) -> tuple[int, int | None]:
+        """How many newcomers' tokens a decode forward may take beside its rows (`mixed_prefill_tokens`),
+        and how many (token x position it attends to) they may add up to, or None for no limit.
+
+        A mixed token attends as a decoding row does: reading its context once for itself. On a GPU
+        that pays while it reads less than a forward of its own would (every weight once), so the
+        limit is the weights' bytes over a position's keys and values; and it needs the paged kernel,
+        which reads the blocks in place (gathering a row's positions for each token would cost far
+        more). On the CPU, where the engine's exactness is tested, newcomers mix with no limit."""
+        tokens = self.config.mixed_prefill_tokens
+        if not tokens or self.device.type != "cuda":
+            return tokens, None
+        trial = PassThroughCache()
+        try:
+            self._trial_prefill(1, 2, trial)  # finds whether the paged kernel reads the blocks
+        except Exception:  # the model cannot run: `check_forward` says why, before the server is ready
+            return 0, None
+        if not self.kernel_reads or not trial.bytes_per_token:
+            return 0, None
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        return tokens, weights // trial.bytes_per_token
+
     # ------------------------------------------------------------ the step
 
     @torch.inference_mode()
@@ -260,27 +287,31 @@ class ModelRunner:
             self.counts[dst] = self.counts[src]
         self._tables.update(batch)
         # The rows' inputs and sampling parameters: decoding rows advance on the device, and one pair of
-        # host-to-device copies carries the rows that changed.
-        self._static.load(batch.rows, len(batch.decode))
+        # host-to-device copies carries the rows that changed and the mixed newcomers' tokens.
+        mixed, apart = batch.prefill[: batch.mixed], batch.prefill[batch.mixed :]
+        self._static.load(batch.rows, len(batch.decode), len(mixed))
+        if mixed:
+            self._history.mark(mixed)
         marks = self._clock.start()
-        decoding = self._decode_forward(batch.decode) if batch.decode else None
+        forward = batch.decode + mixed
+        decoding = self._decode_forward(forward, self._static.mixed) if forward else None
         if meanwhile is not None:
             meanwhile()
         self._constrained = self._grammar.load(batch.rows) if batch.constrained else self._grammar.reset()
         tokens = [self._decode_sample(*decoding)] if decoding is not None else []
         self._clock.mark(marks, 1)
         prefill_tokens = 0
-        if batch.prefill:
-            tokens.append(self._prefill(batch.prefill))
+        if apart:
+            tokens.append(self._prefill(apart))
             prefill_tokens = self.prefill_size(
-                len(batch.prefill), max(seq.prefill_to - seq.num_cached for seq in batch.prefill)
+                len(apart), max(seq.prefill_to - seq.num_cached for seq in apart)
             )
         self._clock.mark(marks, 2)
         out = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         self._last_tokens[: out.shape[0]].copy_(out)
         logprobs = None
         if batch.logprobs:
-            logprobs = self._step_logprobs(len(batch.decode), len(batch.prefill), out)
+            logprobs = self._step_logprobs(len(forward), len(apart), out)
         if self.device.type != "cuda":
             return Launched(
                 batch.rows,
@@ -445,21 +476,23 @@ class ModelRunner:
         """Decode and sample the running rows (rows 0..n-1); returns their new tokens, [n]."""
         return self._decode_sample(*self._decode_forward(rows))
 
-    def _decode_forward(self, rows: list[Sequence]) -> tuple[int, int, int]:
-        """Queue the running rows' forward (rows 0..n-1; their last hidden states land in `_hidden`);
-        returns what `_decode_sample` needs: the rows, the captured batch and the sampling mode.
+    def _decode_forward(self, rows: list[Sequence], mixed: int = 0) -> tuple[int, int, int]:
+        """Queue the forward of rows 0..n-1 and the `mixed` newcomers' tokens placed after them (their
+        last hidden states land in `_hidden`); returns what `_decode_sample` needs: the rows, the
+        captured batch and the sampling mode.
 
-        The forward is captured per (batch, KV length) and the sampling per (batch, sampling mode): the
-        mode is the cheapest way of ranking the vocabulary that serves every row (see the sampler)."""
+        The forward is captured per (rows and mixed tokens, KV length) and the sampling per (rows,
+        sampling mode): the mode is the cheapest way of ranking the vocabulary that serves every row
+        (see the sampler)."""
         n = len(rows)
         kv_len = self._kv_len(rows)
         mode = MODES.index(self._mode(rows))
         if not self.use_graphs:
-            self._decode_static(n, kv_len)
+            self._decode_static(n + mixed, kv_len)
             return n, n, mode
-        batch = bucket(n, BATCH_BUCKETS, self.max_rows)
-        self.graphs.get(Part.DECODE, batch, kv_len)[0].replay()
-        return n, batch, mode
+        entries = bucket(n + mixed, BATCH_BUCKETS, self.max_rows + self.mixed_tokens)
+        self.graphs.get(Part.DECODE, entries, kv_len)[0].replay()
+        return n, bucket(n, BATCH_BUCKETS, self.max_rows), mode
 
     def _decode_sample(self, n: int, batch: int, mode: int) -> torch.Tensor:
         """Sample the decoded rows; returns their new tokens, [n]. A step with rows that follow grammars
@@ -479,8 +512,8 @@ class ModelRunner:
         return sampling_mode(((p.temperature, p.top_k, p.top_p) for p in params), self.vocab_size)
 
     def _decode_static(self, batch: int, kv_len: int) -> torch.Tensor:
-        """Decode rows 0..batch-1 from the static input buffers only, so it can be captured; their last
-        hidden states land in `_hidden`."""
+        """Run entries 0..batch-1 (rows, then mixed tokens) from the static input buffers only, so it can
+        be captured; their last hidden states land in `_hidden`."""
         self._static.feed_previous(self._last_tokens)
         hidden = self._hidden[:batch]
         hidden.copy_(self._decode_hidden(batch, kv_len))
@@ -496,10 +529,11 @@ class ModelRunner:
         return self._sample(logits, params, static.rows[:batch], seen, counts, MODES[mode], masked)
 
     def _decode_hidden(self, batch: int, kv_len: int) -> torch.Tensor:
-        # Row b feeds its last token at position pos[b] and attends to 0..pos[b].
+        # Entry b feeds its token at position pos[b] and attends to 0..pos[b] of its table row's blocks
+        # (every entry's keys are stored before any attends).
         static = self._static
         positions = static.positions[:batch]
-        self.cache.for_forward(static.rows[:batch], positions, None, kv_len, self.kernel_reads)
+        self.cache.for_forward(static.tables[:batch], positions, None, kv_len, self.kernel_reads)
         mask = self._decode_mask(batch, kv_len)
         return self._forward(static.ids[:batch], positions, mask, self.cache)[:, -1]
 
@@ -596,25 +630,28 @@ class ModelRunner:
         return hidden
 
     def _batches_and_lengths(self) -> tuple[list[int], list[int]]:
-        return buckets_up_to(BATCH_BUCKETS, self.max_rows), buckets_up_to(
+        """The decode forward's padded sizes (rows and mixed tokens) and KV lengths."""
+        return buckets_up_to(BATCH_BUCKETS, self.max_rows + self.mixed_tokens), buckets_up_to(
             KV_LEN_BUCKETS, self.config.max_seq_len
         )
 
     def _compile(self) -> None:
-        batches, kv_lens = self._batches_and_lengths()
+        entries, kv_lens = self._batches_and_lengths()
+        batches = buckets_up_to(BATCH_BUCKETS, self.max_rows)
         self.compiled.compile(
             self.device,
             self._decode_static if self.kernel_reads else None,
-            {(batches[0], kv_lens[0]), (batches[-1], kv_lens[0]), (batches[-1], kv_lens[-1])},
+            {(entries[0], kv_lens[0]), (entries[-1], kv_lens[0]), (entries[-1], kv_lens[-1])},
             self._sample_decoded,
             {batches[0], batches[-1]},
         )
 
     def _capture_all(self) -> None:
-        batches, kv_lens = self._batches_and_lengths()
+        entries, kv_lens = self._batches_and_lengths()
+        batches = buckets_up_to(BATCH_BUCKETS, self.max_rows)
         for kv_len in kv_lens:
-            for batch in batches:
-                self.graphs.get(Part.DECODE, batch, kv_len)
+            for size in entries:
+                self.graphs.get(Part.DECODE, size, kv_len)
         for mode in range(len(MODES)):
             for batch in batches:
                 self.graphs.get(Part.SAMPLE, batch, mode)
