@@ -187,6 +187,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
         "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.max_seq_len),
         "--prefill-token-budget", str(args.prefill_token_budget),
         "--prefill-pacing", str(args.prefill_pacing),
+        "--mixed-prefill-tokens", str(args.mixed_prefill_tokens),
         "--log-format", "json", *(["--no-compile"] if args.no_compile else []),
         *(["--workers", args.workers] if args.workers is not None else []),
     ]  # fmt: skip
@@ -430,6 +431,7 @@ async def bench_engine(args: argparse.Namespace, loaded: LoadedModel) -> tuple[l
             max_seq_len=args.max_seq_len,
             prefill_token_budget=args.prefill_token_budget,
             prefill_pacing=args.prefill_pacing,
+            mixed_prefill_tokens=args.mixed_prefill_tokens,
             compile=not args.no_compile,
         ),
     )
@@ -783,6 +785,7 @@ def main() -> None:
     )
     parser.add_argument("--prefill-token-budget", type=int, default=EngineConfig.prefill_token_budget)
     parser.add_argument("--prefill-pacing", type=float, default=EngineConfig.prefill_pacing)
+    parser.add_argument("--mixed-prefill-tokens", type=int, default=EngineConfig.mixed_prefill_tokens)
     parser.add_argument(
         "--logprobs", type=int, default=None, help="every request asks this many alternatives"
     )

@@ -38,9 +38,9 @@ class SchedulerConfig:
     weights for both), up to this many prompt tokens in all, which is then the step's prefill budget;
     0: newcomers always prefill in a forward of their own."""
     mixed_read_limit: int | None = None
-    """Most (prompt token x the positions it attends to) a step's mixed newcomers may add up to: a mixed
-    token reads its context as a decoding row does, which past this costs more than a forward of its
-    own (a newcomer beyond it prefills apart); None: no limit."""
+    """Most positions a step's mixed newcomers' tokens may read in all (a token at position p reads
+    p + 1, as a decoding row does): past it their reads cost more than a forward of their own (a
+    newcomer beyond it prefills apart); None: no limit."""
 
 
 @dataclass
@@ -370,6 +370,7 @@ class Scheduler:
                     end = cached + chunk
             upto = end or len(tokens)
             new = upto - cached
+            reading = new * (cached + 1 + upto) // 2  # its tokens at positions p read p + 1 positions each
             # Mixed while every newcomer before it is, and within the mixed tokens and reads.
             mixes = (
                 mixing
@@ -377,7 +378,7 @@ class Scheduler:
                 and mixed_tokens + new <= self.config.mixed_prefill_tokens
                 and (
                     self.config.mixed_read_limit is None
-                    or mixed_reads + new * upto <= self.config.mixed_read_limit
+                    or mixed_reads + reading <= self.config.mixed_read_limit
                 )
             )
             width = longest if mixes else max(longest, new)
@@ -412,7 +413,7 @@ class Scheduler:
                 seq.chunked = True
                 self._chunking.append(seq)
             if mixes:
-                mixed, mixed_tokens, mixed_reads = mixed + 1, mixed_tokens + new, mixed_reads + new * upto
+                mixed, mixed_tokens, mixed_reads = mixed + 1, mixed_tokens + new, mixed_reads + reading
             longest, longest_read = width, reads
             seq.slot = len(self.running)
             seq.status = Status.RUNNING

@@ -83,10 +83,11 @@ def test_a_long_prompt_coming_while_rows_decode_is_prefilled_a_chunk_a_step() ->
 def test_newcomers_joining_decoding_rows_mix_into_their_forward_within_tokens_and_reads() -> None:
     """With nothing decoding, newcomers prefill apart up to the token budget. While rows decode, the
     step's budget is the mixed tokens (12 here): newcomers mix, uncached tokens counted unpadded, in
-    arrival order, while their tokens x the positions they read stay within the read limit (90); the
-    first that does not fit the reads prefills apart, and every later one with it."""
+    arrival order, while the positions their tokens read (p + 1 for a token at position p) stay within
+    the read limit (50); the first that does not fit the reads prefills apart, and every later one
+    with it."""
     scheduler = Scheduler(
-        config(max_batch_size=8, prefill_token_budget=100, mixed_prefill_tokens=12, mixed_read_limit=90)
+        config(max_batch_size=8, prefill_token_budget=100, mixed_prefill_tokens=12, mixed_read_limit=50)
     )
     first = seq("first", 20)
     scheduler.add(first)
@@ -95,16 +96,16 @@ def test_newcomers_joining_decoding_rows_mix_into_their_forward_within_tokens_an
     a, b, c, d = seq("a", 5, first=30), seq("b", 3, first=40), seq("c", 6, first=50), seq("d", 2, first=60)
     for s in (a, b, c, d):
         scheduler.add(s)
-    # a reads 5 x 5 = 25 and b 3 x 3 = 9: mixed; c would bring the tokens to 14, over 12.
+    # a reads 1 + ... + 5 = 15 and b 6: mixed; c would bring the tokens to 14, over 12.
     batch = run_step(scheduler)
     assert (batch.decode, batch.prefill, batch.mixed) == ([first], [a, b], 2)
-    # c reads 36 and d 4: both mixed (8 tokens, 40 reads).
+    # c reads 21 and d 3: both mixed (8 tokens, 24 reads).
     batch = run_step(scheduler)
     assert (batch.prefill, batch.mixed) == ([c, d], 2)
     e, f = seq("e", 10, first=70), seq("f", 2, first=90)
     for s in (e, f):
         scheduler.add(s)
-    # e reads 10 x 10 = 100, over 90: apart, with f after it (12 tokens padded: 2 x 10 = 20, over 12).
+    # e reads 55, over 50: apart, with f after it (12 tokens padded: 2 x 10 = 20, over 12).
     batch = run_step(scheduler)
     assert (batch.prefill, batch.mixed) == ([e], 0)
     batch = run_step(scheduler)

@@ -41,6 +41,11 @@ from trickle.generation.sequence import Sequence
 
 log = structlog.get_logger("generation.runner")
 
+# How much cheaper a mixed newcomer's reads of its own blocks are than reading them from memory (its
+# tokens read them in one kernel, so mostly from the L2 cache); an estimate that the H200 runs of the
+# Llama-7B shape check (bench/results/h200-session19/NOTES.md).
+L2_REUSE = 4
+
 
 def _cache_argument(module: torch.nn.Module) -> str:
     # transformers renamed `past_key_values` to `cache` in 5.x; pass whichever this version takes.
@@ -253,10 +258,12 @@ class ModelRunner:
         and how many (token x position it attends to) they may add up to, or None for no limit.
 
         A mixed token attends as a decoding row does: reading its context once for itself. On a GPU
-        that pays while it reads less than a forward of its own would (every weight once), so the
-        limit is the weights' bytes over a position's keys and values; and it needs the paged kernel,
-        which reads the blocks in place (gathering a row's positions for each token would cost far
-        more). On the CPU, where the engine's exactness is tested, newcomers mix with no limit."""
+        that pays while it reads less than a forward of its own would (every weight once from memory).
+        A newcomer's tokens read the same blocks in one kernel, mostly from the L2 cache, counted at
+        `L2_REUSE` times cheaper than memory: so the limit is that many times the weights' bytes over
+        a position's keys and values. Mixing needs the paged kernel, which reads the blocks in place
+        (gathering a row's positions for each token would cost far more). On the CPU, where the
+        engine's exactness is tested, newcomers mix with no limit."""
         tokens = self.config.mixed_prefill_tokens
         if not tokens or self.device.type != "cuda":
             return tokens, None
@@ -268,7 +275,7 @@ class ModelRunner:
         if not self.kernel_reads or not trial.bytes_per_token:
             return 0, None
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        return tokens, weights // trial.bytes_per_token
+        return tokens, L2_REUSE * weights // trial.bytes_per_token
 
     # ------------------------------------------------------------ the step
 
