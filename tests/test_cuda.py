@@ -76,8 +76,10 @@ async def test_every_family_is_exact_with_cuda_graphs(family: str, tiny: LoadedM
 async def test_a_long_prompt_prefilled_in_chunks_through_the_graphs_is_exact(
     family: str, tiny: LoadedModel
 ) -> None:
-    """Chunks of a prompt joining a decoding row, through the prefill graphs (the first from position
-    0, the next past the cached ones), exact against generate()."""
+    """Chunks of a prompt joining a decoding row, exact against generate(): mixed into the decoding
+    row's captured forward where the model's attention takes the paged kernels (a chunk whose reads
+    pass the mixed read limit, and every chunk of a model that gathers its blocks, through the prefill
+    graphs: the first from position 0, the next past the cached ones)."""
     model = build(family, len(tiny.tokenizer), tiny.tokenizer.eos_token_id).cuda()
     runner = (await assert_chunks_exact(model, tiny.tokenizer)).engine.engine.runner
     assert runner.use_graphs and Part.PREFILL in runner.graphs

@@ -255,7 +255,7 @@ class ModelRunner:
 
     def _mixing(self, model: PreTrainedModel) -> tuple[int, int | None]:
         """How many newcomers' tokens a decode forward may take beside its rows (`mixed_prefill_tokens`),
-        and how many (token x position it attends to) they may add up to, or None for no limit.
+        and how many positions those tokens may read in all, or None for no limit.
 
         A mixed token attends as a decoding row does: reading its context once for itself. On a GPU
         that pays while it reads less than a forward of its own would (every weight once from memory).
