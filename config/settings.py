@@ -65,8 +65,9 @@ class Settings(BaseSettings):
     times the time of a step that only streams (measured as the server runs), so streams stay smooth
     while newcomers arrive; the first newcomer of a step always goes in. It costs throughput (each
     prefill reads every weight once, so more, smaller prefills cost more): off (0) by default, every
-    step then prefills up to the prefill token budget. It learns from prefills run apart: with newcomers
-    mixed into the streaming rows' step (the default), --mixed-prefill-tokens sets that trade."""
+    step then prefills up to the prefill token budget. It paces the prompts prefilled in steps of their own
+    (what it learns the cost of); newcomers mixed into the streaming rows' step (the default) are
+    bounded by --mixed-prefill-tokens instead."""
     mixed_prefill_tokens: int = Field(default=512, ge=0)
     """While requests stream, new prompts run inside the streaming rows' own step (one pass over the
     weights for both, so a newcomer no longer holds every stream back for a prefill of its own), up to

@@ -31,8 +31,9 @@ class SchedulerConfig:
     """The tokens a prefill of (newcomers, the longest one's uncached tokens) runs as, padding included
     (the runner pads to the shapes it captured); None: newcomers x longest."""
     prefill_pacing: float = 0.0
-    """While rows decode, a step prefills only the tokens that keep it within this many times a decode
-    part's time, as the steps measure them (`PrefillPacing`); 0: every step up to the token budget."""
+    """While rows decode, a step prefills apart only the tokens that keep it within this many times a
+    decode part's time, as the steps measure them (`PrefillPacing`); mixed newcomers are bounded by
+    `mixed_prefill_tokens` instead. 0: every step up to the token budget."""
     mixed_prefill_tokens: int = 0
     """While rows decode, a step's newcomers run inside the decoding rows' own forward (one read of the
     weights for both), up to this many prompt tokens in all, which is then the step's prefill budget;
@@ -147,7 +148,7 @@ class Scheduler:
     when the pool has none left), compacts rows, and admits waiting sequences in arrival order while
     there are free rows, prefill budget and blocks. While rows decode, newcomers run inside their
     forward (`mixed_prefill_tokens`, which is then the step's prefill budget; those it cannot take
-    prefill apart), the prefill budget is also what `pacing` allows, and a prompt longer than it is
+    prefill apart, within what `pacing` allows), and a prompt longer than the budget is
     admitted for a chunk (`Sequence.prefill_end`): that step's token is not the row's, and the next
     `schedule` puts the row back at the head of the queue, its chunk's blocks in the prefix cache, for
     the next chunk.
@@ -344,9 +345,11 @@ class Scheduler:
         mixing = bool(self.running) and self.config.mixed_prefill_tokens > 0
         if mixing:
             token_budget = min(token_budget, self.config.mixed_prefill_tokens)
+        # Pacing bounds the prefills run apart (it learns their cost: a forward of their own each).
         paced = self.pacing.budget() if self.running else None
-        if paced is not None:
-            token_budget = min(token_budget, paced)
+        if paced is None:
+            paced = token_budget
+        chunk_budget = token_budget if mixing else min(token_budget, paced)
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
             if seq.in_flight:  # preempted with a token on its way: it comes back once that is seen
@@ -365,7 +368,7 @@ class Scheduler:
             # holds the decoding rows back for all of it.
             end = 0
             if not admitted and self.running and self.config.prefix_caching:
-                chunk = max(size, token_budget // size * size)
+                chunk = max(size, chunk_budget // size * size)
                 if cached + chunk < len(tokens):
                     end = cached + chunk
             upto = end or len(tokens)
@@ -387,9 +390,11 @@ class Scheduler:
             needed = self._blocks_for(upto) - len(found)
             # Room for running rows to grow into: a block each, up to 1% of the pool.
             reserve = min(len(self.running), self.pool.num_usable // 100)
-            step_tokens = mixed_tokens + mixes * new + (prefill_size(apart, width) if apart else 0)
+            apart_tokens = prefill_size(apart, width) if apart else 0
             fits_budget = not admitted or (
-                step_tokens <= token_budget and (read_budget is None or apart * reads <= read_budget)
+                mixed_tokens + mixes * new + apart_tokens <= token_budget
+                and apart_tokens <= paced
+                and (read_budget is None or apart * reads <= read_budget)
             )
             if not fits_budget or not self.pool.can_allocate(needed, reserve):
                 self.pool.release(found)

@@ -155,6 +155,39 @@ def test_pacing_limits_a_steps_prefill_while_rows_decode_to_the_measured_stall()
     assert run_step(scheduler).prefill == late[3:]
 
 
+def test_pacing_bounds_the_prefills_run_apart_not_the_mixed_newcomers() -> None:
+    """Pacing learns what a prefill of its own costs, so it bounds only those: with a paced budget of
+    50 tokens, two newcomers of 40 still mix into the decoding rows' forward (80 tokens); a newcomer
+    past the mixed read limit prefills apart (the first of a step always goes in), and one after it
+    waits, its 2 x 70 padded tokens apart being over the 50."""
+    scheduler = Scheduler(
+        config(
+            max_batch_size=32,
+            prefill_token_budget=1000,
+            prefill_pacing=1.5,
+            mixed_prefill_tokens=1000,
+            mixed_read_limit=2000,
+        )
+    )
+    scheduler.pacing.observe(4, 0.010, 100, 0.010)
+    assert scheduler.pacing.budget() == 50
+    first = seq("first", 8)
+    scheduler.add(first)
+    run_step(scheduler)
+    a, b = seq("a", 40, first=100), seq("b", 40, first=200)
+    for s in (a, b):
+        scheduler.add(s)
+    batch = run_step(scheduler)  # 40 x 41 / 2 = 820 positions read each
+    assert (batch.decode, batch.prefill, batch.mixed) == ([first], [a, b], 2)
+    c, d = seq("c", 70, first=300), seq("d", 10, first=400)
+    for s in (c, d):
+        scheduler.add(s)
+    batch = run_step(scheduler)  # c reads 2,485 positions
+    assert (batch.prefill, batch.mixed) == ([c], 0)
+    batch = run_step(scheduler)
+    assert (batch.prefill, batch.mixed) == ([d], 1)
+
+
 def test_pacing_always_admits_one_newcomer_and_is_off_at_zero_or_unmeasured() -> None:
     paced = Scheduler(config(max_batch_size=8, prefill_token_budget=1000, prefill_pacing=2.0))
     paced.pacing.observe(1, 0.001, 10, 0.010)  # 1 ms decode, 1 ms a token: a budget of 1 token
