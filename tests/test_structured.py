@@ -163,6 +163,45 @@ async def test_a_request_after_a_constrained_one_in_its_row_is_free_from_its_fir
     assert after == before
 
 
+async def test_constrained_newcomers_mixed_into_a_decoding_rows_forward_follow_their_format(
+    random_llama: LoadedModel,
+) -> None:
+    """Requests with a format that join a free row while it decodes run in its forward (mixed): their
+    first token, sampled there, is masked as every later one is; the free row is not."""
+    engine = make_engine(random_llama)
+    runner = engine.engine.runner
+    mixed: list[str] = []
+    launch = runner.launch
+
+    def recording(batch: Any, meanwhile: Any = None) -> Any:
+        mixed.extend(seq.label for seq in batch.prefill[: batch.mixed])
+        return launch(batch, meanwhile)
+
+    runner.launch = recording  # type: ignore[method-assign]
+    ids = engine.prompts.encode("The baker")
+    free = SamplingParams(temperature=0.0, max_new_tokens=60, min_new_tokens=60)
+    digits = SamplingParams(max_new_tokens=6, seed=3, response_format={"type": "regex", "pattern": "[0-9]+"})
+    await engine.start()
+    try:
+        (alone,) = await texts(engine, "The baker", [free])
+        stream = engine.generate(ids, free, label="free")
+        first = await anext(stream)
+        shaped = await asyncio.gather(
+            *(collect_text(engine.generate(ids, digits, label=f"digits{i}")) for i in range(3))
+        )
+        rest = [out async for out in stream]
+    finally:
+        await engine.stop()
+    assert set(mixed) >= {"digits0", "digits1", "digits2"}
+    for text in shaped:
+        assert re.fullmatch("[0-9]+", text), text
+    assert first.text + "".join(out.text for out in rest) == alone[0]
+
+
+async def collect_text(stream: Any) -> str:
+    return "".join([out.text async for out in stream])
+
+
 def test_a_constrained_step_collects_the_step_before_once_its_own_forward_is_queued(
     random_llama: LoadedModel,
 ) -> None:
