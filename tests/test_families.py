@@ -448,23 +448,38 @@ async def test_logprobs_are_the_models_own_for_sampled_tokens_in_a_batch(
         tokenizer,
         EngineConfig(max_batch_size=4, max_seq_len=256, prefill_token_budget=4096, kv_cache_tokens=1024),
     )
+    mixed: list[str] = []
+    launch = engine.engine.runner.launch
+
+    def recording(batch: Any, meanwhile: Any = None) -> Any:
+        mixed.extend(seq.label for seq in batch.prefill[: batch.mixed])
+        return launch(batch, meanwhile)
+
+    engine.engine.runner.launch = recording  # type: ignore[method-assign]
     await engine.start()
     prompts = [tokenizer.encode(p) for p in PROMPTS[1:]]
     asks = [5, None, 0]
+
+    def run(i: int) -> Any:
+        params = SamplingParams(
+            temperature=0.9, top_k=0, top_p=1.0, seed=i, max_new_tokens=8, logprobs=asks[i]
+        )
+        return engine.generate(prompts[i], params, label=f"row{i}")
+
+    async def read(stream: Any) -> list[RequestOutput]:
+        return [out async for out in stream]
+
     try:
-        runs = [
-            engine.generate(
-                ids, SamplingParams(temperature=0.9, top_k=0, top_p=1.0, seed=i, max_new_tokens=8, logprobs=n)
-            )
-            for i, (ids, n) in enumerate(zip(prompts, asks, strict=True))
-        ]
-
-        async def read(stream: Any) -> list[RequestOutput]:
-            return [out async for out in stream]
-
-        results = await asyncio.gather(*(read(run) for run in runs))
+        # The later rows join the first while it decodes (mixed into its forward, where the engine mixes).
+        runs = [run(0)]
+        first = await anext(runs[0])
+        runs += [run(1), run(2)]
+        results = await asyncio.gather(*(read(stream) for stream in runs))
+        results[0].insert(0, first)
     finally:
         await engine.stop()
+    if engine.engine.runner.mixed_tokens:
+        assert {"row1", "row2"} <= set(mixed)
     for ids, n, outputs in zip(prompts, asks, results, strict=True):
         if n is None:
             assert all(out.logprobs is None for out in outputs)
