@@ -71,8 +71,9 @@ class Settings(BaseSettings):
     mixed_prefill_tokens: int = Field(default=512, ge=0)
     """While requests stream, new prompts run inside the streaming rows' own step (one pass over the
     weights for both, so a newcomer no longer holds every stream back for a prefill of its own), up to
-    this many prompt tokens a step, which is then the step's prefill budget: smaller keeps the streams
-    smoother while newcomers arrive, larger admits them sooner. 0: newcomers always prefill apart. On a
+    this many prompt tokens a step (at most the prefill token budget), which is then the step's
+    prefill budget: smaller keeps the streams smoother while newcomers arrive, larger admits them
+    sooner. 0: newcomers always prefill apart. On a
     GPU, only models whose attention takes trickle's paged kernels mix (see the log's "decode
     attention" line)."""
     kv_cache_tokens: int | None = Field(default=None, ge=16)

@@ -350,3 +350,14 @@ async def test_ignore_eos_generates_past_end_of_sequence(tiny: LoadedModel) -> N
         await engine.stop()
     assert ignoring[-1].finish_reason == "length" and ignoring[-1].usage["completion_tokens"] == 9
     assert ending[-1].finish_reason == "eos" and ending[-1].usage["completion_tokens"] == 1
+
+
+def test_no_more_tokens_mix_than_the_prefill_budget_and_zero_turns_mixing_off(tiny: LoadedModel) -> None:
+    """While rows decode a step's prefill budget is the smaller of the two settings: the decode
+    forward's room for mixed tokens (and its captured sizes) is no larger."""
+    assert (
+        make_engine(tiny, prefill_token_budget=64, mixed_prefill_tokens=512).engine.runner.mixed_tokens == 64
+    )
+    assert make_engine(tiny, prefill_token_budget=4096).engine.runner.mixed_tokens == 512
+    off = make_engine(tiny, mixed_prefill_tokens=0).engine
+    assert off.runner.mixed_tokens == 0 and off.scheduler.config.mixed_prefill_tokens == 0

@@ -264,7 +264,8 @@ class ModelRunner:
         a position's keys and values. Mixing needs the paged kernel, which reads the blocks in place
         (gathering a row's positions for each token would cost far more). On the CPU, where the
         engine's exactness is tested, newcomers mix with no limit."""
-        tokens = self.config.mixed_prefill_tokens
+        # While rows decode the step's prefill budget is the smaller of the two: no more can mix.
+        tokens = min(self.config.mixed_prefill_tokens, self.config.prefill_token_budget)
         if not tokens or self.device.type != "cuda":
             return tokens, None
         trial = PassThroughCache()
