@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,32 @@ def bias_head(engine: AsyncEngine, tokens: list[int], amount: float) -> None:
         return logits
 
     engine.engine.runner.head = biased  # type: ignore[assignment]
+
+
+@dataclass
+class Prefills:
+    """The labels of the requests an engine's steps prefilled: inside the decoding rows' forward
+    (`mixed`), in a forward of their own (`apart`), and a chunk of the prompt at a time (`chunked`)."""
+
+    mixed: set[str] = field(default_factory=set)
+    apart: set[str] = field(default_factory=set)
+    chunked: set[str] = field(default_factory=set)
+
+
+def record_prefills(engine: AsyncEngine) -> Prefills:
+    """Record, step by step, how `engine` prefills each request (by its label)."""
+    seen = Prefills()
+    runner = engine.engine.runner
+    launch = runner.launch
+
+    def recording(batch: Any, meanwhile: Any = None) -> Any:
+        seen.mixed.update(seq.label for seq in batch.prefill[: batch.mixed])
+        seen.apart.update(seq.label for seq in batch.prefill[batch.mixed :])
+        seen.chunked.update(seq.label for seq in batch.prefill if seq.is_partial)
+        return launch(batch, meanwhile)
+
+    runner.launch = recording  # type: ignore[method-assign]
+    return seen
 
 
 def make_engine(loaded: LoadedModel, **config: float) -> AsyncEngine:

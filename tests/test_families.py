@@ -13,6 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from tests.conftest import record_prefills
 from tests.families import FAMILIES, WINDOW, assert_scores, build, build_from, model_logprobs, reference
 from trickle.config import Settings
 from trickle.generation import (
@@ -74,19 +75,9 @@ class Recorded:
 
         self.engine.engine._append = recording_append  # type: ignore[method-assign]
         self.engine.engine.runner.head = recording_head  # type: ignore[assignment]
-        self.chunked: set[str] = set()  # requests whose prompt was prefilled a chunk a step
-        # requests prefilled in the decoding rows' forward, and those prefilled apart from it
-        self.mixed: set[str] = set()
-        self.apart: set[str] = set()
-        launch = self.engine.engine.runner.launch
-
-        def recording_launch(batch: Any, meanwhile: Any = None) -> Any:
-            self.chunked.update(seq.label for seq in batch.prefill if seq.is_partial)
-            self.mixed.update(seq.label for seq in batch.prefill[: batch.mixed])
-            self.apart.update(seq.label for seq in batch.prefill[batch.mixed :])
-            return launch(batch, meanwhile)
-
-        self.engine.engine.runner.launch = recording_launch  # type: ignore[method-assign]
+        prefills = record_prefills(self.engine)
+        # requests prefilled a chunk a step, in the decoding rows' forward, and apart from it
+        self.chunked, self.mixed, self.apart = prefills.chunked, prefills.mixed, prefills.apart
 
     async def run(
         self, label: str, ids: list[int], new_tokens: int, min_new_tokens: int = 0
@@ -448,14 +439,7 @@ async def test_logprobs_are_the_models_own_for_sampled_tokens_in_a_batch(
         tokenizer,
         EngineConfig(max_batch_size=4, max_seq_len=256, prefill_token_budget=4096, kv_cache_tokens=1024),
     )
-    mixed: list[str] = []
-    launch = engine.engine.runner.launch
-
-    def recording(batch: Any, meanwhile: Any = None) -> Any:
-        mixed.extend(seq.label for seq in batch.prefill[: batch.mixed])
-        return launch(batch, meanwhile)
-
-    engine.engine.runner.launch = recording  # type: ignore[method-assign]
+    prefills = record_prefills(engine)
     await engine.start()
     prompts = [tokenizer.encode(p) for p in PROMPTS[1:]]
     asks = [5, None, 0]
@@ -479,7 +463,7 @@ async def test_logprobs_are_the_models_own_for_sampled_tokens_in_a_batch(
     finally:
         await engine.stop()
     if engine.engine.runner.mixed_tokens:
-        assert {"row1", "row2"} <= set(mixed)
+        assert {"row1", "row2"} <= prefills.mixed
     for ids, n, outputs in zip(prompts, asks, results, strict=True):
         if n is None:
             assert all(out.logprobs is None for out in outputs)

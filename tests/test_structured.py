@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 
-from tests.conftest import bias_head, make_engine
+from tests.conftest import bias_head, make_engine, record_prefills
 from tests.families import build
 from trickle.generation import AsyncEngine, LoadedModel, SamplingParams, structured
 from trickle.generation.messages import AddRequest
@@ -169,15 +169,7 @@ async def test_constrained_newcomers_mixed_into_a_decoding_rows_forward_follow_t
     """Requests with a format that join a free row while it decodes run in its forward (mixed): their
     first token, sampled there, is masked as every later one is; the free row is not."""
     engine = make_engine(random_llama)
-    runner = engine.engine.runner
-    mixed: list[str] = []
-    launch = runner.launch
-
-    def recording(batch: Any, meanwhile: Any = None) -> Any:
-        mixed.extend(seq.label for seq in batch.prefill[: batch.mixed])
-        return launch(batch, meanwhile)
-
-    runner.launch = recording  # type: ignore[method-assign]
+    prefills = record_prefills(engine)
     ids = engine.prompts.encode("The baker")
     free = SamplingParams(temperature=0.0, max_new_tokens=60, min_new_tokens=60)
     digits = SamplingParams(max_new_tokens=6, seed=3, response_format={"type": "regex", "pattern": "[0-9]+"})
@@ -192,7 +184,7 @@ async def test_constrained_newcomers_mixed_into_a_decoding_rows_forward_follow_t
         rest = [out async for out in stream]
     finally:
         await engine.stop()
-    assert set(mixed) >= {"digits0", "digits1", "digits2"}
+    assert prefills.mixed >= {"digits0", "digits1", "digits2"}
     for text in shaped:
         assert re.fullmatch("[0-9]+", text), text
     assert first.text + "".join(out.text for out in rest) == alone[0]
