@@ -136,22 +136,27 @@ class StepInputs:
                 continue
             owners[row], launched[row] = seq, seq.launched
             changed.append((row, _long_inputs(seq, prefill=row >= decoded), _float_inputs(seq)))
-        newcomers = rows[decoded : decoded + mixed]
-        tails = [seq.tokens[seq.num_cached : seq.prefill_to - 1] for seq in newcomers]
-        extra = sum(map(len, tails))
+        # The mixed newcomers' tokens but their last, each with its position and its newcomer's table row.
+        ids: list[int] = []
+        positions: list[int] = []
+        tables: list[int] = []
+        for seq in rows[decoded : decoded + mixed]:
+            ids += seq.tokens[seq.num_cached : seq.prefill_to - 1]
+            positions += range(seq.num_cached, seq.prefill_to - 1)
+            tables += [seq.slot] * (seq.prefill_to - 1 - seq.num_cached)
+        extra = len(ids)
         end = len(rows) + extra
         for entry in range(len(rows), max(end, self._used)):
             owners[entry] = None
         for entry in range(end, self._used):
             changed.append((entry, self._padding, [0.0] * self.FLOATS))
         self._used, self.mixed = end, extra
-        self.written = len(changed) + extra
+        count = self.written = len(changed) + extra
         if decoded:
             # Every decoding row advances; the changed ones among them are overwritten just below.
             advancing = self.longs[:decoded]
             advancing += self._advance
             advancing[:, self.SOURCE] = self.rows[:decoded]
-        count = len(changed) + extra
         if not count:
             return
         longs, floats = self._host_longs[self._turn, :count], self._host_floats[self._turn, :count]
@@ -159,22 +164,13 @@ class StepInputs:
             longs[: len(changed)] = torch.tensor([[row, *values] for row, values, _ in changed])
             floats[: len(changed)] = torch.tensor([values for _, _, values in changed])
         if extra:
-            # The mixed tokens: each at its position, in its newcomer's table, with padding's sampling.
+            # Padding's inputs (its sampling parameters go unread), but each its token, position, table.
             block = longs[len(changed) :]
-            block.zero_()
             block[:, 0] = torch.arange(len(rows), end)
-            block[:, 1 + self.TOKEN] = torch.tensor(list(itertools.chain(*tails)))
-            block[:, 1 + self.POSITION] = torch.tensor(
-                [
-                    p
-                    for seq, tail in zip(newcomers, tails, strict=True)
-                    for p in range(seq.num_cached, seq.num_cached + len(tail))
-                ]
-            )
-            block[:, 1 + self.SOURCE] = -1
-            block[:, 1 + self.TABLE] = torch.tensor(
-                [seq.slot for seq, tail in zip(newcomers, tails, strict=True) for _ in tail]
-            )
+            block[:, 1:] = torch.tensor(self._padding)
+            block[:, [1 + self.TOKEN, 1 + self.POSITION, 1 + self.TABLE]] = torch.tensor(
+                [ids, positions, tables]
+            ).T
             floats[len(changed) :] = 0.0
         device_longs, device_floats = self._changed_longs[:count], self._changed_floats[:count]
         device_longs.copy_(longs, non_blocking=True)

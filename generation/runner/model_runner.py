@@ -298,6 +298,8 @@ class ModelRunner:
         # host-to-device copies carries the rows that changed and the mixed newcomers' tokens.
         mixed, apart = batch.prefill[: batch.mixed], batch.prefill[batch.mixed :]
         self._static.load(batch.rows, len(batch.decode), len(mixed))
+        # Mixed newcomers sample with the decoding rows: their histories first. Those prefilled apart are
+        # marked in `_prefill`, after the decode sampling, whose padding rows may write into their rows.
         if mixed:
             self._history.mark(mixed)
         marks = self._clock.start()
