@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import FalconForCausalLM
 
 from tests.conftest import make_engine
@@ -17,7 +18,7 @@ from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
 from tests.test_families import assert_chunks_exact, assert_exact, reads_in_place
 from tests.test_structured import texts
-from trickle.generation import LoadedModel, SamplingParams, load_model
+from trickle.generation import LoadedModel, SamplingParams, linear, load_model
 from trickle.generation.kv.attention import (
     DecodeTables,
     PrefillTables,
@@ -58,10 +59,16 @@ UNCAPTURED = {"mixtral-sliding", "qwen2-moe", "qwen3-moe"}
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", list(FAMILIES))
-async def test_every_family_is_exact_with_cuda_graphs(family: str, tiny: LoadedModel) -> None:
+async def test_every_family_is_exact_with_cuda_graphs(
+    family: str, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The model matrix on the GPU: masks, alibi and the model's own head inside captured graphs; the
     decoder layers compiled, where attention takes the paged kernels (and prefills past the cached
-    prompts read the blocks in place)."""
+    prompts read the blocks in place), their linear layers in one-row steps by `generation.linear`'s
+    kernel."""
+    kernel_calls = []
+    skinny = linear.skinny_linear
+    monkeypatch.setattr(linear, "skinny_linear", lambda *args: kernel_calls.append(1) or skinny(*args))
     model = build(family, len(tiny.tokenizer), tiny.tokenizer.eos_token_id).cuda()
     runner = (await assert_exact(model, tiny.tokenizer)).engine.engine.runner
     paged = reads_in_place(family, model)
@@ -69,6 +76,34 @@ async def test_every_family_is_exact_with_cuda_graphs(family: str, tiny: LoadedM
     assert runner.use_graphs == (family not in UNCAPTURED)
     assert bool(runner.compiled.layers) == (paged and runner.use_graphs)
     assert (Part.PREFIX in runner.graphs) == (paged and runner.use_graphs)
+    # the one-row decode graph was captured with the kernel in its compiled layers, and nothing else ran it
+    assert bool(kernel_calls) == bool(runner.compiled.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("out_features", "in_features"), [(4672, 4544), (37, 1030), (1, 64), (129, 3000)])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_the_one_row_linear_kernel_computes_what_f_linear_computes(
+    dtype: torch.dtype, out_features: int, in_features: int, bias: bool
+) -> None:
+    """`trickle::linear` on one row runs the kernel and equals `F.linear` within its accumulation's
+    rounding (shapes that are not multiples of its blocks among them); on more rows, a weight it cannot
+    walk, or a CPU, it is `F.linear` exactly."""
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=dtype) / in_features**0.5
+    b = torch.randn(out_features, device="cuda", dtype=dtype) if bias else None
+    x = torch.randn(1, 1, in_features, device="cuda", dtype=dtype)
+    assert linear.applies(x, weight)
+    got = torch.ops.trickle.linear(x, weight, b)
+    want = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert got.shape == (1, 1, out_features) and got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
+    rows = torch.randn(2, in_features, device="cuda", dtype=dtype)
+    strided = torch.randn(in_features, out_features, device="cuda", dtype=dtype).t()
+    for args in ((rows, weight, b), (x, strided, b), (x.cpu(), weight.cpu(), None if b is None else b.cpu())):
+        assert not linear.applies(args[0], args[1])
+        assert torch.equal(torch.ops.trickle.linear(*args), F.linear(*args))
 
 
 @pytest.mark.timeout(600)

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 import torch
 
+from trickle.generation import linear
 from trickle.generation.kv.attention import context
 from trickle.generation.models import decoder_layers
 from trickle.generation.sampler import MODES, PLAIN, TOP_K, sample_rows
@@ -44,7 +45,8 @@ def cache_dir() -> Path:
 
 def compile_layers(layers: list[torch.nn.Module], compile: Callable[..., Any]) -> None:
     """Each layer runs `compile(type(layer).forward)` in paged decode steps (one compiled function per
-    layer class) and its own forward otherwise."""
+    layer class) and its own forward otherwise. Compiled, its linear layers go through
+    `generation.linear` (one-row steps read their weights with its kernel)."""
     # Nothing a layer's traced code reads names the layer: the cache's `update` leaves its index alone in
     # a paged decode step, and `decode_layer` takes none.
     dynamo = torch._dynamo.config
@@ -58,6 +60,7 @@ def compile_layers(layers: list[torch.nn.Module], compile: Callable[..., Any]) -
             compiled[cls] = compile(cls.forward)
         forward = functools.partial(_layer_forward, compiled=compiled[cls], plain=cls.forward)
         layer.forward = types.MethodType(forward, layer)
+        linear.use_in_compiled(layer)
 
 
 def _layer_forward(
@@ -71,6 +74,7 @@ def restore_layers(layers: list[torch.nn.Module]) -> None:
     """Undo `compile_layers`: the layers run their class's forward again."""
     for layer in layers:
         layer.__dict__.pop("forward", None)
+        linear.restore(layer)
 
 
 def brief(err: Exception) -> str:
