@@ -76,8 +76,12 @@ async def test_every_family_is_exact_with_cuda_graphs(
     assert runner.use_graphs == (family not in UNCAPTURED)
     assert bool(runner.compiled.layers) == (paged and runner.use_graphs)
     assert (Part.PREFIX in runner.graphs) == (paged and runner.use_graphs)
-    # the one-row decode graph was captured with the kernel in its compiled layers, and nothing else ran it
-    assert bool(kernel_calls) == bool(runner.compiled.layers)
+    # the one-row decode graph was captured with the kernel in compiled layers with linear layers (not
+    # GPT-2's Conv1D); uncompiled layers never run it
+    linears = any(type(m) is torch.nn.Linear for layer in runner.compiled.layers for m in layer.modules())
+    if runner.use_graphs:
+        assert bool(kernel_calls) == linears
+    assert paged or not kernel_calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -100,7 +104,7 @@ def test_the_one_row_linear_kernel_computes_what_f_linear_computes(
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
     rows = torch.randn(2, in_features, device="cuda", dtype=dtype)
-    strided = torch.randn(in_features, out_features, device="cuda", dtype=dtype).t()
+    strided = torch.randn(out_features, 2 * in_features, device="cuda", dtype=dtype)[:, ::2]
     for args in ((rows, weight, b), (x, strided, b), (x.cpu(), weight.cpu(), None if b is None else b.cpu())):
         assert not linear.applies(args[0], args[1])
         assert torch.equal(torch.ops.trickle.linear(*args), F.linear(*args))

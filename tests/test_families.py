@@ -23,9 +23,10 @@ from trickle.generation import (
     ModelRunError,
     RequestOutput,
     SamplingParams,
+    linear,
 )
 from trickle.generation.kv import attention as paged_attention
-from trickle.generation.models import decoder_layers
+from trickle.generation.models import adapt, decoder_layers
 from trickle.generation.runner.compiled import compile_layers, restore_layers
 from trickle.server import create_app
 
@@ -405,13 +406,22 @@ async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
     assert len(layers) == 6
     torch._dynamo.reset()
     counters.clear()
+    adapt(model)  # as the runner does before compiling (Falcon's linear layers become nn.Linear)
     compile_layers(layers, functools.partial(torch.compile, backend="eager"))
+    calls = []
+    applies = linear.applies
+    monkeypatch.setattr(linear, "applies", lambda *args: calls.append(1) or applies(*args))
     try:
         await assert_exact(model, tokenizer)
     finally:
         restore_layers(layers)
     kinds = 2 if family == "gemma2" else 1
     assert 0 < counters["stats"]["unique_graphs"] <= 2 * kinds
+    # the compiled layers' linear layers went through `trickle::linear` (GPT-2's are Conv1D), and
+    # restoring the layers took it out again
+    assert bool(calls) == (family != "gpt2")
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    assert all("forward" not in vars(m) for m in linears)
 
 
 def assert_logprobs_are_the_models(

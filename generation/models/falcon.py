@@ -11,6 +11,10 @@ module instances, with the same arithmetic:
   runs the unfused float32 attention;
 - with grouped keys and values (Falcon-40B and later) it copies them out to every query head before
   they are cached: 16x the KV memory for 128 query heads over 8.
+
+Its linear layers (`FalconLinear`) compute `input @ weight.T`, which without a bias is `nn.Linear`'s
+product: those become plain `nn.Linear`, so what the engine does with linear layers
+(`generation.linear`) applies to them too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.falcon.modeling_falcon import (
     FalconAttention,
+    FalconLinear,
     apply_rotary_pos_emb,
 )
 
@@ -144,6 +149,8 @@ def _grouped_query_attention(
 def adapt(model: PreTrainedModel) -> None:
     """Apply the adaptations that fit this model; other models are left as they are."""
     for module in model.modules():
+        if type(module) is FalconLinear and module.bias is None:
+            module.__class__ = torch.nn.Linear
         if not isinstance(module, FalconAttention) or module.config.alibi:
             continue
         if module.new_decoder_architecture:
