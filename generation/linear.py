@@ -1,11 +1,12 @@
 """The decoder layers' linear layers in a decode step of one row, on a GPU: a Triton matrix-vector
-kernel that reads each weight matrix at close to the memory bandwidth, where cuBLAS reads the layer
-matrices of a 7B model at 60-87% of it (`bench/skinny_linear.py`, `bench/results/h200-session20/`).
+kernel. On the H200 it reads the Falcon-7B and Llama-7B layer matrices at 73-93% of the memory
+bandwidth, where cuBLAS's kernels for one row read them at 59-87% (`bench/skinny_linear.py`,
+`bench/results/h200-session20/`).
 
 Each program of the kernel takes two whole rows of the weight (output features) and walks them along the
 input features, multiplying by the input element by element into a float32 tile it sums once at the
-end. With two rows or more cuBLAS is as fast, taken over the shapes measured (the sweep), so they keep
-it.
+end. Steps of several rows keep cuBLAS: a variant of the kernel for 2 to 64 rows (in the benchmark),
+with one setting for every shape, tied it at 2-16 rows and lost at 32-64.
 
 `linear` is one opaque operator (`torch.ops.trickle.linear`) that runs the kernel where it applies (CUDA,
 one row, a contiguous weight of a float type) and `F.linear` everywhere else, deciding by the shapes it
