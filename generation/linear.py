@@ -18,6 +18,8 @@ call it in compiled code (decode steps) and `F.linear` in eager code.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -87,25 +89,129 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _plain(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
+    """A linear layer whose forward is `F.linear` on float weights (quantized layers are other classes)."""
+    return type(module) is torch.nn.Linear and module.weight.dtype in _FLOATS
+
+
 def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
+        fused = getattr(module, "fused_weight", None)
+        if fused is not None:
+            # Every member of the group computes the group's product, and the compiled graph keeps one
+            # (`merge_repeats`): each takes its own columns of it.
+            out = torch.ops.trickle.linear(x, fused, module.fused_bias)
+            return out[..., module.fused_start : module.fused_stop]
         return torch.ops.trickle.linear(x, module.weight, module.bias)
     return F.linear(x, module.weight, module.bias)
 
 
 def use_in_compiled(module: torch.nn.Module) -> None:
     """Every plain `nn.Linear` in `module` calls `linear` when traced by torch.compile, `F.linear` when
-    run eagerly (same arithmetic as before). Quantized layers (other classes) are left alone."""
+    run eagerly (same arithmetic as before)."""
     for child in module.modules():
-        if type(child) is torch.nn.Linear:
+        if _plain(child):
             child.forward = types.MethodType(_forward, child)  # type: ignore[method-assign]
 
 
 def restore(module: torch.nn.Module) -> None:
     """Undo `use_in_compiled`."""
     for child in module.modules():
-        if type(child) is torch.nn.Linear:
+        if _plain(child):
             child.__dict__.pop("forward", None)
+
+
+def siblings(layers: list[torch.nn.Module], run: Callable[[], object]) -> list[list[torch.nn.Linear]]:
+    """The plain linear layers of `layers` that `run()` (a forward of the model) feeds one input tensor:
+    groups of two or more that can be fused, each in the order its members ran (a decoder layer's
+    query, key and value projections; an MLP's gate and up projections; Falcon's query/key/value and
+    MLP up projections, which its parallel attention feeds the same normed input)."""
+    inputs: dict[torch.nn.Linear, torch.Tensor] = {}
+
+    def record(module: torch.nn.Linear, args: tuple[object, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            inputs.setdefault(module, args[0])  # kept alive, so no two inputs are one object by chance
+
+    handles = [
+        child.register_forward_pre_hook(record)
+        for layer in layers
+        for child in layer.modules()
+        if _plain(child)
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[torch.nn.Linear]] = []
+    for module, x in inputs.items():
+        group = next((g for g in groups if inputs[g[0]] is x and _fusable(g[0], module)), None)
+        if group is None:
+            groups.append([module])
+        else:
+            group.append(module)
+    return [group for group in groups if len(group) > 1]
+
+
+def _fusable(a: torch.nn.Linear, b: torch.nn.Linear) -> bool:
+    wa, wb = a.weight, b.weight
+    return (
+        wa.shape[1] == wb.shape[1]
+        and wa.dtype == wb.dtype
+        and wa.device == wb.device
+        and (a.bias is None) == (b.bias is None)
+    )
+
+
+@torch.no_grad()
+def fuse(group: list[torch.nn.Linear]) -> None:
+    """One weight matrix (and bias) for the group, its members' own weights views of its rows: eager code
+    computes what it did, and compiled code (`_forward`) computes the group's product once."""
+    with torch.inference_mode(False):  # tensors that outlive the runner's inference-mode calls
+        weight = torch.cat([m.weight.detach() for m in group])
+        bias = torch.cat([m.bias.detach() for m in group]) if group[0].bias is not None else None
+        start = 0
+        for member in group:
+            stop = start + member.out_features
+            member.weight = torch.nn.Parameter(weight[start:stop], requires_grad=False)
+            if bias is not None:
+                member.bias = torch.nn.Parameter(bias[start:stop], requires_grad=False)
+            member.register_buffer("fused_weight", weight, persistent=False)
+            member.register_buffer("fused_bias", bias, persistent=False)
+            vars(member).update(fused_start=start, fused_stop=stop)  # plain attributes: ints, not tensors
+            start = stop
+
+
+def merge_repeats(graph: torch.fx.Graph) -> int:
+    """Keep one of the `trickle::linear` calls of `graph` that take the same arguments (a fused group's
+    members): the others' users take its result. Returns how many were removed."""
+    kept: dict[tuple[object, ...], torch.fx.Node] = {}
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (
+            torch.ops.trickle.linear,
+            torch.ops.trickle.linear.default,
+        ):
+            continue
+        key = (*node.args, *sorted(node.kwargs.items()))
+        if key in kept:
+            node.replace_all_uses_with(kept[key])
+            graph.erase_node(node)
+            removed += 1
+        else:
+            kept[key] = node
+    return removed
+
+
+def merging_repeats(backend: Callable[..., Any]) -> Callable[..., Any]:
+    """A torch.compile backend: `merge_repeats` on each graph dynamo captures, then `backend`."""
+
+    def compile_graph(module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        if merge_repeats(module.graph):
+            module.recompile()
+        return backend(module, example_inputs)
+
+    return compile_graph
 
 
 if triton is not None:

@@ -385,14 +385,28 @@ async def test_the_paged_attention_operators_are_exact_for_every_family(
     assert bool(prefills) == paged, "prefills past the cached prompts read the blocks in place"
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "falcon-mqa", "gpt2"])
+# The linear layers of a decoder layer that read one input, by family (GPT-2's are Conv1D).
+SIBLINGS = {
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]],
+    "gemma2": [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+    ],
+    # parallel attention: the query/key/value and the MLP's up projection read the same normed input
+    "falcon-mqa": [["self_attention.query_key_value", "mlp.dense_h_to_4h"]],
+    "gpt2": [],
+}
+
+
+@pytest.mark.parametrize("family", list(SIBLINGS))
 async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
     family: str, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The decoder layers compile as one function a class (torch.compile's tracing for real, with its
     plain `eager` backend, as the CPU has no CUDA graphs): six layers make no more graphs than the
     shapes and layer kinds they run (batch 1 and more; gemma2's sliding and global layers), and the
-    output stays exact."""
+    output stays exact. The linear layers that read one input are found and fused, and each compiled
+    graph computes a group's product once."""
     monkeypatch.setattr(paged_attention, "available", lambda device: True)
     tokenizer = tiny.tokenizer
     config = FAMILIES[family](len(tokenizer))
@@ -407,7 +421,18 @@ async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
     torch._dynamo.reset()
     counters.clear()
     adapt(model)  # as the runner does before compiling (Falcon's linear layers become nn.Linear)
-    compile_layers(layers, functools.partial(torch.compile, backend="eager"))
+    groups = linear.siblings(layers, lambda: model(torch.tensor([[5, 6, 7]])))
+    names = {module: name for layer in layers for name, module in layer.named_modules()}
+    assert [[names[m] for m in group] for group in groups] == SIBLINGS[family] * 6
+    for group in groups:
+        linear.fuse(group)
+    graphs = []
+
+    def eager(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    compile_layers(layers, functools.partial(torch.compile, backend=linear.merging_repeats(eager)))
     calls = []
     applies = linear.applies
     monkeypatch.setattr(linear, "applies", lambda *args: calls.append(1) or applies(*args))
@@ -417,9 +442,13 @@ async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
         restore_layers(layers)
     kinds = 2 if family == "gemma2" else 1
     assert 0 < counters["stats"]["unique_graphs"] <= 2 * kinds
-    # the compiled layers' linear layers went through `trickle::linear` (GPT-2's are Conv1D), and
-    # restoring the layers took it out again
+    # the compiled layers' linear layers went through `trickle::linear`, a group's members once for all,
+    # and restoring the layers took it out again
     assert bool(calls) == (family != "gpt2")
+    per_layer = sum(isinstance(m, torch.nn.Linear) for m in layers[0].modules())
+    once = per_layer - sum(len(group) - 1 for group in SIBLINGS[family])
+    targets = (torch.ops.trickle.linear, torch.ops.trickle.linear.default)
+    assert [sum(node.target in targets for node in g.graph.nodes) for g in graphs] == [once] * len(graphs)
     linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     assert all("forward" not in vars(m) for m in linears)
 

@@ -654,6 +654,7 @@ class ModelRunner:
             {(entries[0], kv_lens[0]), (entries[-1], kv_lens[0]), (entries[-1], kv_lens[-1])},
             self._sample_decoded,
             {batches[0], batches[-1]},
+            lambda: self._trial_prefill(1, 2, PassThroughCache()),
         )
 
     def _capture_all(self) -> None:

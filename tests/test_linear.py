@@ -1,0 +1,97 @@
+"""`generation.linear` on the CPU: which linear layers are fused and what fusing keeps, the merge of a
+fused group's calls, and a fused decoder layer compiled by inductor (the server's backend) computing
+each group's product once. The kernel itself runs on a GPU (`tests/test_cuda.py`)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trickle.generation import linear
+from trickle.generation.models import decoder_layers
+
+LINEAR = (torch.ops.trickle.linear, torch.ops.trickle.linear.default)
+
+
+def test_merge_repeats_keeps_one_of_the_linear_calls_that_take_the_same_arguments() -> None:
+    """Calls with the same input, weight and bias become one, whose users are the others' users; calls
+    that differ in any argument stay."""
+    x, w, other = torch.randn(2, 8), torch.randn(12, 8), torch.randn(12, 8)
+
+    def f(x: torch.Tensor, w: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        a = torch.ops.trickle.linear(x, w, None)[:, :4]
+        b = torch.ops.trickle.linear(x, w, None)[:, 4:]
+        c = torch.ops.trickle.linear(x, other, None)[:, :4]
+        d = torch.ops.trickle.linear(x * 2, w, None)[:, :4]
+        return torch.cat([a, b, c, d], dim=1)
+
+    traced = torch.fx.symbolic_trace(f)
+    assert linear.merge_repeats(traced.graph) == 1
+    traced.recompile()
+    assert sum(node.target in LINEAR for node in traced.graph.nodes) == 3
+    assert torch.equal(traced(x, w, other), f(x, w, other))
+
+
+def test_fused_linear_layers_compute_what_they_did_eagerly() -> None:
+    """Fusing makes the members' weights views of one matrix: eager forwards give the same bits, and
+    members with and without a bias, or of another input width, are never grouped."""
+    torch.manual_seed(0)
+    q, k = torch.nn.Linear(8, 6, bias=True), torch.nn.Linear(8, 3, bias=True)
+    plain, wide = torch.nn.Linear(8, 5, bias=False), torch.nn.Linear(16, 4, bias=True)
+    block = torch.nn.ModuleList([q, k, plain, wide])
+    x, y = torch.randn(2, 8), torch.randn(2, 16)
+    before = [q(x), k(x), plain(x), wide(y)]
+    groups = linear.siblings([block], lambda: (q(x), k(x), plain(x), wide(y)))
+    assert groups == [[q, k]]
+    linear.fuse(groups[0])
+    assert q.weight.data_ptr() == q.fused_weight.data_ptr() and k.fused_weight is q.fused_weight
+    assert (
+        k.weight.data_ptr() == q.fused_weight[6:].data_ptr()
+        and k.bias.data_ptr() == q.fused_bias[6:].data_ptr()
+    )
+    assert all(torch.equal(a, b) for a, b in zip([q(x), k(x), plain(x), wide(y)], before, strict=True))
+
+
+def test_a_fused_layer_compiled_by_inductor_computes_each_groups_product_once() -> None:
+    """A Llama layer's query, key and value and its gate and up projections, fused and compiled with the
+    server's backend (merge, then inductor): four products in the generated code (the two groups, the
+    output and down projections), and the layer's output as it is uncompiled."""
+    with warnings.catch_warnings():  # inductor's modules note deprecations of torch's own on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    layers = decoder_layers(model.base_model)
+    ids = torch.tensor([[5, 6, 7]])
+    for group in linear.siblings(layers, lambda: model(ids)):
+        linear.fuse(group)
+    calls: dict[str, Any] = {}
+    hook = layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: calls.setdefault("first", (args, kwargs)), with_kwargs=True
+    )
+    model(ids, use_cache=False)
+    hook.remove()
+    args, kwargs = calls["first"]
+    linear.use_in_compiled(layers[0])
+    try:
+        forward = torch.compile(type(layers[0]).forward, backend=linear.merging_repeats(compile_fx))
+        got, code = run_and_get_code(forward, layers[0], *args, **kwargs)
+    finally:
+        linear.restore(layers[0])
+    want = type(layers[0]).forward(layers[0], *args, **kwargs)
+    got, want = (out[0] if isinstance(out, tuple) else out for out in (got, want))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    products = [line for text in code for line in text.splitlines() if "= torch.ops.trickle.linear" in line]
+    assert len(products) == 4
