@@ -16,7 +16,7 @@ from transformers import FalconForCausalLM
 from tests.conftest import make_engine
 from tests.families import FAMILIES, build
 from tests.test_engine import generate_all
-from tests.test_families import assert_chunks_exact, assert_exact, reads_in_place
+from tests.test_families import SIBLINGS, assert_chunks_exact, assert_exact, reads_in_place
 from tests.test_structured import texts
 from trickle.generation import LoadedModel, SamplingParams, linear, load_model
 from trickle.generation.kv.attention import (
@@ -81,6 +81,15 @@ async def test_every_family_is_exact_with_cuda_graphs(
     linears = any(type(m) is torch.nn.Linear for layer in runner.compiled.layers for m in layer.modules())
     if runner.use_graphs:
         assert bool(kernel_calls) == linears
+    if family in SIBLINGS and runner.compiled.layers:
+        # the linear layers that read one input were fused before the KV plan (as on the CPU)
+        for layer in runner.compiled.layers:
+            names = {m: name for name, m in layer.named_modules()}
+            fused = {}
+            for m in layer.modules():
+                if getattr(m, "fused_weight", None) is not None:
+                    fused.setdefault(m.fused_weight.data_ptr(), []).append(names[m])
+            assert sorted(fused.values()) == sorted(SIBLINGS[family])
     assert paged or not kernel_calls
 
 

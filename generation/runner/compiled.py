@@ -102,7 +102,6 @@ class CompiledParts:
         decode_shapes: Iterable[tuple[int, int]],
         sample: Callable[[int, int], object],
         sample_batches: Iterable[int],
-        probe: Callable[[], object],
     ) -> None:
         """torch.compile the decoder layers and the sampler, compiling each by running it (`decode` and
         `sample` at the given shapes: the smallest and largest, so the ones between find a graph with
@@ -110,8 +109,8 @@ class CompiledParts:
         do not run the paged operator (the model's attention does not come through transformers'
         interface), so its layers stay uncompiled.
 
-        Before compiling, the linear layers that a forward of the model (`probe`) feeds one input are
-        fused (`generation.linear.siblings`): the compiled layers compute each group's product once.
+        Linear layers fused before (`ModelRunner`, `generation.linear.fuse`) have each group's product
+        computed once: the backend merges the repeats (`linear.merging_repeats`).
 
         The full-sort sampler stays uncompiled: inductor (torch 2.11) fails to generate its cumsum over
         a dynamic vocabulary, and the sort dominates it anyway."""
@@ -122,10 +121,6 @@ class CompiledParts:
         else:
             from torch._inductor.compile_fx import compile_fx
 
-            groups = linear.siblings(layers, probe)
-            for group in groups:
-                linear.fuse(group)
-            log.info("linear layers that read one input, fused", groups=len(groups), layers=len(layers))
             backend = linear.merging_repeats(compile_fx)
             compile_layers(layers, functools.partial(torch.compile, backend=backend))
             self.layers = layers

@@ -14,13 +14,14 @@ import structlog
 import torch
 from transformers import PreTrainedModel
 
+from trickle.generation import linear
 from trickle.generation.engine_config import EngineConfig
 from trickle.generation.head import ModelHead
 from trickle.generation.kv import attention as paged_attention
 from trickle.generation.kv.cache import PagedKVCache, PassThroughCache
 from trickle.generation.masks import AttentionMasks, Mask, UnsupportedModelError, alibi_from_4d
 from trickle.generation.messages import TokenLogprobs
-from trickle.generation.models import adapt
+from trickle.generation.models import adapt, decoder_layers
 from trickle.generation.params import MAX_LOGPROBS
 from trickle.generation.runner.compiled import CompiledParts, brief, cache_dir
 from trickle.generation.runner.graphs import (
@@ -199,6 +200,11 @@ class ModelRunner:
         self.max_rows = config.max_batch_size
         self.spare_row = self.max_rows  # the per-row tables' extra row: padding rows read and write it
         self.block_size = config.kv_block_size
+        # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
+        quantized = getattr(model, "is_quantized", False)
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
+        if self.use_graphs and config.compile:
+            self._fuse_linears()  # before the KV plan measures what memory is left
         self.num_blocks = self._plan_blocks()
         # Newcomers' tokens a decode forward may take beside its rows, and what they may read.
         self.mixed_tokens, self.mixed_read_limit = self._mixing(model)
@@ -233,9 +239,6 @@ class ModelRunner:
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self._clock = StepClock(self.device)
         self.graphs = StepGraphs(self.device, self._run_part)
-        # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
-        quantized = getattr(model, "is_quantized", False)
-        self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
         # The layers and samplers as they run; `warm_up` compiles them (unless --no-compile).
         self.compiled = CompiledParts(self.base)
 
@@ -252,6 +255,24 @@ class ModelRunner:
         return plan_blocks(
             self.config, self.device, limits, self._trial_prefill, lambda: not self.kernel_reads
         )
+
+    def _fuse_linears(self) -> None:
+        """Where the decoder layers will compile (their attention takes the paged kernel), fuse the linear
+        layers that a forward feeds one input (`generation.linear`): the compiled layers then read each
+        group's weights in one product. Each group's weights are copied once into one matrix and the old
+        ones released, so memory grows by one group at most, for a moment."""
+        layers = decoder_layers(self.base)
+        try:
+            groups = linear.siblings(layers, lambda: self._trial_prefill(1, 2, PassThroughCache()))
+        except Exception:  # the model cannot run: `check_forward` says why, before the server is ready
+            return
+        if not self.kernel_reads:
+            return
+        for group in groups:
+            linear.fuse(group)
+            torch.cuda.empty_cache()
+        sizes = sorted({len(group) for group in groups})
+        log.info("linear layers that read one input, fused", groups=len(groups), sizes=sizes)
 
     def _mixing(self, model: PreTrainedModel) -> tuple[int, int | None]:
         """How many newcomers' tokens a decode forward may take beside its rows (`mixed_prefill_tokens`),
@@ -654,7 +675,6 @@ class ModelRunner:
             {(entries[0], kv_lens[0]), (entries[-1], kv_lens[0]), (entries[-1], kv_lens[-1])},
             self._sample_decoded,
             {batches[0], batches[-1]},
-            lambda: self._trial_prefill(1, 2, PassThroughCache()),
         )
 
     def _capture_all(self) -> None:
