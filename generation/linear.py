@@ -13,6 +13,12 @@ one row, a contiguous weight of a float type) and `F.linear` everywhere else, de
 is called with: a compiled layer traced once for every batch size takes it with no guard on the rows,
 and a CUDA graph captures whichever it chose. `use_in_compiled(module)` has a module's linear layers
 call it in compiled code (decode steps) and `F.linear` in eager code.
+
+Linear layers that read one input are fused (`siblings`, `fuse`): one weight matrix for the group, the
+members' weights views of its rows, so eager code computes what it did. Compiled, each member computes
+the group's product with `linear` and takes its columns, and the backend `merging_repeats` keeps one
+of those identical calls: one product reads the group's weights, nearer the bandwidth than several
+smaller ones (`bench/gemm_shapes.py`).
 """
 
 from __future__ import annotations
