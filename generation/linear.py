@@ -96,8 +96,15 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 def _plain(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
-    """A linear layer whose forward is `F.linear` on float weights (quantized layers are other classes)."""
-    return type(module) is torch.nn.Linear and module.weight.dtype in _FLOATS
+    """A linear layer whose forward is `F.linear` on float weights: not quantized (other classes), not
+    wrapped by accelerate's offloading hooks or anything else that replaced its forward."""
+    ours = getattr(vars(module).get("forward"), "__func__", None) is _forward
+    return (
+        type(module) is torch.nn.Linear
+        and module.weight.dtype in _FLOATS
+        and not hasattr(module, "_hf_hook")
+        and ("forward" not in vars(module) or ours)
+    )
 
 
 def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ each group's product once. The kernel itself runs on a GPU (`tests/test_cuda.py`
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -95,3 +96,19 @@ def test_a_fused_layer_compiled_by_inductor_computes_each_groups_product_once() 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     products = [line for text in code for line in text.splitlines() if "= torch.ops.trickle.linear" in line]
     assert len(products) == 4
+
+
+def test_only_plain_linear_layers_are_routed_through_the_operator_and_restored() -> None:
+    """`use_in_compiled` leaves a linear layer whose forward something else replaced (accelerate's
+    offloading hooks, say) as it is, and `restore` takes back only what it set."""
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    wrapped = types.MethodType(lambda self, x: x * 2, block[1])
+    block[1].forward = wrapped
+    block[2]._hf_hook = object()  # what accelerate sets on a layer it offloads
+    linear.use_in_compiled(block)
+    assert vars(block[0])["forward"].__func__ is linear._forward
+    assert vars(block[1])["forward"] is wrapped and "forward" not in vars(block[2])
+    x = torch.randn(2, 4)
+    assert torch.equal(block[0](x), torch.nn.functional.linear(x, block[0].weight, block[0].bias))
+    linear.restore(block)
+    assert "forward" not in vars(block[0]) and vars(block[1])["forward"] is wrapped
