@@ -102,6 +102,11 @@ def timed(run, copies: int, repeats: int = 20) -> float:
     return start.elapsed_time(end) / 1e3 / repeats / copies
 
 
+def save(name: str, results: list[dict[str, object]]) -> None:
+    """The results as $OUT/NAME.json."""
+    (Path(os.environ.get("OUT", ".")) / f"{name}.json").write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     torch.manual_seed(0)
     results = []
@@ -133,8 +138,7 @@ def main() -> None:
             print(json.dumps(out), flush=True)
         ws.clear()
         torch.cuda.empty_cache()
-    folder = Path(os.environ.get("OUT", "."))
-    (folder / "gemm_shapes.json").write_text(json.dumps(results, indent=1))
+    save("gemm_shapes", results)
     print(f"\n| model | matrix | MB | rows | cuBLAS us | share of BW | Triton us | share |\n|{'---|' * 8}")
     for r in results:
         tri = f"{r['triton_us']:.1f} | {r['triton_bw']:.2f}" if "triton_us" in r else "|"

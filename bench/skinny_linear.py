@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemm_shapes import BANDWIDTH, SHAPES, timed
+from gemm_shapes import BANDWIDTH, SHAPES, save, timed
 
 from trickle.generation.linear import CONFIG, skinny_linear
 
@@ -97,8 +96,7 @@ def main() -> None:
             print(json.dumps({key: v for key, v in case.items() if key != "times"}), flush=True)
         ws.clear()
         torch.cuda.empty_cache()
-    folder = Path(os.environ.get("OUT", "."))
-    (folder / "skinny_linear.json").write_text(json.dumps(results, indent=1))
+    save("skinny_linear", results)
     print(f"\none row, the server's setting: {CONFIG}")
     print("\n| model | matrix | rows | cuBLAS | the server's setting | best (setting) |")
     print("|---|---|---|---|---|---|")

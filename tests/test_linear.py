@@ -9,8 +9,8 @@ import warnings
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.families import build
 from trickle.generation import linear
 from trickle.generation.models import decoder_layers
 
@@ -64,16 +64,7 @@ def test_a_fused_layer_compiled_by_inductor_computes_each_groups_product_once() 
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.utils import run_and_get_code
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model = build("llama", 100, 0).requires_grad_(False)
     layers = decoder_layers(model.base_model)
     ids = torch.tensor([[5, 6, 7]])
     for group in linear.siblings(layers, lambda: model(ids)):
