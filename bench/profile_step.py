@@ -33,10 +33,12 @@ def timed(fn, repeat: int = 20) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - start) / repeat * 1000
 
 
+# The Triton kernels of generation/kv/attention.py (paged attention).
+PAGED = ("_decode_kernel", "_merge_kernel", "_prefill_kernel")
 # Kernel families by name, first match wins: where a step's device time goes.
 FAMILIES = (
-    ("gemm", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma")),
-    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("gemm", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma", "_matvec_kernel")),
+    ("attention", (*PAGED, "sdpa", "flash", "fmha", "attention")),
     ("sort/topk", ("sort", "Sort", "topk", "radix", "Radix")),
     ("layernorm", ("layer_norm", "LayerNorm", "rms")),
     ("reduce", ("reduce_kernel", "softmax", "scan", "Scan", "argmax")),

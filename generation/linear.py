@@ -67,7 +67,7 @@ def skinny_linear(
         row = row.contiguous()
     out = torch.empty(out_features, device=x.device, dtype=x.dtype)
     block_n, block_k, warps, stages = config
-    _kernel[(triton.cdiv(out_features, block_n),)](
+    _matvec_kernel[(triton.cdiv(out_features, block_n),)](
         row,
         weight,
         bias if bias is not None else weight,
@@ -230,7 +230,7 @@ def merging_repeats(backend: Callable[..., Any]) -> Callable[..., Any]:
 if triton is not None:
 
     @triton.jit
-    def _kernel(  # type: ignore[no-untyped-def]
+    def _matvec_kernel(  # type: ignore[no-untyped-def]
         x_ptr,
         w_ptr,
         b_ptr,
