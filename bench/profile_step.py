@@ -3,7 +3,8 @@ per-row postprocessing, timed separately at several batch sizes, plus the top GP
 
     python bench/profile_step.py --model random:falcon-7b --batch 1,64
 
-with trickle installed (`pip install -e .`).
+with trickle installed (`pip install -e .`). `--device cpu --model random:tiny-falcon` is a smoke run
+of the script itself (no GPU figures).
 """
 
 from __future__ import annotations
@@ -23,13 +24,28 @@ from trickle.generation.scheduler import ScheduledBatch
 from trickle.generation.sequence import Sequence, Status
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def activities() -> list[torch.profiler.ProfilerActivity]:
+    cuda = [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    return [*cuda, torch.profiler.ProfilerActivity.CPU]
+
+
+def top_table(prof: torch.profiler.profile, rows: int) -> str:
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return str(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def timed(fn, repeat: int = 20) -> float:  # type: ignore[no-untyped-def]
     fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeat * 1000
 
 
@@ -74,15 +90,16 @@ def modes_agree(runner) -> dict[str, bool]:  # type: ignore[no-untyped-def]
     """On the device, with the model's own bf16 logits: each sampling mode draws what the full sort
     draws for the rows it serves."""
     n = 512
-    hidden = torch.randn(n, runner.hidden_size, device="cuda", dtype=runner.dtype)
+    device = runner.device
+    hidden = torch.randn(n, runner.hidden_size, device=device, dtype=runner.dtype)
     logits = runner.head(hidden).float()
-    seeds = torch.arange(n, device="cuda") * 7919
-    steps = torch.arange(n, device="cuda") % 7
+    seeds = torch.arange(n, device=device) * 7919
+    steps = torch.arange(n, device=device) % 7
 
     def draw(mode: str, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-        t = torch.full((n,), temperature, device="cuda")
-        k = torch.full((n,), top_k, device="cuda", dtype=torch.long)
-        p = torch.full((n,), top_p, device="cuda")
+        t = torch.full((n,), temperature, device=device)
+        k = torch.full((n,), top_k, device=device, dtype=torch.long)
+        p = torch.full((n,), top_p, device=device)
         return sample(logits, t, k, p, seeds, steps, mode)
 
     checks = {}
@@ -118,8 +135,10 @@ def make_rows(  # type: ignore[no-untyped-def]
     already (rows to decode)."""
     rows = []
     per_row = -(-(prompt + generated + 256) // 16)
+    high = min(30000, tokenizer.get_vocab_size())  # ordinary tokens of a real vocabulary, or a tiny one's
+    low = min(300, high // 2)
     for i in range(first, first + count):
-        ids = [int(x) for x in torch.randint(300, 30000, (prompt,))]
+        ids = [int(x) for x in torch.randint(low, high, (prompt,))]
         seq = Sequence(f"{name}{i}", ids, params, i)
         seq.slot, seq.status = i, Status.RUNNING
         seq.output_ids = [5] * generated
@@ -145,11 +164,11 @@ def profile_prefix(runner, tokenizer, params: SamplingParams, n: int) -> dict[st
         with torch.inference_mode():
             entry[f"{name}_ms"] = round(timed(lambda: runner.step(batch), 5), 3)
             if name == "past_prefix":
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                with torch.profiler.profile(activities=activities()) as prof:
                     runner.step(batch)
-                    torch.cuda.synchronize()
+                    sync()
                 entry["kernels"] = kernel_breakdown(prof, steps=1)
-                entry["top"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+                entry["top"] = top_table(prof, 15)
     print(f"prefix {n}x104", json.dumps({k: v for k, v in entry.items() if k.endswith("_ms")}), flush=True)
     print(json.dumps(entry["kernels"], indent=1), entry["top"], flush=True)
     return entry
@@ -167,9 +186,14 @@ def main() -> None:
     )
     parser.add_argument("--no-compile", action="store_true", help="as the server's --no-compile")
     parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script, no GPU figures")
     args = parser.parse_args()
-    loaded = load_model(args.model, dtype="bfloat16", device="cuda")
-    config = EngineConfig(max_batch_size=128, max_seq_len=args.max_seq_len, compile=not args.no_compile)
+    loaded = load_model(args.model, dtype="bfloat16", device=args.device)
+    # On a CPU the pool needs a size: every row's blocks (`make_rows`) for the largest batch.
+    pool = None if args.device == "cuda" else 16 * (1 + 128 * 32)
+    config = EngineConfig(
+        max_batch_size=128, max_seq_len=args.max_seq_len, compile=not args.no_compile, kv_cache_tokens=pool
+    )
     engine = AsyncEngine(loaded.model, loaded.tokenizer, config)
     runner = engine.engine.runner
     runner.warm_up()
@@ -186,13 +210,14 @@ def main() -> None:
             for seq in rows:
                 seq.params = seq.params.model_copy(update={"temperature": 0.0})
             runner._static.load(rows)
+            graphs = runner.use_graphs
             runner.use_graphs = False
             eager_tokens = runner._decode(rows).tolist()
-            runner.use_graphs = True
+            runner.use_graphs = graphs
             graph_tokens = runner._decode(rows).tolist()
             for seq, p in zip(rows, saved, strict=True):
                 seq.params = p
-            logits = runner.head(torch.randn(b, runner.hidden_size, device="cuda", dtype=runner.dtype))
+            logits = runner.head(torch.randn(b, runner.hidden_size, device=runner.device, dtype=runner.dtype))
             runner._static.load(rows)
             sampling = runner._static.sampling(0, b)
             entry = {
@@ -219,13 +244,11 @@ def main() -> None:
                 seq.params = p
             entry["decode_ms_by_mode"] = by_mode
             print(b, "decode ms by sampling mode", by_mode, flush=True)
-            with torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
-            ) as prof:
+            with torch.profiler.profile(activities=activities()) as prof:
                 for _ in range(3):
                     runner.step(batch)
-                torch.cuda.synchronize()
-            entry["top"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+                sync()
+            entry["top"] = top_table(prof, 14)
             entry["kernels_per_step"] = kernel_breakdown(prof, steps=3)
         report[b] = entry
         print(b, json.dumps({k: round(v, 3) for k, v in entry.items() if isinstance(v, float)}), flush=True)
@@ -235,20 +258,22 @@ def main() -> None:
         batch = ScheduledBatch(prefill=rows)
         with torch.inference_mode():
             runner.step(batch)
-            torch.cuda.synchronize()
+            sync()
             with warnings.catch_warnings(record=True) as syncs:
                 warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
+                if torch.cuda.is_available():
+                    torch.cuda.set_sync_debug_mode("warn")
                 runner.launch(batch)
-                torch.cuda.set_sync_debug_mode("default")
+                if torch.cuda.is_available():
+                    torch.cuda.set_sync_debug_mode("default")
             # torch warns once that the sync debug mode is a prototype: that notice is not a sync.
             sites = [str(w.message) for w in syncs if "prototype feature" not in str(w.message)]
             entry = {"prefill_ms": timed(lambda: runner.step(batch), 5), "host_syncs_in_launch": len(sites)}
             entry["sync_sites"] = sorted({site[:120] for site in sites})
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(activities=activities()) as prof:
                 runner.step(batch)
-                torch.cuda.synchronize()
-            entry["top"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+                sync()
+            entry["top"] = top_table(prof, 12)
         report[f"prefill_{n}x128"] = entry
         print(f"prefill {n}x128", json.dumps({k: v for k, v in entry.items() if k != "top"}), flush=True)
         print(entry["top"], flush=True)
