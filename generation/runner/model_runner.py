@@ -203,11 +203,11 @@ class ModelRunner:
         # bitsandbytes kernels sync with the host inside their forward: they run eagerly.
         quantized = getattr(model, "is_quantized", False)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not quantized
-        if self.use_graphs and config.compile:
-            self._fuse_linears()  # before the KV plan measures what memory is left
+        # Before the KV plan measures what memory is left, as fusing copies weights.
+        probe = self._probe(fuse=self.use_graphs and config.compile)
         self.num_blocks = self._plan_blocks()
         # Newcomers' tokens a decode forward may take beside its rows, and what they may read.
-        self.mixed_tokens, self.mixed_read_limit = self._mixing(model)
+        self.mixed_tokens, self.mixed_read_limit = self._mixing(model, probe)
         self.table_width = -(-config.max_seq_len // self.block_size)
         self.cache = PagedKVCache(
             self.num_blocks, self.block_size, self.max_rows + 1, self.table_width, self.device
@@ -256,25 +256,31 @@ class ModelRunner:
             self.config, self.device, limits, self._trial_prefill, lambda: not self.kernel_reads
         )
 
-    def _fuse_linears(self) -> None:
-        """Where the decoder layers will compile (their attention takes the paged kernel), fuse the linear
-        layers that a forward feeds one input (`generation.linear`): the compiled layers then read each
-        group's weights in one product. Each group's weights are copied once into one matrix and the old
-        ones released, so memory grows by one group at most, for a moment."""
-        layers = decoder_layers(self.base)
-        try:
-            groups = linear.siblings(layers, lambda: self._trial_prefill(1, 2, PassThroughCache()))
-        except Exception:  # the model cannot run: `check_forward` says why, before the server is ready
-            return
-        if not self.kernel_reads:
-            return
-        for group in groups:
-            linear.fuse(group)
-            torch.cuda.empty_cache()
-        sizes = sorted({len(group) for group in groups})
-        log.info("linear layers that read one input, fused", groups=len(groups), sizes=sizes)
+    def _probe(self, fuse: bool) -> PassThroughCache | None:
+        """A two-token forward before planning: it finds whether the paged kernel reads the blocks
+        (`kernel_reads`) and what a position's keys and values take (the returned cache's
+        `bytes_per_token`); None where the model cannot run (`check_forward` says why, before the server
+        is ready).
 
-    def _mixing(self, model: PreTrainedModel) -> tuple[int, int | None]:
+        `fuse`, and the decoder layers will compile (their attention takes the paged kernel): the linear
+        layers the forward fed one input are fused (`generation.linear`), so the compiled layers read
+        each group's weights in one product. Each group's weights are copied once into one matrix and
+        the old ones released: memory grows by one group at most, for a moment."""
+        trial = PassThroughCache()
+        layers = decoder_layers(self.base) if fuse else []
+        try:
+            groups = linear.siblings(layers, lambda: self._trial_prefill(1, 2, trial))
+        except Exception:
+            return None
+        if groups and self.kernel_reads:
+            for group in groups:
+                linear.fuse(group)
+                torch.cuda.empty_cache()
+            sizes = sorted({len(group) for group in groups})
+            log.info("linear layers that read one input, fused", groups=len(groups), sizes=sizes)
+        return trial
+
+    def _mixing(self, model: PreTrainedModel, probe: PassThroughCache | None) -> tuple[int, int | None]:
         """How many newcomers' tokens a decode forward may take beside its rows (`mixed_prefill_tokens`),
         and how many positions those tokens may read in all, or None for no limit.
 
@@ -289,15 +295,10 @@ class ModelRunner:
         tokens = min(self.config.mixed_prefill_tokens, self.config.prefill_token_budget)
         if not tokens or self.device.type != "cuda":
             return tokens, None
-        trial = PassThroughCache()
-        try:
-            self._trial_prefill(1, 2, trial)  # finds whether the paged kernel reads the blocks
-        except Exception:  # the model cannot run: `check_forward` says why, before the server is ready
-            return 0, None
-        if not self.kernel_reads or not trial.bytes_per_token:
+        if probe is None or not self.kernel_reads or not probe.bytes_per_token:
             return 0, None
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        return tokens, L2_REUSE * weights // trial.bytes_per_token
+        return tokens, L2_REUSE * weights // probe.bytes_per_token
 
     # ------------------------------------------------------------ the step
 
