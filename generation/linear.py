@@ -95,6 +95,10 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+OPS = (torch.ops.trickle.linear, torch.ops.trickle.linear.default)
+"""How the operator appears as a graph node's target."""
+
+
 def _plain(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
     """A linear layer whose forward is `F.linear` on float weights: not quantized (other classes), not
     wrapped by accelerate's offloading hooks or anything else that replaced its forward."""
@@ -201,10 +205,7 @@ def merge_repeats(graph: torch.fx.Graph) -> int:
     kept: dict[tuple[object, ...], torch.fx.Node] = {}
     removed = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (
-            torch.ops.trickle.linear,
-            torch.ops.trickle.linear.default,
-        ):
+        if node.op != "call_function" or node.target not in OPS:
             continue
         key = (*node.args, *sorted(node.kwargs.items()))
         if key in kept:
@@ -216,13 +217,15 @@ def merge_repeats(graph: torch.fx.Graph) -> int:
     return removed
 
 
-def merging_repeats(backend: Callable[..., Any]) -> Callable[..., Any]:
-    """A torch.compile backend: `merge_repeats` on each graph dynamo captures, then `backend`."""
+def merging_repeats(backend: str | Callable[..., Any]) -> Callable[..., Any]:
+    """A torch.compile backend: `merge_repeats` on each graph dynamo captures, then `backend` (a
+    backend's name, such as "inductor", looked up only when a graph compiles)."""
 
     def compile_graph(module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
         if merge_repeats(module.graph):
             module.recompile()
-        return backend(module, example_inputs)
+        inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        return inner(module, example_inputs)
 
     return compile_graph
 

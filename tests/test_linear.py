@@ -14,8 +14,6 @@ from tests.families import build
 from trickle.generation import linear
 from trickle.generation.models import decoder_layers
 
-LINEAR = (torch.ops.trickle.linear, torch.ops.trickle.linear.default)
-
 
 def test_merge_repeats_keeps_one_of_the_linear_calls_that_take_the_same_arguments() -> None:
     """Calls with the same input, weight and bias become one, whose users are the others' users; calls
@@ -32,7 +30,7 @@ def test_merge_repeats_keeps_one_of_the_linear_calls_that_take_the_same_argument
     traced = torch.fx.symbolic_trace(f)
     assert linear.merge_repeats(traced.graph) == 1
     traced.recompile()
-    assert sum(node.target in LINEAR for node in traced.graph.nodes) == 3
+    assert sum(node.target in linear.OPS for node in traced.graph.nodes) == 3
     assert torch.equal(traced(x, w, other), f(x, w, other))
 
 
@@ -62,7 +60,7 @@ def test_a_fused_layer_compiled_by_inductor_computes_each_groups_product_once() 
     output and down projections), and the layer's output as it is uncompiled."""
     with warnings.catch_warnings():  # inductor's modules note deprecations of torch's own on import
         warnings.simplefilter("ignore", DeprecationWarning)
-        from torch._inductor.compile_fx import compile_fx
+        import torch._inductor.compile_fx
         from torch._inductor.utils import run_and_get_code
     model = build("llama", 100, 0).requires_grad_(False)
     layers = decoder_layers(model.base_model)
@@ -78,7 +76,7 @@ def test_a_fused_layer_compiled_by_inductor_computes_each_groups_product_once() 
     args, kwargs = calls["first"]
     linear.use_in_compiled(layers[0])
     try:
-        forward = torch.compile(type(layers[0]).forward, backend=linear.merging_repeats(compile_fx))
+        forward = torch.compile(type(layers[0]).forward, backend=linear.merging_repeats("inductor"))
         got, code = run_and_get_code(forward, layers[0], *args, **kwargs)
     finally:
         linear.restore(layers[0])

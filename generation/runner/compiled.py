@@ -119,9 +119,7 @@ class CompiledParts:
             why = "its decode steps do not take the paged kernel" if layers else "no decoder layers found"
             log.info("the model's layers run uncompiled", why=why)
         else:
-            from torch._inductor.compile_fx import compile_fx
-
-            backend = linear.merging_repeats(compile_fx)
+            backend = linear.merging_repeats("inductor")
             compile_layers(layers, functools.partial(torch.compile, backend=backend))
             self.layers = layers
             with self._or_uncompiled(device, "the model's layers; they run uncompiled", self.undo_layers):
