@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,37 +109,45 @@ def save(name: str, results: list[dict[str, object]]) -> None:
     (Path(os.environ.get("OUT", ".")) / f"{name}.json").write_text(json.dumps(results, indent=1))
 
 
-def main() -> None:
+def cases(row_counts: Iterable[int]) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], torch.Tensor]]:
+    """Each shape at each row count: the case's description, its matrix's copies (distinct tensors,
+    over 512 MB together, so nothing stays in L2) and a random input. A shape's copies are freed once
+    its row counts are done."""
     torch.manual_seed(0)
-    results = []
     for model, name, n, k in SHAPES:
         size = n * k * 2
         copies = max(4, math.ceil(512e6 / size))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
-        for rows in ROWS:
+        for rows in row_counts:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            out = {"model": model, "name": name, "n": n, "k": k, "rows": rows, "mb": size / 1e6}
-            seconds = timed(lambda i, x=x: F.linear(x, ws[i]), copies)
-            out["cublas_us"] = seconds * 1e6
-            out["cublas_bw"] = size / seconds / BANDWIDTH
-            if rows == 1:
-                ref = F.linear(x.float(), ws[0].float())
-                best = None
-                for config in CONFIGS:
-                    err = (gemv(x, ws[0], config).float() - ref).abs().max().item()
-                    seconds = timed(lambda i, x=x, c=config: gemv(x, ws[i], c), copies, repeats=5)
-                    if best is None or seconds < best[0]:
-                        best = (seconds, config, err)
-                seconds, config, err = best
-                seconds = timed(lambda i, x=x, c=config: gemv(x, ws[i], c), copies)
-                out["triton_us"] = seconds * 1e6
-                out["triton_bw"] = size / seconds / BANDWIDTH
-                out["triton_err"] = err
-                out["triton_config"] = config
-            results.append(out)
-            print(json.dumps(out), flush=True)
+            yield {"model": model, "name": name, "n": n, "k": k, "rows": rows, "mb": size / 1e6}, ws, x
         ws.clear()
         torch.cuda.empty_cache()
+
+
+def main() -> None:
+    results = []
+    for out, ws, x in cases(ROWS):
+        size, copies, rows = out["mb"] * 1e6, len(ws), out["rows"]
+        seconds = timed(lambda i, x=x: F.linear(x, ws[i]), copies)
+        out["cublas_us"] = seconds * 1e6
+        out["cublas_bw"] = size / seconds / BANDWIDTH
+        if rows == 1:
+            ref = F.linear(x.float(), ws[0].float())
+            best = None
+            for config in CONFIGS:
+                err = (gemv(x, ws[0], config).float() - ref).abs().max().item()
+                seconds = timed(lambda i, x=x, c=config: gemv(x, ws[i], c), copies, repeats=5)
+                if best is None or seconds < best[0]:
+                    best = (seconds, config, err)
+            seconds, config, err = best
+            seconds = timed(lambda i, x=x, c=config: gemv(x, ws[i], c), copies)
+            out["triton_us"] = seconds * 1e6
+            out["triton_bw"] = size / seconds / BANDWIDTH
+            out["triton_err"] = err
+            out["triton_config"] = config
+        results.append(out)
+        print(json.dumps(out), flush=True)
     save("gemm_shapes", results)
     print(f"\n| model | matrix | MB | rows | cuBLAS us | share of BW | Triton us | share |\n|{'---|' * 8}")
     for r in results:

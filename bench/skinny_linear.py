@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemm_shapes import BANDWIDTH, SHAPES, save, timed
+from gemm_shapes import BANDWIDTH, cases, save, timed
 
 from trickle.generation.linear import CONFIG, skinny_linear
 
@@ -66,36 +65,28 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, i
 
 
 def main() -> None:
-    torch.manual_seed(0)
     results = []
-    for model, name, n, k in SHAPES:
-        size = n * k * 2
-        copies = max(4, math.ceil(512e6 / size))
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
-        for rows in ROWS:
-            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x.float(), ws[0].float())
-            case = {"model": model, "name": name, "n": n, "k": k, "rows": rows, "mb": size / 1e6}
-            case["cublas_us"] = timed(lambda i, x=x: F.linear(x, ws[i]), copies) * 1e6
-            case["cublas_err"] = (F.linear(x, ws[0]).float() - ref).abs().max().item()
-            kernel = rows_linear if rows > 1 else lambda x, w, c: skinny_linear(x, w, None, c)
-            times = {}
-            for config in ONE_ROW if rows == 1 else SEVERAL:
-                run = lambda i, x=x, c=config: kernel(x, ws[i], c)  # noqa: E731
-                with contextlib.suppress(triton.runtime.errors.OutOfResources):
-                    times[str(config)] = timed(run, copies, 3) * 1e6
-            best = min(times, key=times.__getitem__)
-            case["best"], case["best_us"], case["times"] = best, times[best], times
-            if rows == 1:
-                case["server_us"] = timed(lambda i, x=x: skinny_linear(x, ws[i], None), copies) * 1e6
-                case["server_err"] = (skinny_linear(x, ws[0], None).float() - ref).abs().max().item()
-            for what in ("cublas", "server", "best"):
-                if f"{what}_us" in case:
-                    case[f"{what}_bw"] = size / (case[f"{what}_us"] / 1e6) / BANDWIDTH
-            results.append(case)
-            print(json.dumps({key: v for key, v in case.items() if key != "times"}), flush=True)
-        ws.clear()
-        torch.cuda.empty_cache()
+    for case, ws, x in cases(ROWS):
+        size, copies, rows = case["mb"] * 1e6, len(ws), case["rows"]
+        ref = F.linear(x.float(), ws[0].float())
+        case["cublas_us"] = timed(lambda i, x=x: F.linear(x, ws[i]), copies) * 1e6
+        case["cublas_err"] = (F.linear(x, ws[0]).float() - ref).abs().max().item()
+        kernel = rows_linear if rows > 1 else lambda x, w, c: skinny_linear(x, w, None, c)
+        times = {}
+        for config in ONE_ROW if rows == 1 else SEVERAL:
+            run = lambda i, x=x, c=config: kernel(x, ws[i], c)  # noqa: E731
+            with contextlib.suppress(triton.runtime.errors.OutOfResources):
+                times[str(config)] = timed(run, copies, 3) * 1e6
+        best = min(times, key=times.__getitem__)
+        case["best"], case["best_us"], case["times"] = best, times[best], times
+        if rows == 1:
+            case["server_us"] = timed(lambda i, x=x: skinny_linear(x, ws[i], None), copies) * 1e6
+            case["server_err"] = (skinny_linear(x, ws[0], None).float() - ref).abs().max().item()
+        for what in ("cublas", "server", "best"):
+            if f"{what}_us" in case:
+                case[f"{what}_bw"] = size / (case[f"{what}_us"] / 1e6) / BANDWIDTH
+        results.append(case)
+        print(json.dumps({key: v for key, v in case.items() if key != "times"}), flush=True)
     save("skinny_linear", results)
     print(f"\none row, the server's setting: {CONFIG}")
     print("\n| model | matrix | rows | cuBLAS | the server's setting | best (setting) |")
