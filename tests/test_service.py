@@ -142,7 +142,8 @@ async def test_the_gateway_protocols_metric_names_move_with_the_load(
     """Load-aware gateways (the Inference Extension's endpoint picker) read queued requests and KV-cache
     use under vLLM's names: the same values as ours, scraped while two streams run and a third waits
     (two rows), then after all three have ended."""
-    client = await aiohttp_client(create_app(settings, make_engine(tiny, max_batch_size=2)))
+    engine = make_engine(tiny, max_batch_size=2)
+    client = await aiohttp_client(create_app(settings, engine))
     body = {"prompt": "The baker", "max_new_tokens": 200, "min_new_tokens": 200}
     streams = [await client.post("/stream", json=body) for _ in range(3)]
 
@@ -158,12 +159,10 @@ async def test_the_gateway_protocols_metric_names_move_with_the_load(
 
     for stream in streams[:2]:
         await stream.content.readuntil(b"\n\n")  # its first event: it runs
-    # The third reaches the engine's queue on its own time (its prompt is tokenized off the event loop),
-    # and the gauges move when the engine next reports: scrape until they show it, while two rows run.
-    for _ in range(200):
-        loaded = await scrape()
-        if loaded["num_requests_waiting"]:
-            break
+    # The third reaches the engine's queue on its own time (its prompt is tokenized off the event loop);
+    # the gauges move with the engine's report that counts it.
+    await engine.wait_until(lambda e: e.num_waiting > 0)
+    loaded = await scrape()
     assert loaded["num_requests_running"] == 2 and loaded["num_requests_waiting"] == 1
     assert loaded["kv_cache_usage_perc"] > 0
     for stream in streams:
