@@ -39,6 +39,27 @@ def unit_interval(bits: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.float32) + 0.5) / float(1 << 23)
 
 
+# An argmax over the vocabulary is a reduction that one GPU program runs per row: at one row, one
+# program walks all of it. `argmax` splits each row into chunks of this many tokens, reduced apart.
+ARGMAX_CHUNK = 1024
+
+
+def argmax(values: torch.Tensor) -> torch.Tensor:
+    """`values.argmax(dim=-1)` for [B, V] -> [B], the same index (the first of equal maxima; the first
+    NaN where there is one), reduced in chunks of ARGMAX_CHUNK: each chunk's maximum and its first
+    position, then the first chunk holding the largest. Compiled, that is many programs a row and a
+    small second reduction rather than one program walking the row."""
+    length = values.shape[-1]
+    chunks = -(-length // ARGMAX_CHUNK)
+    if chunks < 2:
+        return values.argmax(dim=-1)
+    # Padding goes past the last real token: a tie with it is won by the real token, the lower index.
+    padded = torch.nn.functional.pad(values, (0, chunks * ARGMAX_CHUNK - length), value=float("-inf"))
+    best, within = padded.view(*values.shape[:-1], chunks, ARGMAX_CHUNK).max(dim=-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return chunk.squeeze(-1) * ARGMAX_CHUNK + within.gather(-1, chunk).squeeze(-1)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """Divide positive and multiply negative logits of tokens already seen, as HF does.
 
@@ -109,6 +130,7 @@ def sample(
     seeds: torch.Tensor,
     steps: torch.Tensor,
     mode: str = FULL,
+    token_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row: temperature, top-k, then top-p; rows with temperature 0 take the argmax.
 
@@ -116,17 +138,20 @@ def sample(
     token: that picks each token with its softmax probability (the exponential race), and needs no
     normalised probabilities, so the draw is the same whether the vocabulary was ranked or not.
 
-    logits: [B, V]; temperature, top_p: [B] float; top_k: [B] int (0 = off) -> [B] int64
+    logits: [B, V]; temperature, top_p: [B] float; top_k: [B] int (0 = off); token_ids: [V], 0..V-1
+    (a tensor the caller keeps, or made here) -> [B] int64
     """
     scaled = logits.float() / temperature.clamp_min(1e-5)[:, None]
     if mode == PLAIN:
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        sampled = _race(scaled, seeds, steps, ids).argmax(dim=-1)
+        # Compiled, token ids read from a tensor: inductor turns an arange's ids, hashed in `argmax`'s
+        # chunks, into index arithmetic whose constants overflow 32 bits, and fails (torch 2.11).
+        ids = token_ids if token_ids is not None else torch.arange(logits.shape[-1], device=logits.device)
+        sampled = argmax(_race(scaled, seeds, steps, ids))
     else:
         ranked, order = _ranked(scaled, mode)
         race = _race(ranked, seeds, steps, order).masked_fill(~_kept(ranked, top_k, top_p), float("-inf"))
         sampled = order.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
-    return torch.where(temperature == 0, logits.argmax(dim=-1), sampled)
+    return torch.where(temperature == 0, argmax(logits), sampled)
 
 
 def _ranked(scaled: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,12 +207,13 @@ def sample_rows(
     eos_mask: torch.Tensor,
     mode: str = FULL,
     allowed: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Penalties, then end-of-sequence suppression, then what each row's grammar allows (`allowed`,
     where rows follow grammars), then sampling (`mode` from `sampling_mode`).
 
-    logits: [B, V]; seen: [B, V] bool; counts: [B, V] int32; eos_mask: [V] bool; allowed: [B, V] bool
-    -> [B] int64
+    logits: [B, V]; seen: [B, V] bool; counts: [B, V] int32; eos_mask: [V] bool; allowed: [B, V] bool;
+    token_ids: [V] (see `sample`) -> [B] int64
     """
     # Applied to every row (penalties of 1 and 0 change nothing), so the step has one shape to capture.
     logits = apply_penalties(logits.float(), seen, counts, params)
@@ -195,4 +221,6 @@ def sample_rows(
     if allowed is not None:  # a grammar that allows only the end wins over min_new_tokens
         banned = (banned & (allowed & ~eos_mask[None, :]).any(dim=-1, keepdim=True)) | ~allowed
     logits = logits.masked_fill(banned, float("-inf"))
-    return sample(logits, params.temperature, params.top_k, params.top_p, params.seeds, params.steps, mode)
+    return sample(
+        logits, params.temperature, params.top_k, params.top_p, params.seeds, params.steps, mode, token_ids
+    )

@@ -99,7 +99,7 @@ def test_with_compile_a_part_that_fails_to_compile_runs_uncompiled(
     def fake_compile(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         compiled.append(fn.__name__)
         if fn.__name__ == "sample_rows":
-            return lambda *args: fn(*args)
+            return lambda *args, **kwargs: fn(*args, **kwargs)
 
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("inductor could not generate a kernel")

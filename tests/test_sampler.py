@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from trickle.generation.sampler import (
+    ARGMAX_CHUNK,
     FULL,
     PLAIN,
     TOP_K,
@@ -12,6 +13,7 @@ from trickle.generation.sampler import (
     SamplingTensors,
     apply_penalties,
     apply_repetition_penalty,
+    argmax,
     sample,
     sampling_mode,
     uniform_noise,
@@ -89,6 +91,20 @@ def test_zero_temperature_rows_are_greedy_beside_sampled_rows() -> None:
     params["temperature"] = torch.tensor([0.0, 1.0, 0.0, 1.0])
     tokens = sample(logits, **params, seeds=torch.arange(4), steps=torch.zeros(4, dtype=torch.int64))
     assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
+
+
+def test_the_chunked_argmax_picks_the_index_torch_does() -> None:
+    # Widths under, at, just past and far from a multiple of the chunk; ties everywhere (few distinct
+    # values), rows all -inf, NaNs, and bfloat16.
+    torch.manual_seed(2)
+    for width in (7, ARGMAX_CHUNK, ARGMAX_CHUNK + 1, 3 * ARGMAX_CHUNK - 5, 32000):
+        values = torch.randint(0, 3, (4, width)).float()
+        values[1] = float("-inf")
+        values[2, [width // 2, width - 1]] = float("nan")
+        values[3, -1] = 5.0  # the last token, in the padded chunk, alone at the top
+        assert torch.equal(argmax(values), values.argmax(dim=-1))
+        noisy = torch.randn(4, width).to(torch.bfloat16)
+        assert torch.equal(argmax(noisy), noisy.argmax(dim=-1))
 
 
 def test_top_k_and_top_p_keep_the_right_tokens() -> None:

@@ -234,6 +234,7 @@ class ModelRunner:
         self.counts = torch.zeros(self.max_rows + 1, self.vocab_size, dtype=torch.int32, device=self.device)
         self._history = RowHistory(self.seen, self.counts)
         self._prefill_in = PrefillInputs(self.max_prefill_tokens, self.max_rows, self.spare_row, self.device)
+        self.token_ids = torch.arange(self.vocab_size, device=self.device)  # the sampler reads them
         self.eos_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in eos_ids if i < self.vocab_size]] = True
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
@@ -496,9 +497,10 @@ class ModelRunner:
         uncompiled sampler (no compiled variant for a rare mask); captured, that costs no host time."""
         if masked or self._constrained:
             allowed = self._grammar.allowed(rows)
-            tokens = sample_rows(logits, params, seen, counts, self.eos_mask, mode, allowed)
+            tokens = sample_rows(logits, params, seen, counts, self.eos_mask, mode, allowed, self.token_ids)
         else:
-            tokens = self.compiled.samplers[mode](logits, params, seen, counts, self.eos_mask, mode)
+            sampler = self.compiled.samplers[mode]
+            tokens = sampler(logits, params, seen, counts, self.eos_mask, mode, token_ids=self.token_ids)
         # A device-side True: a Python scalar would be a host-to-device copy inside the captured step.
         self.seen.index_put_((rows, tokens), self._true)
         self.counts.index_put_((rows, tokens), self.counts[rows, tokens] + 1)
