@@ -50,7 +50,7 @@ def timed(fn, repeat: int = 20) -> float:  # type: ignore[no-untyped-def]
 
 
 # The Triton kernels of generation/kv/attention.py (paged attention).
-PAGED = ("_decode_kernel", "_merge_kernel", "_prefill_kernel")
+PAGED = ("_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kernel")
 # Kernel families by name, first match wins: where a step's device time goes.
 FAMILIES = (
     ("gemm", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma", "_matvec_kernel")),

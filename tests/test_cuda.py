@@ -25,8 +25,10 @@ from trickle.generation.kv.attention import (
     paged_decode,
     paged_prefill,
     reference_prefill,
+    store_new,
 )
 from trickle.generation.runner.graphs import Part
+from trickle.generation.sampler import PLAIN, TOP_K, SamplingTensors, sample_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -168,6 +170,11 @@ async def test_rows_that_follow_grammars_sample_through_the_masked_graphs(tiny: 
     assert Part.MASKED in replayed and runner.use_graphs
 
 
+@pytest.mark.parametrize(
+    "launch",
+    [None, {"chunk": 128, "tiles": 1}, {"chunk": 16, "chunk_keys": 1 << 40, "tiles": 1}],
+    ids=["default", "whole groups, fine splits", "chunked groups, fine splits"],
+)
 @pytest.mark.parametrize("rows", [5, 200], ids=["split keys", "one program a row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -176,11 +183,17 @@ async def test_rows_that_follow_grammars_sample_through_the_masked_graphs(tiny: 
     ids=["mha", "gqa", "mqa", "sliding", "softcap"],
 )
 def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
-    rows: int, dtype: torch.dtype, heads: int, kv_heads: int, window: int | None, softcap: float | None
+    rows: int,
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    window: int | None,
+    softcap: float | None,
+    launch: dict[str, int] | None,
 ) -> None:
     """Rows of different lengths with their blocks scattered over the pool: the kernel's attention
     equals attention over each row's positions gathered in order (few rows split their keys over
-    several programs)."""
+    several programs; a large group's query heads are spread over programs of 16)."""
     torch.manual_seed(0)
     block, dim = 16, 64
     lengths = torch.tensor([1, 17, 64, 100, 300] * (rows // 5), device="cuda")
@@ -191,7 +204,7 @@ def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
     tables = torch.randperm(pool_blocks - 1, device="cuda")[: rows * width].view(rows, width) + 1
     query = torch.randn(rows, heads, 1, dim, device="cuda", dtype=dtype)
     decode = DecodeTables(tables, lengths, block, max_len=512)
-    got = paged_decode(query, keys, values, decode, dim**-0.5, window, softcap)[:, 0]
+    got = paged_decode(query, keys, values, decode, dim**-0.5, window, softcap, launch)[:, 0]
     for row, length in enumerate(lengths.tolist()):
         positions = torch.arange(length, device="cuda")
         slots = tables[row, positions // block] * block + positions % block
@@ -205,6 +218,62 @@ def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
         want = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got[row].float(), want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("mode", [PLAIN, TOP_K])
+def test_the_compiled_sampler_draws_what_the_eager_one_draws_from_a_large_vocabulary(mode: str) -> None:
+    """Falcon's 65,024 tokens: inductor compiles the sampler as the runner does (its argmax in chunks,
+    the token ids read from the runner's tensor), and every row of every step draws the eager token."""
+    torch.manual_seed(0)
+    rows, vocab = 4, 65024
+    logits = torch.randn(rows, vocab, device="cuda") * 4
+
+    def full(*values: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, device="cuda", dtype=dtype)
+
+    ones, zeros = full(1, 1, 1, 1), full(0, 0, 0, 0)
+    top_k = full(0, 0, 0, 0, dtype=torch.long) if mode == PLAIN else full(0, 50, 10, 64, dtype=torch.long)
+    seen = torch.zeros(rows, vocab, dtype=torch.bool, device="cuda")
+    counts = torch.zeros(rows, vocab, dtype=torch.int32, device="cuda")
+    eos = torch.zeros(vocab, dtype=torch.bool, device="cuda")
+    token_ids = torch.arange(vocab, device="cuda")
+    compiled = torch.compile(sample_rows, dynamic=True)
+    for step in range(5):
+        params = SamplingTensors(
+            temperature=full(0.0, 0.7, 1.0, 1.5),
+            top_p=full(1.0, 1.0, 0.9, 1.0),
+            top_k=top_k,
+            penalty=ones,
+            frequency=zeros,
+            presence=zeros,
+            seeds=full(1, 2, 3, 4, dtype=torch.long),
+            steps=full(step, step, step, step, dtype=torch.long),
+            ban_eos=torch.zeros(rows, dtype=torch.bool, device="cuda"),
+        )
+        args = (logits, params, seen, counts, eos, mode)
+        want = sample_rows(*args, token_ids=token_ids)
+        assert torch.equal(compiled(*args, token_ids=token_ids), want)
+        assert want[0] == logits[0].argmax()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("kv_heads", "dim"), [(1, 64), (8, 128), (3, 80)])
+def test_the_store_kernel_writes_each_rows_new_keys_to_its_pool_row(
+    dtype: torch.dtype, kv_heads: int, dim: int
+) -> None:
+    """A decode step's new keys and values, as the cache hands them over (a view of [B, KV, 1, D]),
+    land in their pool rows and nowhere else."""
+    torch.manual_seed(0)
+    rows, pool_rows = 37, 300
+    keys = torch.randn(pool_rows, kv_heads, dim, device="cuda", dtype=dtype)
+    values = torch.randn_like(keys)
+    want_keys, want_values = keys.clone(), values.clone()
+    states = torch.randn(rows, 1, kv_heads, dim, device="cuda", dtype=dtype).transpose(1, 2)
+    key, value = states[:, :, 0], (states * 2)[:, :, 0]
+    slots = torch.randperm(pool_rows, device="cuda")[:rows]
+    want_keys[slots], want_values[slots] = key, value
+    store_new(keys, values, key, value, slots)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

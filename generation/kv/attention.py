@@ -36,9 +36,18 @@ except ImportError:  # the CPU build of torch comes without Triton
 
 PAGED = "trickle_paged"
 TILE = 64  # positions one loop iteration of the kernel reads
+# A decode program takes at most this many query heads of a key/value head's group where a layer reads
+# at most CHUNK_KEYS keys (rows x key/value heads x the step's KV length): a large group (multi-query
+# attention: Falcon-7B's 71 heads share one) is then spread over several programs, each reading the
+# same keys (from the L2 cache after the first), where one would take them all alone. Past that the
+# GPU has programs enough, and the repeated reads cost more (bench/results/h200-session21).
+HEAD_CHUNK = 16
+CHUNK_KEYS = 32768
 # Few rows leave most of the GPU idle, each walking its keys alone: their keys are then split over
-# this many programs in all (at most one split per tile of the longest row), merged by a second kernel.
+# this many programs in all, merged by a second kernel, but only where each split still walks at
+# least SPLIT_TILES tiles: below that the second kernel's launch costs more than the split saves.
 SPLIT_PROGRAMS = 128
+SPLIT_TILES = 4
 PREFILL_M = 64  # (query position, head) pairs one program of the prefill kernel takes
 
 
@@ -109,25 +118,41 @@ def paged_decode(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    launch: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """query [B, H, 1, D]; pools [N * block_size, KV, D] -> [B, 1, H, D]. The Triton kernel on a GPU,
-    else `reference_decode`."""
+    else `reference_decode`. `launch` overrides HEAD_CHUNK ("chunk"), CHUNK_KEYS ("chunk_keys"),
+    SPLIT_PROGRAMS ("programs") and SPLIT_TILES ("tiles") (to measure)."""
     if triton is None or not query.is_cuda:
         return reference_decode(query, key_pool, value_pool, decode, scale, window, softcap)
+    settings = {
+        "chunk": HEAD_CHUNK,
+        "chunk_keys": CHUNK_KEYS,
+        "programs": SPLIT_PROGRAMS,
+        "tiles": SPLIT_TILES,
+        **(launch or {}),
+    }
     batch, heads, _, dim = query.shape
     kv_heads = key_pool.shape[1]
     group = heads // kv_heads
     q = query.reshape(batch, heads, dim)
     out = torch.empty_like(q)
-    group_pad, dim_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(dim))
-    splits = max(1, min(SPLIT_PROGRAMS // (batch * kv_heads), -(-decode.max_len // TILE)))
+    # A program's query heads: the group's, or a chunk of them (padded to 16 at least, for tl.dot).
+    group_pad = max(16, triton.next_power_of_2(group))
+    if batch * kv_heads * decode.max_len <= settings["chunk_keys"]:
+        group_pad = max(16, min(group_pad, settings["chunk"]))
+    chunks = -(-group // group_pad)
+    dim_pad = max(16, triton.next_power_of_2(dim))
+    programs = batch * kv_heads * chunks
+    tiles = -(-decode.max_len // TILE)
+    splits = max(1, min(settings["programs"] // programs, tiles // settings["tiles"]))
     if splits > 1:
-        best = torch.empty(batch, kv_heads, splits, group_pad, device=q.device, dtype=torch.float32)
+        best = torch.empty(batch, kv_heads * chunks, splits, group_pad, device=q.device, dtype=torch.float32)
         total = torch.empty_like(best)
         partial = torch.empty(*best.shape, dim_pad, device=q.device, dtype=torch.float32)
     else:
         best = total = partial = out  # unused
-    _decode_kernel[(batch, kv_heads, splits)](
+    _decode_kernel[(batch, kv_heads * chunks, splits)](
         q,
         key_pool,
         value_pool,
@@ -150,6 +175,7 @@ def paged_decode(
         splits,
         GROUP=group,
         GROUP_PAD=group_pad,
+        CHUNKS=chunks,
         DIM=dim,
         DIM_PAD=dim_pad,
         BLOCK=decode.block_size,
@@ -160,7 +186,7 @@ def paged_decode(
         SPLIT=splits > 1,
     )
     if splits > 1:
-        _merge_kernel[(batch, kv_heads)](
+        _merge_kernel[(batch, kv_heads * chunks)](
             best,
             total,
             partial,
@@ -170,10 +196,44 @@ def paged_decode(
             splits,
             GROUP=group,
             GROUP_PAD=group_pad,
+            CHUNKS=chunks,
             DIM=dim,
             DIM_PAD=dim_pad,
         )
     return out[:, None]
+
+
+def store_new(
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Write a decode step's new keys and values (key, value [B, KV, D]) to the pools' rows `slots`
+    ([B]): one kernel on a GPU for both, else indexed assignment."""
+    if triton is None or not key.is_cuda or key.stride(-1) != 1 or value.stride(-1) != 1:
+        key_pool[slots] = key
+        value_pool[slots] = value
+        return
+    batch, kv_heads, dim = key.shape
+    _store_kernel[(batch,)](
+        key,
+        value,
+        key_pool,
+        value_pool,
+        slots,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        key_pool.stride(0),
+        key_pool.stride(1),
+        KV_HEADS=kv_heads,
+        KV_PAD=triton.next_power_of_2(kv_heads),
+        DIM=dim,
+        DIM_PAD=triton.next_power_of_2(dim),
+    )
 
 
 def reference_decode(
@@ -325,8 +385,7 @@ def _decode_layer(
     layer = decode.next_layer
     decode.next_layer += 1
     keys, values = decode.keys[layer], decode.values[layer]
-    keys[decode.slots] = key  # [B, KV, D] -> the pools' rows of the step's positions
-    values[decode.slots] = value
+    store_new(keys, values, key, value, decode.slots)  # [B, KV, D] -> the pools' rows of the step
     return paged_decode(query, keys, values, decode, scale, window or None, softcap or None)
 
 
@@ -451,6 +510,7 @@ if triton is not None:
         splits,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
+        CHUNKS: tl.constexpr,
         DIM: tl.constexpr,
         DIM_PAD: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -460,13 +520,14 @@ if triton is not None:
         IEEE: tl.constexpr,
         SPLIT: tl.constexpr,
     ):
-        # One program per (row, key/value head, split): the query heads of its group against its share
-        # of the row's keys.
+        # One program per (row, key/value head and chunk of its group, split): the chunk's query heads
+        # against its share of the row's keys.
         row = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        kv_head = tl.program_id(1) // CHUNKS
+        chunk = tl.program_id(1) % CHUNKS
         split = tl.program_id(2)
         length = tl.load(Lengths + row)
-        heads = tl.arange(0, GROUP_PAD)
+        heads = chunk * GROUP_PAD + tl.arange(0, GROUP_PAD)
         dims = tl.arange(0, DIM_PAD)
         head_ok = heads < GROUP
         dim_ok = dims < DIM
@@ -508,10 +569,11 @@ if triton is not None:
                 acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
             best = new_best
         if SPLIT:
-            at = (row * tl.num_programs(1) + kv_head) * splits + split
-            tl.store(Best + at * GROUP_PAD + heads, best)
-            tl.store(Total + at * GROUP_PAD + heads, total)
-            tl.store(Partial + (at * GROUP_PAD + heads)[:, None] * DIM_PAD + dims[None, :], acc)
+            at = (row * tl.num_programs(1) + tl.program_id(1)) * splits + split
+            lanes = tl.arange(0, GROUP_PAD)
+            tl.store(Best + at * GROUP_PAD + lanes, best)
+            tl.store(Total + at * GROUP_PAD + lanes, total)
+            tl.store(Partial + (at * GROUP_PAD + lanes)[:, None] * DIM_PAD + dims[None, :], acc)
         else:
             out = acc / tl.where(total > 0, total, 1.0)[:, None]
             o_ptrs = Out + row * stride_ob + (kv_head * GROUP + heads)[:, None] * stride_oh + dims[None, :]
@@ -528,22 +590,25 @@ if triton is not None:
         splits,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
+        CHUNKS: tl.constexpr,
         DIM: tl.constexpr,
         DIM_PAD: tl.constexpr,
     ):
-        # The splits of one (row, key/value head), merged as the softmax over all its keys.
+        # The splits of one (row, key/value head, chunk of its group), merged as the softmax over all
+        # its keys.
         row = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        heads = tl.arange(0, GROUP_PAD)
+        kv_head = tl.program_id(1) // CHUNKS
+        heads = tl.program_id(1) % CHUNKS * GROUP_PAD + tl.arange(0, GROUP_PAD)
         dims = tl.arange(0, DIM_PAD)
         best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
         total = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
+        lanes = tl.arange(0, GROUP_PAD)
         for split in range(0, splits):
-            at = (row * tl.num_programs(1) + kv_head) * splits + split
-            part_best = tl.load(Best + at * GROUP_PAD + heads)
-            part_total = tl.load(Total + at * GROUP_PAD + heads)
-            part = tl.load(Partial + (at * GROUP_PAD + heads)[:, None] * DIM_PAD + dims[None, :])
+            at = (row * tl.num_programs(1) + tl.program_id(1)) * splits + split
+            part_best = tl.load(Best + at * GROUP_PAD + lanes)
+            part_total = tl.load(Total + at * GROUP_PAD + lanes)
+            part = tl.load(Partial + (at * GROUP_PAD + lanes)[:, None] * DIM_PAD + dims[None, :])
             new_best = tl.maximum(best, part_best)
             # A split that saw no key has best -inf: it weighs nothing.
             keep = tl.where(best == float("-inf"), 0.0, tl.exp(best - new_best))
@@ -647,3 +712,33 @@ if triton is not None:
             Out + row * stride_ob + query_at[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         )
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=pair_ok[:, None] & dim_ok[None, :])
+
+    @triton.jit
+    def _store_kernel(  # type: ignore[no-untyped-def]
+        Key,
+        Value,
+        KeyPool,
+        ValuePool,
+        Slots,
+        stride_kb,
+        stride_kh,
+        stride_vb,
+        stride_vh,
+        stride_pn,
+        stride_ph,
+        KV_HEADS: tl.constexpr,
+        KV_PAD: tl.constexpr,
+        DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
+    ):
+        # One program per row: its new key and value, every head, to its pool row.
+        row = tl.program_id(0)
+        slot = tl.load(Slots + row)
+        kv_heads = tl.arange(0, KV_PAD)
+        dims = tl.arange(0, DIM_PAD)
+        ok = (kv_heads < KV_HEADS)[:, None] & (dims < DIM)[None, :]
+        into = slot * stride_pn + kv_heads[:, None] * stride_ph + dims[None, :]
+        key = tl.load(Key + row * stride_kb + kv_heads[:, None] * stride_kh + dims[None, :], mask=ok)
+        tl.store(KeyPool + into, key, mask=ok)
+        value = tl.load(Value + row * stride_vb + kv_heads[:, None] * stride_vh + dims[None, :], mask=ok)
+        tl.store(ValuePool + into, value, mask=ok)

@@ -1,0 +1,101 @@
+"""A decode step's attention per layer: storing the new keys and values, then the paged decode kernel
+(and its merge, where keys are split), for the head layouts of Falcon-7B (71 query heads on one key
+head), Llama-7B (32 on 32) and Llama-3-8B (32 on 8), at 1/8/64 rows and KV lengths 256/512/2048 (each
+row 3/4 full): the defaults, launch settings swept (`paged_decode`'s `launch`: query heads a program
+takes, least tiles a split walks), and the path before them (two indexed assignments, whole groups,
+keys split down to one tile). Each setting's output is checked against `reference_decode`.
+
+Eight layers' pools, each its own tensors, run in one CUDA graph, so a step's layers do not find each
+other's keys in the L2.
+
+    python bench/decode_attention.py   # writes $OUT/decode_attention.json and prints a table
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gemm_shapes import save, timed
+
+from trickle.generation.kv.attention import DecodeTables, paged_decode, reference_decode, store_new
+
+LAYOUTS = {"falcon-7b": (71, 1, 64), "llama-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128)}
+ROWS = (1, 8, 64)
+LENGTHS = (256, 512, 2048)
+LAYERS = 8
+BLOCK = 16
+# Forced: every group chunked (up to its size) whatever the keys a layer reads.
+SETTINGS = [{"chunk": c, "chunk_keys": 1 << 40, "tiles": t} for c in (16, 32, 128) for t in (1, 2, 4, 8)]
+
+
+def before(query, keys, values, key, value, tables: DecodeTables) -> torch.Tensor:
+    """The path this replaces: indexed assignments, whole groups, splits down to one tile."""
+    keys[tables.slots] = key
+    values[tables.slots] = value
+    return paged_decode(query, keys, values, tables, 0.125, launch={"chunk": 1024, "tiles": 1})
+
+
+def now(launch):
+    def run(query, keys, values, key, value, tables: DecodeTables) -> torch.Tensor:
+        store_new(keys, values, key, value, tables.slots)
+        return paged_decode(query, keys, values, tables, 0.125, launch=launch)
+
+    return run
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    results = []
+    for model, (heads, kv_heads, dim) in LAYOUTS.items():
+        for max_len in LENGTHS:
+            for rows in ROWS:
+                width = max_len // BLOCK
+                pool_rows = (rows * width + 1) * BLOCK
+                pools = [
+                    (
+                        torch.randn(pool_rows, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
+                        torch.randn(pool_rows, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
+                    )
+                    for _ in range(LAYERS)
+                ]
+                tables = torch.randperm(rows * width, device="cuda").view(rows, width) + 1
+                lengths = torch.full((rows,), max_len * 3 // 4, device="cuda")
+                position = lengths - 1
+                at = tables[torch.arange(rows, device="cuda"), position // BLOCK]
+                slots = at * BLOCK + position % BLOCK
+                decode = DecodeTables(tables, lengths, BLOCK, max_len, slots)
+                query = torch.randn(rows, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+                key = torch.randn(rows, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+                value = torch.randn_like(key)
+                case = {"model": model, "rows": rows, "max_len": max_len}
+                want = None
+                runs = [("before", before), ("default", now(None))] + [(str(s), now(s)) for s in SETTINGS]
+                for name, run in runs:
+                    got = run(query, *pools[0], key, value, decode)
+                    if want is None:
+                        want = reference_decode(query, *pools[0], decode, 0.125)
+                    error = (got.float() - want.float()).abs().max().item()
+                    us = timed(lambda i, run=run: run(query, *pools[i], key, value, decode), LAYERS) * 1e6
+                    results.append({**case, "setting": name, "us": us, "max_error": error})
+                mine = [r for r in results if r.items() >= case.items()]
+                default = next(r for r in mine if r["setting"] == "default")
+                old = next(r for r in mine if r["setting"] == "before")
+                best = min(mine, key=lambda r: r["us"])
+                print(
+                    f"{model:11} rows {rows:3} len {max_len:5}: before {old['us']:6.2f} us, default"
+                    f" {default['us']:6.2f} (err {default['max_error']:.3f}), best {best['us']:6.2f}"
+                    f" {best['setting']}",
+                    flush=True,
+                )
+                pools.clear()
+                torch.cuda.empty_cache()
+    save("decode_attention", results)
+
+
+if __name__ == "__main__":
+    main()
