@@ -172,8 +172,8 @@ async def test_rows_that_follow_grammars_sample_through_the_masked_graphs(tiny: 
 
 @pytest.mark.parametrize(
     "launch",
-    [None, {"chunk": 128, "tiles": 1}, {"chunk": 16, "chunk_keys": 1 << 40, "tiles": 1}],
-    ids=["default", "whole groups, fine splits", "chunked groups, fine splits"],
+    [None, {"chunk": 128, "tile": 64}, {"chunk": 16, "chunk_keys": 1 << 40, "tile": 128}],
+    ids=["default", "whole groups, narrow tiles", "chunked groups, wide tiles"],
 )
 @pytest.mark.parametrize("rows", [5, 200], ids=["split keys", "one program a row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -35,19 +35,23 @@ except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
 PAGED = "trickle_paged"
-TILE = 64  # positions one loop iteration of the kernel reads
+TILE = 64  # positions one loop iteration of the kernels reads
+# A decode step of few programs walks its keys in tiles of WIDE_TILE positions: fewer dependent trips to
+# memory each; past WIDE_PROGRAMS programs the GPU is busy enough and TILE's smaller tiles are faster
+# (bench/decode_attention.py, bench/results/h200-session21).
+WIDE_TILE = 128
+WIDE_PROGRAMS = 320
 # A decode program takes at most this many query heads of a key/value head's group where a layer reads
 # at most CHUNK_KEYS keys (rows x key/value heads x the step's KV length): a large group (multi-query
 # attention: Falcon-7B's 71 heads share one) is then spread over several programs, each reading the
 # same keys (from the L2 cache after the first), where one would take them all alone. Past that the
-# GPU has programs enough, and the repeated reads cost more (bench/results/h200-session21).
+# GPU has programs enough, and the repeated reads cost more.
 HEAD_CHUNK = 16
 CHUNK_KEYS = 32768
-# Few rows leave most of the GPU idle, each walking its keys alone: their keys are then split over
-# this many programs in all, merged by a second kernel, but only where each split still walks at
-# least SPLIT_TILES tiles: below that the second kernel's launch costs more than the split saves.
+# Few rows leave most of the GPU idle, each walking its keys alone: their keys are then split over up
+# to this many programs in all (at most one split per tile of the longest row), merged by a second
+# kernel.
 SPLIT_PROGRAMS = 128
-SPLIT_TILES = 4
 PREFILL_M = 64  # (query position, head) pairs one program of the prefill kernel takes
 
 
@@ -122,16 +126,17 @@ def paged_decode(
 ) -> torch.Tensor:
     """query [B, H, 1, D]; pools [N * block_size, KV, D] -> [B, 1, H, D]. The Triton kernel on a GPU,
     else `reference_decode`. `launch` overrides HEAD_CHUNK ("chunk"), CHUNK_KEYS ("chunk_keys"),
-    SPLIT_PROGRAMS ("programs") and SPLIT_TILES ("tiles") (to measure)."""
+    SPLIT_PROGRAMS ("programs"), the tile ("tile") and the kernel's num_warps and num_stages (to
+    measure)."""
     if triton is None or not query.is_cuda:
         return reference_decode(query, key_pool, value_pool, decode, scale, window, softcap)
     settings = {
         "chunk": HEAD_CHUNK,
         "chunk_keys": CHUNK_KEYS,
         "programs": SPLIT_PROGRAMS,
-        "tiles": SPLIT_TILES,
         **(launch or {}),
     }
+    kernel_launch = {name: settings[name] for name in ("num_warps", "num_stages") if name in settings}
     batch, heads, _, dim = query.shape
     kv_heads = key_pool.shape[1]
     group = heads // kv_heads
@@ -144,8 +149,10 @@ def paged_decode(
     chunks = -(-group // group_pad)
     dim_pad = max(16, triton.next_power_of_2(dim))
     programs = batch * kv_heads * chunks
-    tiles = -(-decode.max_len // TILE)
-    splits = max(1, min(settings["programs"] // programs, tiles // settings["tiles"]))
+    # (Wide tiles of 256-wide heads would outgrow the shared memory a program may take.)
+    wide = programs <= WIDE_PROGRAMS and dim_pad <= 128
+    tile = settings.get("tile") or (WIDE_TILE if wide else TILE)
+    splits = max(1, min(settings["programs"] // programs, -(-decode.max_len // tile)))
     if splits > 1:
         best = torch.empty(batch, kv_heads * chunks, splits, group_pad, device=q.device, dtype=torch.float32)
         total = torch.empty_like(best)
@@ -179,11 +186,12 @@ def paged_decode(
         DIM=dim,
         DIM_PAD=dim_pad,
         BLOCK=decode.block_size,
-        TILE=TILE,
+        TILE=tile,
         HAS_WINDOW=bool(window),
         HAS_SOFTCAP=bool(softcap),
         IEEE=q.dtype == torch.float32,
         SPLIT=splits > 1,
+        **kernel_launch,
     )
     if splits > 1:
         _merge_kernel[(batch, kv_heads * chunks)](
