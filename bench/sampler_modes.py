@@ -1,0 +1,108 @@
+"""The sampler's cost per step on a GPU, by mode, and two ways of finding TOP_K's candidates.
+
+`sample_rows` compiled as the runner compiles it, in a CUDA graph, for vocabularies of 32,000
+(Llama-7B), 65,024 (Falcon-7B) and 128,256 (Llama-3-8B) tokens at 1, 8 and 64 rows, in each mode
+(`PLAIN`, `TOP_K`; `FULL` runs uncompiled, as in the server). Then the TOP_K candidates alone: the
+sampler's `ranking_keys(...).topk(64)` over the whole row, against the same keys taken in two stages
+(each chunk of 1,024 tokens' top 64, then the top 64 of those): both must pick the same tokens in the
+same order.
+
+    python bench/sampler_modes.py   # writes $OUT/sampler_modes.json and prints a table
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gemm_shapes import save, timed
+
+from trickle.generation.sampler import (
+    FULL,
+    PLAIN,
+    TOP_K,
+    TOP_K_CANDIDATES,
+    SamplingTensors,
+    ranking_keys,
+    sample_rows,
+)
+
+VOCABS = (32000, 65024, 128256)
+ROWS = (1, 8, 64)
+CHUNK = 1024
+
+
+def whole(keys: torch.Tensor) -> torch.Tensor:
+    return keys.topk(TOP_K_CANDIDATES, dim=-1).indices
+
+
+def two_stage(keys: torch.Tensor) -> torch.Tensor:
+    rows, vocab = keys.shape
+    chunks = -(-vocab // CHUNK)
+    lowest = torch.iinfo(torch.int64).min
+    padded = F.pad(keys, (0, chunks * CHUNK - vocab), value=lowest).view(rows, chunks, CHUNK)
+    best, within = padded.topk(TOP_K_CANDIDATES, dim=-1, sorted=False)
+    ids = within + torch.arange(chunks, device=keys.device)[:, None] * CHUNK
+    top = best.flatten(1).topk(TOP_K_CANDIDATES, dim=-1).indices
+    return ids.flatten(1).gather(1, top)
+
+
+def params(rows: int, top_k: int) -> SamplingTensors:
+    def full(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.full((rows,), value, device="cuda", dtype=dtype)
+
+    return SamplingTensors(
+        temperature=full(0.8),
+        top_p=full(0.95),
+        top_k=full(top_k, torch.long),
+        penalty=full(1.0),
+        frequency=full(0.0),
+        presence=full(0.0),
+        seeds=torch.arange(rows, device="cuda"),
+        steps=full(3, torch.long),
+        ban_eos=full(0, torch.bool),
+    )
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    compiled = torch.compile(sample_rows, dynamic=True)
+    results = []
+    for vocab in VOCABS:
+        token_ids = torch.arange(vocab, device="cuda")
+        eos = torch.zeros(vocab, dtype=torch.bool, device="cuda")
+        for rows in ROWS:
+            logits = torch.randn(rows, vocab, device="cuda") * 3
+            seen = torch.zeros(rows, vocab, dtype=torch.bool, device="cuda")
+            counts = torch.zeros(rows, vocab, dtype=torch.int32, device="cuda")
+            row = {"vocab": vocab, "rows": rows}
+            for mode in (PLAIN, TOP_K, FULL):
+                sampler = sample_rows if mode == FULL else compiled
+                p = params(rows, 0 if mode == PLAIN else 50)
+
+                def step(i: int, sampler=sampler, p=p, mode=mode) -> None:
+                    sampler(logits, p, seen, counts, eos, mode, token_ids=token_ids)
+
+                row[f"{mode}_us"] = timed(step, 1, repeats=50) * 1e6
+            keys = ranking_keys(logits)
+            row["candidates_equal"] = torch.equal(whole(keys), two_stage(keys))
+            row["topk_whole_us"] = timed(lambda i: whole(keys), 1, repeats=50) * 1e6
+            row["topk_two_stage_us"] = timed(lambda i: two_stage(keys), 1, repeats=50) * 1e6
+            results.append(row)
+            print(
+                f"vocab {vocab:6} rows {rows:3}: plain {row['plain_us']:7.1f} us,"
+                f" top_k {row['top_k_us']:7.1f}, full {row['full_us']:7.1f};"
+                f" candidates whole {row['topk_whole_us']:6.1f}, two stages"
+                f" {row['topk_two_stage_us']:6.1f} (equal: {row['candidates_equal']})",
+                flush=True,
+            )
+    save("sampler_modes", results)
+
+
+if __name__ == "__main__":
+    main()
