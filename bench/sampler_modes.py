@@ -2,10 +2,9 @@
 
 `sample_rows` compiled as the runner compiles it, in a CUDA graph, for vocabularies of 32,000
 (Llama-7B), 65,024 (Falcon-7B) and 128,256 (Llama-3-8B) tokens at 1, 8 and 64 rows, in each mode
-(`PLAIN`, `TOP_K`; `FULL` runs uncompiled, as in the server). Then the TOP_K candidates alone: the
-sampler's `ranking_keys(...).topk(64)` over the whole row, against the same keys taken in two stages
-(each chunk of 1,024 tokens' top 64, then the top 64 of those): both must pick the same tokens in the
-same order.
+(`PLAIN`, `TOP_K`; `FULL` runs uncompiled, as in the server). Then the TOP_K candidates alone:
+`ranking_keys(...).topk(64)` over whole rows against the sampler's `top_candidates` (two stages over
+chunks of 1,024 tokens where rows are few): both must pick the same tokens in the same order.
 
     python bench/sampler_modes.py   # writes $OUT/sampler_modes.json and prints a table
 """
@@ -16,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,26 +28,15 @@ from trickle.generation.sampler import (
     SamplingTensors,
     ranking_keys,
     sample_rows,
+    top_candidates,
 )
 
 VOCABS = (32000, 65024, 128256)
 ROWS = (1, 8, 64)
-CHUNK = 1024
 
 
 def whole(keys: torch.Tensor) -> torch.Tensor:
     return keys.topk(TOP_K_CANDIDATES, dim=-1).indices
-
-
-def two_stage(keys: torch.Tensor) -> torch.Tensor:
-    rows, vocab = keys.shape
-    chunks = -(-vocab // CHUNK)
-    lowest = torch.iinfo(torch.int64).min
-    padded = F.pad(keys, (0, chunks * CHUNK - vocab), value=lowest).view(rows, chunks, CHUNK)
-    best, within = padded.topk(TOP_K_CANDIDATES, dim=-1, sorted=False)
-    ids = within + torch.arange(chunks, device=keys.device)[:, None] * CHUNK
-    top = best.flatten(1).topk(TOP_K_CANDIDATES, dim=-1).indices
-    return ids.flatten(1).gather(1, top)
 
 
 def params(rows: int, top_k: int) -> SamplingTensors:
@@ -90,15 +77,15 @@ def main() -> None:
 
                 row[f"{mode}_us"] = timed(step, 1, repeats=50) * 1e6
             keys = ranking_keys(logits)
-            row["candidates_equal"] = torch.equal(whole(keys), two_stage(keys))
+            row["candidates_equal"] = torch.equal(whole(keys), top_candidates(keys))
             row["topk_whole_us"] = timed(lambda i: whole(keys), 1, repeats=50) * 1e6
-            row["topk_two_stage_us"] = timed(lambda i: two_stage(keys), 1, repeats=50) * 1e6
+            row["top_candidates_us"] = timed(lambda i: top_candidates(keys), 1, repeats=50) * 1e6
             results.append(row)
             print(
                 f"vocab {vocab:6} rows {rows:3}: plain {row['plain_us']:7.1f} us,"
                 f" top_k {row['top_k_us']:7.1f}, full {row['full_us']:7.1f};"
-                f" candidates whole {row['topk_whole_us']:6.1f}, two stages"
-                f" {row['topk_two_stage_us']:6.1f} (equal: {row['candidates_equal']})",
+                f" candidates whole {row['topk_whole_us']:6.1f}, top_candidates"
+                f" {row['top_candidates_us']:6.1f} (equal: {row['candidates_equal']})",
                 flush=True,
             )
     save("sampler_modes", results)

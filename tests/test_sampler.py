@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trickle.generation.sampler import (
     ARGMAX_CHUNK,
+    CANDIDATE_CHUNK,
     FULL,
     PLAIN,
     TOP_K,
     TOP_K_CANDIDATES,
+    TWO_STAGE_CHUNKS,
     SamplingTensors,
     apply_penalties,
     apply_repetition_penalty,
     argmax,
+    ranking_keys,
     sample,
     sampling_mode,
+    top_candidates,
     uniform_noise,
     unit_interval,
 )
@@ -143,9 +148,11 @@ def tied_logits(batch: int, vocab: int, seed: int) -> torch.Tensor:
     return (torch.randn(batch, vocab, generator=generator) * 8).round() / 4
 
 
-def test_every_mode_draws_the_same_token_for_a_row_it_serves() -> None:
-    """A step picks its mode from all its rows, so a row's token must not depend on the mode."""
-    n, vocab = 256, 500
+@pytest.mark.parametrize("vocab", [500, 5000, 20000], ids=["one chunk", "two stages", "whole rows"])
+def test_every_mode_draws_the_same_token_for_a_row_it_serves(vocab: int) -> None:
+    """A step picks its mode from all its rows, so a row's token must not depend on the mode (TOP_K's
+    candidates found in one chunk, in two stages, and over whole rows)."""
+    n = 256
     logits = tied_logits(n, vocab, 0)
     seeds, steps = torch.arange(n) * 7919, torch.arange(n) % 5
     cases = {
@@ -166,6 +173,17 @@ def test_every_mode_draws_the_same_token_for_a_row_it_serves() -> None:
     # of the tied maxima, which is also what argmax picks.
     top1 = sample(logits, **rows(n, top_k=1), seeds=seeds, steps=steps, mode=TOP_K)
     assert torch.equal(top1, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 70])
+@pytest.mark.parametrize("vocab", [70, CANDIDATE_CHUNK, 3 * CANDIDATE_CHUNK + 5, 65024])
+def test_top_candidates_are_what_topk_over_whole_rows_gives(rows: int, vocab: int) -> None:
+    """Ranked whole (one chunk's vocabulary, or 70 rows of 65,024 tokens: more than TWO_STAGE_CHUNKS
+    chunks) or in two stages (the rest), the same tokens come out in the same order; ties in the
+    values rank by token id."""
+    keys = ranking_keys(tied_logits(rows, vocab, rows))
+    assert torch.equal(top_candidates(keys), keys.topk(min(TOP_K_CANDIDATES, vocab), dim=-1).indices)
+    assert (rows * 64 > TWO_STAGE_CHUNKS) == (rows == 70)
 
 
 def test_the_cheapest_mode_that_serves_every_row_is_chosen() -> None:
