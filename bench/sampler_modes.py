@@ -4,7 +4,8 @@
 (Llama-7B), 65,024 (Falcon-7B) and 128,256 (Llama-3-8B) tokens at 1, 8 and 64 rows, in each mode
 (`PLAIN`, `TOP_K`; `FULL` runs uncompiled, as in the server). Then the TOP_K candidates alone:
 `ranking_keys(...).topk(64)` over whole rows against the sampler's `top_candidates` (two stages over
-chunks of 1,024 tokens where rows are few): both must pick the same tokens in the same order.
+chunks of 1,024 tokens where rows are few) and against two stages at every row count: all must pick
+the same tokens in the same order.
 
     python bench/sampler_modes.py   # writes $OUT/sampler_modes.json and prints a table
 """
@@ -77,15 +78,17 @@ def main() -> None:
 
                 row[f"{mode}_us"] = timed(step, 1, repeats=50) * 1e6
             keys = ranking_keys(logits)
-            row["candidates_equal"] = torch.equal(whole(keys), top_candidates(keys))
+            row["candidates_equal"] = torch.equal(whole(keys), top_candidates(keys, 1 << 40))
             row["topk_whole_us"] = timed(lambda i: whole(keys), 1, repeats=50) * 1e6
             row["top_candidates_us"] = timed(lambda i: top_candidates(keys), 1, repeats=50) * 1e6
+            row["two_stages_us"] = timed(lambda i: top_candidates(keys, 1 << 40), 1, repeats=50) * 1e6
             results.append(row)
             print(
                 f"vocab {vocab:6} rows {rows:3}: plain {row['plain_us']:7.1f} us,"
                 f" top_k {row['top_k_us']:7.1f}, full {row['full_us']:7.1f};"
                 f" candidates whole {row['topk_whole_us']:6.1f}, top_candidates"
-                f" {row['top_candidates_us']:6.1f} (equal: {row['candidates_equal']})",
+                f" {row['top_candidates_us']:6.1f}, two stages {row['two_stages_us']:6.1f}"
+                f" (equal: {row['candidates_equal']})",
                 flush=True,
             )
     save("sampler_modes", results)

@@ -163,16 +163,17 @@ CANDIDATE_CHUNK = 1024
 TWO_STAGE_CHUNKS = 4000
 
 
-def top_candidates(keys: torch.Tensor) -> torch.Tensor:
+def top_candidates(keys: torch.Tensor, most_chunks: int = TWO_STAGE_CHUNKS) -> torch.Tensor:
     """The token ids of each row's TOP_K_CANDIDATES largest `ranking_keys`, largest first: what
-    `keys.topk(...).indices` gives (no two keys are equal, so the order is unique).
+    `keys.topk(...).indices` gives (no two keys are equal, so the order is unique). Two stages where
+    the rows hold at most `most_chunks` chunks in all.
 
     keys: [B, V] int64 -> [B, min(TOP_K_CANDIDATES, V)] int64
     """
     rows, vocab = keys.shape
     count = min(TOP_K_CANDIDATES, vocab)
     chunks = -(-vocab // CANDIDATE_CHUNK)
-    if chunks < 2 or rows * chunks > TWO_STAGE_CHUNKS:
+    if chunks < 2 or rows * chunks > most_chunks:
         return keys.topk(count, dim=-1).indices
     # Padding keys are the lowest an int64 holds, below every token's: none is ever among the top.
     lowest = torch.iinfo(torch.int64).min

@@ -182,7 +182,9 @@ def test_top_candidates_are_what_topk_over_whole_rows_gives(rows: int, vocab: in
     chunks) or in two stages (the rest), the same tokens come out in the same order; ties in the
     values rank by token id."""
     keys = ranking_keys(tied_logits(rows, vocab, rows))
-    assert torch.equal(top_candidates(keys), keys.topk(min(TOP_K_CANDIDATES, vocab), dim=-1).indices)
+    want = keys.topk(min(TOP_K_CANDIDATES, vocab), dim=-1).indices
+    assert torch.equal(top_candidates(keys), want)
+    assert torch.equal(top_candidates(keys, most_chunks=1 << 40), want)  # two stages at any row count
     assert (rows * 64 > TWO_STAGE_CHUNKS) == (rows == 70)
 
 
