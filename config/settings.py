@@ -73,9 +73,8 @@ class Settings(BaseSettings):
     weights for both, so a newcomer no longer holds every stream back for a prefill of its own), up to
     this many prompt tokens a step (at most the prefill token budget), which is then the step's
     prefill budget: smaller keeps the streams smoother while newcomers arrive, larger admits them
-    sooner. 0: newcomers always prefill apart. On a
-    GPU, only models whose attention takes trickle's paged kernels mix (see the log's "decode
-    attention" line)."""
+    sooner. 0: newcomers always prefill apart. On a GPU, only models whose attention takes trickle's
+    paged kernels mix (see the log's "decode attention" line)."""
     kv_cache_tokens: int | None = Field(default=None, ge=16)
     """Positions the KV cache holds, all requests together. By default, on a GPU, what memory leaves
     after the weights and activations; on the CPU, max batch size x max sequence length, up to a quarter

@@ -44,18 +44,24 @@ def unit_interval(bits: torch.Tensor) -> torch.Tensor:
 ARGMAX_CHUNK = 1024
 
 
+def _in_chunks(values: torch.Tensor, size: int, fill: float) -> torch.Tensor:
+    """[B, V] -> [B, ceil(V / size), size]: each row in chunks of `size`, the last one padded with
+    `fill` past the last token."""
+    length = values.shape[-1]
+    chunks = -(-length // size)
+    padded = torch.nn.functional.pad(values, (0, chunks * size - length), value=fill)
+    return padded.view(*values.shape[:-1], chunks, size)
+
+
 def argmax(values: torch.Tensor) -> torch.Tensor:
     """`values.argmax(dim=-1)` for [B, V] -> [B], the same index (the first of equal maxima; the first
     NaN where there is one), reduced in chunks of ARGMAX_CHUNK: each chunk's maximum and its first
     position, then the first chunk holding the largest. Compiled, that is many programs a row and a
     small second reduction rather than one program walking the row."""
-    length = values.shape[-1]
-    chunks = -(-length // ARGMAX_CHUNK)
-    if chunks < 2:
+    if values.shape[-1] <= ARGMAX_CHUNK:
         return values.argmax(dim=-1)
     # Padding goes past the last real token: a tie with it is won by the real token, the lower index.
-    padded = torch.nn.functional.pad(values, (0, chunks * ARGMAX_CHUNK - length), value=float("-inf"))
-    best, within = padded.view(*values.shape[:-1], chunks, ARGMAX_CHUNK).max(dim=-1)
+    best, within = _in_chunks(values, ARGMAX_CHUNK, float("-inf")).max(dim=-1)
     chunk = best.argmax(dim=-1, keepdim=True)
     return chunk.squeeze(-1) * ARGMAX_CHUNK + within.gather(-1, chunk).squeeze(-1)
 
@@ -176,9 +182,8 @@ def top_candidates(keys: torch.Tensor, most_chunks: int = TWO_STAGE_CHUNKS) -> t
     if chunks < 2 or rows * chunks > most_chunks:
         return keys.topk(count, dim=-1).indices
     # Padding keys are the lowest an int64 holds, below every token's: none is ever among the top.
-    lowest = torch.iinfo(torch.int64).min
-    padded = torch.nn.functional.pad(keys, (0, chunks * CANDIDATE_CHUNK - vocab), value=lowest)
-    best, within = padded.view(rows, chunks, CANDIDATE_CHUNK).topk(count, dim=-1, sorted=False)
+    padded = _in_chunks(keys, CANDIDATE_CHUNK, torch.iinfo(torch.int64).min)
+    best, within = padded.topk(count, dim=-1, sorted=False)
     ids = within + torch.arange(chunks, device=keys.device)[:, None] * CANDIDATE_CHUNK
     return ids.flatten(1).gather(1, best.flatten(1).topk(count, dim=-1).indices)
 
