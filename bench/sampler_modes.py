@@ -3,9 +3,8 @@
 `sample_rows` compiled as the runner compiles it, in a CUDA graph, for vocabularies of 32,000
 (Llama-7B), 65,024 (Falcon-7B) and 128,256 (Llama-3-8B) tokens at 1, 8 and 64 rows, in each mode
 (`PLAIN`, `TOP_K`; `FULL` runs uncompiled, as in the server). Then the TOP_K candidates alone:
-`ranking_keys(...).topk(64)` over whole rows against the sampler's `top_candidates` (two stages over
-chunks of 1,024 tokens where rows are few) and against two stages at every row count: all must pick
-the same tokens in the same order.
+`ranking_keys(...).topk(64)` over whole rows against the chunk-sorting kernels (`top_keys.largest`) at
+several chunk sizes: all must pick the same tokens in the same order.
 
     python bench/sampler_modes.py   # writes $OUT/sampler_modes.json and prints a table
 """
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemm_shapes import save, timed
 
+from trickle.generation import top_keys
 from trickle.generation.sampler import (
     FULL,
     PLAIN,
@@ -29,11 +29,14 @@ from trickle.generation.sampler import (
     SamplingTensors,
     ranking_keys,
     sample_rows,
-    top_candidates,
 )
+from trickle.generation.top_keys import largest
 
 VOCABS = (32000, 65024, 128256)
 ROWS = (1, 8, 64)
+# top_keys' (CHUNK, FINAL_MOST): keys a program of the first passes sorts, keys the last pass may sort
+DEFAULT = (top_keys.CHUNK, top_keys.FINAL_MOST)
+SWEEP = [DEFAULT, (512, 2048), (2048, 4096), (1024, 2048), (256, 1024)]
 
 
 def whole(keys: torch.Tensor) -> torch.Tensor:
@@ -78,17 +81,24 @@ def main() -> None:
 
                 row[f"{mode}_us"] = timed(step, 1, repeats=50) * 1e6
             keys = ranking_keys(logits)
-            row["candidates_equal"] = torch.equal(whole(keys), top_candidates(keys, 1 << 40))
+            want = whole(keys)
             row["topk_whole_us"] = timed(lambda i: whole(keys), 1, repeats=50) * 1e6
-            row["top_candidates_us"] = timed(lambda i: top_candidates(keys), 1, repeats=50) * 1e6
-            row["two_stages_us"] = timed(lambda i: top_candidates(keys, 1 << 40), 1, repeats=50) * 1e6
+            for chunk, final in SWEEP:
+                top_keys.CHUNK, top_keys.FINAL_MOST = chunk, final
+                equal = torch.equal(largest(keys, TOP_K_CANDIDATES), want)
+                us = timed(lambda i: largest(keys, TOP_K_CANDIDATES), 1, repeats=50) * 1e6
+                row[f"kernels_{chunk}_{final}"] = {"us": us, "equal": equal}
+            top_keys.CHUNK, top_keys.FINAL_MOST = DEFAULT
             results.append(row)
+            sweep = ", ".join(
+                f"{name[8:]} {v['us']:.1f}{'' if v['equal'] else ' (WRONG)'}"
+                for name, v in row.items()
+                if name.startswith("kernels_")
+            )
             print(
                 f"vocab {vocab:6} rows {rows:3}: plain {row['plain_us']:7.1f} us,"
                 f" top_k {row['top_k_us']:7.1f}, full {row['full_us']:7.1f};"
-                f" candidates whole {row['topk_whole_us']:6.1f}, top_candidates"
-                f" {row['top_candidates_us']:6.1f}, two stages {row['two_stages_us']:6.1f}"
-                f" (equal: {row['candidates_equal']})",
+                f" candidates: whole-row topk {row['topk_whole_us']:6.1f}, kernels (chunk_final) {sweep}",
                 flush=True,
             )
     save("sampler_modes", results)

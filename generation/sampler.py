@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trickle.generation.top_keys import largest
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -105,7 +107,8 @@ def sampling_mode(rows: Iterable[tuple[float, int, float]], vocab_size: int) -> 
 def ranking_keys(values: torch.Tensor) -> torch.Tensor:
     """int64 keys, one per value, in the order of a stable descending sort of `values` along the last
     dimension: larger values first, equal values by lower token id first. Unlike the values, no two keys
-    are equal, so `topk` of the keys and a full sort agree on which tokens come first.
+    are equal, so `topk` of the keys and a full sort agree on which tokens come first. A key's low 32
+    bits are minus its token id (`top_keys.largest` reads the ids back from them).
 
     values: [B, V] float32 -> [B, V] int64
     """
@@ -160,39 +163,11 @@ def sample(
     return torch.where(temperature == 0, argmax(logits), sampled)
 
 
-# TOP_K's candidates are found in two stages where a step has few rows: each chunk of this many tokens'
-# own top ones, then the top of those. torch's top-k over a whole row of 32,000-128,000 keys takes
-# eight passes of three kernels each (0.07 ms of a one-row Falcon-7B step on the H200); over chunks
-# of 1,024 one program takes each chunk. With more than TWO_STAGE_CHUNKS chunks in all
-# (about 60 rows of a 65,024-token vocabulary) the whole rows are ranked as before.
-CANDIDATE_CHUNK = 1024
-TWO_STAGE_CHUNKS = 4000
-
-
-def top_candidates(keys: torch.Tensor, most_chunks: int = TWO_STAGE_CHUNKS) -> torch.Tensor:
-    """The token ids of each row's TOP_K_CANDIDATES largest `ranking_keys`, largest first: what
-    `keys.topk(...).indices` gives (no two keys are equal, so the order is unique). Two stages where
-    the rows hold at most `most_chunks` chunks in all.
-
-    keys: [B, V] int64 -> [B, min(TOP_K_CANDIDATES, V)] int64
-    """
-    rows, vocab = keys.shape
-    count = min(TOP_K_CANDIDATES, vocab)
-    chunks = -(-vocab // CANDIDATE_CHUNK)
-    if chunks < 2 or rows * chunks > most_chunks:
-        return keys.topk(count, dim=-1).indices
-    # Padding keys are the lowest an int64 holds, below every token's: none is ever among the top.
-    padded = _in_chunks(keys, CANDIDATE_CHUNK, torch.iinfo(torch.int64).min)
-    best, within = padded.topk(count, dim=-1, sorted=False)
-    ids = within + torch.arange(chunks, device=keys.device)[:, None] * CANDIDATE_CHUNK
-    return ids.flatten(1).gather(1, best.flatten(1).topk(count, dim=-1).indices)
-
-
 def _ranked(scaled: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The values a ranked mode looks at, in descending order, and their token ids: the top
     TOP_K_CANDIDATES (`TOP_K`) or the whole vocabulary (`FULL`). [B, V] -> ([B, N], [B, N])"""
     if mode == TOP_K:
-        order = top_candidates(ranking_keys(scaled))
+        order = largest(ranking_keys(scaled), min(TOP_K_CANDIDATES, scaled.shape[-1]))
         return scaled.gather(1, order), order
     ranked, order = scaled.sort(dim=-1, descending=True, stable=True)
     return ranked, order

@@ -28,7 +28,15 @@ from trickle.generation.kv.attention import (
     store_new,
 )
 from trickle.generation.runner.graphs import Part
-from trickle.generation.sampler import PLAIN, TOP_K, SamplingTensors, sample_rows
+from trickle.generation.sampler import (
+    PLAIN,
+    TOP_K,
+    TOP_K_CANDIDATES,
+    SamplingTensors,
+    ranking_keys,
+    sample_rows,
+)
+from trickle.generation.top_keys import largest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -254,6 +262,22 @@ def test_the_compiled_sampler_draws_what_the_eager_one_draws_from_a_large_vocabu
         want = sample_rows(*args, token_ids=token_ids)
         assert torch.equal(compiled(*args, token_ids=token_ids), want)
         assert want[0] == logits[0].argmax()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("vocab", [70, 1024, 3 * 1024 + 5, 32000, 65024, 128256])
+def test_the_candidates_kernels_pick_what_topk_picks(rows: int, vocab: int) -> None:
+    """TOP_K's candidates by the chunk-sorting kernels: the tokens of each row's largest ranking keys,
+    largest first, as torch's top-k over whole rows ranks them, with ties in the logits (ranked by token
+    id) and masked tokens (-inf) about."""
+    generator = torch.Generator(device="cuda").manual_seed(vocab + rows)
+    logits = (torch.randn(rows, vocab, device="cuda", generator=generator) * 8).round() / 4
+    logits[:, ::7] = float("-inf")
+    keys = ranking_keys(logits)
+    count = min(TOP_K_CANDIDATES, vocab)
+    got = largest(keys, count)
+    assert torch.equal(got, keys.topk(count, dim=-1).indices)
+    assert torch.equal(got, logits.sort(dim=-1, descending=True, stable=True).indices[:, :count])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

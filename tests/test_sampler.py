@@ -7,12 +7,10 @@ import torch
 
 from trickle.generation.sampler import (
     ARGMAX_CHUNK,
-    CANDIDATE_CHUNK,
     FULL,
     PLAIN,
     TOP_K,
     TOP_K_CANDIDATES,
-    TWO_STAGE_CHUNKS,
     SamplingTensors,
     apply_penalties,
     apply_repetition_penalty,
@@ -20,10 +18,10 @@ from trickle.generation.sampler import (
     ranking_keys,
     sample,
     sampling_mode,
-    top_candidates,
     uniform_noise,
     unit_interval,
 )
+from trickle.generation.top_keys import largest
 
 
 def rows(n: int, **values: float) -> dict[str, torch.Tensor]:
@@ -148,10 +146,9 @@ def tied_logits(batch: int, vocab: int, seed: int) -> torch.Tensor:
     return (torch.randn(batch, vocab, generator=generator) * 8).round() / 4
 
 
-@pytest.mark.parametrize("vocab", [500, 5000, 20000], ids=["one chunk", "two stages", "whole rows"])
+@pytest.mark.parametrize("vocab", [500, 5000, 20000])
 def test_every_mode_draws_the_same_token_for_a_row_it_serves(vocab: int) -> None:
-    """A step picks its mode from all its rows, so a row's token must not depend on the mode (TOP_K's
-    candidates found in one chunk, in two stages, and over whole rows)."""
+    """A step picks its mode from all its rows, so a row's token must not depend on the mode."""
     n = 256
     logits = tied_logits(n, vocab, 0)
     seeds, steps = torch.arange(n) * 7919, torch.arange(n) % 5
@@ -175,17 +172,16 @@ def test_every_mode_draws_the_same_token_for_a_row_it_serves(vocab: int) -> None
     assert torch.equal(top1, logits.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("rows", [1, 3, 70])
-@pytest.mark.parametrize("vocab", [70, CANDIDATE_CHUNK, 3 * CANDIDATE_CHUNK + 5, 65024])
-def test_top_candidates_are_what_topk_over_whole_rows_gives(rows: int, vocab: int) -> None:
-    """Ranked whole (one chunk's vocabulary, or 70 rows of 65,024 tokens: more than TWO_STAGE_CHUNKS
-    chunks) or in two stages (the rest), the same tokens come out in the same order; ties in the
-    values rank by token id."""
-    keys = ranking_keys(tied_logits(rows, vocab, rows))
-    want = keys.topk(min(TOP_K_CANDIDATES, vocab), dim=-1).indices
-    assert torch.equal(top_candidates(keys), want)
-    assert torch.equal(top_candidates(keys, most_chunks=1 << 40), want)  # two stages at any row count
-    assert (rows * 64 > TWO_STAGE_CHUNKS) == (rows == 70)
+@pytest.mark.parametrize("vocab", [70, 65024])
+def test_a_ranking_key_holds_its_token_id_for_the_candidates_kernel_to_read_back(vocab: int) -> None:
+    """`top_keys.largest` sorts keys alone and reads each winner's token id from its low 32 bits (minus
+    the id): for every value, -0.0, infinities and ties included."""
+    logits = tied_logits(3, vocab, 3)
+    logits[0, :5] = torch.tensor([float("-inf"), float("inf"), -0.0, 0.0, float("nan")])
+    keys = ranking_keys(logits)
+    ids = -keys.to(torch.int32).to(torch.int64)  # the kernel's reading: the low half, negated
+    assert torch.equal(ids, torch.arange(vocab).expand(3, vocab))
+    assert torch.equal(largest(keys, TOP_K_CANDIDATES), keys.topk(TOP_K_CANDIDATES, dim=-1).indices)
 
 
 def test_the_cheapest_mode_that_serves_every_row_is_chosen() -> None:
