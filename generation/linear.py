@@ -23,6 +23,7 @@ smaller ones (`bench/gemm_shapes.py`).
 
 from __future__ import annotations
 
+import operator
 import types
 from collections.abc import Callable
 from typing import Any, TypeGuard
@@ -59,22 +60,32 @@ def skinny_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     config: tuple[int, int, int, int] = CONFIG,
+    act: str = "",
+    act_columns: tuple[int, int] = (0, 0),
+    addends: list[torch.Tensor] | tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for one row `x` ([..., in], one row in all), by the kernel."""
+    """`F.linear(x, weight, bias)` for one row `x` ([..., in], one row in all), by the kernel, and
+    `linear_epilogue`'s epilogue where `act` or `addends` are given."""
     out_features, in_features = weight.shape
     row = x.reshape(in_features)
     if row.stride(0) != 1:
         row = row.contiguous()
     out = torch.empty(out_features, device=x.device, dtype=x.dtype)
     block_n, block_k, warps, stages = config
+    first, second = (*(a.reshape(out_features) for a in addends), out, out)[:2]
     _matvec_kernel[(triton.cdiv(out_features, block_n),)](
         row,
         weight,
         bias if bias is not None else weight,
         out,
+        first,
+        second,
         out_features,
         in_features,
+        *act_columns,
         HAS_BIAS=bias is not None,
+        ACT=ACTIVATIONS.index(act) if act else 0,
+        ADDS=len(addends),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
@@ -97,6 +108,56 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 OPS = (torch.ops.trickle.linear, torch.ops.trickle.linear.default)
 """How the operator appears as a graph node's target."""
+
+# What `linear_epilogue` may apply to a range of its columns (index 0: nothing), each computed in float32
+# from the product rounded to its type, as the activation's own operator computes it
+ACTIVATIONS = ("", "gelu", "silu", "relu")
+_ACT_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+MOST_ADDENDS = 2
+
+
+@torch.library.custom_op("trickle::linear_epilogue", mutates_args=())
+def linear_epilogue(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str,
+    act_start: int,
+    act_stop: int,
+    addends: list[torch.Tensor],
+) -> torch.Tensor:
+    """`linear(x, weight, bias)`, then `act` over its columns act_start:act_stop, then each of `addends`
+    added in turn: what those operators compute one after another (each result rounded to the output's
+    type), in the kernel's epilogue where it applies, so a one-row step runs no kernel for them."""
+    if applies(x, weight) and all(a.dtype == x.dtype and a.is_contiguous() for a in addends):
+        return skinny_linear(x, weight, bias, act=act, act_columns=(act_start, act_stop), addends=addends)
+    out = F.linear(x, weight, bias)
+    if act:
+        head, part, tail = out[..., :act_start], out[..., act_start:act_stop], out[..., act_stop:]
+        out = torch.cat([head, _ACT_FUNCTIONS[act](part), tail], dim=-1)
+    for addend in addends:
+        out = out + addend
+    return out
+
+
+EPILOGUE_OPS = (torch.ops.trickle.linear_epilogue, torch.ops.trickle.linear_epilogue.default)
+
+
+@linear_epilogue.register_fake
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str,
+    act_start: int,
+    act_stop: int,
+    addends: list[torch.Tensor],
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _plain(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
@@ -217,12 +278,160 @@ def merge_repeats(graph: torch.fx.Graph) -> int:
     return removed
 
 
+_ADDS = (operator.add, operator.iadd, torch.add)
+_ACT_TARGETS = {
+    torch._C._nn.gelu: "gelu",
+    F.gelu: "gelu",
+    F.silu: "silu",
+    F.relu: "relu",
+    torch.relu: "relu",
+}
+
+
+def _value(node: object) -> torch.Tensor | None:
+    value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _one_row(node: torch.fx.Node) -> bool:
+    """Whether a linear call's input is one row, with no symbolic size (a graph traced for batch 1)."""
+    x = _value(node.args[0])
+    return x is not None and all(type(d) is int for d in x.shape) and x.numel() == x.shape[-1]
+
+
+def _activation(node: torch.fx.Node) -> str:
+    """The name in ACTIVATIONS of the activation `node` applies to its one input, or ""."""
+    name = _ACT_TARGETS.get(node.target, "") if node.op == "call_function" else ""  # type: ignore[arg-type]
+    extra = dict(node.kwargs)
+    if name == "gelu" and extra.pop("approximate", "none") != "none":
+        return ""
+    if name in ("silu", "relu") and extra.pop("inplace", False):
+        return ""
+    return name if len(node.args) == 1 and not extra else ""
+
+
+def _columns(node: torch.fx.Node, width: int) -> tuple[int, int] | None:
+    """The columns [start, stop) that `node` takes of its input's last dimension, if it is such a slice."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    index = node.args[1]
+    if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis):
+        return None
+    part = index[1]
+    if not isinstance(part, slice) or part.step not in (None, 1):
+        return None
+    if not all(isinstance(end, int | None) for end in (part.start, part.stop)):
+        return None
+    start, stop, _ = part.indices(width)
+    return start, stop
+
+
+def _is_identity(node: torch.fx.Node) -> bool:
+    """Dropout that does nothing: not training, or p = 0."""
+    if node.op != "call_function" or node.target is not F.dropout or len(node.args) != 1:
+        return False
+    inplace, training, p = (node.kwargs.get(name) for name in ("inplace", "training", "p"))
+    return not inplace and (training is False or (isinstance(p, float) and p == 0.0))
+
+
+def fuse_epilogues(graph: torch.fx.Graph) -> int:
+    """In a graph traced for one row, fold into `trickle::linear` calls what follows them (each call's
+    kernel then computes it, in one launch; `linear_epilogue`):
+    - an activation of one column range of a fused group's product (Falcon's MLP up projection), where
+      every other use of the product is a slice of other columns;
+    - up to MOST_ADDENDS tensors added to a product, one after another (residual connections; Falcon's
+      attention output added to its MLP's), through dropouts that do nothing.
+    Graphs of a symbolic batch are left as they are (torch's kernels take several rows). Returns how many
+    calls were rewritten."""
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in OPS or not _one_row(node):
+            continue
+        product = _value(node)
+        if product is None:
+            continue
+        x, weight, bias = node.args
+        activated = _activated_slice(node, product.shape[-1])
+        chain, addends = _added(node, product)
+        if activated is not None:
+            sliced, act, (start, stop) = activated
+            act.replace_all_uses_with(sliced)
+            graph.erase_node(act)
+            args: tuple[torch.fx.node.Argument, ...] = (x, weight, bias, _activation(act), start, stop, [])
+            last, done = node, [node]
+        elif addends:
+            args = (x, weight, bias, "", 0, 0, addends)
+            last, done = chain[-1], [node, *chain]
+        else:
+            continue
+        with graph.inserting_before(last):
+            fused = graph.call_function(torch.ops.trickle.linear_epilogue.default, args)
+        fused.meta.update(last.meta)
+        last.replace_all_uses_with(fused)
+        for old in reversed(done):
+            graph.erase_node(old)
+        rewritten += 1
+    return rewritten
+
+
+def _activated_slice(
+    node: torch.fx.Node, width: int
+) -> tuple[torch.fx.Node, torch.fx.Node, tuple[int, int]] | None:
+    """Where every user of a product slices its last dimension and one slice, of columns no other slice
+    takes, goes only to an activation: that slice, the activation and its columns."""
+    slices = {user: _columns(user, width) for user in node.users}
+    if not slices or any(columns is None for columns in slices.values()):
+        return None
+    found = [
+        (user, act) for user in slices if len(user.users) == 1 and _activation(act := next(iter(user.users)))
+    ]
+    if len(found) != 1:
+        return None
+    sliced, act = found[0]
+    start, stop = slices[sliced]  # type: ignore[misc]
+    for user, columns in slices.items():
+        if user is not sliced and columns[0] < stop and start < columns[1]:  # type: ignore[index]
+            return None
+    return sliced, act, (start, stop)
+
+
+def _added(node: torch.fx.Node, product: torch.Tensor) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """The nodes after a product that add tensors of its shape, type and layout to it one after another
+    (with the dropouts that do nothing between them), each the only user of the one before, up to the
+    last addition; and those tensors, at most MOST_ADDENDS."""
+    chain: list[torch.fx.Node] = []
+    addends: list[torch.fx.Node] = []
+    current, added = node, 0
+    while len(current.users) == 1 and len(addends) < MOST_ADDENDS:
+        user = next(iter(current.users))
+        if not _is_identity(user):
+            if user.op != "call_function" or user.target not in _ADDS or len(user.args) != 2 or user.kwargs:
+                break
+            left, right = user.args
+            other = right if left is current else left
+            value = _value(other)
+            if (
+                other is current
+                or (user.target is operator.iadd and left is not current)  # it writes into `other`
+                or value is None
+                or value.shape != product.shape
+                or value.dtype != product.dtype
+                or not value.is_contiguous()
+            ):
+                break
+            addends.append(other)  # type: ignore[arg-type]
+            added = len(chain) + 1
+        chain.append(user)
+        current = user
+    return chain[:added], addends
+
+
 def merging_repeats(backend: str | Callable[..., Any]) -> Callable[..., Any]:
-    """A torch.compile backend: `merge_repeats` on each graph dynamo captures, then `backend` (a
-    backend's name, such as "inductor", looked up only when a graph compiles)."""
+    """A torch.compile backend: `merge_repeats` and `fuse_epilogues` on each graph dynamo captures, then
+    `backend` (a backend's name, such as "inductor", looked up only when a graph compiles)."""
 
     def compile_graph(module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
-        if merge_repeats(module.graph):
+        if merge_repeats(module.graph) + fuse_epilogues(module.graph):
             module.recompile()
         inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
         return inner(module, example_inputs)
@@ -238,13 +447,20 @@ if triton is not None:
         w_ptr,
         b_ptr,
         y_ptr,
+        first_ptr,
+        second_ptr,
         N,
         K,
+        act_start,
+        act_stop,
         HAS_BIAS: tl.constexpr,
+        ACT: tl.constexpr,
+        ADDS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        # y[n] = sum_k x[k] w[n, k] (+ b[n]) for this program's BLOCK_N output features n
+        # y[n] = sum_k x[k] w[n, k] (+ b[n]) for this program's BLOCK_N output features n, then the
+        # epilogue (`linear_epilogue`), each result rounded to y's type as separate operators round it
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
@@ -257,4 +473,18 @@ if triton is not None:
         acc = tl.sum(wide, axis=1)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+        out_type = y_ptr.dtype.element_ty
+        if ACT != 0:
+            v = acc.to(out_type).to(tl.float32)
+            if ACT == 1:  # gelu, as torch computes it (erf)
+                v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+            elif ACT == 2:  # silu
+                v = v / (1.0 + tl.exp(-v))
+            else:  # relu
+                v = tl.maximum(v, 0.0)
+            acc = tl.where((cols >= act_start) & (cols < act_stop), v, acc)
+        if ADDS >= 1:
+            acc = acc.to(out_type).to(tl.float32) + tl.load(first_ptr + cols, mask=col_ok).to(tl.float32)
+        if ADDS >= 2:
+            acc = acc.to(out_type).to(tl.float32) + tl.load(second_ptr + cols, mask=col_ok).to(tl.float32)
+        tl.store(y_ptr + cols, acc.to(out_type), mask=col_ok)

@@ -129,6 +129,34 @@ def test_the_one_row_linear_kernel_computes_what_f_linear_computes(
         assert torch.equal(torch.ops.trickle.linear(*args), F.linear(*args))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["gelu", "silu", "relu"])
+def test_the_kernels_epilogue_computes_what_the_operators_after_the_product_compute(
+    dtype: torch.dtype, act: str
+) -> None:
+    """`trickle::linear_epilogue` on one row: the kernel's product, then the activation over a column
+    range and two addends, equal what torch's operators give applied to the kernel's own product (the
+    additions to the bit; the activations within a unit in the last place of the type)."""
+    torch.manual_seed(0)
+    out_features, in_features = 4672 + 2 * 4544 + 3, 4544
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=dtype) / in_features**0.5
+    bias = torch.randn(out_features, device="cuda", dtype=dtype)
+    x = torch.randn(1, 1, in_features, device="cuda", dtype=dtype)
+    a, b = (torch.randn(1, 1, out_features, device="cuda", dtype=dtype) for _ in range(2))
+    product = torch.ops.trickle.linear(x, weight, bias)
+    start, stop = 4672, out_features - 3
+    function = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[act]
+    part = function(product[..., start:stop])
+    got = torch.ops.trickle.linear_epilogue(x, weight, bias, act, start, stop, [])
+    assert torch.equal(got[..., :start], product[..., :start]) and torch.equal(
+        got[..., stop:], product[..., stop:]
+    )
+    ulp = torch.finfo(dtype).eps * part.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((got[..., start:stop] - part).abs() <= ulp).all()
+    added = torch.ops.trickle.linear_epilogue(x, weight, bias, "", 0, 0, [a, b])
+    assert torch.equal(added, (product + a) + b)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["llama", "mistral-sliding", "falcon-mqa", "falcon-alibi"])
 async def test_a_long_prompt_prefilled_in_chunks_through_the_graphs_is_exact(

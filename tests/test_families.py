@@ -396,6 +396,15 @@ SIBLINGS = {
     "falcon-mqa": [["self_attention.query_key_value", "mlp.dense_h_to_4h"]],
     "gpt2": [],
 }
+# What the compiled layers of batch 1 fold into their linear layers' kernels (`linear.fuse_epilogues`),
+# in order: each product's activation, and how many tensors are added to it. Gemma2's activation is
+# gelu's tanh approximation, and its norms come between products and residual additions.
+EPILOGUES = {
+    "llama": [("", 1), ("silu", 0), ("", 1)],  # o_proj + residual; silu of the gate; down + residual
+    "gemma2": [],
+    "falcon-mqa": [("gelu", 0), ("", 2)],  # gelu of the MLP up projection; down + attention + residual
+    "gpt2": [],
+}
 
 
 @pytest.mark.parametrize("family", list(SIBLINGS))
@@ -447,7 +456,19 @@ async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
     assert bool(calls) == (family != "gpt2")
     per_layer = sum(isinstance(m, torch.nn.Linear) for m in layers[0].modules())
     once = per_layer - sum(len(group) - 1 for group in SIBLINGS[family])
-    assert [sum(node.target in linear.OPS for node in g.graph.nodes) for g in graphs] == [once] * len(graphs)
+    products = linear.OPS + linear.EPILOGUE_OPS
+    assert [sum(node.target in products for node in g.graph.nodes) for g in graphs] == [once] * len(graphs)
+
+    # graphs of batch 1 (no symbolic size) fold what follows their products into the products' kernels
+    def folded(graph: torch.fx.GraphModule) -> list[tuple[object, int]]:
+        nodes = graph.graph.nodes
+        return [(node.args[3], len(node.args[6])) for node in nodes if node.target in linear.EPILOGUE_OPS]
+
+    def one_row(graph: torch.fx.GraphModule) -> bool:
+        return not any(isinstance(node.meta.get("example_value"), torch.SymInt) for node in graph.graph.nodes)
+
+    assert [folded(g) for g in graphs if one_row(g)] == [EPILOGUES[family]] * kinds
+    assert all(folded(g) == [] for g in graphs if not one_row(g))
     linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     assert all("forward" not in vars(m) for m in linears)
 

@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tests.families import build
 from trickle.generation import linear
@@ -101,3 +102,55 @@ def test_only_plain_linear_layers_are_routed_through_the_operator_and_restored()
     assert torch.equal(block[0](x), torch.nn.functional.linear(x, block[0].weight, block[0].bias))
     linear.restore(block)
     assert "forward" not in vars(block[0]) and vars(block[1])["forward"] is wrapped
+
+
+def _products(x: torch.Tensor, w: torch.Tensor, down: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    # Falcon's shape: a fused product's last columns activated, the rest sliced off; a product with
+    # another product and a residual added to it, through a dropout that does nothing
+    out = torch.ops.trickle.linear(x, w, None)
+    kept, hidden = out[..., :8], F.gelu(out[..., 8:])
+    y = torch.ops.trickle.linear(hidden, down, None)
+    y += kept
+    y = F.dropout(y, p=0.0, training=False)
+    tanh = F.gelu(torch.ops.trickle.linear(x, w[8:], None)[..., 8:], approximate="tanh")  # not folded
+    shared = torch.ops.trickle.linear(x, w[:8], None)  # two users: not folded
+    broadcast = torch.ops.trickle.linear(x, w[:8], None) + res[..., :1]  # another shape: not folded
+    return torch.cat([res + y, tanh[..., :8], shared + res, shared, broadcast], dim=-1)
+
+
+def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> None:
+    """`fuse_epilogues`, as the compile backend runs it: in a graph traced for one row, a product's
+    activated slice and the tensors added to it become one `trickle::linear_epilogue` call, which
+    computes the same bits as the operators it replaced (bfloat16, each result rounded); what it cannot
+    fold stays; a graph of a symbolic batch is left alone."""
+    torch.manual_seed(0)
+    w, down = torch.randn(24, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_products, backend=linear.merging_repeats(capture), dynamic=None)
+    for rows in (1, 3, 5):
+        x, res = torch.randn(rows, 1, 16, dtype=torch.bfloat16), torch.randn(rows, 1, 8, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x, w, down, res), _products(x, w, down, res))
+    one, symbolic = graphs
+    folded = [(n.args[3:6], len(n.args[6])) for n in one.graph.nodes if n.target in linear.EPILOGUE_OPS]
+    assert folded == [(("gelu", 8, 24), 0), (("", 0, 0), 2)]
+    assert sum(n.target in linear.OPS for n in one.graph.nodes) == 3  # tanh, shared, broadcast
+    assert not any(n.target in linear.EPILOGUE_OPS for n in symbolic.graph.nodes)
+
+
+def test_the_epilogue_operator_computes_what_the_operators_it_replaces_compute() -> None:
+    """Off the kernel (a CPU), `linear_epilogue` is the product, its activation over the columns given,
+    then each addend added, each result rounded to the output's type: the same bits as those operators."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 1, 16, dtype=torch.bfloat16), torch.randn(12, 16, dtype=torch.bfloat16)
+    bias, a, b = (torch.randn(1, 1, 12, dtype=torch.bfloat16) for _ in range(3))
+    for act, function in (("gelu", F.gelu), ("silu", F.silu), ("relu", F.relu)):
+        got = torch.ops.trickle.linear_epilogue(x, w, bias[0, 0], act, 3, 9, [a, b])
+        out = F.linear(x, w, bias[0, 0])
+        want = (torch.cat([out[..., :3], function(out[..., 3:9]), out[..., 9:]], dim=-1) + a) + b
+        assert torch.equal(got, want)
