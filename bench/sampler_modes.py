@@ -36,7 +36,7 @@ VOCABS = (32000, 65024, 128256)
 ROWS = (1, 8, 64)
 # top_keys' (CHUNK, FINAL_MOST): keys a program of the first passes sorts, keys the last pass may sort
 DEFAULT = (top_keys.CHUNK, top_keys.FINAL_MOST)
-SWEEP = [DEFAULT, (128, 1024), (256, 512), (512, 1024), (1024, 4096)]
+SWEEP = [DEFAULT, (256, 1024), (512, 1024), (1024, 4096)]
 
 
 def whole(keys: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,14 @@ def skinny_linear(
     config: tuple[int, int, int, int] = CONFIG,
     act: str = "",
     act_columns: tuple[int, int] = (0, 0),
+    up_start: int = -1,
     addends: list[torch.Tensor] | tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for one row `x` ([..., in], one row in all), by the kernel, and
-    `linear_epilogue`'s epilogue where `act` or `addends` are given."""
+    `linear_epilogue`'s epilogue where `act`, `up_start` or `addends` are given."""
     out_features, in_features = weight.shape
+    if up_start >= 0:  # gated: one output a gate column
+        out_features = act_columns[1] - act_columns[0]
     row = x.reshape(in_features)
     if row.stride(0) != 1:
         row = row.contiguous()
@@ -83,8 +86,10 @@ def skinny_linear(
         out_features,
         in_features,
         *act_columns,
+        up_start,
         HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS.index(act) if act else 0,
+        GATED=up_start >= 0,
         ADDS=len(addends),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -128,15 +133,25 @@ def linear_epilogue(
     act: str,
     act_start: int,
     act_stop: int,
+    up_start: int,
     addends: list[torch.Tensor],
 ) -> torch.Tensor:
     """`linear(x, weight, bias)`, then `act` over its columns act_start:act_stop, then each of `addends`
     added in turn: what those operators compute one after another (each result rounded to the output's
-    type), in the kernel's epilogue where it applies, so a one-row step runs no kernel for them."""
+    type), in the kernel's epilogue where it applies, so a one-row step runs no kernel for them.
+
+    Gated (`up_start` >= 0): the output is the activated columns times as many columns from up_start,
+    element by element (a gated MLP's `act(gate) * up`), then the addends."""
     if applies(x, weight) and all(a.dtype == x.dtype and a.is_contiguous() for a in addends):
-        return skinny_linear(x, weight, bias, act=act, act_columns=(act_start, act_stop), addends=addends)
+        columns = (act_start, act_stop)
+        return skinny_linear(
+            x, weight, bias, act=act, act_columns=columns, up_start=up_start, addends=addends
+        )
     out = F.linear(x, weight, bias)
-    if act:
+    if up_start >= 0:
+        gate = out[..., act_start:act_stop]
+        out = _ACT_FUNCTIONS[act](gate) * out[..., up_start : up_start + gate.shape[-1]]
+    elif act:
         head, part, tail = out[..., :act_start], out[..., act_start:act_stop], out[..., act_stop:]
         out = torch.cat([head, _ACT_FUNCTIONS[act](part), tail], dim=-1)
     for addend in addends:
@@ -155,9 +170,10 @@ def _(
     act: str,
     act_start: int,
     act_stop: int,
+    up_start: int,
     addends: list[torch.Tensor],
 ) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], act_stop - act_start if up_start >= 0 else weight.shape[0])
 
 
 def _plain(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
@@ -337,10 +353,12 @@ def _is_identity(node: torch.fx.Node) -> bool:
 def fuse_epilogues(graph: torch.fx.Graph) -> int:
     """In a graph traced for one row, fold into `trickle::linear` calls what follows them (each call's
     kernel then computes it, in one launch; `linear_epilogue`):
-    - an activation of one column range of a fused group's product (Falcon's MLP up projection), where
-      every other use of the product is a slice of other columns;
-    - up to MOST_ADDENDS tensors added to a product, one after another (residual connections; Falcon's
-      attention output added to its MLP's), through dropouts that do nothing.
+    - a gated MLP's `act(gate) * up`, gate and up two slices of one fused product (Llama's gate and up
+      projections), its only users;
+    - or an activation of one column range of a product (Falcon's MLP up projection, fused with its
+      query/key/value), where every other use of the product is a slice of other columns;
+    - then up to MOST_ADDENDS tensors added to the result, one after another (residual connections;
+      Falcon's attention output added to its MLP's), through dropouts that do nothing.
     Graphs of a symbolic batch are left as they are (torch's kernels take several rows). Returns how many
     calls were rewritten."""
     rewritten = 0
@@ -351,19 +369,27 @@ def fuse_epilogues(graph: torch.fx.Graph) -> int:
         if product is None:
             continue
         x, weight, bias = node.args
-        activated = _activated_slice(node, product.shape[-1])
-        chain, addends = _added(node, product)
-        if activated is not None:
-            sliced, act, (start, stop) = activated
-            act.replace_all_uses_with(sliced)
-            graph.erase_node(act)
-            args: tuple[torch.fx.node.Argument, ...] = (x, weight, bias, _activation(act), start, stop, [])
-            last, done = node, [node]
-        elif addends:
-            args = (x, weight, bias, "", 0, 0, addends)
-            last, done = chain[-1], [node, *chain]
-        else:
+        width = product.shape[-1]
+        act, columns, up_start = "", (0, 0), -1
+        last, done = node, [node]
+        gated = _gated(node, width)
+        activated = None if gated else _activated_slice(node, width)
+        if gated is not None:
+            mul, act_node, slices, columns, up_start = gated
+            act = _activation(act_node)
+            last, done = mul, [node, *slices, act_node, mul]
+        elif activated is not None:
+            sliced, act_node, columns = activated
+            act = _activation(act_node)
+            act_node.replace_all_uses_with(sliced)
+            graph.erase_node(act_node)
+        result = _value(last)
+        chain, addends = _added(last, result) if result is not None else ([], [])
+        if not (act or addends):
             continue
+        if chain:
+            last, done = chain[-1], [*done, *chain]
+        args = (x, weight, bias, act, *columns, up_start, addends)
         with graph.inserting_before(last):
             fused = graph.call_function(torch.ops.trickle.linear_epilogue.default, args)
         fused.meta.update(last.meta)
@@ -372,6 +398,36 @@ def fuse_epilogues(graph: torch.fx.Graph) -> int:
             graph.erase_node(old)
         rewritten += 1
     return rewritten
+
+
+def _gated(
+    node: torch.fx.Node, width: int
+) -> tuple[torch.fx.Node, torch.fx.Node, list[torch.fx.Node], tuple[int, int], int] | None:
+    """Where a product's users are two slices of one width, `gate` and `up`, and the product's only use is
+    `act(gate) * up`: the multiplication, the activation, both slices, the gate's columns and the first
+    of up's."""
+    users = list(node.users)
+    if len(users) != 2 or any(_columns(user, width) is None for user in users):
+        return None
+    for gate, up in (users, users[::-1]):
+        act = next(iter(gate.users)) if len(gate.users) == 1 else None
+        if act is None or not _activation(act) or len(act.users) != 1 or len(up.users) != 1:
+            continue
+        mul = next(iter(act.users))
+        a, b = _columns(gate, width), _columns(up, width)
+        if a is None or b is None:
+            continue
+        if (
+            mul is next(iter(up.users))
+            and mul.op == "call_function"
+            and mul.target in (operator.mul, torch.mul)
+            and not mul.kwargs
+            and len(mul.args) == 2
+            and set(mul.args) == {act, up}
+            and a[1] - a[0] == b[1] - b[0]
+        ):
+            return mul, act, [gate, up], a, b[0]
+    return None
 
 
 def _activated_slice(
@@ -453,26 +509,36 @@ if triton is not None:
         K,
         act_start,
         act_stop,
+        up_start,
         HAS_BIAS: tl.constexpr,
         ACT: tl.constexpr,
+        GATED: tl.constexpr,
         ADDS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         # y[n] = sum_k x[k] w[n, k] (+ b[n]) for this program's BLOCK_N output features n, then the
-        # epilogue (`linear_epilogue`), each result rounded to y's type as separate operators round it
+        # epilogue (`linear_epilogue`), each result rounded to y's type as separate operators round it.
+        # Gated, output n is act(product[act_start + n]) * product[up_start + n].
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
+        rows = cols
+        if GATED:
+            rows = act_start + cols
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        up_rows = w_ptr + (up_start + cols).to(tl.int64)[:, None] * K
         wide = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        wide_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
-            wide += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            mask = col_ok[:, None] & (k < K)[None, :]
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+            wide += tl.load(w_rows + k[None, :], mask=mask, other=0.0).to(tl.float32) * x
+            if GATED:
+                wide_up += tl.load(up_rows + k[None, :], mask=mask, other=0.0).to(tl.float32) * x
         acc = tl.sum(wide, axis=1)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += tl.load(b_ptr + rows, mask=col_ok, other=0.0).to(tl.float32)
         out_type = y_ptr.dtype.element_ty
         if ACT != 0:
             v = acc.to(out_type).to(tl.float32)
@@ -482,7 +548,12 @@ if triton is not None:
                 v = v / (1.0 + tl.exp(-v))
             else:  # relu
                 v = tl.maximum(v, 0.0)
-            acc = tl.where((cols >= act_start) & (cols < act_stop), v, acc)
+            acc = v if GATED else tl.where((cols >= act_start) & (cols < act_stop), v, acc)
+        if GATED:
+            up = tl.sum(wide_up, axis=1)
+            if HAS_BIAS:
+                up += tl.load(b_ptr + up_start + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc = acc.to(out_type).to(tl.float32) * up.to(out_type).to(tl.float32)
         if ADDS >= 1:
             acc = acc.to(out_type).to(tl.float32) + tl.load(first_ptr + cols, mask=col_ok).to(tl.float32)
         if ADDS >= 2:

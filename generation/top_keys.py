@@ -24,11 +24,11 @@ except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
 # Keys a program of the first passes sorts, and most keys a row may have left for the last pass (one
-# program). On the H200 (`bench/sampler_modes.py`), chunks of 256 and a last pass of at most 1,024 took
-# 13-21 us for one row of 32,000-128,256 tokens and 56-190 us for 64 rows, where torch's top-k over
-# whole rows took 75-100 and 115-311 us, and chunks of 1,024 (up to 4,096 last) 32-95 and 182-608.
+# program). On the H200 (`bench/sampler_modes.py`, session 22), chunks of 256 and a last pass of at most
+# 512 took 12-17 us for one row of 32,000-128,256 tokens and 55-190 us for 64 rows, where torch's top-k
+# over whole rows took 74-98 and 113-313 us, and chunks of 1,024 (up to 4,096 last) 32-95 and 181-607.
 CHUNK = 256
-FINAL_MOST = 1024
+FINAL_MOST = 512
 PAD = -(1 << 63)  # below every ranking key: padding never wins
 
 

@@ -78,7 +78,9 @@ async def test_every_family_is_exact_with_cuda_graphs(
     kernel."""
     kernel_calls = []
     skinny = linear.skinny_linear
-    monkeypatch.setattr(linear, "skinny_linear", lambda *args: kernel_calls.append(1) or skinny(*args))
+    monkeypatch.setattr(
+        linear, "skinny_linear", lambda *args, **kwargs: kernel_calls.append(1) or skinny(*args, **kwargs)
+    )
     model = build(family, len(tiny.tokenizer), tiny.tokenizer.eos_token_id).cuda()
     runner = (await assert_exact(model, tiny.tokenizer)).engine.engine.runner
     paged = reads_in_place(family, model)
@@ -136,7 +138,8 @@ def test_the_kernels_epilogue_computes_what_the_operators_after_the_product_comp
 ) -> None:
     """`trickle::linear_epilogue` on one row: the kernel's product, then the activation over a column
     range and two addends, equal what torch's operators give applied to the kernel's own product (the
-    additions to the bit; the activations within a unit in the last place of the type)."""
+    additions to the bit, the activations within the type's rounding); and gated, `act(gate) * up` of
+    two column ranges."""
     torch.manual_seed(0)
     out_features, in_features = 4672 + 2 * 4544 + 3, 4544
     weight = torch.randn(out_features, in_features, device="cuda", dtype=dtype) / in_features**0.5
@@ -146,15 +149,20 @@ def test_the_kernels_epilogue_computes_what_the_operators_after_the_product_comp
     product = torch.ops.trickle.linear(x, weight, bias)
     start, stop = 4672, out_features - 3
     function = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[act]
-    part = function(product[..., start:stop])
-    got = torch.ops.trickle.linear_epilogue(x, weight, bias, act, start, stop, [])
-    assert torch.equal(got[..., :start], product[..., :start]) and torch.equal(
-        got[..., stop:], product[..., stop:]
+    eps = torch.finfo(dtype).eps
+    got = torch.ops.trickle.linear_epilogue(x, weight, bias, act, start, stop, -1, [])
+    assert torch.equal(got[..., :start], product[..., :start])
+    assert torch.equal(got[..., stop:], product[..., stop:])
+    torch.testing.assert_close(
+        got[..., start:stop], function(product[..., start:stop]), rtol=2 * eps, atol=eps / 64
     )
-    ulp = torch.finfo(dtype).eps * part.abs().clamp_min(torch.finfo(dtype).tiny)
-    assert ((got[..., start:stop] - part).abs() <= ulp).all()
-    added = torch.ops.trickle.linear_epilogue(x, weight, bias, "", 0, 0, [a, b])
+    added = torch.ops.trickle.linear_epilogue(x, weight, bias, "", 0, 0, -1, [a, b])
     assert torch.equal(added, (product + a) + b)
+    width = 4544
+    gated = torch.ops.trickle.linear_epilogue(x, weight, bias, act, start, start + width, 3, [a[..., :width]])
+    gate, up = product[..., start : start + width], product[..., 3 : 3 + width]
+    want = function(gate) * up + a[..., :width]
+    torch.testing.assert_close(gated, want, rtol=4 * eps, atol=eps / 16)
 
 
 @pytest.mark.timeout(600)

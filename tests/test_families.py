@@ -397,12 +397,14 @@ SIBLINGS = {
     "gpt2": [],
 }
 # What the compiled layers of batch 1 fold into their linear layers' kernels (`linear.fuse_epilogues`),
-# in order: each product's activation, and how many tensors are added to it. Gemma2's activation is
-# gelu's tanh approximation, and its norms come between products and residual additions.
+# in order: each product's activation, whether it is gated, and how many tensors are added to it.
+# Gemma2's activation is gelu's tanh approximation, and its norms come between products and residuals.
 EPILOGUES = {
-    "llama": [("", 1), ("silu", 0), ("", 1)],  # o_proj + residual; silu of the gate; down + residual
+    # o_proj + residual; silu(gate) * up; down + residual
+    "llama": [("", False, 1), ("silu", True, 0), ("", False, 1)],
     "gemma2": [],
-    "falcon-mqa": [("gelu", 0), ("", 2)],  # gelu of the MLP up projection; down + attention + residual
+    # gelu of the MLP up projection; down + attention + residual
+    "falcon-mqa": [("gelu", False, 0), ("", False, 2)],
     "gpt2": [],
 }
 
@@ -462,7 +464,8 @@ async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
     # graphs of batch 1 (no symbolic size) fold what follows their products into the products' kernels
     def folded(graph: torch.fx.GraphModule) -> list[tuple[object, int]]:
         nodes = graph.graph.nodes
-        return [(node.args[3], len(node.args[6])) for node in nodes if node.target in linear.EPILOGUE_OPS]
+        ops = [node for node in nodes if node.target in linear.EPILOGUE_OPS]
+        return [(node.args[3], node.args[6] >= 0, len(node.args[7])) for node in ops]  # type: ignore[operator]
 
     def one_row(graph: torch.fx.GraphModule) -> bool:
         return not any(isinstance(node.meta.get("example_value"), torch.SymInt) for node in graph.graph.nodes)

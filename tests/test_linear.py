@@ -106,7 +106,8 @@ def test_only_plain_linear_layers_are_routed_through_the_operator_and_restored()
 
 def _products(x: torch.Tensor, w: torch.Tensor, down: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     # Falcon's shape: a fused product's last columns activated, the rest sliced off; a product with
-    # another product and a residual added to it, through a dropout that does nothing
+    # another product and a residual added to it, through a dropout that does nothing. Llama's: a
+    # gated product, with a residual added to it.
     out = torch.ops.trickle.linear(x, w, None)
     kept, hidden = out[..., :8], F.gelu(out[..., 8:])
     y = torch.ops.trickle.linear(hidden, down, None)
@@ -115,13 +116,16 @@ def _products(x: torch.Tensor, w: torch.Tensor, down: torch.Tensor, res: torch.T
     tanh = F.gelu(torch.ops.trickle.linear(x, w[8:], None)[..., 8:], approximate="tanh")  # not folded
     shared = torch.ops.trickle.linear(x, w[:8], None)  # two users: not folded
     broadcast = torch.ops.trickle.linear(x, w[:8], None) + res[..., :1]  # another shape: not folded
-    return torch.cat([res + y, tanh[..., :8], shared + res, shared, broadcast], dim=-1)
+    gate_up = torch.ops.trickle.linear(x, down, None)
+    gated = res[..., :4] + F.silu(gate_up[..., :4]) * gate_up[..., 4:]
+    return torch.cat([res + y, tanh[..., :8], shared + res, shared, broadcast, gated], dim=-1)
 
 
 def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> None:
     """`fuse_epilogues`, as the compile backend runs it: in a graph traced for one row, a product's
     activated slice and the tensors added to it become one `trickle::linear_epilogue` call, which
-    computes the same bits as the operators it replaced (bfloat16, each result rounded); what it cannot
+    computes the same bits as the operators it replaced (bfloat16, each result rounded); so do a gated
+    product (`act(gate) * up`) and what is added to it; what it cannot
     fold stays; a graph of a symbolic batch is left alone."""
     torch.manual_seed(0)
     w, down = torch.randn(24, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
@@ -137,8 +141,8 @@ def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> 
         x, res = torch.randn(rows, 1, 16, dtype=torch.bfloat16), torch.randn(rows, 1, 8, dtype=torch.bfloat16)
         assert torch.equal(compiled(x, w, down, res), _products(x, w, down, res))
     one, symbolic = graphs
-    folded = [(n.args[3:6], len(n.args[6])) for n in one.graph.nodes if n.target in linear.EPILOGUE_OPS]
-    assert folded == [(("gelu", 8, 24), 0), (("", 0, 0), 2)]
+    folded = [(n.args[3:7], len(n.args[7])) for n in one.graph.nodes if n.target in linear.EPILOGUE_OPS]
+    assert folded == [(("gelu", 8, 24, -1), 0), (("silu", 0, 4, 4), 1), (("", 0, 0, -1), 2)]
     assert sum(n.target in linear.OPS for n in one.graph.nodes) == 3  # tanh, shared, broadcast
     assert not any(n.target in linear.EPILOGUE_OPS for n in symbolic.graph.nodes)
 
@@ -150,7 +154,9 @@ def test_the_epilogue_operator_computes_what_the_operators_it_replaces_compute()
     x, w = torch.randn(1, 1, 16, dtype=torch.bfloat16), torch.randn(12, 16, dtype=torch.bfloat16)
     bias, a, b = (torch.randn(1, 1, 12, dtype=torch.bfloat16) for _ in range(3))
     for act, function in (("gelu", F.gelu), ("silu", F.silu), ("relu", F.relu)):
-        got = torch.ops.trickle.linear_epilogue(x, w, bias[0, 0], act, 3, 9, [a, b])
+        got = torch.ops.trickle.linear_epilogue(x, w, bias[0, 0], act, 3, 9, -1, [a, b])
         out = F.linear(x, w, bias[0, 0])
         want = (torch.cat([out[..., :3], function(out[..., 3:9]), out[..., 9:]], dim=-1) + a) + b
         assert torch.equal(got, want)
+        gated = torch.ops.trickle.linear_epilogue(x, w, bias[0, 0], act, 6, 10, 1, [a[..., :4]])
+        assert torch.equal(gated, function(out[..., 6:10]) * out[..., 1:5] + a[..., :4])
