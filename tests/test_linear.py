@@ -116,9 +116,11 @@ def _products(x: torch.Tensor, w: torch.Tensor, down: torch.Tensor, res: torch.T
     tanh = F.gelu(torch.ops.trickle.linear(x, w[8:], None)[..., 8:], approximate="tanh")  # not folded
     shared = torch.ops.trickle.linear(x, w[:8], None)  # two users: not folded
     broadcast = torch.ops.trickle.linear(x, w[:8], None) + res[..., :1]  # another shape: not folded
+    into = res * 2
+    into += torch.ops.trickle.linear(x, w[16:], None)  # written into another tensor: not folded
     gate_up = torch.ops.trickle.linear(x, down, None)
     gated = res[..., :4] + F.silu(gate_up[..., :4]) * gate_up[..., 4:]
-    return torch.cat([res + y, tanh[..., :8], shared + res, shared, broadcast, gated], dim=-1)
+    return torch.cat([res + y, tanh[..., :8], shared + res, shared, broadcast, gated, into], dim=-1)
 
 
 def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> None:
@@ -143,7 +145,7 @@ def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> 
     one, symbolic = graphs
     folded = [(n.args[3:7], len(n.args[7])) for n in one.graph.nodes if n.target in linear.EPILOGUE_OPS]
     assert folded == [(("gelu", 8, 24, -1), 0), (("silu", 0, 4, 4), 1), (("", 0, 0, -1), 2)]
-    assert sum(n.target in linear.OPS for n in one.graph.nodes) == 3  # tanh, shared, broadcast
+    assert sum(n.target in linear.OPS for n in one.graph.nodes) == 4  # tanh, shared, broadcast, into
     assert not any(n.target in linear.EPILOGUE_OPS for n in symbolic.graph.nodes)
 
 
