@@ -527,23 +527,17 @@ if triton is not None:
             rows = act_start + cols
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
         up_rows = w_ptr + (up_start + cols).to(tl.int64)[:, None] * K
-        # The addends are loaded first: their trip to memory overlaps the weights' rather than following it
-        if ADDS >= 1:
-            first = tl.load(first_ptr + cols, mask=col_ok).to(tl.float32)
-        if ADDS >= 2:
-            second = tl.load(second_ptr + cols, mask=col_ok).to(tl.float32)
         wide = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         wide_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            mask = col_ok[:, None] & (k < K)[None, :]
-            w = tl.load(w_rows + k[None, :], mask=mask, other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
             if GATED:
-                u = tl.load(up_rows + k[None, :], mask=mask, other=0.0)
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
-            wide += w.to(tl.float32) * x
+                u = tl.load(up_rows + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+            wide += w.to(tl.float32) * x.to(tl.float32)[None, :]
             if GATED:
-                wide_up += u.to(tl.float32) * x
+                wide_up += u.to(tl.float32) * x.to(tl.float32)[None, :]
         acc = tl.sum(wide, axis=1)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=col_ok, other=0.0).to(tl.float32)
@@ -563,7 +557,7 @@ if triton is not None:
                 up += tl.load(b_ptr + up_start + cols, mask=col_ok, other=0.0).to(tl.float32)
             acc = acc.to(out_type).to(tl.float32) * up.to(out_type).to(tl.float32)
         if ADDS >= 1:
-            acc = acc.to(out_type).to(tl.float32) + first
+            acc = acc.to(out_type).to(tl.float32) + tl.load(first_ptr + cols, mask=col_ok).to(tl.float32)
         if ADDS >= 2:
-            acc = acc.to(out_type).to(tl.float32) + second
+            acc = acc.to(out_type).to(tl.float32) + tl.load(second_ptr + cols, mask=col_ok).to(tl.float32)
         tl.store(y_ptr + cols, acc.to(out_type), mask=col_ok)

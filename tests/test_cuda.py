@@ -150,6 +150,8 @@ def test_the_kernels_epilogue_computes_what_the_operators_after_the_product_comp
     start, stop = 4672, out_features - 3
     function = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[act]
     eps = torch.finfo(dtype).eps
+    # float32 keeps no rounding between a product and what follows: the kernel's multiply-adds may fuse
+    atol = 2 * eps if dtype == torch.float32 else eps / 16
     got = torch.ops.trickle.linear_epilogue(x, weight, bias, act, start, stop, -1, [])
     assert torch.equal(got[..., :start], product[..., :start])
     assert torch.equal(got[..., stop:], product[..., stop:])
@@ -162,7 +164,7 @@ def test_the_kernels_epilogue_computes_what_the_operators_after_the_product_comp
     gated = torch.ops.trickle.linear_epilogue(x, weight, bias, act, start, start + width, 3, [a[..., :width]])
     gate, up = product[..., start : start + width], product[..., 3 : 3 + width]
     want = function(gate) * up + a[..., :width]
-    torch.testing.assert_close(gated, want, rtol=4 * eps, atol=eps / 16)
+    torch.testing.assert_close(gated, want, rtol=4 * eps, atol=atol)
 
 
 @pytest.mark.timeout(600)
