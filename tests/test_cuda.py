@@ -150,13 +150,14 @@ def test_the_kernels_epilogue_computes_what_the_operators_after_the_product_comp
     start, stop = 4672, out_features - 3
     function = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[act]
     eps = torch.finfo(dtype).eps
-    # float32 keeps no rounding between a product and what follows: the kernel's multiply-adds may fuse
+    # float32: no rounding to a narrower type separates the kernel's multiply from its add, so the two may
+    # fuse (one rounding where torch rounds twice); erf and exp may differ from torch's in the last place
     atol = 2 * eps if dtype == torch.float32 else eps / 16
     got = torch.ops.trickle.linear_epilogue(x, weight, bias, act, start, stop, -1, [])
     assert torch.equal(got[..., :start], product[..., :start])
     assert torch.equal(got[..., stop:], product[..., stop:])
     torch.testing.assert_close(
-        got[..., start:stop], function(product[..., start:stop]), rtol=2 * eps, atol=eps / 64
+        got[..., start:stop], function(product[..., start:stop]), rtol=2 * eps, atol=atol
     )
     added = torch.ops.trickle.linear_epilogue(x, weight, bias, "", 0, 0, -1, [a, b])
     assert torch.equal(added, (product + a) + b)
