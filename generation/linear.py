@@ -19,6 +19,10 @@ members' weights views of its rows, so eager code computes what it did. Compiled
 the group's product with `linear` and takes its columns, and the backend `merging_repeats` keeps one
 of those identical calls: one product reads the group's weights, nearer the bandwidth than several
 smaller ones (`bench/gemm_shapes.py`).
+
+In graphs of one row the backend also folds what follows a product into the kernel's epilogue
+(`fuse_epilogues`, `linear_epilogue`): an activation, a gated MLP's `act(gate) * up`, residual
+additions, each rounded as its own operator rounds it, so the step launches no kernel for them.
 """
 
 from __future__ import annotations
@@ -356,7 +360,8 @@ def fuse_epilogues(graph: torch.fx.Graph) -> int:
     - a gated MLP's `act(gate) * up`, gate and up two slices of one fused product (Llama's gate and up
       projections), its only users;
     - or an activation of one column range of a product (Falcon's MLP up projection, fused with its
-      query/key/value), where every other use of the product is a slice of other columns;
+      query/key/value), where every other use of the product is a slice of other columns, or of the
+      whole product where that is its only use (OPT's unfused up projection);
     - then up to MOST_ADDENDS tensors added to the result, one after another (residual connections;
       Falcon's attention output added to its MLP's), through dropouts that do nothing.
     Graphs of a symbolic batch are left as they are (torch's kernels take several rows). Returns how many
@@ -434,7 +439,11 @@ def _activated_slice(
     node: torch.fx.Node, width: int
 ) -> tuple[torch.fx.Node, torch.fx.Node, tuple[int, int]] | None:
     """Where every user of a product slices its last dimension and one slice, of columns no other slice
-    takes, goes only to an activation: that slice, the activation and its columns."""
+    takes, goes only to an activation: that slice, the activation and its columns. Where the product's
+    only user is an activation (an MLP's unfused up projection): the product, the activation, all
+    columns."""
+    if len(node.users) == 1 and _activation(act := next(iter(node.users))):
+        return node, act, (0, width)
     slices = {user: _columns(user, width) for user in node.users}
     if not slices or any(columns is None for columns in slices.values()):
         return None

@@ -107,7 +107,7 @@ def test_only_plain_linear_layers_are_routed_through_the_operator_and_restored()
 def _products(x: torch.Tensor, w: torch.Tensor, down: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     # Falcon's shape: a fused product's last columns activated, the rest sliced off; a product with
     # another product and a residual added to it, through a dropout that does nothing. Llama's: a
-    # gated product, with a residual added to it.
+    # gated product, with a residual added to it. OPT's: an activated product, a residual added.
     out = torch.ops.trickle.linear(x, w, None)
     kept, hidden = out[..., :8], F.gelu(out[..., 8:])
     y = torch.ops.trickle.linear(hidden, down, None)
@@ -120,7 +120,8 @@ def _products(x: torch.Tensor, w: torch.Tensor, down: torch.Tensor, res: torch.T
     into += torch.ops.trickle.linear(x, w[16:], None)  # written into another tensor: not folded
     gate_up = torch.ops.trickle.linear(x, down, None)
     gated = res[..., :4] + F.silu(gate_up[..., :4]) * gate_up[..., 4:]
-    return torch.cat([res + y, tanh[..., :8], shared + res, shared, broadcast, gated, into], dim=-1)
+    unfused = res + F.relu(torch.ops.trickle.linear(x, w[2:10], None))  # OPT's: the whole product activated
+    return torch.cat([res + y, tanh[..., :8], shared + res, shared, broadcast, gated, into, unfused], dim=-1)
 
 
 def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> None:
@@ -144,7 +145,12 @@ def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> 
         assert torch.equal(compiled(x, w, down, res), _products(x, w, down, res))
     one, symbolic = graphs
     folded = [(n.args[3:7], len(n.args[7])) for n in one.graph.nodes if n.target in linear.EPILOGUE_OPS]
-    assert folded == [(("gelu", 8, 24, -1), 0), (("silu", 0, 4, 4), 1), (("", 0, 0, -1), 2)]
+    assert folded == [
+        (("gelu", 8, 24, -1), 0),
+        (("silu", 0, 4, 4), 1),
+        (("relu", 0, 8, -1), 1),
+        (("", 0, 0, -1), 2),
+    ]
     assert sum(n.target in linear.OPS for n in one.graph.nodes) == 4  # tanh, shared, broadcast, into
     assert not any(n.target in linear.EPILOGUE_OPS for n in symbolic.graph.nodes)
 
