@@ -2,8 +2,9 @@
 (and its merge, where keys are split), for the head layouts of Falcon-7B (71 query heads on one key
 head), Llama-7B (32 on 32) and Llama-3-8B (32 on 8), at 1/8/64 rows and KV lengths 256/512/2048 (each
 row 3/4 full): the defaults, launch settings swept (`paged_decode`'s `launch`: query heads a program
-takes, positions a tile holds), and the path before them (two indexed assignments, whole groups, tiles
-of 64 positions). Each setting's output is checked against `reference_decode`.
+takes, positions a tile holds, programs the keys may be split over), and the path before them (two
+indexed assignments, whole groups, tiles of 64 positions). Each setting's output is checked against
+`reference_decode`.
 
 Eight layers' pools, each its own tensors, run in one CUDA graph, each layer after a write over the L2
 (timed alone and taken off), so each reads its keys from memory, as in a step between the weights.
@@ -31,6 +32,8 @@ LAYERS = 8
 BLOCK = 16
 # Forced: every group chunked (up to its size) whatever the keys a layer reads.
 SETTINGS = [{"chunk": c, "chunk_keys": 1 << 40, "tile": tile} for c in (16, 128) for tile in (32, 64, 128)]
+# The default chunks and tiles, keys split over programs up to these many (1: never split, so no merge)
+SETTINGS += [{"programs": programs} for programs in (1, 32, 256)]
 FLUSH_BYTES = 96 << 20  # written between layers: what a layer's weights do to the L2 in a step
 
 

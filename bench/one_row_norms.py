@@ -1,0 +1,110 @@
+"""A one-row step's norms as inductor compiles them: its default, a looped reduction for rows of more
+than 1,024 values (one program walking the row twice: 3.0 us a layer for Falcon-7B's layer norm in the
+session-22 step profile), against a persistent one, the whole row in one program's registers, chosen
+by an `InductorChoices` handler for reductions of one row (`OneRowPersistent`, here to be measured
+before the server takes it).
+
+Falcon-7B's layer norm (4,544 values), Llama-7B's RMS norm (4,096, as transformers writes it) and the
+residual addition fused with it, each over 32 layers' own weights in one CUDA graph, against eager.
+
+    python bench/one_row_norms.py   # writes $OUT/one_row_norms.json and prints a table
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch._inductor.choices import InductorChoices
+from torch._inductor.utils import run_and_get_code
+from torch._inductor.virtualized import V
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gemm_shapes import save, timed
+
+LAYERS = 32
+MOST = 16384  # the longest row a persistent reduction takes
+
+
+class OneRowPersistent(InductorChoices):
+    """Inductor's choices, but a reduction over one row of at most MOST values keeps the row in one
+    program (a persistent reduction)."""
+
+    @staticmethod
+    def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
+        sizes = V.graph.sizevars
+        if sizes.statically_known_equals(features.numel, 1) and sizes.statically_known_leq(
+            features.reduction_numel, MOST
+        ):
+            return True
+        return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    h = x + residual
+    return h, rms_norm(h, weight)
+
+
+CASES: dict[str, tuple[Callable[..., Any], int, int]] = {
+    # name: (function, row width, tensors of that width it takes after the row)
+    "falcon-7b layer norm": (layer_norm, 4544, 2),
+    "llama-7b rms norm": (rms_norm, 4096, 1),
+    "llama-7b add + rms norm": (add_rms_norm, 4096, 2),
+}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    torch._inductor.config.force_disable_caches = True  # each variant compiles, none is read back
+    results = []
+    for name, (function, width, extra) in CASES.items():
+        layers = [
+            [torch.randn(1, 1, width, device="cuda", dtype=torch.bfloat16) for _ in range(1 + extra)]
+            for _ in range(LAYERS)
+        ]
+        want = function(*layers[0])
+        eager_us = timed(lambda i: function(*layers[i]), LAYERS) * 1e6
+        row: dict[str, Any] = {"case": name, "width": width, "eager_us": eager_us}
+        for variant, handler in (("default", None), ("persistent", OneRowPersistent())):
+            torch._dynamo.reset()
+            compiled = torch.compile(function, fullgraph=True)
+            if handler is None:
+                got, code = run_and_get_code(compiled, *layers[0])
+            else:
+                with V.set_choices_handler(handler):
+                    got, code = run_and_get_code(compiled, *layers[0])
+            source = "\n".join(code)
+            kinds = sorted({kind for kind in ("triton_per_", "triton_red_") if kind in source})
+            got, expected = (g if isinstance(g, tuple) else (g,) for g in (got, want))
+            pairs = zip(got, expected, strict=True)
+            error = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+            us = timed(lambda i, compiled=compiled: compiled(*layers[i]), LAYERS) * 1e6
+            row[variant] = {"us": us, "kernels": kinds, "max_error": error}
+        results.append(row)
+        print(
+            f"{name:24} eager {eager_us:5.2f} us, compiled {row['default']['us']:5.2f}"
+            f" {row['default']['kernels']}, persistent {row['persistent']['us']:5.2f}"
+            f" {row['persistent']['kernels']} (errors {row['default']['max_error']:.3g},"
+            f" {row['persistent']['max_error']:.3g})",
+            flush=True,
+        )
+    save("one_row_norms", results)
+
+
+if __name__ == "__main__":
+    main()
