@@ -33,7 +33,8 @@ PAD = -(1 << 63)  # below every ranking key: padding never wins
 
 
 def applies(keys: torch.Tensor, count: int) -> bool:
-    return triton is not None and keys.is_cuda and keys.dtype == torch.int64 and 0 < count <= CHUNK
+    """Whether the kernels run: each pass must at least halve what a row has left."""
+    return triton is not None and keys.is_cuda and keys.dtype == torch.int64 and 0 < count <= CHUNK // 2
 
 
 @torch.library.custom_op("trickle::largest_keys", mutates_args=())
