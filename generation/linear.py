@@ -118,14 +118,15 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 OPS = (torch.ops.trickle.linear, torch.ops.trickle.linear.default)
 """How the operator appears as a graph node's target."""
 
-# What `linear_epilogue` may apply to a range of its columns (index 0: nothing), each computed in float32
-# from the product rounded to its type, as the activation's own operator computes it
-ACTIVATIONS = ("", "gelu", "silu", "relu")
+# What `linear_epilogue` may apply to a range of its columns, each computed in float32 from the product
+# rounded to its type, as the activation's own operator computes it; the kernel takes its index in
+# ACTIVATIONS (0: nothing)
 _ACT_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "silu": F.silu,
     "relu": F.relu,
 }
+ACTIVATIONS = ("", *_ACT_FUNCTIONS)
 MOST_ADDENDS = 2
 
 
