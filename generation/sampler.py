@@ -46,15 +46,6 @@ def unit_interval(bits: torch.Tensor) -> torch.Tensor:
 ARGMAX_CHUNK = 1024
 
 
-def _in_chunks(values: torch.Tensor, size: int, fill: float) -> torch.Tensor:
-    """[B, V] -> [B, ceil(V / size), size]: each row in chunks of `size`, the last one padded with
-    `fill` past the last token."""
-    length = values.shape[-1]
-    chunks = -(-length // size)
-    padded = torch.nn.functional.pad(values, (0, chunks * size - length), value=fill)
-    return padded.view(*values.shape[:-1], chunks, size)
-
-
 def argmax(values: torch.Tensor) -> torch.Tensor:
     """`values.argmax(dim=-1)` for [B, V] -> [B], the same index (the first of equal maxima; the first
     NaN where there is one), reduced in chunks of ARGMAX_CHUNK: each chunk's maximum and its first
@@ -63,7 +54,10 @@ def argmax(values: torch.Tensor) -> torch.Tensor:
     if values.shape[-1] <= ARGMAX_CHUNK:
         return values.argmax(dim=-1)
     # Padding goes past the last real token: a tie with it is won by the real token, the lower index.
-    best, within = _in_chunks(values, ARGMAX_CHUNK, float("-inf")).max(dim=-1)
+    length = values.shape[-1]
+    chunks = -(-length // ARGMAX_CHUNK)
+    padded = torch.nn.functional.pad(values, (0, chunks * ARGMAX_CHUNK - length), value=float("-inf"))
+    best, within = padded.view(*values.shape[:-1], chunks, ARGMAX_CHUNK).max(dim=-1)
     chunk = best.argmax(dim=-1, keepdim=True)
     return chunk.squeeze(-1) * ARGMAX_CHUNK + within.gather(-1, chunk).squeeze(-1)
 
