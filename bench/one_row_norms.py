@@ -60,11 +60,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) 
     return h, rms_norm(h, weight)
 
 
-CASES: dict[str, tuple[Callable[..., Any], int, int]] = {
-    # name: (function, row width, tensors of that width it takes after the row)
-    "falcon-7b layer norm": (layer_norm, 4544, 2),
-    "llama-7b rms norm": (rms_norm, 4096, 1),
-    "llama-7b add + rms norm": (add_rms_norm, 4096, 2),
+CASES: dict[str, tuple[Callable[..., Any], int, tuple[str, ...]]] = {
+    # name: (function, row width, what it takes after the row: another row or a vector of weights)
+    "falcon-7b layer norm": (layer_norm, 4544, ("vector", "vector")),
+    "llama-7b rms norm": (rms_norm, 4096, ("vector",)),
+    "llama-7b add + rms norm": (add_rms_norm, 4096, ("row", "vector")),
 }
 
 
@@ -73,10 +73,9 @@ def main() -> None:
     torch._inductor.config.force_disable_caches = True  # each variant compiles, none is read back
     results = []
     for name, (function, width, extra) in CASES.items():
-        layers = [
-            [torch.randn(1, 1, width, device="cuda", dtype=torch.bfloat16) for _ in range(1 + extra)]
-            for _ in range(LAYERS)
-        ]
+        shapes = [(1, 1, width)] + [(1, 1, width) if kind == "row" else (width,) for kind in extra]
+        new = lambda shape: torch.randn(shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+        layers = [[new(shape) for shape in shapes] for _ in range(LAYERS)]
         want = function(*layers[0])
         eager_us = timed(lambda i: function(*layers[i]), LAYERS) * 1e6
         row: dict[str, Any] = {"case": name, "width": width, "eager_us": eager_us}
