@@ -106,6 +106,7 @@ def graph_us(body: Callable[[int, torch.cuda.Stream], None], repeats: int = 30) 
     main.wait_stream(warm)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        side.wait_stream(torch.cuda.current_stream())  # the side stream joins the capture, used or not
         for i in range(LAYERS):
             body(i, side)
         torch.cuda.current_stream().wait_stream(side)
