@@ -27,7 +27,6 @@ additions, each rounded as its own operator rounds it, so the step launches no k
 
 from __future__ import annotations
 
-import functools
 import operator
 import types
 from collections.abc import Callable
@@ -45,23 +44,6 @@ except ImportError:  # the CPU build of torch comes without Triton
 # (BLOCK_N, BLOCK_K, warps, stages): within 5% of each shape's best setting in the sweep, 1.6% on average
 CONFIG = (2, 1024, 4, 4)
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-# Bytes at the start of each of a program's weight rows it asks into L2 before waiting on the kernel
-# before it, where it was launched early (`early_launch`)
-PREFETCH_BYTES = 2048
-
-
-def early_launch(device: torch.device) -> bool:
-    """Whether the kernel is launched early on `device` (programmatic dependent launch, compute capability
-    9.0 and later): its programs start beside the end of the kernel before, ask their first weights into
-    L2 (weights no kernel writes) and wait for that kernel before reading anything else. The launch and
-    the first reads of the weights hide under the kernel before, where they would otherwise stand between
-    the two."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
-
-
-@functools.cache
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -86,12 +68,9 @@ def skinny_linear(
     act_columns: tuple[int, int] = (0, 0),
     up_start: int = -1,
     addends: list[torch.Tensor] | tuple[torch.Tensor, ...] = (),
-    early: bool | None = None,
-    prefetch_bytes: int = PREFETCH_BYTES,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for one row `x` ([..., in], one row in all), by the kernel, and
-    `linear_epilogue`'s epilogue where `act`, `up_start` or `addends` are given. `early`: launched early
-    (`early_launch`; by default where the device can), asking `prefetch_bytes` of each row into L2."""
+    `linear_epilogue`'s epilogue where `act`, `up_start` or `addends` are given."""
     out_features, in_features = weight.shape
     if up_start >= 0:  # gated: one output a gate column
         out_features = act_columns[1] - act_columns[0]
@@ -101,12 +80,6 @@ def skinny_linear(
     out = torch.empty(out_features, device=x.device, dtype=x.dtype)
     block_n, block_k, warps, stages = config
     first, second = (*(a.reshape(out_features) for a in addends), out, out)[:2]
-    if early is None:
-        early = early_launch(x.device)
-    line = 128 // weight.element_size()  # elements in an L2 line
-    prefetch_lines = triton.next_power_of_2(
-        -(-min(prefetch_bytes, in_features * weight.element_size()) // 128)
-    )
     _matvec_kernel[(triton.cdiv(out_features, block_n),)](
         row,
         weight,
@@ -124,12 +97,8 @@ def skinny_linear(
         ADDS=len(addends),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        EARLY=early,
-        PREFETCH_LINES=prefetch_lines if early and prefetch_bytes > 0 else 0,
-        LINE=line,
         num_warps=warps,
         num_stages=stages,
-        launch_pdl=early,
     )
     return out.view(*x.shape[:-1], out_features)
 
@@ -557,9 +526,6 @@ if triton is not None:
         ADDS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        EARLY: tl.constexpr,
-        PREFETCH_LINES: tl.constexpr,
-        LINE: tl.constexpr,
     ):
         # y[n] = sum_k x[k] w[n, k] (+ b[n]) for this program's BLOCK_N output features n, then the
         # epilogue (`linear_epilogue`), each result rounded to y's type as separate operators round it.
@@ -571,26 +537,6 @@ if triton is not None:
             rows = act_start + cols
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
         up_rows = w_ptr + (up_start + cols).to(tl.int64)[:, None] * K
-        if EARLY:
-            # Launched early (`early_launch`): the kernel after may launch likewise; this program's first
-            # weights on their way to L2 (no kernel writes them); then wait for the kernel before, whose
-            # results (x, the addends) and freed memory (y's) nothing below touches before the wait.
-            tl.extra.cuda.gdc_launch_dependents()
-            if PREFETCH_LINES > 0:
-                at = tl.arange(0, PREFETCH_LINES) * LINE
-                ahead = tl.where(col_ok[:, None] & (at < K)[None, :], w_rows + at[None, :], w_ptr)
-                if GATED:
-                    ahead_up = tl.where(col_ok[:, None] & (at < K)[None, :], up_rows + at[None, :], w_ptr)
-                    ahead = tl.join(ahead, ahead_up)
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
-                    "=r,l",
-                    [ahead],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
-            tl.extra.cuda.gdc_wait()
         wide = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         wide_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):

@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 
-from trickle.generation.linear import early_launch
-
 try:
     import triton
     import triton.language as tl
@@ -139,7 +137,6 @@ def paged_decode(
         **(launch or {}),
     }
     kernel_launch = {name: settings[name] for name in ("num_warps", "num_stages") if name in settings}
-    early = early_launch(query.device)
     batch, heads, _, dim = query.shape
     kv_heads = key_pool.shape[1]
     group = heads // kv_heads
@@ -194,7 +191,6 @@ def paged_decode(
         HAS_SOFTCAP=bool(softcap),
         IEEE=q.dtype == torch.float32,
         SPLIT=splits > 1,
-        EARLY=splits == 1 and early,
         **kernel_launch,
     )
     if splits > 1:
@@ -211,7 +207,6 @@ def paged_decode(
             CHUNKS=chunks,
             DIM=dim,
             DIM_PAD=dim_pad,
-            EARLY=early,
         )
     return out[:, None]
 
@@ -532,12 +527,9 @@ if triton is not None:
         HAS_SOFTCAP: tl.constexpr,
         IEEE: tl.constexpr,
         SPLIT: tl.constexpr,
-        EARLY: tl.constexpr,
     ):
         # One program per (row, key/value head and chunk of its group, split): the chunk's query heads
         # against its share of the row's keys.
-        if EARLY:  # unsplit: the output projection after may launch now (`linear.early_launch`)
-            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         kv_head = tl.program_id(1) // CHUNKS
         chunk = tl.program_id(1) % CHUNKS
@@ -609,12 +601,9 @@ if triton is not None:
         CHUNKS: tl.constexpr,
         DIM: tl.constexpr,
         DIM_PAD: tl.constexpr,
-        EARLY: tl.constexpr,
     ):
         # The splits of one (row, key/value head, chunk of its group), merged as the softmax over all
         # its keys.
-        if EARLY:  # the output projection after may launch now (`linear.early_launch`)
-            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         kv_head = tl.program_id(1) // CHUNKS
         heads = tl.program_id(1) % CHUNKS * GROUP_PAD + tl.arange(0, GROUP_PAD)
