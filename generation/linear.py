@@ -27,6 +27,7 @@ additions, each rounded as its own operator rounds it, so the step launches no k
 
 from __future__ import annotations
 
+import functools
 import operator
 import types
 from collections.abc import Callable
@@ -68,16 +69,19 @@ def skinny_linear(
     act_columns: tuple[int, int] = (0, 0),
     up_start: int = -1,
     addends: list[torch.Tensor] | tuple[torch.Tensor, ...] = (),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for one row `x` ([..., in], one row in all), by the kernel, and
-    `linear_epilogue`'s epilogue where `act`, `up_start` or `addends` are given."""
+    `linear_epilogue`'s epilogue where `act`, `up_start` or `addends` are given; into `out` if given
+    (contiguous, of the result's shape and x's type)."""
     out_features, in_features = weight.shape
     if up_start >= 0:  # gated: one output a gate column
         out_features = act_columns[1] - act_columns[0]
     row = x.reshape(in_features)
     if row.stride(0) != 1:
         row = row.contiguous()
-    out = torch.empty(out_features, device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(out_features, device=x.device, dtype=x.dtype)
     block_n, block_k, warps, stages = config
     first, second = (*(a.reshape(out_features) for a in addends), out, out)[:2]
     _matvec_kernel[(triton.cdiv(out_features, block_n),)](
@@ -140,13 +144,17 @@ def linear_epilogue(
     act_stop: int,
     up_start: int,
     addends: list[torch.Tensor],
+    joins: bool = False,
 ) -> torch.Tensor:
     """`linear(x, weight, bias)`, then `act` over its columns act_start:act_stop, then each of `addends`
     added in turn: what those operators compute one after another (each result rounded to the output's
     type), in the kernel's epilogue where it applies, so a one-row step runs no kernel for them.
 
     Gated (`up_start` >= 0): the output is the activated columns times as many columns from up_start,
-    element by element (a gated MLP's `act(gate) * up`), then the addends."""
+    element by element (a gated MLP's `act(gate) * up`), then the addends. `joins`: first wait for
+    what `linear_aside` started (its product is one of the addends)."""
+    if joins and x.is_cuda:
+        torch.cuda.current_stream(x.device).wait_stream(_side_stream(x.device))
     if applies(x, weight) and all(a.dtype == x.dtype and a.is_contiguous() for a in addends):
         columns = (act_start, act_stop)
         return skinny_linear(
@@ -177,8 +185,41 @@ def _(
     act_stop: int,
     up_start: int,
     addends: list[torch.Tensor],
+    joins: bool = False,
 ) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], act_stop - act_start if up_start >= 0 else weight.shape[0])
+
+
+@torch.library.custom_op("trickle::linear_aside", mutates_args=())
+def linear_aside(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear(x, weight, bias)`, where the kernel applies started on a side stream, so that the small
+    kernels queued after it (a parallel-attention layer's attention, that read little memory) run beside
+    it rather than after it; a later `linear_epilogue(..., joins=True)` waits for it (`run_aside`).
+    Elsewhere computed in place."""
+    if not applies(x, weight):
+        return F.linear(x, weight, bias)
+    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    out = torch.empty(*x.shape[:-1], weight.shape[0], device=x.device, dtype=x.dtype)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        skinny_linear(x, weight, bias, out=out)
+    # x's memory is not given to anything else until the side stream is done with it (the allocator
+    # defers that free to the capture's end while a CUDA graph is being captured)
+    x.record_stream(side)
+    return out
+
+
+@linear_aside.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+ASIDE_OPS = (torch.ops.trickle.linear_aside, torch.ops.trickle.linear_aside.default)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def _plain(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
@@ -492,15 +533,94 @@ def _added(node: torch.fx.Node, product: torch.Tensor) -> tuple[list[torch.fx.No
     return chain[:added], addends
 
 
+def run_aside(graph: torch.fx.Graph) -> int:
+    """After `fuse_epilogues`, in a graph of one row: where a product P's only use is the first addend
+    of another product E's epilogue, and E's input does not depend on P (a parallel-attention layer:
+    E the MLP's down projection, P the attention's output projection, both added to the residual), E
+    runs beside what comes between its input and P (`linear_aside`, started as soon as its input is
+    ready) and P's kernel adds E's product instead (`linear_epilogue(..., joins=True)`). Exact:
+    round(round(p) + e) is round(e + round(p)) with e = round(E's product), as additions commute; the
+    further addends follow in their order. Returns how many were rewritten."""
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in EPILOGUE_OPS:
+            continue
+        x, weight, bias, act, _, _, up_start, addends, *joins = node.args
+        if act or up_start >= 0 or joins or not addends:
+            continue
+        first = addends[0]
+        if not (
+            isinstance(first, torch.fx.Node)
+            and first.op == "call_function"
+            and first.target in OPS
+            and len(first.users) == 1
+            and _one_row(first)
+            and not _depends(x, first)
+        ):
+            continue
+        with graph.inserting_after(_hoisted(graph, x)):
+            aside = graph.call_function(torch.ops.trickle.linear_aside.default, (x, weight, bias))
+        aside.meta.update(first.meta)
+        aside.meta["example_value"] = _value(node)
+        rest = list(addends[1:])
+        with graph.inserting_before(node):
+            joined = graph.call_function(
+                torch.ops.trickle.linear_epilogue.default,
+                (*first.args, "", 0, 0, -1, [aside, *rest], True),
+            )
+        joined.meta.update(node.meta)
+        node.replace_all_uses_with(joined)
+        graph.erase_node(node)
+        graph.erase_node(first)
+        rewritten += 1
+    return rewritten
+
+
+def _hoisted(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """The node after which what reads `node` can go soonest: `node` itself, moved up to just after its
+    latest input first where it is a slice (traced where the program took it, maybe well after what it
+    slices was ready); the last placeholder where `node` is one."""
+    if node.op == "placeholder":
+        return [n for n in graph.nodes if n.op == "placeholder"][-1]
+    if node.op == "call_function" and node.target is operator.getitem:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        latest = max(node.all_input_nodes, key=order.__getitem__)
+        latest.append(node)
+    return node
+
+
+def _depends(node: torch.fx.Node, on: torch.fx.Node) -> bool:
+    """Whether `on` is among `node`'s inputs, directly or through others."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current is on:
+            return True
+        if current not in seen:
+            seen.add(current)
+            todo.extend(current.all_input_nodes)
+    return False
+
+
 def merging_repeats(backend: str | Callable[..., Any]) -> Callable[..., Any]:
-    """A torch.compile backend: `merge_repeats` and `fuse_epilogues` on each graph dynamo captures, then
-    `backend` (a backend's name, such as "inductor", looked up only when a graph compiles)."""
+    """A torch.compile backend: `merge_repeats`, `fuse_epilogues` and `run_aside` on each graph dynamo
+    captures, then `backend` (a backend's name, such as "inductor", looked up only when a graph
+    compiles)."""
 
     def compile_graph(module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
-        if merge_repeats(module.graph) + fuse_epilogues(module.graph):
+        changed = merge_repeats(module.graph) + fuse_epilogues(module.graph)
+        aside = run_aside(module.graph)
+        if changed + aside:
             module.recompile()
         inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
-        return inner(module, example_inputs)
+        if not aside:
+            return inner(module, example_inputs)
+        # inductor moves each operator to just before its first user (for locality), which would start
+        # the products run aside only when their result is needed: keep the graph's order
+        from torch._inductor import config
+
+        with config.patch(reorder_for_locality=False):
+            return inner(module, example_inputs)
 
     return compile_graph
 

@@ -168,6 +168,55 @@ def test_the_kernels_epilogue_computes_what_the_operators_after_the_product_comp
     torch.testing.assert_close(gated, want, rtol=4 * eps, atol=atol)
 
 
+def test_a_product_run_aside_is_joined_exactly_eagerly_and_in_a_captured_graph() -> None:
+    """`linear_aside` starts the kernel on a side stream and returns at once; small kernels queued after
+    it run beside it; `linear_epilogue(..., joins=True)` waits for it before adding it. Eagerly and
+    replayed from a CUDA graph (the side stream forks from the capture and joins it again), the result
+    is the kernel's products added as torch adds them, with the side stream's input freed early (its
+    memory not reused while the side stream reads it)."""
+    torch.manual_seed(0)
+    hidden, up = 4544, 18176
+    both = torch.randn(1, 1, 4672 + up, device="cuda", dtype=torch.bfloat16)
+    down = torch.randn(hidden, up, device="cuda", dtype=torch.bfloat16) / up**0.5
+    dense = torch.randn(hidden, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    residual = torch.randn(1, 1, hidden, device="cuda", dtype=torch.bfloat16)
+
+    def layer(source: torch.Tensor) -> torch.Tensor:
+        fresh = source * 1  # freed after the aside reads it
+        mlp = torch.ops.trickle.linear_aside(fresh[..., 4672:], down, None)
+        del fresh
+        attended = source[..., :hidden]
+        for _ in range(8):  # stand-ins for attention, allocating as they go
+            attended = torch.tanh(attended) * 1.5
+        return torch.ops.trickle.linear_epilogue(attended, dense, None, "", 0, 0, -1, [mlp, residual], True)
+
+    attended = both[..., :hidden]
+    for _ in range(8):
+        attended = torch.tanh(attended) * 1.5
+    want = (
+        torch.ops.trickle.linear(attended, dense, None)
+        + torch.ops.trickle.linear(both[..., 4672:], down, None)
+    ) + residual
+    assert torch.equal(layer(both), want)
+    source = both.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(source)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(source)
+    for _ in range(3):
+        source.copy_(torch.randn_like(source))
+        graph.replay()
+        attended = source[..., :hidden]
+        for _ in range(8):
+            attended = torch.tanh(attended) * 1.5
+        product = torch.ops.trickle.linear(source[..., 4672:], down, None)
+        assert torch.equal(out, (torch.ops.trickle.linear(attended, dense, None) + product) + residual)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["llama", "mistral-sliding", "falcon-mqa", "falcon-alibi"])
 async def test_a_long_prompt_prefilled_in_chunks_through_the_graphs_is_exact(

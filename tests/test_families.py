@@ -400,11 +400,13 @@ SIBLINGS = {
 # in order: each product's activation, whether it is gated, and how many tensors are added to it.
 # Gemma2's activation is gelu's tanh approximation, and its norms come between products and residuals.
 EPILOGUES = {
+    # (activation, gated, addends, joins a product run aside)
     # o_proj + residual; silu(gate) * up; down + residual
-    "llama": [("", False, 1), ("silu", True, 0), ("", False, 1)],
+    "llama": [("", False, 1, False), ("silu", True, 0, False), ("", False, 1, False)],
     "gemma2": [],
-    # gelu of the MLP up projection; down + attention + residual
-    "falcon-mqa": [("gelu", False, 0), ("", False, 2)],
+    # gelu of the MLP up projection; the attention's output projection + the MLP's down projection (run
+    # beside the attention) + residual
+    "falcon-mqa": [("gelu", False, 0, False), ("", False, 2, True)],
     "gpt2": [],
 }
 
@@ -458,20 +460,28 @@ async def test_compiled_layers_compile_once_for_all_layers_and_stay_exact(
     assert bool(calls) == (family != "gpt2")
     per_layer = sum(isinstance(m, torch.nn.Linear) for m in layers[0].modules())
     once = per_layer - sum(len(group) - 1 for group in SIBLINGS[family])
-    products = linear.OPS + linear.EPILOGUE_OPS
+    products = linear.OPS + linear.EPILOGUE_OPS + linear.ASIDE_OPS
     assert [sum(node.target in products for node in g.graph.nodes) for g in graphs] == [once] * len(graphs)
 
     # graphs of batch 1 (no symbolic size) fold what follows their products into the products' kernels
     def folded(graph: torch.fx.GraphModule) -> list[tuple[object, int]]:
         nodes = graph.graph.nodes
         ops = [node for node in nodes if node.target in linear.EPILOGUE_OPS]
-        return [(node.args[3], node.args[6] >= 0, len(node.args[7])) for node in ops]  # type: ignore[operator]
+        return [
+            (node.args[3], node.args[6] >= 0, len(node.args[7]), node.args[8:] == (True,))  # type: ignore[operator]
+            for node in ops
+        ]
+
+    def aside(graph: torch.fx.GraphModule) -> int:
+        return sum(node.target in linear.ASIDE_OPS for node in graph.graph.nodes)
 
     def one_row(graph: torch.fx.GraphModule) -> bool:
         return not any(isinstance(node.meta.get("example_value"), torch.SymInt) for node in graph.graph.nodes)
 
     assert [folded(g) for g in graphs if one_row(g)] == [EPILOGUES[family]] * kinds
     assert all(folded(g) == [] for g in graphs if not one_row(g))
+    assert [aside(g) for g in graphs if one_row(g)] == [int(family == "falcon-mqa")] * kinds
+    assert all(aside(g) == 0 for g in graphs if not one_row(g))
     linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     assert all("forward" not in vars(m) for m in linears)
 

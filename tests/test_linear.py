@@ -155,6 +155,50 @@ def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> 
     assert not any(n.target in linear.EPILOGUE_OPS for n in symbolic.graph.nodes)
 
 
+def _parallel(x: torch.Tensor, w: torch.Tensor, dense: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    # A parallel-attention layer (Falcon's): one product read by attention (here small operators) and the
+    # MLP; the MLP's down projection added to the attention's output projection, then the residual.
+    both = torch.ops.trickle.linear(x, w, None)
+    attended = torch.tanh(both[..., :8]) * 2
+    mlp = torch.ops.trickle.linear(F.gelu(both[..., 8:]), down, None)
+    mlp += torch.ops.trickle.linear(attended, dense, None)
+    out = mlp + x[..., :8]
+    # a product added to its own input: that input depends on it, it is not run aside
+    again = torch.ops.trickle.linear(out, dense, None)
+    return torch.ops.trickle.linear(again, dense, None) + again
+
+
+def test_a_product_added_to_one_it_does_not_need_runs_aside_and_stays_exact() -> None:
+    """`run_aside`, as the compile backend runs it, in a graph traced for one row: the MLP's down
+    projection, which the attention's output projection is added to, becomes a `linear_aside` call placed
+    right after its input is ready (before the attention's operators), and the output projection's kernel
+    adds it and the residual (`joins`). The same bits as uncompiled; a sequential product is left alone,
+    and so is a graph of a symbolic batch."""
+    torch.manual_seed(0)
+    w, dense, down = (torch.randn(*shape, dtype=torch.bfloat16) for shape in ((24, 16), (8, 8), (8, 16)))
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_parallel, backend=linear.merging_repeats(capture), dynamic=None)
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, 1, 16, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x, w, dense, down), _parallel(x, w, dense, down))
+    one, symbolic = graphs
+    nodes = list(one.graph.nodes)
+    asides = [n for n in nodes if n.target in linear.ASIDE_OPS]
+    assert len(asides) == 1 and asides[0].args[1].name == "l_down_"  # type: ignore[union-attr]
+    tanh = next(n for n in nodes if n.target is torch.tanh)
+    assert nodes.index(asides[0]) < nodes.index(tanh)
+    joined = [n for n in nodes if n.target in linear.EPILOGUE_OPS and n.args[8:] == (True,)]
+    assert len(joined) == 1
+    assert joined[0].args[1].name == "l_dense_" and joined[0].args[7][0] is asides[0]  # type: ignore[index, union-attr]
+    assert not any(n.target in linear.ASIDE_OPS for n in symbolic.graph.nodes)
+
+
 def test_the_epilogue_operator_computes_what_the_operators_it_replaces_compute() -> None:
     """Off the kernel (a CPU), `linear_epilogue` is the product, its activation over the columns given,
     then each addend added, each result rounded to the output's type: the same bits as those operators."""
