@@ -389,11 +389,15 @@ def _columns(node: torch.fx.Node, width: int) -> tuple[int, int] | None:
 
 
 def _is_identity(node: torch.fx.Node) -> bool:
-    """Dropout that does nothing: not training, or p = 0."""
-    if node.op != "call_function" or node.target is not F.dropout or len(node.args) != 1:
+    """Dropout that does nothing: not training, or p = 0 (given by name or in place)."""
+    if node.op != "call_function" or node.target is not F.dropout or not 1 <= len(node.args) <= 4:
         return False
-    inplace, training, p = (node.kwargs.get(name) for name in ("inplace", "training", "p"))
-    return not inplace and (training is False or (isinstance(p, float) and p == 0.0))
+    given = dict(zip(("p", "training", "inplace"), node.args[1:], strict=False))
+    if given.keys() & node.kwargs.keys():
+        return False
+    given.update(node.kwargs)
+    p, training, inplace = given.get("p", 0.5), given.get("training", True), given.get("inplace", False)
+    return inplace is False and (training is False or (isinstance(p, float) and p == 0.0))
 
 
 def fuse_epilogues(graph: torch.fx.Graph) -> int:
@@ -534,13 +538,16 @@ def _added(node: torch.fx.Node, product: torch.Tensor) -> tuple[list[torch.fx.No
 
 
 def run_aside(graph: torch.fx.Graph) -> int:
-    """After `fuse_epilogues`, in a graph of one row: where a product P's only use is the first addend
-    of another product E's epilogue, and E's input does not depend on P (a parallel-attention layer:
-    E the MLP's down projection, P the attention's output projection, both added to the residual), E
-    runs beside what comes between its input and P (`linear_aside`, started as soon as its input is
-    ready) and P's kernel adds E's product instead (`linear_epilogue(..., joins=True)`). Exact:
-    round(round(p) + e) is round(e + round(p)) with e = round(E's product), as additions commute; the
-    further addends follow in their order. Returns how many were rewritten."""
+    """After `fuse_epilogues`, in a graph of one row: where a product P (through dropouts that do
+    nothing) is the first addend of another product E's epilogue, and neither product's input depends on
+    the other (a parallel-attention layer: the attention's output projection and the MLP's down
+    projection, both added to the residual), the product whose input is ready sooner runs beside what
+    comes between it and the other (`linear_aside`: started as soon as its input is ready, the nodes
+    that input needs moved up to their own inputs), and the other's kernel waits for it and adds it
+    first of its addends (`linear_epilogue(..., joins=True)`). Exact: P aside, E's epilogue is
+    unchanged; E aside (Falcon's: E the down projection), P's kernel computes round(round(p) + e), which
+    is E's round(e + round(p)), as additions commute; the further addends follow in their order. Returns
+    how many were rewritten."""
     rewritten = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in EPILOGUE_OPS:
@@ -549,57 +556,103 @@ def run_aside(graph: torch.fx.Graph) -> int:
         if act or up_start >= 0 or joins or not addends:
             continue
         first = addends[0]
+        through = []  # dropouts that do nothing between P and E
+        while isinstance(first, torch.fx.Node) and _is_identity(first) and len(first.users) == 1:
+            through.append(first)
+            first = first.args[0]
+        source = first.args[0] if isinstance(first, torch.fx.Node) and first.args else None
         if not (
             isinstance(first, torch.fx.Node)
+            and isinstance(source, torch.fx.Node)
             and first.op == "call_function"
             and first.target in OPS
             and len(first.users) == 1
             and _one_row(first)
             and not _depends(x, first)
+            and not _depends(source, node)
         ):
             continue
-        with graph.inserting_after(_hoisted(graph, x)):
-            aside = graph.call_function(torch.ops.trickle.linear_aside.default, (x, weight, bias))
-        aside.meta.update(first.meta)
-        aside.meta["example_value"] = _value(node)
         rest = list(addends[1:])
+        aside_args: tuple[Any, ...]
+        joined_args: tuple[Any, ...]
+        if len(_ancestors(source)) < len(_ancestors(x)):  # P's input is ready sooner: P aside
+            aside_args, joined_args = first.args, (x, weight, bias)
+        else:  # E aside, P's kernel adds it
+            aside_args, joined_args = (x, weight, bias), first.args
+        ready = _hoisted(graph, aside_args[0])  # type: ignore[arg-type]
+        with graph.inserting_after(ready):
+            aside = graph.call_function(torch.ops.trickle.linear_aside.default, aside_args)
+        aside.meta["example_value"] = _value(first)
         with graph.inserting_before(node):
             joined = graph.call_function(
-                torch.ops.trickle.linear_epilogue.default,
-                (*first.args, "", 0, 0, -1, [aside, *rest], True),
+                torch.ops.trickle.linear_epilogue.default, (*joined_args, "", 0, 0, -1, [aside, *rest], True)
             )
         joined.meta.update(node.meta)
         node.replace_all_uses_with(joined)
-        graph.erase_node(node)
-        graph.erase_node(first)
+        for old in (node, *through, first):
+            graph.erase_node(old)
         rewritten += 1
     return rewritten
 
 
-def _hoisted(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
-    """The node after which what reads `node` can go soonest: `node` itself, moved up to just after its
-    latest input first where it is a slice (traced where the program took it, maybe well after what it
-    slices was ready); the last placeholder where `node` is one."""
-    if node.op == "placeholder":
-        return [n for n in graph.nodes if n.op == "placeholder"][-1]
-    if node.op == "call_function" and node.target is operator.getitem:
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        latest = max(node.all_input_nodes, key=order.__getitem__)
-        latest.append(node)
-    return node
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """`node` and every node it reads, directly or through others."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(current.all_input_nodes)
+    return seen
 
 
 def _depends(node: torch.fx.Node, on: torch.fx.Node) -> bool:
     """Whether `on` is among `node`'s inputs, directly or through others."""
-    seen, todo = set(), [node]
-    while todo:
-        current = todo.pop()
-        if current is on:
-            return True
-        if current not in seen:
-            seen.add(current)
-            todo.extend(current.all_input_nodes)
-    return False
+    return on in _ancestors(node)
+
+
+def _mutates(node: torch.fx.Node) -> bool:
+    """Whether `node` may write into a tensor it is given (an in-place operator or method) or otherwise
+    depends on its place (a dropout that draws, a grad-mode switch), so that nothing moves across it."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op != "call_function":
+        return node.op not in ("placeholder", "get_attr", "output")
+    name = getattr(node.target, "__name__", "")
+    schema = getattr(node.target, "_schema", None)
+    return (
+        node.kwargs.get("inplace") is True
+        or (node.target is F.dropout and not _is_identity(node))  # draws random numbers in order
+        or name.startswith("_set")  # dynamo's grad-mode switches and the like
+        or (name.startswith("i") and getattr(operator, name, None) is node.target)  # operator.iadd, ...
+        or node.target is operator.setitem
+        or (schema is not None and schema.is_mutable)
+    )
+
+
+def _hoisted(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """The node after which what reads `node` can go soonest: `node` itself, after moving it and the
+    nodes it needs each up to just after its latest input (they were traced where the program took
+    them, maybe well after their inputs were ready), never above a node that may write into a tensor
+    (`_mutates`); the last placeholder where `node` is one."""
+    if node.op == "placeholder":
+        return [n for n in graph.nodes if n.op == "placeholder"][-1]
+    needed = _ancestors(node)
+    barrier: torch.fx.Node | None = None  # the last node that writes, among those seen so far
+    for current in list(graph.nodes):
+        if current.op == "placeholder":
+            barrier = current
+            continue
+        if current in needed and current.op == "call_function" and not _mutates(current):
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            latest = max([*current.all_input_nodes, barrier], key=lambda n: -1 if n is None else order[n])
+            if latest is not None and order[latest] < order[current] - 1:
+                latest.append(current)
+        if _mutates(current):
+            barrier = current
+        if current is node:
+            break
+    return node
 
 
 def merging_repeats(backend: str | Callable[..., Any]) -> Callable[..., Any]:

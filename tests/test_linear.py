@@ -199,6 +199,51 @@ def test_a_product_added_to_one_it_does_not_need_runs_aside_and_stays_exact() ->
     assert not any(n.target in linear.ASIDE_OPS for n in symbolic.graph.nodes)
 
 
+def _neox(
+    x: torch.Tensor, qkv: torch.Tensor, dense: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    # GPT-NeoX's parallel layer, as the program traces it: attention (here small operators) first, then
+    # the MLP on the layer's own input, dropouts that do nothing given their arguments in place, and
+    # the attention's output projection added to the MLP's (the product the epilogue folds first).
+    attended = torch.tanh(torch.ops.trickle.linear(x, qkv, None)) * 2
+    attn = F.dropout(torch.ops.trickle.linear(attended, dense, None), 0.0, False, False)
+    hidden = F.gelu(torch.ops.trickle.linear(F.layer_norm(x, (16,)), up, None))
+    mlp = F.dropout(torch.ops.trickle.linear(hidden, down, None), 0.0, False, False)
+    return mlp + attn + x
+
+
+def test_the_product_whose_input_is_ready_sooner_runs_aside_with_what_it_needs_moved_up() -> None:
+    """Where the MLP comes after the attention in the program but reads only the layer's input (GPT-NeoX,
+    GPT-J, Phi), `run_aside` runs the MLP's down projection aside, not the attention's output
+    projection: the MLP's norm and up projection move up to the top, the down projection starts right
+    after them, before the attention's operators, and the output projection's kernel, its epilogue as
+    before, waits for it. The same bits as uncompiled."""
+    torch.manual_seed(0)
+    shapes = ((16, 16), (16, 16), (32, 16), (16, 32))
+    qkv, dense, up, down = (torch.randn(*shape, dtype=torch.bfloat16) for shape in shapes)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_neox, backend=linear.merging_repeats(capture), dynamic=None)
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, 1, 16, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x, qkv, dense, up, down), _neox(x, qkv, dense, up, down))
+    one, symbolic = graphs
+    nodes = list(one.graph.nodes)
+    aside = next(n for n in nodes if n.target in linear.ASIDE_OPS)
+    assert aside.args[1].name == "l_down_"  # type: ignore[union-attr]
+    tanh = next(n for n in nodes if n.target is torch.tanh)
+    norm = next(n for n in nodes if n.target is F.layer_norm)
+    assert nodes.index(norm) < nodes.index(aside) < nodes.index(tanh)
+    (joined,) = [n for n in nodes if n.target in linear.EPILOGUE_OPS and n.args[8:] == (True,)]
+    assert joined.args[1].name == "l_dense_" and joined.args[7][0] is aside  # type: ignore[index, union-attr]
+    assert not any(n.target in linear.ASIDE_OPS for n in symbolic.graph.nodes)
+
+
 def test_the_epilogue_operator_computes_what_the_operators_it_replaces_compute() -> None:
     """Off the kernel (a CPU), `linear_epilogue` is the product, its activation over the columns given,
     then each addend added, each result rounded to the output's type: the same bits as those operators."""
