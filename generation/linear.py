@@ -195,12 +195,15 @@ def linear_aside(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """`linear(x, weight, bias)`, where the kernel applies started on a side stream, so that the small
     kernels queued after it (a parallel-attention layer's attention, that read little memory) run beside
     it rather than after it; a later `linear_epilogue(..., joins=True)` waits for it (`run_aside`).
-    Elsewhere computed in place."""
-    if not applies(x, weight):
+    Elsewhere computed in place (on a GPU the side stream still forks, so that the join has a fork to
+    wait for, as a CUDA graph's capture requires)."""
+    if not x.is_cuda:
         return F.linear(x, weight, bias)
     main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-    out = torch.empty(*x.shape[:-1], weight.shape[0], device=x.device, dtype=x.dtype)
     side.wait_stream(main)
+    if not applies(x, weight):
+        return F.linear(x, weight, bias)
+    out = torch.empty(*x.shape[:-1], weight.shape[0], device=x.device, dtype=x.dtype)
     with torch.cuda.stream(side):
         skinny_linear(x, weight, bias, out=out)
     # x's memory is not given to anything else until the side stream is done with it (the allocator

@@ -215,6 +215,19 @@ def test_a_product_run_aside_is_joined_exactly_eagerly_and_in_a_captured_graph()
             attended = torch.tanh(attended) * 1.5
         product = torch.ops.trickle.linear(source[..., 4672:], down, None)
         assert torch.equal(out, (torch.ops.trickle.linear(attended, dense, None) + product) + residual)
+    # a product the kernel does not take (a strided weight) is computed in place, and the join still
+    # finds a fork to wait for in the capture
+    strided = torch.randn(up, hidden, device="cuda", dtype=torch.bfloat16).t()
+    assert not linear.applies(both[..., 4672:], strided)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mlp = torch.ops.trickle.linear_aside(source[..., 4672:], strided, None)
+        joined = torch.ops.trickle.linear_epilogue(
+            source[..., :hidden], dense, None, "", 0, 0, -1, [mlp], True
+        )
+    graph.replay()
+    first = torch.ops.trickle.linear(source[..., :hidden], dense, None)
+    assert torch.equal(joined, first + F.linear(source[..., 4672:], strided))
 
 
 @pytest.mark.timeout(600)
