@@ -25,7 +25,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemm_shapes import save
+from gemm_shapes import replayed, save
 
 from trickle.generation.linear import skinny_linear
 
@@ -110,15 +110,7 @@ def graph_us(body: Callable[[int, torch.cuda.Stream], None], repeats: int = 30) 
         for i in range(LAYERS):
             body(i, side)
         torch.cuda.current_stream().wait_stream(side)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / repeats / LAYERS
+    return replayed(graph, repeats) * 1e6 / LAYERS
 
 
 SHAPES = (  # name, out, in, small kernels before it

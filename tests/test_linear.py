@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,6 +105,21 @@ def test_only_plain_linear_layers_are_routed_through_the_operator_and_restored()
     assert "forward" not in vars(block[0]) and vars(block[1])["forward"] is wrapped
 
 
+def _compiled_with_backend(
+    function: Callable[..., Any],
+) -> tuple[Callable[..., Any], list[torch.fx.GraphModule]]:
+    """`function` compiled with the server's backend (`merging_repeats`) around a plain one that keeps
+    each graph it is given (after the backend's rewrites) and runs it as it is; and those graphs."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    return torch.compile(function, backend=linear.merging_repeats(capture), dynamic=None), graphs
+
+
 def _products(x: torch.Tensor, w: torch.Tensor, down: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     # Falcon's shape: a fused product's last columns activated, the rest sliced off; a product with
     # another product and a residual added to it, through a dropout that does nothing. Llama's: a
@@ -132,14 +148,7 @@ def test_one_row_graphs_fold_activations_and_additions_into_their_products() -> 
     fold stays; a graph of a symbolic batch is left alone."""
     torch.manual_seed(0)
     w, down = torch.randn(24, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def capture(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(_products, backend=linear.merging_repeats(capture), dynamic=None)
+    compiled, graphs = _compiled_with_backend(_products)
     for rows in (1, 3, 5):
         x, res = torch.randn(rows, 1, 16, dtype=torch.bfloat16), torch.randn(rows, 1, 8, dtype=torch.bfloat16)
         assert torch.equal(compiled(x, w, down, res), _products(x, w, down, res))
@@ -176,14 +185,7 @@ def test_a_product_added_to_one_it_does_not_need_runs_aside_and_stays_exact() ->
     and so is a graph of a symbolic batch."""
     torch.manual_seed(0)
     w, dense, down = (torch.randn(*shape, dtype=torch.bfloat16) for shape in ((24, 16), (8, 8), (8, 16)))
-    graphs: list[torch.fx.GraphModule] = []
-
-    def capture(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(_parallel, backend=linear.merging_repeats(capture), dynamic=None)
+    compiled, graphs = _compiled_with_backend(_parallel)
     for rows in (1, 3, 5):
         x = torch.randn(rows, 1, 16, dtype=torch.bfloat16)
         assert torch.equal(compiled(x, w, dense, down), _parallel(x, w, dense, down))
@@ -221,14 +223,7 @@ def test_the_product_whose_input_is_ready_sooner_runs_aside_with_what_it_needs_m
     torch.manual_seed(0)
     shapes = ((16, 16), (16, 16), (32, 16), (16, 32))
     qkv, dense, up, down = (torch.randn(*shape, dtype=torch.bfloat16) for shape in shapes)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def capture(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(_neox, backend=linear.merging_repeats(capture), dynamic=None)
+    compiled, graphs = _compiled_with_backend(_neox)
     for rows in (1, 3, 5):
         x = torch.randn(rows, 1, 16, dtype=torch.bfloat16)
         assert torch.equal(compiled(x, qkv, dense, up, down), _neox(x, qkv, dense, up, down))
