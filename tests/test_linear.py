@@ -239,6 +239,38 @@ def test_the_product_whose_input_is_ready_sooner_runs_aside_with_what_it_needs_m
     assert not any(n.target in linear.ASIDE_OPS for n in symbolic.graph.nodes)
 
 
+def _written_between(
+    x: torch.Tensor, qkv: torch.Tensor, dense: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    # As `_neox`, but the MLP reads a tensor written in place after the attention: what reads it may not
+    # move above that write.
+    copy = x.clone()
+    attended = torch.tanh(torch.tanh(torch.ops.trickle.linear(x, qkv, None)) * 2) + 1
+    attn = F.dropout(torch.ops.trickle.linear(attended, dense, None), 0.0, False, False)
+    copy.mul_(qkv[0])
+    hidden = F.gelu(torch.ops.trickle.linear(F.layer_norm(copy, (16,)), up, None))
+    mlp = F.dropout(torch.ops.trickle.linear(hidden, down, None), 0.0, False, False)
+    return mlp + attn + x
+
+
+def test_nothing_moves_above_a_write_into_what_it_reads() -> None:
+    """`run_aside` moves what the product run aside (the MLP's down projection) needs up to its inputs,
+    but not across an operator that writes in place: the MLP's norm stays after the write into the
+    tensor it reads, and the output is the same bits as uncompiled."""
+    torch.manual_seed(0)
+    shapes = ((16, 16), (16, 16), (32, 16), (16, 32))
+    qkv, dense, up, down = (torch.randn(*shape, dtype=torch.bfloat16) for shape in shapes)
+    compiled, graphs = _compiled_with_backend(_written_between)
+    x = torch.randn(1, 1, 16, dtype=torch.bfloat16)
+    assert torch.equal(compiled(x, qkv, dense, up, down), _written_between(x, qkv, dense, up, down))
+    nodes = list(graphs[0].graph.nodes)
+    write = next(n for n in nodes if n.op == "call_method" and n.target == "mul_")
+    norm = next(n for n in nodes if n.target is F.layer_norm)
+    aside = next(n for n in nodes if n.target in linear.ASIDE_OPS)
+    assert aside.args[1].name == "l_down_"  # type: ignore[union-attr]
+    assert nodes.index(write) < nodes.index(norm) < nodes.index(aside)
+
+
 def test_the_epilogue_operator_computes_what_the_operators_it_replaces_compute() -> None:
     """Off the kernel (a CPU), `linear_epilogue` is the product, its activation over the columns given,
     then each addend added, each result rounded to the output's type: the same bits as those operators."""
