@@ -571,18 +571,18 @@ def run_aside(graph: torch.fx.Graph) -> int:
             and first.target in OPS
             and len(first.users) == 1
             and _one_row(first)
-            and not _depends(x, first)
-            and not _depends(source, node)
         ):
+            continue
+        needs_e, needs_p = _ancestors(x), _ancestors(source)
+        if first in needs_e or node in needs_p:
             continue
         rest = list(addends[1:])
         aside_args: tuple[Any, ...]
         joined_args: tuple[Any, ...]
-        if len(_ancestors(source)) < len(_ancestors(x)):  # P's input is ready sooner: P aside
-            aside_args, joined_args = first.args, (x, weight, bias)
+        if len(needs_p) < len(needs_e):  # P's input is ready sooner: P aside
+            aside_args, joined_args, ready = first.args, (x, weight, bias), _hoisted(graph, source, needs_p)
         else:  # E aside, P's kernel adds it
-            aside_args, joined_args = (x, weight, bias), first.args
-        ready = _hoisted(graph, aside_args[0])  # type: ignore[arg-type]
+            aside_args, joined_args, ready = (x, weight, bias), first.args, _hoisted(graph, x, needs_e)
         with graph.inserting_after(ready):
             aside = graph.call_function(torch.ops.trickle.linear_aside.default, aside_args)
         aside.meta["example_value"] = _value(first)
@@ -609,11 +609,6 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
-def _depends(node: torch.fx.Node, on: torch.fx.Node) -> bool:
-    """Whether `on` is among `node`'s inputs, directly or through others."""
-    return on in _ancestors(node)
-
-
 def _mutates(node: torch.fx.Node) -> bool:
     """Whether `node` may write into a tensor it is given (an in-place operator or method) or otherwise
     depends on its place (a dropout that draws, a grad-mode switch), so that nothing moves across it."""
@@ -633,14 +628,13 @@ def _mutates(node: torch.fx.Node) -> bool:
     )
 
 
-def _hoisted(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+def _hoisted(graph: torch.fx.Graph, node: torch.fx.Node, needed: set[torch.fx.Node]) -> torch.fx.Node:
     """The node after which what reads `node` can go soonest: `node` itself, after moving it and the
-    nodes it needs each up to just after its latest input (they were traced where the program took
-    them, maybe well after their inputs were ready), never above a node that may write into a tensor
-    (`_mutates`); the last placeholder where `node` is one."""
+    nodes it needs (`needed`, its `_ancestors`) each up to just after its latest input (they were traced
+    where the program took them, maybe well after their inputs were ready), never above a node that
+    may write into a tensor (`_mutates`); the last placeholder where `node` is one."""
     if node.op == "placeholder":
         return [n for n in graph.nodes if n.op == "placeholder"][-1]
-    needed = _ancestors(node)
     barrier: torch.fx.Node | None = None  # the last node that writes, among those seen so far
     for current in list(graph.nodes):
         if current.op == "placeholder":
