@@ -30,7 +30,6 @@ from trickle.generation.sampler import (
     ranking_keys,
     sample_rows,
 )
-from trickle.generation.top_keys import largest
 
 VOCABS = (32000, 65024, 128256)
 ROWS = (1, 8, 64)
@@ -85,8 +84,8 @@ def main() -> None:
             row["topk_whole_us"] = timed(lambda i: whole(keys), 1, repeats=50) * 1e6
             for chunk, final in SWEEP:
                 top_keys.CHUNK, top_keys.FINAL_MOST = chunk, final
-                equal = torch.equal(largest(keys, TOP_K_CANDIDATES), want)
-                us = timed(lambda i: largest(keys, TOP_K_CANDIDATES), 1, repeats=50) * 1e6
+                equal = torch.equal(top_keys.largest(keys, TOP_K_CANDIDATES), want)
+                us = timed(lambda i: top_keys.largest(keys, TOP_K_CANDIDATES), 1, repeats=50) * 1e6
                 row[f"kernels_{chunk}_{final}"] = {"us": us, "equal": equal}
             top_keys.CHUNK, top_keys.FINAL_MOST = DEFAULT
             results.append(row)
