@@ -1,9 +1,10 @@
-"""A decode step's attention per layer: storing the new keys and values, then the paged decode kernel
-(and its merge, where keys are split), for the head layouts of Falcon-7B (71 query heads on one key
-head), Llama-7B (32 on 32) and Llama-3-8B (32 on 8), at 1/8/64 rows and KV lengths 256/512/2048 (each
-row 3/4 full): the defaults, launch settings swept (`paged_decode`'s `launch`: query heads a program
-takes, positions a tile holds, programs the keys may be split over), and the path before them (two
-indexed assignments, whole groups, tiles of 64 positions). Each setting's output is checked against
+"""A decode step's attention per layer: the paged decode kernel, which reads the step's new keys and
+values from the step and stores them to the pools as it goes (and its merge, where keys are split),
+for the head layouts of Falcon-7B (71 query heads on one key head), Llama-7B (32 on 32) and
+Llama-3-8B (32 on 8), at 1/8/64 rows and KV lengths 256/512/2048 (each row 3/4 full): the defaults,
+launch settings swept (`paged_decode`'s `launch`: query heads a program takes, positions a tile holds,
+programs the keys may be split over), and the path before them (two indexed assignments, whole groups,
+tiles of 64 positions). Each setting's output is checked against
 `reference_decode`.
 
 Eight layers' pools, each its own tensors, run in one CUDA graph, each layer after a write over the L2
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemm_shapes import save, timed
 
-from trickle.generation.kv.attention import DecodeTables, paged_decode, reference_decode, store_new
+from trickle.generation.kv.attention import DecodeTables, paged_decode, reference_decode
 
 LAYOUTS = {"falcon-7b": (71, 1, 64), "llama-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128)}
 ROWS = (1, 8, 64)
@@ -46,8 +47,7 @@ def before(query, keys, values, key, value, tables: DecodeTables) -> torch.Tenso
 
 def now(launch):
     def run(query, keys, values, key, value, tables: DecodeTables) -> torch.Tensor:
-        store_new(keys, values, key, value, tables.slots)
-        return paged_decode(query, keys, values, tables, 0.125, launch=launch)
+        return paged_decode(query, keys, values, tables, 0.125, launch=launch, new=(key, value))
 
     return run
 

@@ -288,9 +288,17 @@ async def test_rows_that_follow_grammars_sample_through_the_masked_graphs(tiny: 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "window", "softcap"),
-    [(8, 8, None, None), (8, 2, None, None), (71, 1, None, None), (8, 2, 24, None), (4, 4, None, 30.0)],
-    ids=["mha", "gqa", "mqa", "sliding", "softcap"],
+    [
+        (8, 8, None, None),
+        (8, 2, None, None),
+        (71, 1, None, None),
+        (8, 2, 24, None),
+        (8, 2, 1, None),
+        (4, 4, None, 30.0),
+    ],
+    ids=["mha", "gqa", "mqa", "sliding", "window of one", "softcap"],
 )
+@pytest.mark.parametrize("new", [False, True], ids=["pooled", "newest given"])
 def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
     rows: int,
     dtype: torch.dtype,
@@ -299,10 +307,13 @@ def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
     window: int | None,
     softcap: float | None,
     launch: dict[str, int] | None,
+    new: bool,
 ) -> None:
     """Rows of different lengths with their blocks scattered over the pool: the kernel's attention
     equals attention over each row's positions gathered in order (few rows split their keys over
-    several programs; a large group's query heads are spread over programs of 16)."""
+    several programs; a large group's query heads are spread over programs of 16). Given the step's
+    keys and values (`new`), it reads each row's newest position from them, not the pools (which hold
+    something else there), and writes them to the pools' rows of that position."""
     torch.manual_seed(0)
     block, dim = 16, 64
     lengths = torch.tensor([1, 17, 64, 100, 300] * (rows // 5), device="cuda")
@@ -312,8 +323,16 @@ def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
     values = torch.randn_like(keys)
     tables = torch.randperm(pool_blocks - 1, device="cuda")[: rows * width].view(rows, width) + 1
     query = torch.randn(rows, heads, 1, dim, device="cuda", dtype=dtype)
-    decode = DecodeTables(tables, lengths, block, max_len=512)
-    got = paged_decode(query, keys, values, decode, dim**-0.5, window, softcap, launch)[:, 0]
+    newest = lengths - 1
+    slots = tables[torch.arange(rows, device="cuda"), newest // block] * block + newest % block
+    decode = DecodeTables(tables, lengths, block, max_len=512, slots=slots)
+    step = None
+    if new:
+        step = (keys[slots].clone(), values[slots].clone())
+        keys[slots], values[slots] = torch.randn_like(step[0]), torch.randn_like(step[1])
+    got = paged_decode(query, keys, values, decode, dim**-0.5, window, softcap, launch, new=step)[:, 0]
+    if step is not None:
+        assert torch.equal(keys[slots], step[0]) and torch.equal(values[slots], step[1])
     for row, length in enumerate(lengths.tolist()):
         positions = torch.arange(length, device="cuda")
         slots = tables[row, positions // block] * block + positions % block

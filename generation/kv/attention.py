@@ -123,13 +123,23 @@ def paged_decode(
     window: int | None = None,
     softcap: float | None = None,
     launch: dict[str, int] | None = None,
+    new: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """query [B, H, 1, D]; pools [N * block_size, KV, D] -> [B, 1, H, D]. The Triton kernel on a GPU,
     else `reference_decode`. `launch` overrides HEAD_CHUNK ("chunk"), CHUNK_KEYS ("chunk_keys"),
     SPLIT_PROGRAMS ("programs"), the tile ("tile") and the kernel's num_warps and num_stages (to
-    measure)."""
-    if triton is None or not query.is_cuda:
-        return reference_decode(query, key_pool, value_pool, decode, scale, window, softcap)
+    measure).
+
+    `new`: the step's keys and values ([B, KV, D], each row's newest position), for the pools' rows
+    `decode.slots`: the kernel reads them from there, not the pools, and writes them to the pools as it
+    goes (`store_new` and the decode in one launch, not one after the other)."""
+    fused = new is not None and all(t.stride(-1) == 1 for t in new)
+    if triton is None or not query.is_cuda or not fused:
+        if new is not None:
+            store_new(key_pool, value_pool, *new, decode.slots)  # type: ignore[arg-type]
+        if triton is None or not query.is_cuda:
+            return reference_decode(query, key_pool, value_pool, decode, scale, window, softcap)
+        new = None
     settings = {
         "chunk": HEAD_CHUNK,
         "chunk_keys": CHUNK_KEYS,
@@ -159,6 +169,7 @@ def paged_decode(
         partial = torch.empty(*best.shape, dim_pad, device=q.device, dtype=torch.float32)
     else:
         best = total = partial = out  # unused
+    key, value = new if new is not None else (q, q)  # (unread without `new`)
     _decode_kernel[(batch, kv_heads * chunks, splits)](
         q,
         key_pool,
@@ -169,6 +180,9 @@ def paged_decode(
         partial,
         decode.tables,
         decode.lengths,
+        key,
+        value,
+        decode.slots if new is not None else decode.lengths,
         q.stride(0),
         q.stride(1),
         key_pool.stride(0),
@@ -176,6 +190,10 @@ def paged_decode(
         out.stride(0),
         out.stride(1),
         decode.tables.stride(0),
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
         scale,
         float(softcap or 0.0),
         int(window or 0),
@@ -191,6 +209,7 @@ def paged_decode(
         HAS_SOFTCAP=bool(softcap),
         IEEE=q.dtype == torch.float32,
         SPLIT=splits > 1,
+        STORE=new is not None,
         **kernel_launch,
     )
     if splits > 1:
@@ -393,8 +412,8 @@ def _decode_layer(
     layer = decode.next_layer
     decode.next_layer += 1
     keys, values = decode.keys[layer], decode.values[layer]
-    store_new(keys, values, key, value, decode.slots)  # [B, KV, D] -> the pools' rows of the step
-    return paged_decode(query, keys, values, decode, scale, window or None, softcap or None)
+    # the step's keys and values [B, KV, D] read as the newest positions and written to the pools' rows
+    return paged_decode(query, keys, values, decode, scale, window or None, softcap or None, new=(key, value))
 
 
 @_decode_layer.register_fake
@@ -505,6 +524,9 @@ if triton is not None:
         Partial,
         Tables,
         Lengths,
+        KNew,
+        VNew,
+        Slots,
         stride_qb,
         stride_qh,
         stride_kn,
@@ -512,6 +534,10 @@ if triton is not None:
         stride_ob,
         stride_oh,
         stride_tb,
+        stride_knb,
+        stride_knh,
+        stride_vnb,
+        stride_vnh,
         scale,
         softcap,
         window,
@@ -527,9 +553,12 @@ if triton is not None:
         HAS_SOFTCAP: tl.constexpr,
         IEEE: tl.constexpr,
         SPLIT: tl.constexpr,
+        STORE: tl.constexpr,
     ):
         # One program per (row, key/value head and chunk of its group, split): the chunk's query heads
-        # against its share of the row's keys.
+        # against its share of the row's keys. STORE: the newest position's key and value come from
+        # KNew and VNew (the step's), not the pools, and the program whose share holds that position
+        # (the first chunk's, of a group spread over several) writes them to the pools' row Slots[row].
         row = tl.program_id(0)
         kv_head = tl.program_id(1) // CHUNKS
         chunk = tl.program_id(1) % CHUNKS
@@ -549,13 +578,18 @@ if triton is not None:
             first = tl.maximum(length - window, 0) // TILE * TILE
         share = tl.cdiv(tl.cdiv(length - first, splits), TILE) * TILE
         begin = first + split * share
-        end = tl.minimum(begin + share, length)
+        stored = length  # positions read from the pools
+        if STORE:
+            stored = length - 1
+            if HAS_WINDOW:  # a window of one sees the newest position alone: no tile would see a key
+                stored = tl.where(window > 1, stored, 0)
+        end = tl.minimum(begin + share, stored)
         for start in range(begin, end, TILE):
             positions = start + tl.arange(0, TILE)
-            visible = positions < length
+            visible = positions < stored
             if HAS_WINDOW:
                 visible = visible & (positions >= length - window)
-            blocks = tl.load(Tables + row * stride_tb + positions // BLOCK, mask=positions < length, other=0)
+            blocks = tl.load(Tables + row * stride_tb + positions // BLOCK, mask=positions < stored, other=0)
             slots = blocks * BLOCK + positions % BLOCK
             kv_offsets = slots[:, None] * stride_kn + kv_head * stride_kh + dims[None, :]
             k = tl.load(K + kv_offsets, mask=visible[:, None] & dim_ok[None, :], other=0.0)
@@ -576,6 +610,25 @@ if triton is not None:
             else:
                 acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
             best = new_best
+        if STORE:  # noqa: SIM102 (STORE decides what is compiled, the rest at run time)
+            if (length > 0) & (split == (length - 1 - first) // tl.maximum(share, 1)):
+                new_k = tl.load(KNew + row * stride_knb + kv_head * stride_knh + dims, mask=dim_ok, other=0.0)
+                new_v = tl.load(VNew + row * stride_vnb + kv_head * stride_vnh + dims, mask=dim_ok, other=0.0)
+                score = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], axis=1) * scale
+                if HAS_SOFTCAP:
+                    score = softcap * (2.0 * tl.sigmoid(2.0 * score / softcap) - 1.0)
+                new_best = tl.maximum(best, score)
+                weight = tl.exp(score - new_best)
+                rescale = tl.exp(best - new_best)
+                total = total * rescale + weight
+                if not IEEE:  # as the tiles' weights are, rounded to the values' type
+                    weight = weight.to(new_v.dtype).to(tl.float32)
+                acc = acc * rescale[:, None] + weight[:, None] * new_v.to(tl.float32)[None, :]
+                best = new_best
+                if chunk == 0:
+                    into = tl.load(Slots + row) * stride_kn + kv_head * stride_kh + dims
+                    tl.store(K + into, new_k, mask=dim_ok)
+                    tl.store(V + into, new_v, mask=dim_ok)
         if SPLIT:
             at = (row * tl.num_programs(1) + tl.program_id(1)) * splits + split
             lanes = tl.arange(0, GROUP_PAD)
