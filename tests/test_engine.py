@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +362,43 @@ def test_no_more_tokens_mix_than_the_prefill_budget_and_zero_turns_mixing_off(ti
     assert make_engine(tiny, prefill_token_budget=4096).engine.runner.mixed_tokens == 512
     off = make_engine(tiny, mixed_prefill_tokens=0).engine
     assert off.runner.mixed_tokens == 0 and off.scheduler.config.mixed_prefill_tokens == 0
+
+
+def test_a_newcomer_mixed_in_and_one_prefilled_apart_in_the_same_step_are_both_exact(
+    tiny: LoadedModel,
+) -> None:
+    """While a row decodes, two newcomers come in one step: the first's tokens run in the decoding
+    row's forward (placed after every row of the step), the second, past the mixed read limit, in a
+    forward of its own. All three give generate()'s tokens: the mixed one's every token ran."""
+    engine = make_engine(tiny, max_batch_size=4, mixed_prefill_tokens=64).engine  # driven by hand
+    engine.report = lambda report: None
+    seqs: dict[str, Any] = {}
+    steps: list[tuple[set[str], set[str]]] = []
+    launch = engine.runner.launch
+
+    def recording(batch: Any, meanwhile: Any = None) -> Launched:
+        seqs.update((seq.label, seq) for seq in batch.rows)
+        mixed, apart = batch.prefill[: batch.mixed], batch.prefill[batch.mixed :]
+        steps.append(({seq.label for seq in mixed}, {seq.label for seq in apart}))
+        return launch(batch, meanwhile)
+
+    engine.runner.launch = recording  # type: ignore[method-assign]
+    prompts = {"first": PROMPTS[5], "mixed": PROMPTS[1], "apart": PROMPTS[6]}
+    ids = {label: tiny.tokenizer.encode(prompt) for label, prompt in prompts.items()}
+    # A newcomer's n tokens read n(n+1)/2 positions: the limit takes the first, not the second.
+    reads = {label: len(tokens) * (len(tokens) + 1) // 2 for label, tokens in ids.items()}
+    assert len(ids["mixed"]) > 1 and reads["mixed"] < reads["apart"]
+    engine.scheduler.config = dataclasses.replace(engine.scheduler.config, mixed_read_limit=reads["mixed"])
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=12)
+    engine.submit(AddRequest("first", ids["first"], params, 1, 0.0, label="first"))
+    engine.run_once()
+    engine.run_once()
+    for label in ("mixed", "apart"):
+        engine.submit(AddRequest(label, ids[label], params, 1, 0.0, label=label))
+    while engine.scheduler.has_work:
+        engine.run_once()
+    engine.flush()
+    assert ({"mixed"}, {"apart"}) in steps
+    for label, seq in seqs.items():
+        want = reference(tiny.model, ids[label], 12, tiny.tokenizer.pad_token_id, min_new_tokens=12)
+        assert seq.tokens[len(ids[label]) :] == want, label

@@ -327,7 +327,10 @@ class ModelRunner:
             self._history.mark(mixed)
         marks = self._clock.start()
         forward = batch.decode + mixed
-        decoding = self._decode_forward(forward, self._static.mixed) if forward else None
+        # The mixed tokens follow every row of the step, those prefilled apart included: those ride along
+        # (what they write, their own prefill writes again after).
+        riding = len(apart) if self._static.mixed else 0
+        decoding = self._decode_forward(forward, riding + self._static.mixed) if forward else None
         if meanwhile is not None:
             meanwhile()
         self._constrained = self._grammar.load(batch.rows) if batch.constrained else self._grammar.reset()
@@ -510,10 +513,10 @@ class ModelRunner:
         """Decode and sample the running rows (rows 0..n-1); returns their new tokens, [n]."""
         return self._decode_sample(*self._decode_forward(rows))
 
-    def _decode_forward(self, rows: list[Sequence], mixed: int = 0) -> tuple[int, int, int]:
-        """Queue the forward of rows 0..n-1 and the `mixed` newcomers' tokens placed after them (their
-        last hidden states land in `_hidden`); returns what `_decode_sample` needs: the rows, the
-        captured batch and the sampling mode.
+    def _decode_forward(self, rows: list[Sequence], after: int = 0) -> tuple[int, int, int]:
+        """Queue the forward of rows 0..n-1 and the `after` entries that follow them (mixed newcomers'
+        tokens; their last hidden states land in `_hidden`); returns what `_decode_sample` needs: the
+        rows, the captured batch and the sampling mode.
 
         The forward is captured per (rows and mixed tokens, KV length) and the sampling per (rows,
         sampling mode): the mode is the cheapest way of ranking the vocabulary that serves every row
@@ -522,9 +525,9 @@ class ModelRunner:
         kv_len = self._kv_len(rows)
         mode = MODES.index(self._mode(rows))
         if not self.use_graphs:
-            self._decode_static(n + mixed, kv_len)
+            self._decode_static(n + after, kv_len)
             return n, n, mode
-        entries = bucket(n + mixed, BATCH_BUCKETS, self.max_rows + self.mixed_tokens)
+        entries = bucket(n + after, BATCH_BUCKETS, self.max_rows + self.mixed_tokens)
         self.graphs.get(Part.DECODE, entries, kv_len)[0].replay()
         return n, bucket(n, BATCH_BUCKETS, self.max_rows), mode
 
