@@ -333,6 +333,22 @@ def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
     got = paged_decode(query, keys, values, decode, dim**-0.5, window, softcap, launch, new=step)[:, 0]
     if step is not None:
         assert torch.equal(keys[slots], step[0]) and torch.equal(values[slots], step[1])
+    assert_attends_gathered(got, query, keys, values, tables, lengths, window, softcap)
+
+
+def assert_attends_gathered(
+    got: torch.Tensor,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    window: int | None,
+    softcap: float | None,
+) -> None:
+    """Each row of `got` ([B, H, D]) is its query's attention over its positions 0..length-1 gathered
+    in order from the pools through its table row."""
+    block, (heads, dim), kv_heads = 16, query.shape[1::2], keys.shape[1]
     for row, length in enumerate(lengths.tolist()):
         positions = torch.arange(length, device="cuda")
         slots = tables[row, positions // block] * block + positions % block
@@ -344,8 +360,71 @@ def test_the_paged_decode_kernel_reads_what_a_gathered_cache_holds(
         if window:
             scores[:, : max(0, length - window)] = float("-inf")
         want = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
-        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        tolerance = 1e-4 if query.dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got[row].float(), want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("launch", [None, {"programs": 1}], ids=["split keys", "one program a row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "window", "softcap"),
+    [(8, 2, None, None), (71, 1, None, None), (8, 2, 24, None), (8, 2, 3, None), (4, 4, None, 30.0)],
+    ids=["gqa", "mqa", "sliding", "window of three", "softcap"],
+)
+def test_the_paged_decode_kernel_reads_a_steps_earlier_positions_from_the_step(
+    launch: dict[str, int] | None,
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    window: int | None,
+    softcap: float | None,
+) -> None:
+    """A step that carries several positions of one sequence (newcomers' tokens mixed among decoding
+    rows, as `StepInputs` lays them out: each newcomer's last in its row, the others after the rows):
+    each entry attends to its sequence's earlier positions of the step in the step's keys, which other
+    programs of the same launch store (the pools hold something else there), and the pools end up
+    holding every entry's key and value."""
+    torch.manual_seed(0)
+    block, dim, width = 16, 64, 32
+    # Each sequence: positions cached before the step, positions the step adds.
+    sequences = [(16, 1), (40, 1), (0, 5), (16, 20), (33, 3), (0, 1), (300, 1), (100, 40)]
+    rows = len(sequences)
+    entries: list[tuple[int, int]] = []  # (sequence, position)
+    earlier, first = [], []
+    extras: list[tuple[int, int, int, int]] = []
+    for index, (cached, new) in enumerate(sequences):
+        start = rows + len(extras)
+        extras += [(index, cached + k, k, start) for k in range(new - 1)]
+        entries.append((index, cached + new - 1))
+        earlier.append(new - 1)
+        first.append(start)
+    entries += [(index, position) for index, position, _, _ in extras]
+    earlier += [k for _, _, k, _ in extras]
+    first += [start for _, _, _, start in extras]
+    pool_blocks = rows * width + 1
+    keys = torch.randn(pool_blocks * block, kv_heads, dim, device="cuda", dtype=dtype)
+    values = torch.randn_like(keys)
+    sequence_tables = torch.randperm(pool_blocks - 1, device="cuda")[: rows * width].view(rows, width) + 1
+    owner = torch.tensor([index for index, _ in entries], device="cuda")
+    positions = torch.tensor([position for _, position in entries], device="cuda")
+    tables = sequence_tables[owner]
+    slots = tables[torch.arange(len(entries), device="cuda"), positions // block] * block + positions % block
+    new_keys = torch.randn(len(entries), kv_heads, dim, device="cuda", dtype=dtype)
+    step = (new_keys, torch.randn_like(new_keys))
+    query = torch.randn(len(entries), heads, 1, dim, device="cuda", dtype=dtype)
+    lengths = positions + 1
+    decode = DecodeTables(
+        tables,
+        lengths,
+        block,
+        max_len=512,
+        slots=slots,
+        fresh=torch.tensor(earlier, device="cuda"),
+        fresh_from=torch.tensor(first, device="cuda"),
+    )
+    got = paged_decode(query, keys, values, decode, dim**-0.5, window, softcap, launch, new=step)[:, 0]
+    assert torch.equal(keys[slots], step[0]) and torch.equal(values[slots], step[1])
+    assert_attends_gathered(got, query, keys, values, tables, lengths, window, softcap)
 
 
 @pytest.mark.parametrize("mode", [PLAIN, TOP_K])

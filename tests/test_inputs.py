@@ -99,11 +99,15 @@ def test_mixed_newcomers_tokens_follow_the_rows_each_in_its_newcomers_table_and_
     assert token[3:7].tolist() == [*b.tokens[:3], c.tokens[4]]
     assert position[3:7].tolist() == [0, 1, 2, 4] and table[3:7].tolist() == [1, 1, 1, 2]
     assert (inputs.longs[3:7, StepInputs.SOURCE] == -1).all()
+    # How many of its newcomer's tokens the step holds before each entry's, and the entry of the first.
+    assert inputs.earlier[:7].tolist() == [0, 3, 1, 0, 1, 2, 0]
+    assert inputs.first[1:7].tolist() == [3, 6, 3, 3, 3, 6]
     for index, seq in enumerate((a, b, c)):
         seq.launched += 1
         seq.row_index = index
     inputs.load([a, b, c], decoded=3)
     assert inputs.mixed == 0 and position[:3].tolist() == [4, 4, 6]
+    assert inputs.earlier[:3].tolist() == [0, 0, 0], "the newcomers advanced on the device decode alone"
     padding = StepInputs(5, 8, 64, torch.device("cpu"))
     assert torch.equal(inputs.longs[3:], padding.longs[3:]), "the mixed tokens' entries are padding again"
 

@@ -67,6 +67,12 @@ class DecodeTables:
     """No row is longer (the step's KV-length bucket): it bounds how finely keys are split."""
     slots: torch.Tensor | None = None
     """The pool rows the step's new keys go to, [B] (for `decode_layer`)."""
+    fresh: torch.Tensor | None = None
+    fresh_from: torch.Tensor | None = None
+    """Where a step carries several positions of one sequence (a newcomer's prompt tokens mixed in), each
+    row's count of earlier positions of its sequence that the step adds, [B], and the step's row that
+    holds the first of them, [B] (the others follow it in order): `decode_layer` reads those from the
+    step's keys, not the pools, as it does the row's own. None: every row adds its newest position alone."""
     keys: Sequence[torch.Tensor] = ()
     values: Sequence[torch.Tensor] = ()
     """Every layer's key and value pools, [N * block_size, KV, D] (for `decode_layer`)."""
@@ -132,7 +138,8 @@ def paged_decode(
 
     `new`: the step's keys and values ([B, KV, D], each row's newest position), for the pools' rows
     `decode.slots`: the kernel reads them from there, not the pools, and writes them to the pools as it
-    goes (`store_new` and the decode in one launch, not one after the other)."""
+    goes (`store_new` and the decode in one launch, not one after the other); so are the earlier
+    positions the step adds (`decode.fresh`), which other programs of the launch store."""
     fused = new is not None and all(t.stride(-1) == 1 for t in new)
     if triton is None or not query.is_cuda or not fused:
         if new is not None:
@@ -170,6 +177,7 @@ def paged_decode(
     else:
         best = total = partial = out  # unused
     key, value = new if new is not None else (q, q)  # (unread without `new`)
+    mixed = new is not None and decode.fresh is not None and decode.fresh_from is not None
     _decode_kernel[(batch, kv_heads * chunks, splits)](
         q,
         key_pool,
@@ -183,6 +191,8 @@ def paged_decode(
         key,
         value,
         decode.slots if new is not None else decode.lengths,
+        decode.fresh if mixed else decode.lengths,
+        decode.fresh_from if mixed else decode.lengths,
         q.stride(0),
         q.stride(1),
         key_pool.stride(0),
@@ -210,6 +220,7 @@ def paged_decode(
         IEEE=q.dtype == torch.float32,
         SPLIT=splits > 1,
         STORE=new is not None,
+        MIXED=mixed,
         **kernel_launch,
     )
     if splits > 1:
@@ -514,6 +525,29 @@ def install(model: torch.nn.Module) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _attend(  # type: ignore[no-untyped-def]
+        q, k, v, visible, acc, best, total, scale, softcap, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr
+    ):
+        # One tile of keys and values [TILE, D] into a program's running softmax over its query heads:
+        # the accumulated values, the best score and the sum of weights, each rescaled to the new best.
+        if IEEE:  # float32 models: full-precision products, not TF32
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        if HAS_SOFTCAP:
+            scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_best[:, None])
+        rescale = tl.exp(best - new_best)
+        total = total * rescale + tl.sum(weights, axis=1)
+        if IEEE:
+            acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
+        return acc, new_best, total
+
+    @triton.jit
     def _decode_kernel(  # type: ignore[no-untyped-def]
         Q,
         K,
@@ -527,6 +561,8 @@ if triton is not None:
         KNew,
         VNew,
         Slots,
+        Fresh,
+        From,
         stride_qb,
         stride_qh,
         stride_kn,
@@ -554,6 +590,7 @@ if triton is not None:
         IEEE: tl.constexpr,
         SPLIT: tl.constexpr,
         STORE: tl.constexpr,
+        MIXED: tl.constexpr,
     ):
         # One program per (row, key/value head and chunk of its group, split): the chunk's query heads
         # against its share of the row's keys. STORE: the newest position's key and value come from
@@ -578,13 +615,17 @@ if triton is not None:
             first = tl.maximum(length - window, 0) // TILE * TILE
         share = tl.cdiv(tl.cdiv(length - first, splits), TILE) * TILE
         begin = first + split * share
-        stored = length  # positions read from the pools
+        end = tl.minimum(begin + share, length)
+        stored = length  # positions 0..stored-1 are read from the pools, the others from KNew and VNew
         if STORE:
-            stored = length - 1
-            if HAS_WINDOW:  # a window of one sees the newest position alone: no tile would see a key
-                stored = tl.where(window > 1, stored, 0)
-        end = tl.minimum(begin + share, stored)
-        for start in range(begin, end, TILE):
+            fresh = 0
+            if MIXED:
+                fresh = tl.load(Fresh + row)
+            stored = length - 1 - fresh
+        pooled = stored
+        if HAS_WINDOW:  # no tile that holds no visible key (its weights would be NaN)
+            pooled = tl.where(stored > length - window, stored, 0)
+        for start in range(begin, tl.minimum(end, pooled), TILE):
             positions = start + tl.arange(0, TILE)
             visible = positions < stored
             if HAS_WINDOW:
@@ -593,25 +634,31 @@ if triton is not None:
             slots = blocks * BLOCK + positions % BLOCK
             kv_offsets = slots[:, None] * stride_kn + kv_head * stride_kh + dims[None, :]
             k = tl.load(K + kv_offsets, mask=visible[:, None] & dim_ok[None, :], other=0.0)
-            if IEEE:  # float32 models: full-precision products, not TF32
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            if HAS_SOFTCAP:
-                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
-            scores = tl.where(visible[None, :], scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            weights = tl.exp(scores - new_best[:, None])
-            rescale = tl.exp(best - new_best)
-            total = total * rescale + tl.sum(weights, axis=1)
             v = tl.load(V + kv_offsets, mask=visible[:, None] & dim_ok[None, :], other=0.0)
-            if IEEE:
-                acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
-            best = new_best
-        if STORE:  # noqa: SIM102 (STORE decides what is compiled, the rest at run time)
-            if (length > 0) & (split == (length - 1 - first) // tl.maximum(share, 1)):
+            acc, best, total = _attend(q, k, v, visible, acc, best, total, scale, softcap, HAS_SOFTCAP, IEEE)
+        if STORE:
+            if MIXED:
+                # Earlier positions of the row's sequence that this step adds (a newcomer's prompt tokens
+                # mixed into the step): entries From[row] on hold them in order, stored by their own
+                # programs of this launch, so read from KNew and VNew.
+                since = stored
+                if HAS_WINDOW:
+                    since = tl.maximum(stored, length - window)
+                source = tl.load(From + row)
+                for start in range(tl.maximum(begin, since), tl.minimum(end, length - 1), TILE):
+                    positions = start + tl.arange(0, TILE)
+                    visible = positions < tl.minimum(end, length - 1)
+                    entries = source + positions - stored
+                    k_new = entries[:, None] * stride_knb + kv_head * stride_knh + dims[None, :]
+                    v_new = entries[:, None] * stride_vnb + kv_head * stride_vnh + dims[None, :]
+                    k = tl.load(KNew + k_new, mask=visible[:, None] & dim_ok[None, :], other=0.0)
+                    v = tl.load(VNew + v_new, mask=visible[:, None] & dim_ok[None, :], other=0.0)
+                    acc, best, total = _attend(
+                        q, k, v, visible, acc, best, total, scale, softcap, HAS_SOFTCAP, IEEE
+                    )
+            # The newest position: the row's own key and value, which this program (the first chunk's,
+            # of the split that holds it) also writes to the pools.
+            if (length > 0) & (begin <= length - 1) & (length - 1 < end):
                 new_k = tl.load(KNew + row * stride_knb + kv_head * stride_knh + dims, mask=dim_ok, other=0.0)
                 new_v = tl.load(VNew + row * stride_vnb + kv_head * stride_vnh + dims, mask=dim_ok, other=0.0)
                 score = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], axis=1) * scale

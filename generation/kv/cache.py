@@ -72,12 +72,14 @@ class PagedKVCache(Cache):
         valid: torch.Tensor | None = None,
         read_len: int | None = None,
         kernel: bool = False,
+        fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """The next forward runs table rows `rows` ([B]) at `positions` ([B, T]); where `valid` ([B, T])
         is False (padding), its keys go to the null block. `read_len` None: attention reads the new keys
         alone (a prefill from position 0); else positions 0..read_len-1 of every row, gathered. Where
         `kernel` says the model's attention takes the paged kernels, a decode step hands them the pools
-        and block tables instead (`DecodeTables`), and so does a prefill past cached positions
+        and block tables instead (`DecodeTables`, with `fresh` its rows' counts of earlier positions the
+        step adds and where they are: see there), and so does a prefill past cached positions
         (`PrefillTables`; each row reads up to its own length, whatever `read_len` says)."""
         slots = self.slots_of(rows, positions)
         if valid is not None:
@@ -90,8 +92,17 @@ class PagedKVCache(Cache):
             # A decode step: the kernel reads each row's blocks up to its own position.
             self._paged = True
             tables = self.tables.index_select(0, rows)
+            earlier, first = fresh or (None, None)
             context.decode = DecodeTables(
-                tables, positions[:, 0] + 1, self.block_size, read_len, self._slots, self._keys, self._values
+                tables,
+                positions[:, 0] + 1,
+                self.block_size,
+                read_len,
+                self._slots,
+                fresh=earlier,
+                fresh_from=first,
+                keys=self._keys,
+                values=self._values,
             )
             return
         if kernel:

@@ -67,8 +67,10 @@ class StepInputs:
     Entry i < rows is batch row i (the last one the spare row, which prefill padding samples into).
     A step's forward runs its rows (0..n-1) and then, from entry n on, every token of its mixed
     newcomers but the last (which its own row feeds): each such entry says its token, its position and
-    the table row whose blocks it writes and reads (`TABLE`, its newcomer's row), so a token sees the
-    ones before it once the forward has stored them.
+    the table row whose blocks it writes and reads (`TABLE`, its newcomer's row). A newcomer's tokens
+    see the ones before them of the same step in the step's own keys: each mixed entry (its row's too)
+    says how many earlier positions of its newcomer the step adds (`EARLIER`) and the entry of the first
+    of them (`FIRST`); the others follow it in order. Rows that decode add none.
 
     A row that decodes again in the row it held last step, one launched token on, is advanced on the
     device (its position and step count go up by one, and its token comes from the previous step's
@@ -80,9 +82,10 @@ class StepInputs:
 
     # Columns of the integer table, by name: the token in, its position, top_k, seed, step (tokens
     # launched), min_new_tokens (EOS is banned while step is below it), the row's index in the previous
-    # step's output when its token comes from there (else -1), and the table row of its blocks.
-    TOKEN, POSITION, TOP_K, SEED, STEP, MIN_NEW, SOURCE, TABLE = range(8)
-    LONGS = 8
+    # step's output when its token comes from there (else -1), the earlier positions of its sequence the
+    # step adds and the entry of the first of them, and the table row of its blocks.
+    TOKEN, POSITION, TOP_K, SEED, STEP, MIN_NEW, SOURCE, EARLIER, FIRST, TABLE = range(10)
+    LONGS = 10
     # Columns of the float table.
     TEMPERATURE, TOP_P, PENALTY, FREQUENCY, PRESENCE = range(5)
     FLOATS = 5
@@ -102,13 +105,17 @@ class StepInputs:
         self.ids = self.longs[:, self.TOKEN : self.TOKEN + 1]
         self.positions = self.longs[:, self.POSITION : self.POSITION + 1]
         self.tables = self.longs[:, self.TABLE]
+        self.earlier = self.longs[:, self.EARLIER]
+        self.first = self.longs[:, self.FIRST]
         self.rows = torch.arange(rows, device=device)
         self.key_index = torch.arange(max_len, device=device)
         # Padding reads and writes the spare row's table: empty, so only the null block.
-        self._padding = [0, 0, 0, 0, 0, 0, -1, rows - 1]
-        # What an advancing row adds to its integer inputs: a position and a step.
+        self._padding = [0, 0, 0, 0, 0, 0, -1, 0, 0, rows - 1]
+        # What an advancing row adds to its integer inputs: a position and a step; and what its SOURCE and
+        # EARLIER become: its own row in the previous step's output, and none.
         self._advance = torch.zeros(self.LONGS, dtype=torch.long, device=device)
         self._advance[[self.POSITION, self.STEP]] = 1
+        self._advanced = torch.stack((self.rows, torch.zeros_like(self.rows)), 1)
         # Each entry's sequence at the last load, and how many tokens it had launched then.
         self._owners: list[Sequence | None] = [None] * entries
         self._launched = [0] * entries
@@ -128,6 +135,23 @@ class StepInputs:
         position 0, reading the spare row's empty table: they write and read only the null block."""
         self._turn ^= 1
         owners, launched = self._owners, self._launched
+        # The mixed newcomers' tokens but their last, after the rows: each with its position, its
+        # newcomer's table row, and how many of its newcomer's tokens come before it in the step, from
+        # which entry on (so are its row's: all but the last).
+        ids: list[int] = []
+        positions: list[int] = []
+        tables: list[int] = []
+        earlier: list[int] = []
+        firsts: list[int] = []
+        spans: dict[int, tuple[int, int]] = {}
+        for row, seq in enumerate(rows[decoded : decoded + mixed], decoded):
+            first, count = len(rows) + len(ids), seq.prefill_to - 1 - seq.num_cached
+            ids += seq.tokens[seq.num_cached : seq.prefill_to - 1]
+            positions += range(seq.num_cached, seq.prefill_to - 1)
+            tables += [seq.slot] * count
+            earlier += range(count)
+            firsts += [first] * count
+            spans[row] = (count, first)
         changed: list[tuple[int, list[int], list[float]]] = []
         for row, seq in enumerate(rows):
             # It held this row at the last load, and has launched one token since: advanced on the device.
@@ -135,15 +159,8 @@ class StepInputs:
                 launched[row] = seq.launched
                 continue
             owners[row], launched[row] = seq, seq.launched
-            changed.append((row, _long_inputs(seq, prefill=row >= decoded), _float_inputs(seq)))
-        # The mixed newcomers' tokens but their last, each with its position and its newcomer's table row.
-        ids: list[int] = []
-        positions: list[int] = []
-        tables: list[int] = []
-        for seq in rows[decoded : decoded + mixed]:
-            ids += seq.tokens[seq.num_cached : seq.prefill_to - 1]
-            positions += range(seq.num_cached, seq.prefill_to - 1)
-            tables += [seq.slot] * (seq.prefill_to - 1 - seq.num_cached)
+            inputs = _long_inputs(seq, prefill=row >= decoded, earlier=spans.get(row, (0, 0)))
+            changed.append((row, inputs, _float_inputs(seq)))
         extra = len(ids)
         end = len(rows) + extra
         for entry in range(len(rows), max(end, self._used)):
@@ -156,7 +173,7 @@ class StepInputs:
             # Every decoding row advances; the changed ones among them are overwritten just below.
             advancing = self.longs[:decoded]
             advancing += self._advance
-            advancing[:, self.SOURCE] = self.rows[:decoded]
+            advancing[:, self.SOURCE : self.EARLIER + 1] = self._advanced[:decoded]
         if not count:
             return
         longs, floats = self._host_longs[self._turn, :count], self._host_floats[self._turn, :count]
@@ -164,12 +181,14 @@ class StepInputs:
             longs[: len(changed)] = torch.tensor([[row, *values] for row, values, _ in changed])
             floats[: len(changed)] = torch.tensor([values for _, _, values in changed])
         if extra:
-            # Padding's inputs (its sampling parameters go unread), but each its token, position, table.
+            # Padding's inputs (its sampling parameters go unread), but each its token, position, table
+            # and place among its newcomer's tokens.
             block = longs[len(changed) :]
             block[:, 0] = torch.arange(len(rows), end)
             block[:, 1:] = torch.tensor(self._padding)
-            block[:, [1 + self.TOKEN, 1 + self.POSITION, 1 + self.TABLE]] = torch.tensor(
-                [ids, positions, tables]
+            columns = [self.TOKEN, self.POSITION, self.TABLE, self.EARLIER, self.FIRST]
+            block[:, [1 + column for column in columns]] = torch.tensor(
+                [ids, positions, tables, earlier, firsts]
             ).T
             floats[len(changed) :] = 0.0
         device_longs, device_floats = self._changed_longs[:count], self._changed_floats[:count]
@@ -310,7 +329,7 @@ class RowHistory:
             self.counts.index_put_((where, device[3 * n + count :]), self._one, accumulate=True)
 
 
-def _long_inputs(seq: Sequence, prefill: bool = False) -> list[int]:
+def _long_inputs(seq: Sequence, prefill: bool = False, earlier: tuple[int, int] = (0, 0)) -> list[int]:
     made = seq.launched
     if prefill:
         # Its last uncached token, which a mixed prefill feeds in the row itself (a chunk's last one).
@@ -320,7 +339,17 @@ def _long_inputs(seq: Sequence, prefill: bool = False) -> list[int]:
         token, position = seq.last_token, seq.num_prompt_tokens + made - 1
         source = seq.row_index if seq.in_flight else -1
     # In StepInputs' column order.
-    return [token, position, seq.params.top_k, seq.seed, made, seq.params.min_new_tokens, source, seq.slot]
+    return [
+        token,
+        position,
+        seq.params.top_k,
+        seq.seed,
+        made,
+        seq.params.min_new_tokens,
+        source,
+        *earlier,
+        seq.slot,
+    ]
 
 
 def _float_inputs(seq: Sequence) -> list[float]:

@@ -567,10 +567,11 @@ class ModelRunner:
 
     def _decode_hidden(self, batch: int, kv_len: int) -> torch.Tensor:
         # Entry b feeds its token at position pos[b] and attends to 0..pos[b] of its table row's blocks
-        # (every entry's keys are stored before any attends).
+        # (the paged kernel reads those its step adds from the step's keys, as it stores them).
         static = self._static
         positions = static.positions[:batch]
-        self.cache.for_forward(static.tables[:batch], positions, None, kv_len, self.kernel_reads)
+        fresh = (static.earlier[:batch], static.first[:batch])
+        self.cache.for_forward(static.tables[:batch], positions, None, kv_len, self.kernel_reads, fresh)
         mask = self._decode_mask(batch, kv_len)
         return self._forward(static.ids[:batch], positions, mask, self.cache)[:, -1]
 
