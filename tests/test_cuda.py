@@ -413,15 +413,9 @@ def test_the_paged_decode_kernel_reads_a_steps_earlier_positions_from_the_step(
     step = (new_keys, torch.randn_like(new_keys))
     query = torch.randn(len(entries), heads, 1, dim, device="cuda", dtype=dtype)
     lengths = positions + 1
-    decode = DecodeTables(
-        tables,
-        lengths,
-        block,
-        max_len=512,
-        slots=slots,
-        fresh=torch.tensor(earlier, device="cuda"),
-        fresh_from=torch.tensor(first, device="cuda"),
-    )
+    # Columns of one table, as the runner's step inputs hold them: strided.
+    fresh, fresh_from = torch.tensor([earlier, first], device="cuda").T.contiguous().unbind(1)
+    decode = DecodeTables(tables, lengths, block, 512, slots, fresh=fresh, fresh_from=fresh_from)
     got = paged_decode(query, keys, values, decode, dim**-0.5, window, softcap, launch, new=step)[:, 0]
     assert torch.equal(keys[slots], step[0]) and torch.equal(values[slots], step[1])
     assert_attends_gathered(got, query, keys, values, tables, lengths, window, softcap)

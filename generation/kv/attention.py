@@ -177,7 +177,10 @@ def paged_decode(
     else:
         best = total = partial = out  # unused
     key, value = new if new is not None else (q, q)  # (unread without `new`)
-    mixed = new is not None and decode.fresh is not None and decode.fresh_from is not None
+    fresh, fresh_from = decode.lengths, decode.lengths  # (unread without `new` and `decode.fresh`)
+    mixed = False
+    if new is not None and decode.fresh is not None and decode.fresh_from is not None:
+        fresh, fresh_from, mixed = decode.fresh, decode.fresh_from, True
     _decode_kernel[(batch, kv_heads * chunks, splits)](
         q,
         key_pool,
@@ -191,8 +194,8 @@ def paged_decode(
         key,
         value,
         decode.slots if new is not None else decode.lengths,
-        decode.fresh if mixed else decode.lengths,
-        decode.fresh_from if mixed else decode.lengths,
+        fresh,
+        fresh_from,
         q.stride(0),
         q.stride(1),
         key_pool.stride(0),
@@ -204,6 +207,8 @@ def paged_decode(
         key.stride(1),
         value.stride(0),
         value.stride(1),
+        fresh.stride(0),
+        fresh_from.stride(0),
         scale,
         float(softcap or 0.0),
         int(window or 0),
@@ -574,6 +579,8 @@ if triton is not None:
         stride_knh,
         stride_vnb,
         stride_vnh,
+        stride_fresh,
+        stride_from,
         scale,
         softcap,
         window,
@@ -620,7 +627,7 @@ if triton is not None:
         if STORE:
             fresh = 0
             if MIXED:
-                fresh = tl.load(Fresh + row)
+                fresh = tl.load(Fresh + row * stride_fresh)
             stored = length - 1 - fresh
         pooled = stored
         if HAS_WINDOW:  # no tile that holds no visible key (its weights would be NaN)
@@ -644,7 +651,7 @@ if triton is not None:
                 since = stored
                 if HAS_WINDOW:
                     since = tl.maximum(stored, length - window)
-                source = tl.load(From + row)
+                source = tl.load(From + row * stride_from)
                 for start in range(tl.maximum(begin, since), tl.minimum(end, length - 1), TILE):
                     positions = start + tl.arange(0, TILE)
                     visible = positions < tl.minimum(end, length - 1)
