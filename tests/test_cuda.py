@@ -164,8 +164,12 @@ def test_the_kernels_epilogue_computes_what_the_operators_after_the_product_comp
     width = 4544
     gated = torch.ops.trickle.linear_epilogue(x, weight, bias, act, start, start + width, 3, [a[..., :width]])
     gate, up = product[..., start : start + width], product[..., 3 : 3 + width]
-    want = function(gate) * up + a[..., :width]
-    torch.testing.assert_close(gated, want, rtol=4 * eps, atol=atol)
+    activated = function(gate) * up
+    want = activated + a[..., :width]
+    # Where the sum nearly cancels, its error is relative to its terms, not to itself (float32 may also
+    # fuse the multiply into the add): so is the bound.
+    bound = 4 * eps * (activated.abs() + a[..., :width].abs()) + atol
+    assert ((gated.double() - want.double()).abs() <= bound).all()
 
 
 def test_a_product_run_aside_is_joined_exactly_eagerly_and_in_a_captured_graph() -> None:
