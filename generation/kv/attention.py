@@ -626,8 +626,10 @@ if triton is not None:
         stored = length  # positions 0..stored-1 are read from the pools, the others from KNew and VNew
         if STORE:
             fresh = 0
-            if MIXED:
+            source = row
+            if MIXED:  # (both loaded here, beside the row's length, not one after another)
                 fresh = tl.load(Fresh + row * stride_fresh)
+                source = tl.load(From + row * stride_from)
             stored = length - 1 - fresh
         pooled = stored
         if HAS_WINDOW:  # no tile that holds no visible key (its weights would be NaN)
@@ -651,7 +653,6 @@ if triton is not None:
                 since = stored
                 if HAS_WINDOW:
                     since = tl.maximum(stored, length - window)
-                source = tl.load(From + row * stride_from)
                 for start in range(tl.maximum(begin, since), tl.minimum(end, length - 1), TILE):
                     positions = start + tl.arange(0, TILE)
                     visible = positions < tl.minimum(end, length - 1)
