@@ -602,7 +602,8 @@ if triton is not None:
         # One program per (row, key/value head and chunk of its group, split): the chunk's query heads
         # against its share of the row's keys. STORE: the newest position's key and value come from
         # KNew and VNew (the step's), not the pools, and the program whose share holds that position
-        # (the first chunk's, of a group spread over several) writes them to the pools' row Slots[row].
+        # (the first chunk's, of a group spread over several) writes them to the pools' row Slots[row];
+        # MIXED: so do the Fresh[row] positions before it, from the step's entries From[row] on.
         row = tl.program_id(0)
         kv_head = tl.program_id(1) // CHUNKS
         chunk = tl.program_id(1) % CHUNKS
