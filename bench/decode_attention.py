@@ -3,9 +3,11 @@ values from the step and stores them to the pools as it goes (and its merge, whe
 for the head layouts of Falcon-7B (71 query heads on one key head), Llama-7B (32 on 32) and
 Llama-3-8B (32 on 8), at 1/8/64 rows and KV lengths 256/512/2048 (each row 3/4 full): the defaults,
 launch settings swept (`paged_decode`'s `launch`: query heads a program takes, positions a tile holds,
-programs the keys may be split over), and the path before them (two indexed assignments, whole groups,
-tiles of 64 positions). Each setting's output is checked against
-`reference_decode`.
+programs the keys may be split over), the path before them (two indexed assignments, whole groups,
+tiles of 64 positions), the store kernel apart before the decode kernel ("stored apart", session 22's
+path), and the runner's path, which hands the kernel each row's count of earlier positions the step
+adds (all 0 here: "mixed columns", what a step without newcomers pays for the mixed-step reads). Each
+setting's output is checked against `reference_decode`.
 
 Eight layers' pools, each its own tensors, run in one CUDA graph, each layer after a write over the L2
 (timed alone and taken off), so each reads its keys from memory, as in a step between the weights.
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemm_shapes import save, timed
 
-from trickle.generation.kv.attention import DecodeTables, paged_decode, reference_decode
+from trickle.generation.kv.attention import DecodeTables, paged_decode, reference_decode, store_new
 
 LAYOUTS = {"falcon-7b": (71, 1, 64), "llama-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128)}
 ROWS = (1, 8, 64)
@@ -43,6 +45,22 @@ def before(query, keys, values, key, value, tables: DecodeTables) -> torch.Tenso
     keys[tables.slots] = key
     values[tables.slots] = value
     return paged_decode(query, keys, values, tables, 0.125, launch={"chunk": 1024, "tile": 64})
+
+
+def stored_apart(query, keys, values, key, value, tables: DecodeTables) -> torch.Tensor:
+    """The store kernel, then the decode kernel reading every position from the pools."""
+    store_new(keys, values, key, value, tables.slots)
+    return paged_decode(query, keys, values, tables, 0.125)
+
+
+def mixed_columns(given: DecodeTables):
+    """The runner's call: the step's earlier positions per row given (`given`), as columns of a wider
+    table."""
+
+    def run(query, keys, values, key, value, tables: DecodeTables) -> torch.Tensor:
+        return paged_decode(query, keys, values, given, 0.125, new=(key, value))
+
+    return run
 
 
 def now(launch):
@@ -77,12 +95,19 @@ def main() -> None:
                 at = tables[torch.arange(rows, device="cuda"), position // BLOCK]
                 slots = at * BLOCK + position % BLOCK
                 decode = DecodeTables(tables, lengths, BLOCK, max_len, slots)
+                columns = torch.zeros(rows, 3, dtype=torch.long, device="cuda")
+                given = DecodeTables(tables, lengths, BLOCK, max_len, slots, columns[:, 1], columns[:, 2])
                 query = torch.randn(rows, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
                 key = torch.randn(rows, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
                 value = torch.randn_like(key)
                 case = {"model": model, "rows": rows, "max_len": max_len}
                 want = None
-                runs = [("before", before), ("default", now(None))] + [(str(s), now(s)) for s in SETTINGS]
+                runs = [
+                    ("before", before),
+                    ("stored apart", stored_apart),
+                    ("mixed columns", mixed_columns(given)),
+                ]
+                runs += [("default", now(None))] + [(str(s), now(s)) for s in SETTINGS]
                 for name, run in runs:
                     got = run(query, *pools[0], key, value, decode)
                     if want is None:
@@ -98,11 +123,13 @@ def main() -> None:
                 mine = [r for r in results if r.items() >= case.items()]
                 default = next(r for r in mine if r["setting"] == "default")
                 old = next(r for r in mine if r["setting"] == "before")
+                apart = next(r for r in mine if r["setting"] == "stored apart")
+                given = next(r for r in mine if r["setting"] == "mixed columns")
                 best = min(mine, key=lambda r: r["us"])
                 print(
-                    f"{model:11} rows {rows:3} len {max_len:5}: before {old['us']:6.2f} us, default"
-                    f" {default['us']:6.2f} (err {default['max_error']:.3f}), best {best['us']:6.2f}"
-                    f" {best['setting']}",
+                    f"{model:11} rows {rows:3} len {max_len:5}: before {old['us']:6.2f} us, stored apart"
+                    f" {apart['us']:6.2f}, default {default['us']:6.2f} (err {default['max_error']:.3f}),"
+                    f" mixed columns {given['us']:6.2f}, best {best['us']:6.2f} {best['setting']}",
                     flush=True,
                 )
                 pools.clear()
