@@ -1,8 +1,8 @@
 """A one-row step's norms as inductor compiles them: its default, a looped reduction for rows of more
 than 1,024 values (one program walking the row twice: 3.0 us a layer for Falcon-7B's layer norm in the
 session-22 step profile), against a persistent one, the whole row in one program's registers, chosen
-by an `InductorChoices` handler for reductions of one row (`OneRowPersistent`, here to be measured
-before the server takes it).
+by the `InductorChoices` handler the server compiles its layers with
+(`generation.runner.compiled.one_row_persistent`).
 
 Falcon-7B's layer norm (4,544 values), Llama-7B's RMS norm (4,096, as transformers writes it) and the
 residual addition fused with it, each over 32 layers' own weights in one CUDA graph, against eager.
@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._inductor.choices import InductorChoices
 from torch._inductor.utils import run_and_get_code
 from torch._inductor.virtualized import V
 
@@ -27,22 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemm_shapes import save, timed
 
+from trickle.generation.runner.compiled import one_row_persistent
+
 LAYERS = 32
-MOST = 16384  # the longest row a persistent reduction takes
-
-
-class OneRowPersistent(InductorChoices):
-    """Inductor's choices, but a reduction over one row of at most MOST values keeps the row in one
-    program (a persistent reduction)."""
-
-    @staticmethod
-    def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
-        sizes = V.graph.sizevars
-        if sizes.statically_known_equals(features.numel, 1) and sizes.statically_known_leq(
-            features.reduction_numel, MOST
-        ):
-            return True
-        return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -79,7 +65,7 @@ def main() -> None:
         want = function(*layers[0])
         eager_us = timed(lambda i: function(*layers[i]), LAYERS) * 1e6
         row: dict[str, Any] = {"case": name, "width": width, "eager_us": eager_us}
-        for variant, handler in (("default", None), ("persistent", OneRowPersistent())):
+        for variant, handler in (("default", None), ("persistent", one_row_persistent())):
             torch._dynamo.reset()
             compiled = torch.compile(function, fullgraph=True)
             if handler is None:

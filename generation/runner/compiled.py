@@ -43,17 +43,16 @@ def cache_dir() -> Path:
     return path
 
 
-# The longest row a reduction over one row keeps whole in one program (`_inductor_one_row_persistent`)
+# The longest row a reduction over one row keeps whole in one program (`one_row_persistent`)
 PERSISTENT_MOST = 16384
 
 
-def _inductor_one_row_persistent(module: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
-    """inductor, but a reduction of one row of at most PERSISTENT_MOST values (a one-row step's norms)
-    keeps its row in one program's registers (a persistent reduction) where inductor would walk a row of
-    more than 1,024 twice: Falcon-7B's layer norm 1.93 us a layer rather than 2.59, Llama-7B's RMS norm
-    1.51 rather than 1.65 (`bench/one_row_norms.py`, h200-session23)."""
+def one_row_persistent() -> Any:
+    """inductor's choices, but a reduction of one row of at most PERSISTENT_MOST values (a one-row step's
+    norms) keeps its row in one program's registers (a persistent reduction) where inductor would walk a
+    row of more than 1,024 twice: Falcon-7B's layer norm 1.93 us a layer rather than 2.59, Llama-7B's RMS
+    norm 1.51 rather than 1.65 (`bench/one_row_norms.py`, h200-session23)."""
     from torch._inductor.choices import InductorChoices
-    from torch._inductor.compile_fx import compile_fx
     from torch._inductor.virtualized import V
 
     class OneRowPersistent(InductorChoices):
@@ -66,7 +65,15 @@ def _inductor_one_row_persistent(module: torch.fx.GraphModule, inputs: list[torc
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 
-    with V.set_choices_handler(OneRowPersistent()):
+    return OneRowPersistent()
+
+
+def _inductor_one_row_persistent(module: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+    """inductor, with `one_row_persistent`'s choices."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.virtualized import V
+
+    with V.set_choices_handler(one_row_persistent()):
         return compile_fx(module, inputs)
 
 
