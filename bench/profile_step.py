@@ -1,7 +1,10 @@
 """Where a decode step's time goes: the runner's forward, sampling, the host copy, and the engine's
-per-row postprocessing, timed separately at several batch sizes, plus the top GPU kernels.
+per-row postprocessing, timed separately at several batch sizes, plus the top GPU kernels; and steps
+with newcomers' prompts mixed into the decoding rows' forward (`--mixed`: what a burst of arrivals
+costs while streams run).
 
     python bench/profile_step.py --model random:falcon-7b --batch 1,64
+    python bench/profile_step.py --model random:llama-7b --batch "" --prefill "" --mixed 60+4,32+4
 
 with trickle installed (`pip install -e .`). `--device cpu --model random:tiny-falcon` is a smoke run
 of the script itself (no GPU figures).
@@ -174,6 +177,32 @@ def profile_prefix(runner, tokenizer, params: SamplingParams, n: int) -> dict[st
     return entry
 
 
+def profile_mixed(runner, tokenizer, params: SamplingParams, rows: int, newcomers: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """A step of `rows` decoding rows (228 positions each) with `newcomers` 128-token prompts mixed into
+    their forward, as the scheduler sends one while streams run (the default `--mixed-prefill-tokens`
+    takes four such prompts a step), against the same rows' step alone and the newcomers prefilled in a
+    step of their own."""
+    decoding = make_rows(tokenizer, params, rows, "d", generated=100)
+    arriving = make_rows(tokenizer, params, newcomers, "n", first=rows)
+    mixed = ScheduledBatch(decode=decoding, prefill=arriving, mixed=newcomers)
+    runner._tables.update(mixed)
+    entry: dict[str, object] = {}
+    with torch.inference_mode():
+        entry["mixed_step_ms"] = round(timed(lambda: runner.step(mixed), 5), 3)
+        entry["decode_alone_ms"] = round(timed(lambda: runner.step(ScheduledBatch(decode=decoding)), 5), 3)
+        apart = ScheduledBatch(prefill=make_rows(tokenizer, params, newcomers, "a", first=rows))
+        runner._tables.update(apart)
+        entry["prefill_apart_ms"] = round(timed(lambda: runner.step(apart), 5), 3)
+        with torch.profiler.profile(activities=activities()) as prof:
+            runner.step(mixed)
+            sync()
+        entry["kernels"] = kernel_breakdown(prof, steps=1)
+        entry["top"] = top_table(prof, 15)
+    print(f"mixed {rows}+{newcomers}x128", json.dumps({k: v for k, v in entry.items() if k.endswith("_ms")}))
+    print(json.dumps(entry["kernels"], indent=1), entry["top"], flush=True)
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random:falcon-7b")
@@ -183,6 +212,11 @@ def main() -> None:
         "--prefix",
         default="",
         help="prefill steps of this many 104-token tails past a cached 1,456-token prefix",
+    )
+    parser.add_argument(
+        "--mixed",
+        default="",
+        help="steps of R decoding rows with N 128-token prompts mixed in, as R+N (comma-separated)",
     )
     parser.add_argument("--no-compile", action="store_true", help="as the server's --no-compile")
     parser.add_argument("--max-seq-len", type=int, default=2048)
@@ -201,7 +235,7 @@ def main() -> None:
     report: dict[str, object] = {"modes_agree": modes_agree(runner)}
     print("modes agree", report["modes_agree"], flush=True)
     params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=256)
-    for b in [int(x) for x in args.batch.split(",")]:
+    for b in [int(x) for x in args.batch.split(",") if x]:
         rows = make_rows(tokenizer, params, b, "s", generated=100)
         batch = ScheduledBatch(decode=rows)
         runner._tables.update(batch)
@@ -279,6 +313,9 @@ def main() -> None:
         print(entry["top"], flush=True)
     for n in [int(x) for x in args.prefix.split(",") if x]:
         report[f"prefix_{n}x104"] = profile_prefix(runner, tokenizer, params, n)
+    for pair in [x for x in args.mixed.split(",") if x]:
+        rows, newcomers = (int(n) for n in pair.split("+"))
+        report[f"mixed_{rows}+{newcomers}x128"] = profile_mixed(runner, tokenizer, params, rows, newcomers)
     out = Path(os.environ.get("OUT", "."))
     (out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
 
