@@ -135,6 +135,23 @@ def main() -> None:
                 pools.clear()
                 torch.cuda.empty_cache()
     save("decode_attention", results)
+    spills()
+
+
+def spills() -> None:
+    """Registers and spills of each variant of the decode kernel compiled above (ptxas on this machine):
+    a variant that spills to local memory pays for it on every tile."""
+    from trickle.generation.kv import attention
+
+    caches = getattr(attention._decode_kernel, "device_caches", {})
+    for device, cache in caches.items():
+        for key, kernel in cache[0].items():
+            constants = getattr(getattr(kernel, "src", None), "constants", None) or str(key)[:160]
+            print(
+                f"decode kernel on {device}: {getattr(kernel, 'n_regs', '?')} registers,"
+                f" {getattr(kernel, 'n_spills', '?')} spilled, {constants}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
