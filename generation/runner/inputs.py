@@ -124,6 +124,10 @@ class StepInputs:
         """Entries the last load wrote from the host (the others advanced on the device)."""
         self.mixed = 0
         """The mixed tokens the last load placed after the rows."""
+        self.forward = 0
+        """Entries the decode forward of the last load's step runs: its decoding and mixed rows, and where
+        mixed tokens follow, every entry through them (rows prefilled apart ride along between: what they
+        write, their own prefill writes again after)."""
         self.clear()
 
     def load(self, rows: list[Sequence], decoded: int = 0, mixed: int = 0) -> None:
@@ -168,6 +172,7 @@ class StepInputs:
         for entry in range(end, self._used):
             changed.append((entry, self._padding, [0.0] * self.FLOATS))
         self._used, self.mixed = end, extra
+        self.forward = end if extra else decoded + mixed
         count = self.written = len(changed) + extra
         if decoded:
             # Every decoding row advances; the changed ones among them are overwritten just below.

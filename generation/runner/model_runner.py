@@ -327,10 +327,7 @@ class ModelRunner:
             self._history.mark(mixed)
         marks = self._clock.start()
         forward = batch.decode + mixed
-        # The mixed tokens follow every row of the step, those prefilled apart included: those ride along
-        # (what they write, their own prefill writes again after).
-        riding = len(apart) if self._static.mixed else 0
-        decoding = self._decode_forward(forward, riding + self._static.mixed) if forward else None
+        decoding = self._decode_forward(forward, self._static.forward - len(forward)) if forward else None
         if meanwhile is not None:
             meanwhile()
         self._constrained = self._grammar.load(batch.rows) if batch.constrained else self._grammar.reset()
@@ -514,9 +511,10 @@ class ModelRunner:
         return self._decode_sample(*self._decode_forward(rows))
 
     def _decode_forward(self, rows: list[Sequence], after: int = 0) -> tuple[int, int, int]:
-        """Queue the forward of rows 0..n-1 and the `after` entries that follow them (mixed newcomers'
-        tokens; their last hidden states land in `_hidden`); returns what `_decode_sample` needs: the
-        rows, the captured batch and the sampling mode.
+        """Queue the forward of rows 0..n-1 and the `after` entries that follow them (`StepInputs.forward`:
+        mixed newcomers' tokens, and the rows prefilled apart before them); their last hidden states land
+        in `_hidden`. Returns what `_decode_sample` needs: the rows, the captured batch and the sampling
+        mode.
 
         The forward is captured per (rows and mixed tokens, KV length) and the sampling per (rows,
         sampling mode): the mode is the cheapest way of ranking the vocabulary that serves every row
