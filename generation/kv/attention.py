@@ -140,13 +140,12 @@ def paged_decode(
     `decode.slots`: the kernel reads them from there, not the pools, and writes them to the pools as it
     goes (`store_new` and the decode in one launch, not one after the other); so are the earlier
     positions the step adds (`decode.fresh`), which other programs of the launch store."""
-    fused = new is not None and all(t.stride(-1) == 1 for t in new)
-    if triton is None or not query.is_cuda or not fused:
-        if new is not None:
-            store_new(key_pool, value_pool, *new, decode.slots)  # type: ignore[arg-type]
-        if triton is None or not query.is_cuda:
-            return reference_decode(query, key_pool, value_pool, decode, scale, window, softcap)
+    kernel = triton is not None and query.is_cuda
+    if new is not None and not (kernel and all(t.stride(-1) == 1 for t in new)):
+        store_new(key_pool, value_pool, *new, decode.slots)  # type: ignore[arg-type]
         new = None
+    if not kernel:
+        return reference_decode(query, key_pool, value_pool, decode, scale, window, softcap)
     settings = {
         "chunk": HEAD_CHUNK,
         "chunk_keys": CHUNK_KEYS,
